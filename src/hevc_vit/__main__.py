@@ -1,0 +1,7 @@
+"""``python -m hevc_vit`` (and ``torchrun -m hevc_vit``) runs the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""One attention registry, one signature: ``attend(q, k, v, plan, scale, dropout_p=0.0) -> out``.
+
+All tensors are packed ``(T, H, Dh)``; ``plan`` is the forward's :class:`~hevc_vit.packing.PackingPlan`.
+Tokens attend to every token of their own item and to nothing else.
+
+Backends:
+    eager         the specification: plain math, a loop over items, softmax in float32.
+    sdpa          ``F.scaled_dot_product_attention`` on items grouped by length (one batched call per
+                  distinct length, no ``T × T`` mask); runs on every device and dtype.
+    torch_varlen  PyTorch's own varlen FlashAttention, ``torch.nn.attention.varlen.varlen_attn``
+                  (CUDA, fp16/bf16).
+    flash_attn    ``flash_attn.flash_attn_varlen_func`` from the flash-attn package, when installed.
+    auto          per call: flash_attn, else torch_varlen, on CUDA in fp16/bf16; sdpa otherwise.
+
+Optional kernels are imported lazily, only here. Asking for a backend that is unknown raises
+``ValueError``, one that is not available here raises ``ImportError``; both name the alternatives.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .packing import PackingPlan
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "eager", "sdpa", "torch_varlen", "flash_attn")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class AttendFn(Protocol):
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PackingPlan, scale: float, dropout_p: float = 0.0
+    ) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------------------------------
+
+
+def eager_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The specification: for each item, ``softmax(q kᵀ · scale) v`` with the softmax in float32."""
+    outs = []
+    for qi, ki, vi in zip(*(t.split(plan.seqlens) for t in (q, k, v))):
+        qi, ki, vi = (t.transpose(0, 1) for t in (qi, ki, vi))  # (H, N, Dh)
+        scores = torch.matmul(qi.float(), ki.float().transpose(-1, -2)) * scale  # (H, N, N)
+        probs = scores.softmax(dim=-1)
+        if dropout_p:
+            probs = F.dropout(probs, p=dropout_p)
+        outs.append(torch.matmul(probs, vi.float()).transpose(0, 1).to(q.dtype))  # (N, H, Dh)
+    return torch.cat(outs)
+
+
+def sdpa_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """``scaled_dot_product_attention`` once per distinct item length, items of that length batched."""
+    H, Dh = q.shape[1:]
+    groups = plan.length_groups
+    out = None if len(groups) == 1 else q.new_empty(q.shape)
+    for length, count, tokens in groups:
+        if isinstance(tokens, slice):
+            qg, kg, vg = q[tokens], k[tokens], v[tokens]
+        else:
+            qg, kg, vg = (t.index_select(0, tokens) for t in (q, k, v))
+        qg, kg, vg = (t.reshape(count, length, H, Dh).transpose(1, 2) for t in (qg, kg, vg))  # (n, H, N, Dh)
+        og = F.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout_p, scale=scale)  # (n, H, N, Dh)
+        og = og.transpose(1, 2).reshape(count * length, H, Dh)  # (n·N, H, Dh)
+        if out is None:
+            return og
+        if isinstance(tokens, slice):
+            out[tokens] = og
+        else:
+            out.index_copy_(0, tokens, og)
+    return out
+
+
+def _check_varlen_inputs(name: str, q: torch.Tensor, dropout_p: float) -> None:
+    if not q.is_cuda or q.dtype not in _HALF:
+        raise ValueError(
+            f"attention backend {name!r} got {q.dtype} tensors on {q.device}; it needs float16/bfloat16 on CUDA "
+            f"(use 'sdpa' or 'eager' elsewhere, or 'auto' to choose per call)"
+        )
+    if dropout_p:
+        raise ValueError(f"attention backend {name!r} does not apply attention dropout (dropout_p={dropout_p})")
+
+
+def torch_varlen_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """PyTorch's varlen FlashAttention over the plan's ``cu_seqlens`` (CUDA, fp16/bf16)."""
+    _check_varlen_inputs("torch_varlen", q, dropout_p)
+    varlen_attn, takes_scale = _torch_varlen_fn()
+    if not takes_scale:  # older releases always scale by Dh ** -0.5
+        q = q * (scale * q.shape[-1] ** 0.5)
+    kwargs = {"scale": scale} if takes_scale else {}
+    cu, n = plan.cu_seqlens, plan.max_seqlen
+    return varlen_attn(q, k, v, cu, cu, n, n, **kwargs)
+
+
+def flash_attn_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The flash-attn package's ``flash_attn_varlen_func`` (CUDA, fp16/bf16)."""
+    _check_varlen_inputs("flash_attn", q, 0.0)  # flash-attn applies dropout itself
+    fn = _flash_attn_fn()
+    cu, n = plan.cu_seqlens, plan.max_seqlen
+    return fn(q, k, v, cu, cu, n, n, dropout_p=dropout_p, softmax_scale=scale, causal=False)
+
+
+def auto_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The best backend for these tensors, chosen per call from what is installed."""
+    name = choose_backend(q.device, q.dtype, dropout_p)
+    return _IMPLEMENTATIONS[name](q, k, v, plan, scale, dropout_p)
+
+
+_IMPLEMENTATIONS: dict[str, AttendFn] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "torch_varlen": torch_varlen_attention,
+    "flash_attn": flash_attn_attention,
+    "auto": auto_attention,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# lazy kernels and availability
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_fn() -> tuple[Callable, bool]:
+    module = importlib.import_module("torch.nn.attention.varlen")
+    fn = module.varlen_attn
+    return fn, "scale" in inspect.signature(fn).parameters
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_fn() -> Callable:
+    return importlib.import_module("flash_attn").flash_attn_varlen_func
+
+
+def _importable(fn: Callable) -> bool:
+    try:
+        fn()
+        return True
+    except (ImportError, AttributeError, OSError, RuntimeError):
+        return False
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    """Why ``name`` cannot run in this environment, or None when it can."""
+    if name == "torch_varlen":
+        if not _importable(_torch_varlen_fn):
+            return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.9 needed)"
+        if not torch.cuda.is_available():
+            return "it needs a CUDA device and none is available"
+    if name == "flash_attn":
+        if not _importable(_flash_attn_fn):
+            return "the flash-attn package is not installed (pip install flash-attn)"
+        if not torch.cuda.is_available():
+            return "it needs a CUDA device and none is available"
+    return None
+
+
+def available_backends() -> list[str]:
+    """Backend names that can run here, in registry order."""
+    return [name for name in BACKENDS if backend_unavailable_reason(name) is None]
+
+
+def check_backend_name(name: str) -> None:
+    """Raise ``ValueError`` for a name that is not in the registry."""
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={name!r} is unknown; expected one of {list(BACKENDS)} "
+            f"(available here: {available_backends()})"
+        )
+
+
+def get_attention(name: str) -> AttendFn:
+    """The attention function registered as ``name``; raises if unknown or not available here."""
+    check_backend_name(name)
+    reason = backend_unavailable_reason(name)
+    if reason is not None:
+        raise ImportError(
+            f"attn_implementation={name!r} is not available: {reason}; available here: {available_backends()}"
+        )
+    return _IMPLEMENTATIONS[name]
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> str:
+    """What ``auto`` runs for tensors of this device and dtype (said once per choice in the log)."""
+    return _choose_backend(device.type, dtype, dropout_p > 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _choose_backend(device_type: str, dtype: torch.dtype, dropout: bool) -> str:
+    name = "sdpa"
+    if device_type == "cuda" and dtype in _HALF:
+        if not dropout and backend_unavailable_reason("torch_varlen") is None:
+            name = "torch_varlen"
+        if backend_unavailable_reason("flash_attn") is None:
+            name = "flash_attn"
+    logger.info("attn_implementation='auto' runs %r for %s tensors on %s", name, dtype, device_type)
+    return name

@@ -1,0 +1,377 @@
+"""The HEVC ViT encoder: one packed core, a packing model and a standard model around it.
+
+``HEVCViTPackingModel`` takes packed patches ``(T, C·p·p)`` + ``grid_thw``; ``HEVCViTModel`` takes
+``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos and is an input/output adapter around the very same
+layers, so the two cannot drift apart. Both hold the same weight names and load every format of
+``hevc_vit.checkpoints``.
+
+Legend: ``T`` packed tokens, ``n`` items, ``B`` batch, ``N`` tokens per item, ``D`` width, ``p`` patch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .attention import get_attention
+from .checkpoints import (
+    NATIVE_FORMATS,
+    config_kwargs,
+    convert_to_native,
+    detect_format,
+    read_config_dict,
+    read_state_dict,
+)
+from .configuration import HEVCViTConfig
+from .layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
+from .packing import GridLike, PackingPlan, grid_positions, patchify
+from .rope import rope_cos_sin
+
+# from_pretrained keyword arguments that only steer downloading (forwarded to the Hub client or ignored)
+_HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder"}
+_IGNORED_KWARGS = {
+    "trust_remote_code", "use_safetensors", "low_cpu_mem_usage", "resume_download", "code_revision", "adapter_kwargs"
+}
+
+
+class HEVCViTPreTrainedModel(PreTrainedModel):
+    """Weight init, loading of every checkpoint format, and the attention-backend switch."""
+
+    config_class = HEVCViTConfig
+    base_model_prefix = "hevc_vit"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HEVCViTEncoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            nn.init.trunc_normal_(module.in_proj_weight, std=std)
+            nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, HEVCViTPoolingHead):
+            nn.init.trunc_normal_(module.probe, std=std)
+
+    # -- attention backend ---------------------------------------------------------------------------
+
+    def set_attn_implementation(self, attn_implementation: str, *args: Any, **kwargs: Any) -> None:
+        """Switch the attention backend (``auto``, ``eager``, ``sdpa``, ``torch_varlen``, ``flash_attn``)."""
+        self._attend = get_attention(attn_implementation)
+        self.config.attention_backend = attn_implementation
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config.attention_backend
+
+    # -- loading -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: HEVCViTConfig | None = None,
+        attn_implementation: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device_map: str | torch.device | dict | None = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> "HEVCViTPreTrainedModel":
+        """Load a checkpoint of any supported format (hevc_vit, packing, standard) into this model.
+
+        The same path under every transformers release: the config is read, the weights are read with
+        safetensors (or ``torch.load(weights_only=True)``), renamed/fused to this library's names by
+        :func:`~hevc_vit.checkpoints.convert_to_native` and loaded strictly. Nothing the forward needs
+        lives outside the checkpoint (RoPE tables are computed per forward), so a model built on the meta
+        device comes out complete.
+
+        dtype: None -> float32; ``"auto"`` -> as stored; or a ``torch.dtype`` / its name.
+        device_map: a device (``"cuda"``, ``"cuda:1"``, ``"cpu"``), ``"auto"`` (CUDA when available) or a
+            dict placing the whole model (``{"": device}``).
+        attn_implementation: attention backend for this model (overrides the config's).
+        Other keyword arguments that name config attributes override them.
+        """
+        if model_args:
+            raise TypeError(f"from_pretrained takes no extra positional arguments; got {len(model_args)}")
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        for k in list(kwargs):
+            if k in _IGNORED_KWARGS or k.startswith("_"):
+                kwargs.pop(k)
+        folder = _resolve_folder(pretrained_model_name_or_path, hub)
+        config_dict = read_config_dict(folder)
+        state = read_state_dict(folder)
+        fmt = detect_format(config_dict, set(state))
+        # a fresh config (a copy of the caller's, if given): loading never changes the caller's object
+        config = HEVCViTConfig(**config_kwargs(config_dict if config is None else config.to_dict()))
+        for key in list(kwargs):
+            if hasattr(config, key):
+                setattr(config, key, kwargs.pop(key))
+        if kwargs:
+            raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(kwargs)}")
+        if attn_implementation is not None:
+            config.attention_backend = attn_implementation
+        config.validate()
+        if fmt not in NATIVE_FORMATS:
+            state = convert_to_native(state, fmt)
+
+        if strict:
+            with torch.device("meta"):
+                model = cls(config)
+            load_state_dict_checked(model, state, strict=True, assign=True)
+        else:
+            model = cls(config)
+            load_state_dict_checked(model, state, strict=False)
+        target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype)
+        if target_dtype is not None:
+            model.to(target_dtype)
+        device = _resolve_device(device_map)
+        if device is not None:
+            model.to(device)
+        model.config.name_or_path = str(pretrained_model_name_or_path)
+        model.eval()
+        return model
+
+
+def load_state_dict_checked(
+    model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False
+) -> None:
+    """``load_state_dict`` with one ``ValueError`` that lists missing keys, unexpected keys and shape
+    mismatches (name, expected shape, found shape); with ``strict=False`` only mismatches are errors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    if strict and missing:
+        problems.append(f"missing keys {missing}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
+    if problems:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state, strict=strict, assign=assign)
+
+
+def _resolve_folder(name_or_path: str | os.PathLike, hub: dict[str, Any]) -> str:
+    subfolder = hub.pop("subfolder", None) or ""
+    if os.path.isdir(name_or_path):
+        return os.path.join(name_or_path, subfolder)
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"], **hub
+        )
+    except Exception as e:  # the hub client raises many types; the message is what matters
+        raise FileNotFoundError(
+            f"{name_or_path!s} is not a local folder and could not be fetched from the Hugging Face Hub: {e}"
+        ) from e
+    return os.path.join(folder, subfolder)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype={dtype!r}; expected 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
+        return resolved
+    return dtype
+
+
+def _resolve_device(device_map: str | torch.device | dict | None) -> torch.device | None:
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map={device_map}; this model loads on one device, e.g. {{'': 'cuda:0'}}")
+        device_map = devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
+class _HEVCViTCore(HEVCViTPreTrainedModel):
+    """The layers both models share, run on packed tokens."""
+
+    def __init__(self, config: HEVCViTConfig):
+        super().__init__(config)
+        self.patch_embed = HEVCViTPatchEmbed(config)
+        self.layernorm_pre = make_norm(config)
+        self.encoder = HEVCViTEncoder(config)
+        self.layernorm_post = make_norm(config)
+        self.head = HEVCViTPoolingHead(config) if config.use_head else None
+        self._attend = get_attention(config.attention_backend)
+        self.post_init()
+
+    def encode_packed(
+        self, patches: torch.Tensor, plan: PackingPlan, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+        """patches ``(T, C·p·p)`` -> ``last (T, D)``, ``pooled (n, D)`` or None, ``hidden`` tuple or None."""
+        dtype = self.patch_embed.proj.weight.dtype
+        x = self.layernorm_pre(self.patch_embed(patches.to(dtype)))  # (T, D)
+        cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, dtype=x.dtype)
+        x, hidden = self.encoder(x, cos, sin, plan, self._attend, output_hidden_states)
+        last = self.layernorm_post(x)  # (T, D)
+        pooled = self.head(last, plan) if self.head is not None else None  # (n, D)
+        return last, pooled, hidden
+
+    def _check_channels(self, what: str, shape: tuple[int, ...], channels: int) -> None:
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"{what} has shape {shape} with {channels} channels; the config expects "
+                f"num_channels={self.config.num_channels}"
+            )
+
+
+class HEVCViTPackingModel(_HEVCViTCore):
+    """The encoder on packed input: every image and video at its own size, in one forward."""
+
+    main_input_name = "hidden_states"
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        grid_thw: GridLike | None = None,
+        patch_positions: torch.Tensor | None = None,
+        plan: PackingPlan | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """
+        hidden_states: ``(T, C·p·p)`` — flattened ``(C, p, p)`` patches of all items, packed.
+        grid_thw: ``(n, 3)`` int — ``(t, h, w)`` in patches per item; a CPU tensor or a list of triples
+            keeps the forward free of host syncs (a device tensor is copied to the host once).
+        patch_positions: optional ``(T, 3)`` int — explicit ``(t, h, w)`` RoPE position per patch.
+        plan: a prebuilt :class:`PackingPlan` instead of ``grid_thw`` / ``patch_positions``.
+        Returns ``last_hidden_state (T, D)``, ``pooler_output (n, D)`` (with the head),
+        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(T, D)`` when asked.
+        """
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
+            raise ValueError(
+                f"hidden_states has shape {shape}; expected 2-D packed patches (T, C·p·p) = (T, {self.config.patch_dim})"
+            )
+        T, width = hidden_states.shape
+        if width != self.config.patch_dim:
+            c, p = self.config.num_channels, self.config.patch_size
+            raise ValueError(
+                f"hidden_states has patch width {width}; expected C·p·p = {c}·{p}·{p} = {self.config.patch_dim}"
+            )
+        if plan is None:
+            if grid_thw is None:
+                raise ValueError("grid_thw is None; pass grid_thw (n, 3) or a prebuilt plan")
+            plan = PackingPlan.from_grid_thw(grid_thw, device=hidden_states.device, patch_positions=None)
+            if patch_positions is not None:
+                plan = PackingPlan.from_seqlens(
+                    plan.seqlens, patch_positions, device=hidden_states.device, grid_thw=plan.grid_thw
+                )
+        elif grid_thw is not None or patch_positions is not None:
+            raise ValueError("pass either plan, or grid_thw (and patch_positions), not both")
+        if plan.total_tokens != T:
+            raise ValueError(
+                f"grid_thw describes {plan.total_tokens} patches (sum of t·h·w over {plan.num_items} items); "
+                f"hidden_states has {T}"
+            )
+        if plan.device != hidden_states.device:
+            raise ValueError(f"plan is on {plan.device}; hidden_states is on {hidden_states.device}")
+        output_hidden_states = bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
+        last, pooled, hidden = self.encode_packed(hidden_states, plan, output_hidden_states)
+        return _output(last, pooled, hidden, return_dict, self.config.return_dict)
+
+
+class HEVCViTModel(_HEVCViTCore):
+    """The encoder on ``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos of one size."""
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        patch_positions: torch.Tensor | None = None,
+        visible_indices: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """
+        pixel_values: ``(B, C, H, W)`` or ``(B, C, T, H, W)``; ``H``, ``W`` multiples of ``p``.
+        patch_positions: optional ``(B, N, 3)`` int — explicit ``(t, h, w)`` per patch (``N = T·H/p·W/p``).
+        visible_indices: optional ``(B, K)`` int — keep only these patches of each item (sparse input);
+            on the CPU they are range-checked here, on a device the gather checks them.
+        Returns ``last_hidden_state (B, N or K, D)``, ``pooler_output (B, D)`` (with the head),
+        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(B, N or K, D)`` when asked.
+        """
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (4, 5):
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values has shape {shape}; expected (B, C, H, W) images or (B, C, T, H, W) videos")
+        self._check_channels("pixel_values", tuple(pixel_values.shape), pixel_values.shape[1])
+        device = pixel_values.device
+        patches, grid = patchify(pixel_values, self.config.patch_size)  # (B·N, C·p·p), (B, 3)
+        B = pixel_values.shape[0]
+        N = patches.shape[0] // B
+        if patch_positions is None:
+            positions = grid_positions(grid[:1]).repeat(B, 1)  # (B·N, 3) on the CPU
+        else:
+            if not isinstance(patch_positions, torch.Tensor) or tuple(patch_positions.shape) != (B, N, 3):
+                shape = tuple(patch_positions.shape) if isinstance(patch_positions, torch.Tensor) else type(patch_positions)
+                raise ValueError(f"patch_positions has shape {shape}; expected ({B}, {N}, 3), one (t, h, w) per patch")
+            positions = patch_positions.reshape(B * N, 3)
+        seqlens, grid_thw = [N] * B, grid
+        if visible_indices is not None:
+            idx = _check_visible_indices(visible_indices, B, N).to(device)
+            K = idx.shape[1]
+            P = patches.shape[1]
+            patches = patches.view(B, N, P).gather(1, idx[..., None].expand(B, K, P)).reshape(B * K, P)
+            positions = positions.to(device).view(B, N, 3).gather(1, idx[..., None].expand(B, K, 3)).reshape(B * K, 3)
+            seqlens, grid_thw = [K] * B, None
+        plan = PackingPlan.from_seqlens(seqlens, positions, device=device, grid_thw=grid_thw)
+        output_hidden_states = bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
+        last, pooled, hidden = self.encode_packed(patches, plan, output_hidden_states)
+        n = seqlens[0]
+        last = last.view(B, n, -1)  # (B, N, D)
+        hidden = tuple(h.view(B, n, -1) for h in hidden) if hidden is not None else None
+        return _output(last, pooled, hidden, return_dict, self.config.return_dict)
+
+
+def _check_visible_indices(visible_indices: torch.Tensor, B: int, N: int) -> torch.Tensor:
+    if not isinstance(visible_indices, torch.Tensor) or visible_indices.dim() != 2 or visible_indices.shape[0] != B:
+        shape = tuple(visible_indices.shape) if isinstance(visible_indices, torch.Tensor) else type(visible_indices)
+        raise ValueError(f"visible_indices has shape {shape}; expected ({B}, K), K patch indices per item")
+    if visible_indices.is_floating_point() or visible_indices.dtype == torch.bool:
+        raise ValueError(f"visible_indices has dtype {visible_indices.dtype}; expected an integer tensor")
+    if visible_indices.shape[1] == 0:
+        raise ValueError(f"visible_indices has shape {tuple(visible_indices.shape)}; expected K >= 1")
+    if visible_indices.device.type == "cpu":
+        lo, hi = int(visible_indices.min()), int(visible_indices.max())
+        if lo < 0 or hi >= N:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"visible_indices holds {bad}; expected indices in [0, {N}) for {N} patches per item")
+    return visible_indices.long()
+
+
+def _output(last, pooled, hidden, return_dict, default_return_dict) -> BaseModelOutputWithPooling | tuple:
+    if return_dict if return_dict is not None else default_return_dict:
+        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+    return tuple(v for v in (last, pooled, hidden) if v is not None)
