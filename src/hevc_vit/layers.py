@@ -37,7 +37,11 @@ class HEVCViTPatchEmbed(nn.Module):
 
 
 class HEVCViTAttention(nn.Module):
-    """Fused-qkv self-attention with 3D RoPE; tokens see only their own item."""
+    """Weights of the fused-qkv self-attention (rows q, k, v) and its output projection.
+
+    The computation lives in :func:`attention_inputs` and :func:`attention_output_and_mlp`, around the
+    attention backend, so that the two dense parts can be compiled while the backend stays as it is.
+    """
 
     def __init__(self, config: HEVCViTConfig):
         super().__init__()
@@ -47,17 +51,6 @@ class HEVCViTAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)  # rows: q, k, v
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: PackingPlan, attend: AttendFn
-    ) -> torch.Tensor:
-        T, D = x.shape
-        qkv = self.qkv(x).view(T, 3, self.num_heads, self.head_dim)  # (T, 3, H, Dh)
-        q, k = apply_rope(qkv[:, :2], cos, sin).unbind(1)  # (T, H, Dh) each; q and k rotated in one op
-        v = qkv[:, 2]  # (T, H, Dh)
-        dropout = self.dropout if self.training else 0.0
-        out = attend(q, k, v, plan, self.scale, dropout_p=dropout)  # (T, H, Dh)
-        return self.proj(out.reshape(T, D))  # (T, D)
 
 
 class HEVCViTMLP(nn.Module):
@@ -71,6 +64,26 @@ class HEVCViTMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def attention_inputs(
+    layer: "HEVCViTEncoderLayer", x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``norm1 -> qkv -> RoPE`` of one block: ``x (T, D)`` -> ``q, k, v`` each ``(T, H, Dh)``."""
+    attn = layer.self_attn
+    T = x.shape[0]
+    qkv = attn.qkv(layer.layer_norm1(x)).view(T, 3, attn.num_heads, attn.head_dim)  # (T, 3, H, Dh)
+    q, k = apply_rope(qkv[:, :2], cos, sin).unbind(1)  # (T, H, Dh) each; q and k rotated in one op
+    return q, k, qkv[:, 2]
+
+
+def attention_output_and_mlp(layer: "HEVCViTEncoderLayer", x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The rest of one block: ``x + proj(attn)``, then ``+ mlp(norm2(.))``; ``attn_out (T, H, Dh)``."""
+    x = x + layer.self_attn.proj(attn_out.flatten(1))  # (T, D)
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+BLOCK_FNS = (attention_inputs, attention_output_and_mlp)
+
+
 class HEVCViTEncoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
@@ -82,10 +95,20 @@ class HEVCViTEncoderLayer(nn.Module):
         self.mlp = HEVCViTMLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: PackingPlan, attend: AttendFn
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        plan: PackingPlan,
+        attend: AttendFn,
+        block_fns: tuple = BLOCK_FNS,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), cos, sin, plan, attend)
-        return x + self.mlp(self.layer_norm2(x))
+        """x: ``(T, D)``; ``block_fns`` are the two dense halves (compiled versions may be passed)."""
+        before, after = block_fns
+        q, k, v = before(self, x, cos, sin)
+        dropout = self.self_attn.dropout if self.training else 0.0
+        out = attend(q, k, v, plan, self.self_attn.scale, dropout_p=dropout)  # (T, H, Dh)
+        return after(self, x, out)
 
 
 class HEVCViTEncoder(nn.Module):
@@ -95,6 +118,13 @@ class HEVCViTEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(HEVCViTEncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.block_fns = BLOCK_FNS
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """Compile the two dense halves of every block with ``torch.compile`` (one graph each, shared by
+        all layers and all sequence lengths: ``dynamic=True``); attention keeps its backend as it is."""
+        compile_kwargs.setdefault("dynamic", True)
+        self.block_fns = tuple(torch.compile(fn, **compile_kwargs) for fn in BLOCK_FNS)
 
     def forward(
         self,
@@ -112,9 +142,9 @@ class HEVCViTEncoder(nn.Module):
             if output_hidden_states:
                 hidden.append(x)
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, plan, attend)
+                x = self._gradient_checkpointing_func(layer.__call__, x, cos, sin, plan, attend, self.block_fns)
             else:
-                x = layer(x, cos, sin, plan, attend)
+                x = layer(x, cos, sin, plan, attend, self.block_fns)
         if output_hidden_states:
             hidden.append(x)
         return x, tuple(hidden) if output_hidden_states else None

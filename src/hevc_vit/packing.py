@@ -21,7 +21,9 @@ GridLike = torch.Tensor | Sequence[Sequence[int]]
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_sides(what: str, height: int, width: int, patch_size: int) -> None:
+def check_sides(what: str, height: int, width: int, patch_size: int) -> None:
+    """Raise ``ValueError`` naming ``what``, its size and the nearest valid size unless both sides are
+    positive multiples of ``patch_size``."""
     if height % patch_size or width % patch_size or height == 0 or width == 0:
         p = patch_size
         near_h, near_w = max(height // p, 1) * p, max(width // p, 1) * p
@@ -46,7 +48,7 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> tuple[torch.Tensor,
             f"or (B, C, T, H, W) videos"
         )
     B, C, T, H, W = pixel_values.shape
-    _check_sides("pixel_values", H, W, patch_size)
+    check_sides("pixel_values", H, W, patch_size)
     p, h, w = patch_size, H // patch_size, W // patch_size
     x = pixel_values.reshape(B, C, T, h, p, w, p)
     x = x.permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h, w, C, p, p)
@@ -76,7 +78,7 @@ def patchify_items(
                 f"expected every item on one device"
             )
         H, W = batch.shape[-2:]
-        _check_sides(f"item {i} {tuple(items[i].shape)}", H, W, patch_size)
+        check_sides(f"item {i} {tuple(items[i].shape)}", H, W, patch_size)
     patches, grids = [], []
     run = [batches[0]]
     for batch in batches[1:] + [None]:

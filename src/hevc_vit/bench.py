@@ -1,0 +1,441 @@
+"""``hevc-vit bench``: packing against the per-item loop and the padded batch, side by side, in one run.
+
+Three ways to encode the same items with the same weights:
+    packing        the packing tower: every item packed into one sequence, one forward.
+    per_item_loop  the standard model called once per item (how LLaVA-style towers handle lists).
+    padded         the standard layers on one batch padded to the largest item, with a key mask.
+
+All three run the same layers, so they are first checked to give the same features; then each is timed
+(median of ``iters`` runs after warm-up), its peak memory taken, and, on CUDA, its model FLOPs
+utilisation computed against the bf16 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .configuration import HEVCViTConfig
+from .modeling import HEVCViTModel, HEVCViTPackingModel
+from .packing import PackingPlan, grid_positions, patchify_items, unpack
+from .towers import HEVCViTPackingVisionTower
+
+METHODS = ("packing", "per_item_loop", "padded")
+WORKLOADS = ("mixed", "uniform")
+
+
+# --------------------------------------------------------------------------------------------------
+# workloads
+# --------------------------------------------------------------------------------------------------
+
+
+def make_workload(name: str, repeat: int = 1, channels: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    """Random pixels for a named workload, on the CPU, float32.
+
+    mixed:   images 224, 336, 448 and 1008 pixels square and two 8-frame 224 videos ``(C, T, H, W)``,
+             the set repeated ``repeat`` times (every side is a multiple of both 14 and 16).
+    uniform: ``8 · repeat`` images of 448 x 448.
+    """
+    if name not in WORKLOADS:
+        raise ValueError(f"workload={name!r}; expected one of {WORKLOADS}")
+    if repeat < 1:
+        raise ValueError(f"repeat={repeat}; expected >= 1")
+    g = torch.Generator().manual_seed(seed)
+    if name == "uniform":
+        return [torch.randn(channels, 448, 448, generator=g) for _ in range(8 * repeat)]
+    items = []
+    for _ in range(repeat):
+        items += [torch.randn(channels, s, s, generator=g) for s in (224, 336, 448, 1008)]
+        items += [torch.randn(channels, 8, 224, 224, generator=g) for _ in range(2)]
+    return items
+
+
+def model_flops(config: HEVCViTConfig, seqlens: list[int]) -> float:
+    """Forward FLOPs (2 per multiply-add) of the useful work on items of these token counts."""
+    D, M, L, P = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.patch_dim
+    T = sum(seqlens)
+    per_token = 2 * P * D + L * 2 * D * (4 * D + 2 * M)  # patch embed; qkv + proj + MLP per layer
+    if config.use_head:
+        per_token += 2 * 2 * D * D  # the head's k and v projections
+    attention = L * 4 * D * sum(n * n for n in seqlens)  # q·kᵀ and p·v, all heads
+    return float(T * per_token + attention)
+
+
+# --------------------------------------------------------------------------------------------------
+# the three methods
+# --------------------------------------------------------------------------------------------------
+
+
+def packing_input(tower: HEVCViTPackingVisionTower, items: list[torch.Tensor]) -> tuple[torch.Tensor, PackingPlan]:
+    """The packing tower's input conversion: items -> packed patches and the plan."""
+    patches, grid_thw = tower._items_to_packing_input(items)
+    return patches, PackingPlan.from_grid_thw(grid_thw, device=patches.device)
+
+
+def run_packing(tower: HEVCViTPackingVisionTower, items: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The packing tower on the list (one forward for all items), returning like the other methods the
+    final ``last_hidden_state`` per item and the pooled vectors (the tower's own features are its
+    ``select_layer`` entry, which it computes on the way)."""
+    _, layout, outputs = tower._forward(items)
+    return unpack(outputs.last_hidden_state, layout.tokens), outputs.pooler_output
+
+
+def run_per_item_loop(model: HEVCViTModel, items: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    features, pooled = [], []
+    for item in items:
+        out = model(item.unsqueeze(0))
+        features.append(out.last_hidden_state[0])
+        pooled.append(out.pooler_output)
+    return features, torch.cat(pooled) if pooled[0] is not None else None
+
+
+def run_padded(model: HEVCViTModel, items: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """All items padded to the longest, one batch, attention masked to each item's real tokens."""
+    config = model.config
+    patches, grid_thw = patchify_items(items, config.patch_size, config.num_channels)
+    device = patches.device
+    seqlens = grid_thw.prod(-1).tolist()
+    B, N = len(seqlens), max(seqlens)
+    rows = torch.cat([torch.arange(n) + b * N for b, n in enumerate(seqlens)]).to(device)  # real rows
+    padded = patches.new_zeros(B * N, patches.shape[1]).index_copy_(0, rows, patches)  # (B·N, C·p·p)
+    positions = torch.zeros(B * N, 3, dtype=torch.int64, device=device)
+    positions.index_copy_(0, rows, grid_positions(grid_thw).to(device))
+    valid = torch.zeros(B * N, dtype=torch.bool, device=device).index_fill_(0, rows, True).view(B, 1, 1, N)
+    # Segments for the pooling head: each item's real tokens, then its padding (pooled, then dropped).
+    segments, real = [], []
+    for n in seqlens:
+        real.append(len(segments))
+        segments.append(n)
+        if N > n:
+            segments.append(N - n)
+    plan = PackingPlan.from_seqlens(segments, positions, device=device)
+
+    def masked_attention(q, k, v, plan, scale, dropout_p=0.0):
+        H, Dh = q.shape[1:]
+        q, k, v = (t.reshape(B, N, H, Dh).transpose(1, 2) for t in (q, k, v))  # (B, H, N, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=scale)  # (B, H, N, Dh)
+        return out.transpose(1, 2).reshape(B * N, H, Dh)
+
+    last, pooled, _ = model.encode_packed(padded, plan, attend=masked_attention)
+    last = last.view(B, N, -1)  # (B, N, D)
+    features = [last[b, :n] for b, n in enumerate(seqlens)]
+    return features, pooled[torch.tensor(real, device=device)] if pooled is not None else None
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    """Median wall time of ``iters`` calls, the device drained before and after each."""
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _RssPeak:
+    """Peak resident memory above the level at entry, sampled every millisecond (Linux /proc)."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory of one call above what was allocated before it (CUDA allocator; RSS on the CPU)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with _RssPeak() as rss:
+        fn()
+    return rss.growth
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, iters: int = 10) -> float:
+    """Measured dense matmul rate (FLOP/s) of this device in ``dtype``: an ``n³`` product, 3 warm-ups."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    seconds = _time(lambda: a @ b, device, iters)
+    return 2 * n**3 / seconds
+
+
+def per_token_cosine(actual: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
+    """Min and mean cosine similarity between matching token rows of two lists of ``(N_i, D)``."""
+    cos = F.cosine_similarity(torch.cat(actual).float(), torch.cat(reference).float(), dim=-1)
+    return {"min": cos.min().item(), "mean": cos.mean().item()}
+
+
+def _max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    x, y = torch.cat(a).float(), torch.cat(b).float()
+    return ((x - y).abs().max() / y.abs().max()).item()
+
+
+@dataclass
+class BenchSetup:
+    preset: str | None = "small"
+    model_path: str | None = None
+    workload: str = "mixed"
+    device: str | None = None
+    dtype: str | None = None
+    attn_implementation: str = "auto"
+    repeat: int = 1
+    iters: int = 5
+    warmup: int = 2
+    compile: bool = False
+    accuracy: bool | None = None  # None: when dtype is not float32
+    config_overrides: dict | None = None  # e.g. fewer layers, for tests
+
+
+def _load_models(setup: BenchSetup, device: torch.device, dtype: torch.dtype):
+    if setup.model_path:
+        packing = HEVCViTPackingModel.from_pretrained(setup.model_path, attn_implementation=setup.attn_implementation)
+    else:
+        torch.manual_seed(0)
+        overrides = dict(setup.config_overrides or {}, attn_implementation=setup.attn_implementation)
+        config = HEVCViTConfig.from_preset(setup.preset, **overrides)
+        packing = HEVCViTPackingModel(config)
+    standard = HEVCViTModel(packing.config)
+    standard.load_state_dict(packing.state_dict())
+    fp32_state = {k: v.clone() for k, v in packing.state_dict().items()}
+    packing.to(device, dtype).eval()
+    standard.to(device, dtype).eval()
+    return packing, standard, fp32_state
+
+
+def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Run the whole comparison and return the JSON-ready report (see module docstring)."""
+    device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = setup.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype_name!r}; expected float32, bfloat16 or float16")
+    packing, standard, fp32_state = _load_models(setup, device, dtype)
+    config = packing.config
+    if setup.compile:
+        packing.compile_blocks()
+        standard.compile_blocks()
+    tower = HEVCViTPackingVisionTower.from_model(packing, {"mm_vision_select_layer": -1})
+    items = [x.to(device, dtype) for x in make_workload(setup.workload, setup.repeat, config.num_channels)]
+    seqlens = list(packing_input(tower, items)[1].seqlens)
+    tokens = sum(seqlens)
+    log(f"{len(items)} items, {tokens} tokens, {config.matching_preset() or 'custom'} model, {dtype_name} on {device}")
+
+    methods: dict[str, Callable[[], tuple]] = {
+        "packing": lambda: run_packing(tower, items),
+        "per_item_loop": lambda: run_per_item_loop(standard, items),
+        "padded": lambda: run_padded(standard, items),
+    }
+    outputs = {}
+    with torch.inference_mode():
+        for name, fn in methods.items():
+            for _ in range(max(setup.warmup, 1)):
+                outputs[name] = fn()
+        agreement = {
+            name: _max_rel_diff(outputs[name][0], outputs["packing"][0]) for name in ("per_item_loop", "padded")
+        }
+        peak = matmul_peak_flops(device) if device.type == "cuda" else None
+        flops = model_flops(config, seqlens)
+        results: dict[str, dict[str, Any]] = {}
+        for name, fn in methods.items():
+            seconds = _time(fn, device, setup.iters)
+            memory = _peak_memory(fn, device)
+            results[name] = {
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "peak_mem_bytes": memory,
+                "mfu": flops / seconds / peak if peak else None,
+            }
+            log(f"{name:>14}: {seconds * 1e3:9.1f} ms  {tokens / seconds:12.0f} tokens/s  {memory / 2**20:9.1f} MiB")
+        conversion = _conversion_seconds(tower, items, device, setup.iters)
+        accuracy = None
+        if setup.accuracy if setup.accuracy is not None else dtype != torch.float32:
+            accuracy = _accuracy(config, fp32_state, items, device, outputs)
+    return {
+        "methods": results,
+        "ratios": {
+            "packing_vs_loop": results["per_item_loop"]["seconds"] / results["packing"]["seconds"],
+            "packing_vs_padded": results["padded"]["seconds"] / results["packing"]["seconds"],
+            "packing_mem_vs_padded": results["packing"]["peak_mem_bytes"] / max(results["padded"]["peak_mem_bytes"], 1),
+        },
+        "conversion_share": conversion / results["packing"]["seconds"],
+        "agreement_max_rel_diff_vs_packing": agreement,
+        "accuracy_vs_fp32": accuracy,
+        "model_flops": flops,
+        "matmul_peak_flops": peak,
+        "workload": {"name": setup.workload, "repeat": setup.repeat, "items": len(items), "tokens": tokens},
+        "model": {"preset": config.matching_preset(), "path": setup.model_path, "hidden_size": config.hidden_size,
+                  "layers": config.num_hidden_layers, "patch_size": config.patch_size},
+        "backend": setup.attn_implementation,
+        "compiled": setup.compile,
+        "dtype": dtype_name,
+        "device": str(device),
+        "machine": _machine(device),
+        "torch": torch.__version__,
+        "iters": setup.iters,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _conversion_seconds(tower: HEVCViTPackingVisionTower, items, device, iters) -> float:
+    """Time of the packing tower's input conversion (patchify + plan) plus output conversion (split)."""
+    patches, plan = packing_input(tower, items)
+    features = torch.empty(plan.total_tokens, tower.hidden_size, device=device)
+    into = _time(lambda: packing_input(tower, items), device, iters)
+    out = _time(lambda: unpack(features, plan), device, iters)
+    return into + out
+
+
+def _accuracy(config, fp32_state, items, device, outputs) -> dict[str, dict[str, float]]:
+    """Per-token cosine of the low-precision outputs against an fp32 run of the standard model, per item."""
+    reference = HEVCViTModel(config)
+    reference.load_state_dict(fp32_state)
+    reference.to(device, torch.float32).eval()
+    ref_features, _ = run_per_item_loop(reference, [x.float() for x in items])
+    return {
+        "packing": per_token_cosine(outputs["packing"][0], ref_features),
+        "per_item_loop": per_token_cosine(outputs["per_item_loop"][0], ref_features),
+    }
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {platform.machine()}, {os.cpu_count()} CPU cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table of a report."""
+    lines = [
+        f"hevc-vit bench — {report['model']['preset'] or report['model']['path']}, {report['workload']['name']} workload "
+        f"({report['workload']['items']} items, {report['workload']['tokens']} tokens), {report['dtype']} on "
+        f"{report['machine']}, torch {report['torch']}, attention {report['backend']}"
+        + (", compiled blocks" if report["compiled"] else ""),
+        "",
+        f"| method | seconds (median of {report['iters']}) | tokens/s | peak memory (MiB) | MFU |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in report["methods"].items():
+        mfu = f"{r['mfu'] * 100:.1f} %" if r["mfu"] is not None else "—"
+        lines.append(f"| {name} | {r['seconds']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_bytes'] / 2**20:,.1f} | {mfu} |")
+    ratios = report["ratios"]
+    lines += [
+        "",
+        f"packing_vs_loop    {ratios['packing_vs_loop']:.2f}x",
+        f"packing_vs_padded  {ratios['packing_vs_padded']:.2f}x",
+        f"packing memory / padded memory  {ratios['packing_mem_vs_padded']:.2f}",
+        f"conversion_share   {report['conversion_share'] * 100:.2f} % of packing time",
+        "agreement with packing (max abs diff / max |value|): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in report["agreement_max_rel_diff_vs_packing"].items()),
+    ]
+    if report["matmul_peak_flops"]:
+        lines.append(f"measured {report['dtype']} matmul peak: {report['matmul_peak_flops'] / 1e12:.0f} TFLOP/s")
+    if report["accuracy_vs_fp32"]:
+        for name, c in report["accuracy_vs_fp32"].items():
+            lines.append(f"per-token cosine vs fp32 reference, {name}: min {c['min']:.5f}, mean {c['mean']:.6f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time packing against the per-item loop and the padded batch",
+        description="Measure, in one process and on the same weights and items, the packing path (all items in "
+        "one forward), the standard model once per item, and one padded batch with a key mask: seconds, tokens/s, "
+        "peak memory and (on CUDA) MFU, plus their ratios. Prints a table and optionally writes JSON.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="small", help="random weights of this size preset (default: small)")
+    source.add_argument("--model", dest="model_path", help="a checkpoint folder instead of a preset")
+    p.add_argument("--workload", choices=WORKLOADS, default="mixed", help="mixed sizes and videos, or equal 448 images")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--attn-implementation", default="auto", help="attention backend of the packing path (default: auto)")
+    p.add_argument("--repeat", type=int, default=1, help="copies of the workload in one run (default: 1)")
+    p.add_argument("--iters", type=int, default=5, help="timed runs per method; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per method first (default: 2)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the dense parts of every block")
+    p.add_argument("--json", dest="json_path", help="also write the report as JSON to this file")
+    p.set_defaults(run=_run_cli)
+
+
+def _run_cli(args) -> int:
+    setup = BenchSetup(
+        preset=args.preset,
+        model_path=args.model_path,
+        workload=args.workload,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        repeat=args.repeat,
+        iters=args.iters,
+        warmup=args.warmup,
+        compile=args.compile,
+    )
+    report = run_benchmark(setup, log=lambda s: print(s, file=sys.stderr))
+    print(format_report(report))
+    if args.json_path:
+        tmp = f"{args.json_path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json_path)
+    return 0
