@@ -116,6 +116,12 @@ def test_rms_norm_and_no_head():
     assert out.pooler_output is None
 
 
+def test_head_norm_eps_defaults_to_layer_norm_eps():
+    assert HEVCViTModel(tiny_config(layer_norm_eps=1e-5)).head.norm.eps == 1e-5
+    model = HEVCViTModel(tiny_config(layer_norm_eps=1e-5, head_norm_eps=1e-3))
+    assert model.head.norm.eps == 1e-3 and model.layernorm_pre.eps == 1e-5
+
+
 def test_input_dtype_follows_the_model():
     standard, _ = _pair()
     x = torch.randn(1, 3, 28, 28, dtype=torch.float64)

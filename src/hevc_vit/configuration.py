@@ -47,6 +47,8 @@ class HEVCViTConfig(PretrainedConfig):
         use_head: True — attention-pooling head giving one pooled vector per image/video.
         spatial_merge_size: 1 — merge factor used by downstream projectors; the encoder's patch order is
             not affected by it.
+        head_norm_eps: None — eps of the pooling head's RMSNorm; None means ``layer_norm_eps``. Legacy
+            training checkpoints used PyTorch's default there (float32 machine epsilon, ~1.19e-7).
         attn_implementation: "auto" — attention backend: "auto", "eager", "sdpa", "torch_varlen" or
             "flash_attn" (see ``hevc_vit.attention``). Also accepted as ``attention_backend``.
     """
@@ -72,6 +74,7 @@ class HEVCViTConfig(PretrainedConfig):
         rope_temporal_size: int = 64,
         use_head: bool = True,
         spatial_merge_size: int = 1,
+        head_norm_eps: float | None = None,
         attn_implementation: str | None = None,
         **kwargs: Any,
     ):
@@ -96,6 +99,7 @@ class HEVCViTConfig(PretrainedConfig):
         self.rope_temporal_size = rope_temporal_size
         self.use_head = use_head
         self.spatial_merge_size = spatial_merge_size
+        self.head_norm_eps = head_norm_eps
         super().__init__(**kwargs)
         self.validate()
 
@@ -141,6 +145,8 @@ class HEVCViTConfig(PretrainedConfig):
             raise ValueError(f"layer_norm_type={self.layer_norm_type!r}; expected one of {LAYER_NORM_TYPES}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps={self.layer_norm_eps!r}; expected a positive float")
+        if self.head_norm_eps is not None and not self.head_norm_eps > 0:
+            raise ValueError(f"head_norm_eps={self.head_norm_eps!r}; expected None or a positive float")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta={self.rope_theta!r}; expected a positive float")
         if not 0.0 <= self.attention_dropout < 1.0:

@@ -163,7 +163,8 @@ class HEVCViTPoolingHead(nn.Module):
         self.num_heads = config.num_attention_heads
         self.probe = nn.Parameter(torch.zeros(1, 1, D))
         self.attention = nn.MultiheadAttention(D, config.num_attention_heads, batch_first=True)
-        self.norm = nn.RMSNorm(D, eps=config.layer_norm_eps)
+        eps = config.head_norm_eps if config.head_norm_eps is not None else config.layer_norm_eps
+        self.norm = nn.RMSNorm(D, eps=eps)
         self.mlp = HEVCViTMLP(config)
 
     def forward(self, x: torch.Tensor, plan: PackingPlan) -> torch.Tensor:

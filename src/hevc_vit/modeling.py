@@ -18,15 +18,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .attention import get_attention
-from .checkpoints import (
-    NATIVE_FORMATS,
-    config_kwargs,
-    convert_to_native,
-    detect_format,
-    read_config_dict,
-    read_state_dict,
-)
+from .attention import AttendFn, get_attention
+from .checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint
 from .configuration import HEVCViTConfig
 from .layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
 from .packing import GridLike, PackingPlan, grid_positions, patchify
@@ -90,13 +83,19 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         strict: bool = True,
         **kwargs: Any,
     ) -> "HEVCViTPreTrainedModel":
-        """Load a checkpoint of any supported format (hevc_vit, packing, standard) into this model.
+        """Load a checkpoint of any supported format (hevc_vit, packing, standard, legacy) into this model.
 
-        The same path under every transformers release: the config is read, the weights are read with
-        safetensors (or ``torch.load(weights_only=True)``), renamed/fused to this library's names by
-        :func:`~hevc_vit.checkpoints.convert_to_native` and loaded strictly. Nothing the forward needs
-        lives outside the checkpoint (RoPE tables are computed per forward), so a model built on the meta
-        device comes out complete.
+        The same path under every transformers release: :func:`~hevc_vit.checkpoints.load_checkpoint`
+        reads the config and the weights (safetensors, or ``torch.load(weights_only=True)``) and renames/
+        fuses them to this library's names; they are loaded strictly. Nothing the forward needs lives
+        outside the checkpoint (RoPE tables are computed per forward), so a model built on the meta device
+        comes out complete.
+
+        pretrained_model_name_or_path: a checkpoint folder, a Hub id, or a weights-only file (a legacy
+            training ``.pt``, a bare ``.safetensors``).
+        preset / config_json: the architecture of a weights-only file (a preset name, or a JSON file of
+            hyper-parameters); without them the JSON beside the file (``model.json`` for ``model.pt``) is
+            used. What the tensor shapes tell is inferred and checked.
 
         dtype: None -> float32; ``"auto"`` -> as stored; or a ``torch.dtype`` / its name.
         device_map: a device (``"cuda"``, ``"cuda:1"``, ``"cpu"``), ``"auto"`` (CUDA when available) or a
@@ -107,15 +106,18 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         if model_args:
             raise TypeError(f"from_pretrained takes no extra positional arguments; got {len(model_args)}")
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        preset, config_json = kwargs.pop("preset", None), kwargs.pop("config_json", None)
         for k in list(kwargs):
             if k in _IGNORED_KWARGS or k.startswith("_"):
                 kwargs.pop(k)
-        folder = _resolve_folder(pretrained_model_name_or_path, hub)
-        config_dict = read_config_dict(folder)
-        state = read_state_dict(folder)
-        fmt = detect_format(config_dict, set(state))
+        path = _resolve_folder(pretrained_model_name_or_path, hub)
+        loaded = load_checkpoint(path, preset=preset, config_json=config_json)
+        state = loaded.state_dict
         # a fresh config (a copy of the caller's, if given): loading never changes the caller's object
-        config = HEVCViTConfig(**config_kwargs(config_dict if config is None else config.to_dict()))
+        if config is not None:
+            config = HEVCViTConfig(**config_kwargs(config.to_dict()))
+        else:
+            config = loaded.config
         for key in list(kwargs):
             if hasattr(config, key):
                 setattr(config, key, kwargs.pop(key))
@@ -124,8 +126,6 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         if attn_implementation is not None:
             config.attention_backend = attn_implementation
         config.validate()
-        if fmt not in NATIVE_FORMATS:
-            state = convert_to_native(state, fmt)
 
         if strict:
             with torch.device("meta"):
@@ -171,9 +171,16 @@ def load_state_dict_checked(
 
 
 def _resolve_folder(name_or_path: str | os.PathLike, hub: dict[str, Any]) -> str:
+    """A local folder or weights-only file as it is; anything else is fetched from the Hub."""
     subfolder = hub.pop("subfolder", None) or ""
     if os.path.isdir(name_or_path):
         return os.path.join(name_or_path, subfolder)
+    if os.path.isfile(name_or_path):
+        if subfolder:
+            raise ValueError(f"subfolder={subfolder!r} was given, but {name_or_path!s} is a file, not a folder")
+        return str(name_or_path)
+    if str(name_or_path).endswith(TORCH_SUFFIXES + (".safetensors",)) or os.path.isabs(name_or_path):
+        raise FileNotFoundError(f"checkpoint {name_or_path!s} does not exist")
     try:
         from huggingface_hub import snapshot_download
 
@@ -228,14 +235,26 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
         self._attend = get_attention(config.attention_backend)
         self.post_init()
 
+    def compile_blocks(self, **compile_kwargs: Any) -> "_HEVCViTCore":
+        """Compile the dense parts of every block (see :meth:`HEVCViTEncoder.compile_blocks`); returns self."""
+        self.encoder.compile_blocks(**compile_kwargs)
+        return self
+
     def encode_packed(
-        self, patches: torch.Tensor, plan: PackingPlan, output_hidden_states: bool = False
+        self,
+        patches: torch.Tensor,
+        plan: PackingPlan,
+        output_hidden_states: bool = False,
+        attend: AttendFn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
-        """patches ``(T, C·p·p)`` -> ``last (T, D)``, ``pooled (n, D)`` or None, ``hidden`` tuple or None."""
+        """patches ``(T, C·p·p)`` -> ``last (T, D)``, ``pooled (n, D)`` or None, ``hidden`` tuple or None.
+
+        ``attend`` replaces the model's attention backend for this call (benchmark baselines use it).
+        """
         dtype = self.patch_embed.proj.weight.dtype
         x = self.layernorm_pre(self.patch_embed(patches.to(dtype)))  # (T, D)
         cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, dtype=x.dtype)
-        x, hidden = self.encoder(x, cos, sin, plan, self._attend, output_hidden_states)
+        x, hidden = self.encoder(x, cos, sin, plan, attend or self._attend, output_hidden_states)
         last = self.layernorm_post(x)  # (T, D)
         pooled = self.head(last, plan) if self.head is not None else None  # (n, D)
         return last, pooled, hidden
