@@ -29,7 +29,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -124,26 +123,39 @@ def read_tower_config(name_or_path: str | os.PathLike) -> HEVCViTConfig:
     return HEVCViTConfig(**config_kwargs(read_config_dict(folder)))
 
 
-def load_image_processor(name_or_path: str | os.PathLike, config: HEVCViTConfig) -> CLIPImageProcessor:
+def clip_image_processor_class() -> type:
+    """transformers' CLIP image processor class, imported when first needed. Without torchvision,
+    transformers 5 answers ``CLIPImageProcessor`` with its PIL version and a warning on every use; asking
+    for that version by name gives the same processor quietly (transformers 4 has only the one)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
+
+
+def load_image_processor(name_or_path: str | os.PathLike, config: HEVCViTConfig) -> Any:
     """The checkpoint's ``CLIPImageProcessor`` (from its ``preprocessor_config.json``), or, when it has none,
     a CLIP-normalised one that resizes the short side to ``config.image_size`` and centre-crops a square."""
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, PREPROCESSOR_CONFIG_NAME)):
-            return CLIPImageProcessor.from_pretrained(path)
+            return clip_image_processor_class().from_pretrained(path)
     else:
         try:
-            return CLIPImageProcessor.from_pretrained(path)
+            return clip_image_processor_class().from_pretrained(path)
         except (OSError, ValueError):  # not on the Hub, or no processor config there
             pass
     logger.info("%s has no %s; using a CLIP-normalised processor at %d px", path, PREPROCESSOR_CONFIG_NAME, config.image_size)
     return default_image_processor(config)
 
 
-def default_image_processor(config: HEVCViTConfig) -> CLIPImageProcessor:
+def default_image_processor(config: HEVCViTConfig) -> Any:
     """A CLIP-normalised processor: short side resized to ``config.image_size``, centre-cropped square."""
     size = config.image_size
-    return CLIPImageProcessor(
+    return clip_image_processor_class()(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_mean=list(OPENAI_CLIP_MEAN),
@@ -235,7 +247,7 @@ class HEVCViTVisionTowerBase(nn.Module):
                 f"mm_vision_select_feature={self.select_feature!r}; expected one of {list(SELECT_FEATURES)}"
             )
         self.cfg_only: HEVCViTConfig | None = None
-        self.image_processor: CLIPImageProcessor | None = None
+        self.image_processor: Any = None  # a transformers CLIP image processor once loaded
         self.vision_tower: HEVCViTModel | HEVCViTPackingModel | None = None
 
         tunable_parts = _arg(args, "mm_tunable_parts", None) or ()

@@ -1,0 +1,394 @@
+"""Image processors: PIL images (or video frames) -> normalised pixel tensors ready for ``patchify``.
+
+Two processors, both saved and loaded as ``preprocessor_config.json``:
+
+    FixedSizeProcessor          CLIP style, what the standard tower uses: resize the short side, centre-crop
+                                to ``image_size``, CLIP mean/std. Saved with the keys of transformers'
+                                ``CLIPImageProcessor`` (which loads the file too), and reads that class's files.
+    NativeResolutionProcessor   the packing model's own: keep the aspect ratio, both sides multiples of the
+                                patch size, the patch count of an image between ``min_tokens`` and ``max_tokens``.
+
+Both return float32 ``(C, H, W)`` for one image and ``(C, T, H, W)`` for a list of ``T`` frames (all frames
+of a clip get one size). Legend: ``p`` patch size, ``h``/``w`` sides in patches, ``T`` frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+PREPROCESSOR_NAME = "preprocessor_config.json"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as stored in preprocessor_config.json files
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of ``image``; transparent pixels are laid over white (not left as arbitrary colours)."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImageProcessor:
+    """Shared normalisation, frame handling and (de)serialisation; subclasses choose the output size."""
+
+    processor_type: str = ""
+
+    def __init__(
+        self,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        resample: int = BICUBIC,
+        rescale_factor: float = 1 / 255,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
+        do_convert_rgb: bool = True,
+    ):
+        if len(image_mean) != len(image_std):
+            raise ValueError(f"image_mean={list(image_mean)} and image_std={list(image_std)}; expected equal lengths")
+        if any(s <= 0 for s in image_std):
+            raise ValueError(f"image_std={list(image_std)}; expected positive values")
+        self.image_mean = [float(m) for m in image_mean]
+        self.image_std = [float(s) for s in image_std]
+        self.resample = int(resample)
+        self.rescale_factor = float(rescale_factor)
+        self.do_rescale = bool(do_rescale)
+        self.do_normalize = bool(do_normalize)
+        self.do_convert_rgb = bool(do_convert_rgb)
+
+    # -- the size rule, per subclass -------------------------------------------------------------------
+
+    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+        """``(H, W)`` in pixels of the processed image (or of every frame of a ``num_frames`` clip)."""
+        raise NotImplementedError
+
+    def _resize(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        """``image`` at ``size = output_size(...)``, as ``(H, W, C)`` uint8."""
+        raise NotImplementedError
+
+    # -- processing ------------------------------------------------------------------------------------
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
+        """One PIL image -> ``(C, H, W)`` float32; a list of ``T`` frames -> ``(C, T, H, W)`` float32."""
+        if isinstance(images, Image.Image):
+            return self._process(images, self.output_size(images.height, images.width))
+        frames = list(images)
+        if not frames:
+            raise ValueError("images is an empty list; expected a PIL image or a list of video frames")
+        first = frames[0]
+        for i, frame in enumerate(frames):
+            if frame.size != first.size:
+                raise ValueError(f"frame {i} is {frame.width}x{frame.height}; frame 0 is {first.width}x{first.height}")
+        size = self.output_size(first.height, first.width, num_frames=len(frames))
+        return torch.stack([self._process(frame, size) for frame in frames], dim=1)  # (C, T, H, W)
+
+    def _process(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"image is {image.width}x{image.height}; expected at least 1x1 pixels")
+        if self.do_convert_rgb:
+            image = to_rgb(image)
+        pixels = self._resize(image, size)  # (H, W, C) uint8
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        # Rescale in float64, then float32, then normalise in float32: the arithmetic of transformers'
+        # image processors, so the fixed-size processor reproduces CLIPImageProcessor bit for bit.
+        x = pixels.astype(np.float64)
+        if self.do_rescale:
+            x = x * self.rescale_factor
+        x = x.astype(np.float32)
+        if self.do_normalize:
+            if x.shape[-1] != len(self.image_mean):
+                raise ValueError(
+                    f"image has {x.shape[-1]} channels; image_mean/image_std have {len(self.image_mean)} entries"
+                )
+            x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (C, H, W)
+
+    # -- serialisation ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_processor_type": self.processor_type,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "resample": self.resample,
+            "rescale_factor": self.rescale_factor,
+            "do_rescale": self.do_rescale,
+            "do_normalize": self.do_normalize,
+            "do_convert_rgb": self.do_convert_rgb,
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``preprocessor_config.json`` into ``folder`` (created if needed); returns the file's path."""
+        path = Path(folder) / PREPROCESSOR_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "ImageProcessor":
+        """Load a ``preprocessor_config.json`` (or a folder holding one); the file's type picks the class."""
+        return load_processor(path)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.to_dict() == self.to_dict()
+
+    def __repr__(self) -> str:
+        fields = {k: v for k, v in self.to_dict().items() if k != "image_processor_type"}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+class FixedSizeProcessor(ImageProcessor):
+    """CLIP style: resize so the short side is ``shortest_edge``, centre-crop to ``crop_size``.
+
+    Matches transformers' ``CLIPImageProcessor`` on the same image: the long side becomes
+    ``int(shortest_edge * long / short)``, PIL resampling, the crop starts at ``(H - h) // 2``, and an image
+    smaller than the crop is padded with zeros around it.
+    """
+
+    processor_type = "CLIPImageProcessor"
+
+    def __init__(
+        self,
+        shortest_edge: int = 448,
+        crop_size: int | tuple[int, int] | None = None,
+        do_resize: bool = True,
+        do_center_crop: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        crop = (shortest_edge, shortest_edge) if crop_size is None else crop_size
+        crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
+        for name, value in (("shortest_edge", shortest_edge), ("crop_size", crop)):
+            values = value if isinstance(value, tuple) else (value,)
+            if not all(isinstance(v, int) and v > 0 for v in values):
+                raise ValueError(f"{name}={value!r}; expected positive integers")
+        self.shortest_edge = int(shortest_edge)
+        self.crop_size = (int(crop[0]), int(crop[1]))  # (height, width)
+        self.do_resize = bool(do_resize)
+        self.do_center_crop = bool(do_center_crop)
+
+    def _resized_size(self, height: int, width: int) -> tuple[int, int]:
+        if not self.do_resize:
+            return height, width
+        short, long = min(height, width), max(height, width)
+        new_long = int(self.shortest_edge * long / short)
+        return (new_long, self.shortest_edge) if width <= height else (self.shortest_edge, new_long)
+
+    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+        return self.crop_size if self.do_center_crop else self._resized_size(height, width)
+
+    def _resize(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        H, W = self._resized_size(image.height, image.width)
+        if (H, W) != (image.height, image.width):
+            image = image.resize((W, H), resample=self.resample)
+        pixels = np.asarray(image)
+        if self.do_center_crop:
+            pixels = _center_crop(pixels, *self.crop_size)
+        return pixels
+
+    def to_dict(self) -> dict[str, Any]:
+        h, w = self.crop_size
+        return {
+            **super().to_dict(),
+            "do_resize": self.do_resize,
+            "size": {"shortest_edge": self.shortest_edge},
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": h, "width": w},
+        }
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "FixedSizeProcessor":
+        size = config.get("size", 448)
+        if isinstance(size, dict):
+            if "shortest_edge" in size:
+                size = size["shortest_edge"]
+            elif "height" in size and size.get("height") == size.get("width"):
+                size = size["height"]
+            else:
+                raise ValueError(f"size={size}; expected {{'shortest_edge': N}} or a square {{'height', 'width'}}")
+        crop = config.get("crop_size", size)
+        if isinstance(crop, dict):
+            crop = (crop["height"], crop["width"])
+        return cls(shortest_edge=size, crop_size=crop, **_common_kwargs(config, ("do_resize", "do_center_crop")))
+
+
+def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(H, W, C)`` -> ``(height, width, C)`` around the centre; zero padding where the image is smaller."""
+    H, W = pixels.shape[:2]
+    if H < height or W < width:
+        canvas = np.zeros((max(H, height), max(W, width)) + pixels.shape[2:], dtype=pixels.dtype)
+        top, left = math.ceil((canvas.shape[0] - H) / 2), math.ceil((canvas.shape[1] - W) / 2)
+        canvas[top : top + H, left : left + W] = pixels
+        # the crop window keeps its place relative to the original image, as if the canvas were not there
+        crop_top, crop_left = (H - height) // 2 + top, (W - width) // 2 + left
+        return canvas[max(crop_top, 0) : crop_top + height, max(crop_left, 0) : crop_left + width]
+    top, left = (H - height) // 2, (W - width) // 2
+    return pixels[top : top + height, left : left + width]
+
+
+class NativeResolutionProcessor(ImageProcessor):
+    """Native resolution: keep the aspect ratio; sides are multiples of ``patch_size``; an image gets between
+    ``min_tokens`` and ``max_tokens`` patches (an image already inside the bounds only rounds its sides to
+    the nearest multiple of the patch size; a smaller one is enlarged, a larger one shrunk).
+
+    A video frame gets the same rule with its maximum lowered to ``max_video_tokens // T``, so a clip of ``T``
+    frames holds at most ``max(max_video_tokens, T · min_tokens)`` patches (the minimum holds per frame).
+
+    Aspect ratio: each side is within one patch of the ideal scaled side (one scale for both), unless the
+    image is so elongated that its short side would fall under one patch at the token maximum.
+    """
+
+    processor_type = "HEVCViTNativeImageProcessor"
+
+    def __init__(
+        self,
+        patch_size: int = 14,
+        min_tokens: int = 256,
+        max_tokens: int = 4096,
+        max_video_tokens: int = 8192,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        for name, value in (
+            ("patch_size", patch_size),
+            ("min_tokens", min_tokens),
+            ("max_tokens", max_tokens),
+            ("max_video_tokens", max_video_tokens),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r}; expected a positive integer")
+        if min_tokens > max_tokens:
+            raise ValueError(f"min_tokens={min_tokens} > max_tokens={max_tokens}; expected min_tokens <= max_tokens")
+        self.patch_size = patch_size
+        self.min_tokens = min_tokens
+        self.max_tokens = max_tokens
+        self.max_video_tokens = max_video_tokens
+
+    def token_bounds(self, num_frames: int = 1) -> tuple[int, int]:
+        """``(min, max)`` patches per image or per frame of a ``num_frames`` clip."""
+        if num_frames <= 1:
+            return self.min_tokens, self.max_tokens
+        hi = min(self.max_tokens, max(self.max_video_tokens // num_frames, 1))
+        return min(self.min_tokens, hi), hi
+
+    def grid_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+        """``(h, w)`` in patches for an image (or every frame of a clip) of ``height x width`` pixels."""
+        if height < 1 or width < 1:
+            raise ValueError(f"image is {width}x{height}; expected at least 1x1 pixels")
+        lo, hi = self.token_bounds(num_frames)
+        h0, w0 = height / self.patch_size, width / self.patch_size  # ideal sides, in patches
+        area = h0 * w0
+        scale = 1.0 if lo <= area <= hi else math.sqrt((lo if area < lo else hi) / area)
+        hs, ws = h0 * scale, w0 * scale
+        nearest = (max(round(hs), 1), max(round(ws), 1))
+        if lo <= nearest[0] * nearest[1] <= hi:
+            return nearest
+        # Rounding left the bounds: the floor/ceil combination inside them that best keeps the aspect ratio.
+        candidates = [
+            (h, w)
+            for h in {max(math.floor(hs), 1), math.ceil(hs)}
+            for w in {max(math.floor(ws), 1), math.ceil(ws)}
+            if lo <= h * w <= hi
+        ]
+        if candidates:
+            return min(candidates, key=lambda hw: (abs(math.log(hw[0] / hw[1] / (h0 / w0))), abs(hw[0] * hw[1] - hs * ws)))
+        # So elongated that the short side is under one patch: one patch across, the long side clamped.
+        if hs < ws:
+            return 1, min(max(math.ceil(ws), lo), hi)
+        return min(max(math.ceil(hs), lo), hi), 1
+
+    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+        h, w = self.grid_size(height, width, num_frames)
+        return h * self.patch_size, w * self.patch_size
+
+    def _resize(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        H, W = size
+        if (H, W) != (image.height, image.width):
+            image = image.resize((W, H), resample=self.resample)
+        return np.asarray(image)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "patch_size": self.patch_size,
+            "min_tokens": self.min_tokens,
+            "max_tokens": self.max_tokens,
+            "max_video_tokens": self.max_video_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "NativeResolutionProcessor":
+        names = ("patch_size", "min_tokens", "max_tokens", "max_video_tokens")
+        return cls(**_common_kwargs(config, names))
+
+
+_COMMON = ("image_mean", "image_std", "resample", "rescale_factor", "do_rescale", "do_normalize", "do_convert_rgb")
+PROCESSOR_TYPES: dict[str, type[ImageProcessor]] = {
+    "CLIPImageProcessor": FixedSizeProcessor,
+    "CLIPImageProcessorFast": FixedSizeProcessor,
+    "CLIPImageProcessorPil": FixedSizeProcessor,
+    "CLIPFeatureExtractor": FixedSizeProcessor,
+    NativeResolutionProcessor.processor_type: NativeResolutionProcessor,
+}
+
+
+def _common_kwargs(config: dict[str, Any], extra: Sequence[str]) -> dict[str, Any]:
+    return {k: config[k] for k in (*_COMMON, *extra) if k in config}
+
+
+def processor_from_dict(config: dict[str, Any]) -> ImageProcessor:
+    """The processor a ``preprocessor_config.json`` dict describes (its ``image_processor_type`` decides)."""
+    kind = config.get("image_processor_type") or config.get("feature_extractor_type")
+    if kind not in PROCESSOR_TYPES:
+        raise ValueError(f"image_processor_type={kind!r}; expected one of {sorted(PROCESSOR_TYPES)}")
+    return PROCESSOR_TYPES[kind].from_dict(config)
+
+
+def load_processor(path: str | os.PathLike) -> ImageProcessor:
+    """Load a processor from a ``preprocessor_config.json`` file or a folder that holds one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PREPROCESSOR_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected a {PREPROCESSOR_NAME} file or a folder holding one")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return processor_from_dict(config)
+
+
+def default_processor(
+    kind: str,
+    patch_size: int,
+    image_size: int,
+    base: ImageProcessor | None = None,
+    **native_kwargs: Any,
+) -> ImageProcessor:
+    """A ``"native"`` or ``"clip"`` processor for a model; normalisation (mean, std, resampling) is taken
+    from ``base`` — e.g. the checkpoint's own ``preprocessor_config.json`` — when given."""
+    common = {k: v for k, v in base.to_dict().items() if k in _COMMON} if base is not None else {}
+    if kind == "native":
+        return NativeResolutionProcessor(patch_size=patch_size, **native_kwargs, **common)
+    if kind == "clip":
+        if native_kwargs:
+            raise ValueError(f"{sorted(native_kwargs)} only apply to the native processor; got processor='clip'")
+        if isinstance(base, FixedSizeProcessor):
+            return base
+        return FixedSizeProcessor(shortest_edge=image_size, crop_size=image_size, **common)
+    raise ValueError(f"processor={kind!r}; expected 'native', 'clip' or a path to a {PREPROCESSOR_NAME}")

@@ -1,0 +1,143 @@
+"""Video input through PyAV (the optional ``video`` extra): uniform frame sampling, decoding, and the
+temporal RoPE positions of the sampled frames.
+
+Legend: ``T`` sampled frames, ``h``/``w`` sides in patches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from .packing import grid_positions
+
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv"}
+)
+INSTALL_HINT = "PyAV is not installed; install the video extra: pip install 'hevc-vit[video]'"
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """``num_frames`` indices spread uniformly over ``total_frames`` (the middle of ``num_frames`` equal
+    segments); every frame when the clip has no more than ``num_frames``."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames={num_frames}; expected at least 1")
+    if total_frames < 1:
+        raise ValueError(f"total_frames={total_frames}; the video has no frames")
+    if total_frames <= num_frames:
+        return list(range(total_frames))
+    return [int((2 * i + 1) * total_frames // (2 * num_frames)) for i in range(num_frames)]
+
+
+def temporal_positions(num_frames: int, temporal_context: int | None = None) -> list[int]:
+    """The RoPE ``t`` position of each of ``num_frames`` sampled frames.
+
+    ``temporal_context=None``: the frame's index in the sample, ``0..T-1``. Otherwise the frames are
+    spread over ``0..temporal_context-1``, first and last at the ends, rounded to the nearest integer:
+    8 frames over 64 give 0, 9, 18, ..., 63.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames={num_frames}; expected at least 1")
+    if temporal_context is None:
+        return list(range(num_frames))
+    if temporal_context < num_frames:
+        raise ValueError(
+            f"temporal_context={temporal_context} is smaller than the {num_frames} sampled frames; "
+            f"expected temporal_context >= frames"
+        )
+    if num_frames == 1:
+        return [0]
+    span, last = temporal_context - 1, num_frames - 1
+    return [(i * span + last // 2) // last for i in range(num_frames)]
+
+
+def video_patch_positions(grid_thw: tuple[int, int, int], t_positions: list[int] | None) -> torch.Tensor:
+    """``(T·h·w, 3)`` int64 ``(t, h, w)`` positions of one clip's patches, the ``t`` of frame ``i`` replaced
+    by ``t_positions[i]`` (the grid's own frame numbers when None)."""
+    t, h, w = grid_thw
+    positions = grid_positions(torch.tensor([[t, h, w]]))  # (T·h·w, 3)
+    if t_positions is not None:
+        if len(t_positions) != t:
+            raise ValueError(f"t_positions has {len(t_positions)} entries; the clip has {t} frames")
+        positions[:, 0] = torch.tensor(t_positions, dtype=torch.int64).repeat_interleave(h * w)
+    return positions
+
+
+@dataclass
+class DecodedVideo:
+    """Sampled frames of one clip: RGB PIL images, their indices in the clip, and the clip's frame count."""
+
+    frames: list[Image.Image]
+    indices: list[int]
+    total_frames: int
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return av
+
+
+def read_video(path: str | os.PathLike, num_frames: int) -> DecodedVideo:
+    """Decode ``num_frames`` uniformly sampled frames of the first video stream of ``path``.
+
+    The clip is decoded once from the start, keeping only the sampled frames. When the container does not
+    state its frame count, the packets are counted first; when it states a wrong one (the decoder ends
+    early), the sample is drawn again over the frames that really decode.
+    """
+    av = _import_av()
+    total = _stated_frame_count(av, path)
+    if total is None:
+        total = _count_frames(av, path)
+    for _ in range(2):
+        if total < 1:
+            raise ValueError("the video stream has no frames")
+        wanted = sample_frame_indices(total, num_frames)
+        frames, decoded = _decode_frames(av, path, wanted)
+        if len(frames) == len(wanted):
+            return DecodedVideo(frames, wanted, total)
+        total = decoded  # the stated count was wrong: sample again over the frames that exist
+    raise ValueError(f"the video decoded {decoded} frames, fewer than its stream states; it may be truncated")
+
+
+def _open(av, path):
+    container = av.open(os.fspath(path))
+    if not container.streams.video:
+        container.close()
+        raise ValueError("the file has no video stream")
+    return container
+
+
+def _stated_frame_count(av, path) -> int | None:
+    with _open(av, path) as container:
+        frames = container.streams.video[0].frames
+    return frames if frames and frames > 0 else None
+
+
+def _count_frames(av, path) -> int:
+    with _open(av, path) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _decode_frames(av, path, wanted: list[int]) -> tuple[list[Image.Image], int]:
+    """The frames at ``wanted`` (sorted indices), and how many frames were decoded in all."""
+    keep = set(wanted)
+    last = wanted[-1]
+    frames: list[Image.Image] = []
+    decoded = 0
+    with _open(av, path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if decoded in keep:
+                frames.append(frame.to_image())  # RGB
+            decoded += 1
+            if decoded > last:
+                break
+    return frames, decoded
