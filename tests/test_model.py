@@ -116,6 +116,26 @@ def test_rms_norm_and_no_head():
     assert out.pooler_output is None
 
 
+def test_cpu_token_chunks_give_the_same_outputs_and_gradients(monkeypatch):
+    """Long sequences on the CPU run the dense halves of each block in token chunks (see layers.py)."""
+    import hevc_vit.layers as layers
+
+    _, packing = _pair()
+    patches, grid_thw = patchify_items([torch.randn(3, 252, 140), torch.randn(3, 2, 112, 98)], 14)  # 180 + 112
+    results = []
+    for chunk_bytes in (2**30, 1):  # never chunked; chunks of the 256-token minimum
+        monkeypatch.setattr(layers, "_CPU_CHUNK_BYTES", chunk_bytes)
+        packing.zero_grad()
+        out = packing(patches, grid_thw, output_hidden_states=True)
+        (out.last_hidden_state.square().mean() + out.pooler_output.sum()).backward()
+        results.append((out.last_hidden_state.detach(), [p.grad.clone() for p in packing.parameters()]))
+    assert layers._cpu_chunk_tokens(patches[:, :64], 128) == 256  # the second pass did chunk
+    (whole, grads_whole), (chunked, grads_chunked) = results
+    assert_close_rel(chunked, whole)
+    for a, b in zip(grads_chunked, grads_whole):
+        assert_close_rel(a, b)
+
+
 def test_head_norm_eps_defaults_to_layer_norm_eps():
     assert HEVCViTModel(tiny_config(layer_norm_eps=1e-5)).head.norm.eps == 1e-5
     model = HEVCViTModel(tiny_config(layer_norm_eps=1e-5, head_norm_eps=1e-3))

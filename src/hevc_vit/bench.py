@@ -91,9 +91,11 @@ def run_packing(tower: HEVCViTPackingVisionTower, items: list[torch.Tensor]) -> 
 
 
 def run_per_item_loop(model: HEVCViTModel, items: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The standard model once per item, keeping ``hidden_states`` as a LLaVA tower asks (like the packing
+    tower does)."""
     features, pooled = [], []
     for item in items:
-        out = model(item.unsqueeze(0))
+        out = model(item.unsqueeze(0), output_hidden_states=True)
         features.append(out.last_hidden_state[0])
         pooled.append(out.pooler_output)
     return features, torch.cat(pooled) if pooled[0] is not None else None
@@ -126,7 +128,7 @@ def run_padded(model: HEVCViTModel, items: list[torch.Tensor]) -> tuple[list[tor
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid, scale=scale)  # (B, H, N, Dh)
         return out.transpose(1, 2).reshape(B * N, H, Dh)
 
-    last, pooled, _ = model.encode_packed(padded, plan, attend=masked_attention)
+    last, pooled, _ = model.encode_packed(padded, plan, output_hidden_states=True, attend=masked_attention)
     last = last.view(B, N, -1)  # (B, N, D)
     features = [last[b, :n] for b, n in enumerate(seqlens)]
     return features, pooled[torch.tensor(real, device=device)] if pooled is not None else None
@@ -290,9 +292,17 @@ def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None
         }
         peak = matmul_peak_flops(device) if device.type == "cuda" else None
         flops = model_flops(config, seqlens)
+        # Round-robin timing, the order rotated every round: on a shared machine a slow spell then hits
+        # every method alike, and no method always runs right after the same other one (on the CPU the
+        # padded batch leaves the allocator in a state that costs whoever comes next).
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        names = list(methods)
+        for round_ in range(setup.iters):
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                times[name].append(_time(methods[name], device, 1))
         results: dict[str, dict[str, Any]] = {}
         for name, fn in methods.items():
-            seconds = _time(fn, device, setup.iters)
+            seconds = statistics.median(times[name])
             memory = _peak_memory(fn, device)
             results[name] = {
                 "seconds": seconds,
