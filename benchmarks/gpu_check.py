@@ -18,7 +18,7 @@ import traceback
 import torch
 from safetensors.torch import load_file
 
-from hevc_vit import HEVCViTModel, HEVCViTPackingModel, PackingPlan, patchify, patchify_items, unpack
+from hevc_vit import HEVCViTModel, HEVCViTPackingModel, PackingPlan, patchify_items, unpack
 from hevc_vit.attention import available_backends, backend_unavailable_reason
 from hevc_vit.bench import BenchSetup, format_report, run_benchmark
 from hevc_vit.configuration import HEVCViTConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,19 +10,20 @@ import torch
 
 from hevc_vit import HEVCViTConfig
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+# the reference fixtures (read-only); HEVC_VIT_FIXTURES points elsewhere, e.g. on a GPU machine
+FIXTURES = Path(os.environ.get("HEVC_VIT_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"))
 FIXTURE_FOLDERS = ("onevision_encoder_tiny", "llava_vit_packing_tiny")
 GOLDEN = FIXTURES / "golden_onevision_encoder_tiny.safetensors"
 
 # max |a - b| relative to max |reference| for comparisons between two implementations
-RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+RTOL = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = ""):
     """``max|actual - expected| <= RTOL[dtype] * max|expected|``."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
     assert err <= RTOL[dtype] * scale, f"{what}: max abs diff {err:.3e} > {RTOL[dtype]:.0e} x {scale:.3e}"
 
 

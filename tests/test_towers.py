@@ -23,34 +23,25 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hevc_vit import HEVCViTConfig, HEVCViTModel, HEVCViTPackingModel
 from hevc_vit.towers import (
-    SELECT_FEATURES,
     HEVCViTPackingVisionTower,
     HEVCViTVisionTower,
     build_vision_tower,
     select_layer_indices,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("HEVC_VIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+from .conftest import FIXTURES, assert_close_rel
+
 PACKING_DIR = FIXTURES / "llava_vit_packing_tiny"  # has a preprocessor_config.json
 STANDARD_DIR = FIXTURES / "onevision_encoder_tiny"  # has none
 GOLDEN = FIXTURES / "golden_onevision_encoder_tiny.safetensors"
 
-pytestmark = pytest.mark.skipif(
-    not GOLDEN.is_file(), reason=f"reference fixtures not found at {FIXTURES} (set HEVC_VIT_FIXTURES)"
-)
-
-# one tolerance table, keyed by the dtype compared: max |a - b| <= tol · max |b|
-REL_TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2}
 TOWERS = (HEVCViTVisionTower, HEVCViTPackingVisionTower)
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    """Same dtype, and ``max|actual - expected| <= RTOL[dtype] · max|expected|``."""
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.double().abs().max().item()
-    assert err <= REL_TOL[expected.dtype] * scale, f"max abs error {err:.3g} vs scale {scale:.3g}"
+    assert_close_rel(actual, expected, dtype=expected.dtype)
 
 
 def make_args(**overrides) -> SimpleNamespace:

@@ -236,8 +236,6 @@ def config_kwargs(config_dict: Mapping[str, Any]) -> dict[str, Any]:
 def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Weights of a checkpoint folder: ``model.safetensors``, a sharded safetensors index, or
     ``pytorch_model.bin`` read with ``torch.load(weights_only=True)`` — never an arbitrary unpickle."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if (folder / SAFETENSORS_NAME).is_file():
         return read_safetensors(folder / SAFETENSORS_NAME)

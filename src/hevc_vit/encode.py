@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -48,6 +48,9 @@ from .sharding import (
     write_index,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:
+    from .modeling import HEVCViTPackingModel
 
 DEFAULT_OUT = "hevc_vit_features"
 DEFAULT_MODEL = "small"

@@ -8,7 +8,6 @@ Conv2d weight — and patches are ordered frame-major, then row-major (t, then h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Sequence
 
 import torch
