@@ -45,7 +45,7 @@ def test_model_flops_counts_dense_and_attention_work():
 
 def test_report_is_consistent(tmp_path):
     setup = BenchSetup(
-        preset="small", workload="uniform", iters=1, warmup=1, accuracy=True,
+        preset="small", workload="uniform", iters=1, warmup=1, accuracy=True, device="cpu",
         config_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128),
     )  # fmt: skip
     report = run_benchmark(setup)
@@ -70,7 +70,7 @@ def test_cli_writes_json(tmp_path, capsys, monkeypatch):
     original = bench.BenchSetup
     monkeypatch.setattr(bench, "BenchSetup", lambda **kw: original(**kw, config_overrides=small))
     path = tmp_path / "bench.json"
-    assert main(["bench", "--workload", "uniform", "--iters", "1", "--warmup", "1", "--json", str(path)]) == 0
+    assert main(["bench", "--workload", "uniform", "--device", "cpu", "--iters", "1", "--warmup", "1", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
     assert set(report["ratios"]) >= {"packing_vs_loop", "packing_vs_padded"}
     assert "packing_vs_loop" in capsys.readouterr().out
