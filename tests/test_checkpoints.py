@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pickle
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -34,20 +33,9 @@ GOLDEN_ATOL = 1e-4  # the issue's bound for the legacy goldens (fp32)
 TINY = dict(patch_size=14, hidden_size=64, num_attention_heads=2, num_hidden_layers=3, intermediate_size=128)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: threads only contend on a shared CPU (measured 30x slower with 2 threads under load)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_sidecar_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not HEVC ViT hyper-parameters")
-        yield
+# tiny checkpoints: one thread (threads only contend on a shared CPU); the fixture's descriptive
+# side-car keys are expected, so their warning is silenced
+pytestmark = pytest.mark.usefixtures("one_thread", "quiet_sidecar_warning")
 
 
 def legacy_state() -> dict[str, torch.Tensor]:
