@@ -14,6 +14,7 @@ of a clip get one size). Legend: ``p`` patch size, ``h``/``w`` sides in patches,
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -41,7 +42,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class ImageProcessor:
+class ImageProcessor(abc.ABC):
     """Shared normalisation, frame handling and (de)serialisation; subclasses choose the output size."""
 
     processor_type: str = ""
@@ -70,13 +71,13 @@ class ImageProcessor:
 
     # -- the size rule, per subclass -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
         """``(H, W)`` in pixels of the processed image (or of every frame of a ``num_frames`` clip)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _resize(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
         """``image`` at ``size = output_size(...)``, as ``(H, W, C)`` uint8."""
-        raise NotImplementedError
 
     # -- processing ------------------------------------------------------------------------------------
 
