@@ -90,3 +90,10 @@ def test_compiled_blocks_give_the_same_outputs():
     for a, b in zip(got.hidden_states, expected.hidden_states):
         assert_close_rel(a, b)
     assert_close_rel(again.last_hidden_state, expected.last_hidden_state[:6])
+
+
+def test_cli_reports_bad_options(capsys):
+    assert main(["bench", "--repeat", "0", "--device", "cpu"]) == 2
+    assert "repeat=0; expected >= 1" in capsys.readouterr().err
+    assert main(["bench", "--preset", "tiny", "--device", "cpu"]) == 2
+    assert "preset='tiny'" in capsys.readouterr().err

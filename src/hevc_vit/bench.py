@@ -419,7 +419,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--workload", choices=WORKLOADS, default="mixed", help="mixed sizes and videos, or equal 448 images")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--attn-implementation", default="auto", help="attention backend of the packing path (default: auto)")
+    p.add_argument("--attn-implementation", default="auto", help="attention backend of the packing and per-item runs; the padded batch always uses masked SDPA (default: auto)")
     p.add_argument("--repeat", type=int, default=1, help="copies of the workload in one run (default: 1)")
     p.add_argument("--iters", type=int, default=5, help="timed runs per method; the median is reported (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per method first (default: 2)")
@@ -441,7 +441,11 @@ def _run_cli(args) -> int:
         warmup=args.warmup,
         compile=args.compile,
     )
-    report = run_benchmark(setup, log=lambda s: print(s, file=sys.stderr))
+    try:
+        report = run_benchmark(setup, log=lambda s: print(s, file=sys.stderr))
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        print(f"hevc-vit bench: {e}", file=sys.stderr)
+        return 2
     print(format_report(report))
     if args.json_path:
         tmp = f"{args.json_path}.tmp{os.getpid()}"
