@@ -191,6 +191,18 @@ def test_auto_classes_load_without_remote_code(tmp_path):
         torch.testing.assert_close(model(x).pooler_output, standard(x).pooler_output, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("folder, model_cls", [("onevision_encoder_tiny", HEVCViTModel), ("llava_vit_packing_tiny", HEVCViTPackingModel)])
+def test_auto_model_opens_reference_folders_without_remote_code(folder, model_cls):
+    auto = AutoModel.from_pretrained(FIXTURES / folder)
+    direct = model_cls.from_pretrained(FIXTURES / folder)
+    assert isinstance(auto, model_cls) and isinstance(auto.config, HEVCViTConfig)
+    pixels = torch.randn(1, 3, 28, 42)
+    args = patchify(pixels, 14) if model_cls is HEVCViTPackingModel else (pixels,)
+    with torch.no_grad():
+        a, b = auto(*args), direct(*args)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, rtol=0, atol=0)
+
+
 def test_from_pretrained_options(tmp_path):
     standard, _ = _pair()
     standard.save_pretrained(tmp_path)

@@ -17,6 +17,24 @@ __version__ = "0.1.0"
 AutoConfig.register(HEVCViTConfig.model_type, HEVCViTConfig, exist_ok=True)
 AutoModel.register(HEVCViTConfig, HEVCViTModel, exist_ok=True)
 
+
+def _register_reference_model_types() -> None:
+    """Let ``AutoConfig`` / ``AutoModel`` open the reference project's folders (``onevision_encoder``,
+    ``llava_vit``, ``llava_vit_packing``) without ``trust_remote_code``: each model_type gets a config
+    subclass and a model subclass of the same name as ours, and loads through our ``from_pretrained``."""
+    for model_type, model_cls in (
+        ("onevision_encoder", HEVCViTModel),
+        ("llava_vit", HEVCViTModel),
+        ("llava_vit_packing", HEVCViTPackingModel),
+    ):
+        config_cls = type(f"HEVCViTConfig_{model_type}", (HEVCViTConfig,), {"model_type": model_type})
+        alias = type(model_cls.__name__, (model_cls,), {"config_class": config_cls, "__module__": model_cls.__module__})
+        AutoConfig.register(model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, alias, exist_ok=True)
+
+
+_register_reference_model_types()
+
 __all__ = [
     "PRESETS",
     "HEVCViTConfig",
