@@ -19,7 +19,6 @@ a pickle that needs any other Python object is refused, never retried unsafely.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import pickle
@@ -31,7 +30,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from .configuration import PRESETS, HEVCViTConfig
+from .configuration import PRESETS, HEVCViTConfig, architecture_keys
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -353,12 +352,11 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "checkpoint") -> dict
 # --------------------------------------------------------------------------------------------------
 
 # names a JSON architecture file may use besides HEVCViTConfig's own arguments
-_EXTRA_ARCH_KEYS = {"head_dim", "attention_backend"}
+_EXTRA_ARCH_KEYS = {"head_dim", "attention_backend", "attn_implementation"}
 
 
 def _config_arguments() -> set[str]:
-    params = inspect.signature(HEVCViTConfig.__init__).parameters
-    return {name for name, p in params.items() if name != "self" and p.kind is not p.VAR_KEYWORD}
+    return set(architecture_keys())
 
 
 def read_architecture_json(path: str | os.PathLike) -> dict[str, Any]:

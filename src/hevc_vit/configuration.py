@@ -23,6 +23,19 @@ PRESETS: dict[str, dict[str, int]] = {
 LAYER_NORM_TYPES = ("layer_norm", "rms_norm")
 
 
+def architecture_keys() -> tuple[str, ...]:
+    """The hyper-parameters :class:`HEVCViTConfig` takes, in signature order (the attention backend, a
+    runtime choice, excluded): what a checkpoint's ``config.json`` must carry."""
+    import inspect
+
+    params = inspect.signature(HEVCViTConfig.__init__).parameters
+    return tuple(
+        name
+        for name, p in params.items()
+        if name not in ("self", "attn_implementation") and p.kind is not p.VAR_KEYWORD
+    )
+
+
 class HEVCViTConfig(PretrainedConfig):
     """Hyper-parameters of the HEVC ViT (OneVision) encoder.
 

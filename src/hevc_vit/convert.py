@@ -42,7 +42,7 @@ from .checkpoints import (
     load_checkpoint,
     sibling_config_json,
 )
-from .configuration import PRESETS, HEVCViTConfig
+from .configuration import PRESETS, HEVCViTConfig, architecture_keys
 from .modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel, load_state_dict_checked
 from .packing import as_batch, patchify_items
 
@@ -51,25 +51,7 @@ TARGET_FORMATS = ("packing", "standard")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # config.json keys written for the target formats (the architecture; the runtime backend is not written)
-ARCH_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_channels",
-    "image_size",
-    "patch_size",
-    "temporal_patch_size",
-    "hidden_act",
-    "layer_norm_eps",
-    "layer_norm_type",
-    "attention_dropout",
-    "initializer_range",
-    "rope_theta",
-    "rope_temporal_size",
-    "use_head",
-    "spatial_merge_size",
-)
+ARCH_KEYS = architecture_keys()
 
 # OpenAI CLIP normalisation, what the OneVision encoder's processor uses
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -278,7 +260,7 @@ def reference_config_dict(config: HEVCViTConfig, fmt: str, dtype: torch.dtype) -
 
     if fmt not in REFERENCE_MODEL_TYPES:
         raise ValueError(f"target format {fmt!r}; expected one of {sorted(REFERENCE_MODEL_TYPES)}")
-    d = {k: getattr(config, k) for k in ARCH_KEYS}
+    d = {k: getattr(config, k) for k in ARCH_KEYS if k != "head_norm_eps"}
     head_eps = config.head_norm_eps
     if head_eps is not None:
         d["head_norm_eps"] = float(head_eps)
@@ -615,7 +597,7 @@ def _verify(
             raise AssertionError(f"{folder} reloaded as {loaded_dtype}; it was written as {dtype}")
         for case in mine:
             actual[case.name] = _outputs(model, case, packed=packed, device=device)
-        for key in ARCH_KEYS + ("head_norm_eps",):
+        for key in ARCH_KEYS:
             want, got = getattr(config, key, None), getattr(model.config, key, None)
             if want != got and f"{key}: SRC {want!r}, DST {got!r}" not in report.config_mismatches:
                 report.config_mismatches.append(f"{key}: SRC {want!r}, DST {got!r}")
