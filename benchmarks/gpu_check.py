@@ -23,7 +23,7 @@ from hevc_vit.attention import available_backends, backend_unavailable_reason
 from hevc_vit.bench import BenchSetup, format_report, run_benchmark
 from hevc_vit.configuration import HEVCViTConfig
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures")
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")  # carried by the repo
 RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 results: dict = {"checks": {}}
 
@@ -47,8 +47,6 @@ def check(name, fn):
 
 def goldens(device):
     golden_path = os.path.join(FIXTURES, "golden_onevision_encoder_tiny.safetensors")
-    if not os.path.exists(golden_path):
-        golden_path = ".gpu_fixtures/golden_onevision_encoder_tiny.safetensors"
     g = load_file(golden_path)
     folder = os.path.dirname(golden_path)
     cases = sorted({k.split(".")[0] for k in g})

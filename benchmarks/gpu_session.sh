@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU session (run from the repo root on a CUDA machine, fixtures copied to .gpu_fixtures):
+# One prepared GPU session (run from the repo root on a CUDA machine; the fixtures are in tests/fixtures):
 # correctness and host-sync checks + the benchmark, the test suite, and encode's throughput and CUDA path.
 set -u
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HEVC_VIT_FIXTURES=$PWD/.gpu_fixtures
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import torch
 
 from hevc_vit import HEVCViTConfig
 
-# the reference fixtures (read-only); HEVC_VIT_FIXTURES points elsewhere, e.g. on a GPU machine
-FIXTURES = Path(os.environ.get("HEVC_VIT_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"))
+# the reference fixtures, carried by the repo (tests/fixtures/README.md says what each file is); read-only
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_FOLDERS = ("onevision_encoder_tiny", "llava_vit_packing_tiny")
 GOLDEN = FIXTURES / "golden_onevision_encoder_tiny.safetensors"
 

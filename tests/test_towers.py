@@ -113,9 +113,9 @@ def test_seed_example_flow_base_preset(tmp_path):
     assert D == 768
 
     images = pixels(4, 3, 224, 224)
-    hidden_states, grid_thw = tower._batch_images_to_packing_input(images)
+    hidden_states, plan, _ = tower.to_packing_input(images)
     assert hidden_states.shape == (784, 768)
-    assert grid_thw.tolist() == [[1, 14, 14]] * 4
+    assert plan.grid_thw.tolist() == [[1, 14, 14]] * 4
     with torch.no_grad():
         features = tower(images)
         assert features.shape == (4, 196, D)
@@ -199,14 +199,12 @@ def test_features_come_back_in_the_input_dtype(tower_class):
 
 def test_image_and_batch_conversions_agree(packing_tower):
     images = pixels(3, 3, 28, 42)
-    batch_states, batch_grid = packing_tower._batch_images_to_packing_input(images)
-    singles = [packing_tower._image_to_packing_input(image) for image in images]
-    assert all(grid.tolist() == [[1, 2, 3]] for _, grid in singles)
-    assert batch_grid.tolist() == [[1, 2, 3]] * 3
-    assert torch.equal(batch_states, torch.cat([states for states, _ in singles]))
+    batch_states, batch_plan, _ = packing_tower.to_packing_input(images)
+    singles = [packing_tower.to_packing_input([image]) for image in images]
+    assert all(plan.grid_thw.tolist() == [[1, 2, 3]] for _, plan, _ in singles)
+    assert batch_plan.grid_thw.tolist() == [[1, 2, 3]] * 3
+    assert torch.equal(batch_states, torch.cat([states for states, _, _ in singles]))
     assert batch_states.shape == (3 * 6, 3 * 14 * 14)
-    with pytest.raises(ValueError, match=r"image has shape \(1, 3, 28, 42\); expected \(3, H, W\)"):
-        packing_tower._image_to_packing_input(images[:1])
 
 
 # --------------------------------------------------------------------------------------------------

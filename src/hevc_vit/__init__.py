@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 
 from .attention import available_backends, get_attention
 from .configuration import PRESETS, HEVCViTConfig
+from .embedded import register_transformers_conversions
 from .modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
 from .packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
 
@@ -34,6 +35,8 @@ def _register_reference_model_types() -> None:
 
 
 _register_reference_model_types()
+# transformers 5: a model holding ours (a LLaVA tower) loads tower weights saved under the reference names
+register_transformers_conversions((HEVCViTModel.__name__, HEVCViTPackingModel.__name__))
 
 __all__ = [
     "PRESETS",

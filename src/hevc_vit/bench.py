@@ -78,15 +78,15 @@ def model_flops(config: HEVCViTConfig, seqlens: list[int]) -> float:
 
 def packing_input(tower: HEVCViTPackingVisionTower, items: list[torch.Tensor]) -> tuple[torch.Tensor, PackingPlan]:
     """The packing tower's input conversion: items -> packed patches and the plan."""
-    patches, grid_thw = tower._items_to_packing_input(items)
-    return patches, PackingPlan.from_grid_thw(grid_thw, device=patches.device)
+    patches, plan, _ = tower.to_packing_input(items)
+    return patches, plan
 
 
 def run_packing(tower: HEVCViTPackingVisionTower, items: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The packing tower on the list (one forward for all items), returning like the other methods the
     final ``last_hidden_state`` per item and the pooled vectors (the tower's own features are its
     ``select_layer`` entry, which it computes on the way)."""
-    _, layout, outputs = tower._forward(items)
+    _, layout, outputs = tower.forward_with_outputs(items)
     return unpack(outputs.last_hidden_state, layout.tokens), outputs.pooler_output
 
 

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .attention import AttendFn, get_attention
 from .checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint
 from .configuration import HEVCViTConfig
+from .embedded import attach_load_hooks, check_reinitialisation
 from .layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
 from .packing import GridLike, PackingPlan, grid_positions, patchify
 from .rope import rope_cos_sin
@@ -56,6 +57,15 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.in_proj_bias)
         elif isinstance(module, HEVCViTPoolingHead):
             nn.init.trunc_normal_(module.probe, std=std)
+
+    def _initialize_weights(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """transformers' per-module initialisation, except for a model that holds checkpoint weights (read by
+        :meth:`from_pretrained`): those are never re-initialised — see :func:`~hevc_vit.embedded.check_reinitialisation`,
+        which re-reads them or raises."""
+        if getattr(self, "checkpoint_source", None) is not None:
+            check_reinitialisation(self)
+            return
+        super()._initialize_weights(module, *args, **kwargs)
 
     # -- attention backend ---------------------------------------------------------------------------
 
@@ -141,6 +151,7 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         if device is not None:
             model.to(device)
         model.config.name_or_path = str(pretrained_model_name_or_path)
+        model.checkpoint_source = dict(path=path, preset=preset, config_json=config_json)  # to re-read them
         model.eval()
         return model
 
@@ -233,6 +244,7 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
         self.layernorm_post = make_norm(config)
         self.head = HEVCViTPoolingHead(config) if config.use_head else None
         self._attend = get_attention(config.attention_backend)
+        attach_load_hooks(self)  # load_state_dict of a model holding this one converts reference names
         self.post_init()
 
     def compile_blocks(self, **compile_kwargs: Any) -> "_HEVCViTCore":

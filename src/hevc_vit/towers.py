@@ -21,11 +21,10 @@ Legend: ``T`` packed tokens, ``n`` items, ``B`` batch, ``N`` tokens per item, ``
 
 from __future__ import annotations
 
+import itertools
 import logging
-import math
 import os
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +34,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .checkpoints import CONFIG_NAME, config_kwargs, read_config_dict
 from .configuration import HEVCViTConfig
 from .modeling import HEVCViTModel, HEVCViTPackingModel
-from .packing import PackingPlan, check_sides, as_batch, patchify, patchify_items, unpack, unpack_batch
+from .packing import PackingPlan, as_batch, patchify, patchify_items, unpack
+from .tower_inputs import Element, ImagesInput, TowerInput, resolve_tower_input
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ SELECT_FEATURES: dict[str, int] = {
 SLICE_M25811_F6_LAYERS = (-2, -5, -8, -11, 6)
 SPATIAL_MERGE_PROJECTOR = "spatial_merge"  # the projector that merges 2x2 patches: /2 per side, /4 in total
 
-ImagesInput = torch.Tensor | Sequence[torch.Tensor]
-SpatialDims = tuple[int, int] | tuple[list[int], list[int]]
+STACK_AS_CLIP_SETTING = "hevc_vit_stack_as_clip"  # opt-in LLaVA config attribute, see HEVCViTVisionTowerBase
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,43 +170,6 @@ def _arg(args: Any, name: str, default: Any = None) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# what the caller handed in, read from shapes only
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _InputLayout:
-    """The shape of a tower input, from tensor shapes alone (no device reads).
-
-    batched: True for one ``(B, C, H, W)`` / ``(B, C, T, H, W)`` tensor, False for a list.
-    dtype: the input's dtype — the features come back in it.
-    shapes: per list element (one entry for a batch), the output shape without the ``D`` axis:
-        ``(N,)`` for an image or a video (``N = T·h·w``), ``(n, N)`` for an image stack or a batch.
-    grids: per list element, ``(h, w)`` in patches.
-    """
-
-    batched: bool
-    dtype: torch.dtype
-    shapes: list[tuple[int, ...]]
-    grids: list[tuple[int, int]]
-
-    @property
-    def tokens(self) -> list[int]:
-        """Packed tokens per list element."""
-        return [math.prod(shape) for shape in self.shapes]
-
-    def spatial_dims(self) -> SpatialDims:
-        """``(h, w)`` shared by every element, else ``([h_0, h_1, ...], [w_0, w_1, ...])`` per element."""
-        if len(set(self.grids)) == 1:
-            return self.grids[0]
-        return [h for h, _ in self.grids], [w for _, w in self.grids]
-
-
-def _shape(x: Any) -> Any:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-# --------------------------------------------------------------------------------------------------
 # the towers
 # --------------------------------------------------------------------------------------------------
 
@@ -223,7 +185,11 @@ class HEVCViTVisionTowerBase(nn.Module):
             ``mm_projector_type`` (default ``"patch_merger"``) — ``"spatial_merge"`` divides the patch counts;
             ``unfreeze_mm_vision_tower`` / ``mm_tunable_parts`` — with ``delay_load``, load the weights anyway
             when the first is set or the second contains ``"mm_vision_tower"``.
+            ``hevc_vit_stack_as_clip`` (default 0: off) — opt-in: a ``(k, C, H, W)`` stack of exactly this many
+            square frames with nothing saying otherwise is one clip (the reference fork's tower does this
+            for 8 frames unasked; 8 square images would silently become a video, hence off by default).
         delay_load: read only the config now; :meth:`load_model` reads the weights later.
+        vision_tower_cfg: the same as ``args`` (the keyword the current LLaVA fork's builder passes).
     """
 
     model_class: type[HEVCViTModel] | type[HEVCViTPackingModel]
@@ -231,17 +197,22 @@ class HEVCViTVisionTowerBase(nn.Module):
     def __init__(
         self,
         vision_tower: str | os.PathLike,
-        args: Any,
+        args: Any = None,
         delay_load: bool = False,
         *,
+        vision_tower_cfg: Any = None,
         model: HEVCViTModel | HEVCViTPackingModel | None = None,
     ):
         super().__init__()
+        if args is not None and vision_tower_cfg is not None and args is not vision_tower_cfg:
+            raise ValueError("pass the LLaVA config once, as args or as vision_tower_cfg (the current fork's name)")
+        args = args if args is not None else vision_tower_cfg if vision_tower_cfg is not None else {}
         self.is_loaded = False
         self.vision_tower_name = os.fspath(vision_tower)
         self.select_layer = int(_arg(args, "mm_vision_select_layer", -1))
         self.select_feature = _arg(args, "mm_vision_select_feature", "patch") or "patch"
         self.projector_type = _arg(args, "mm_projector_type", "patch_merger") or "patch_merger"
+        self.stack_as_clip = int(_arg(args, STACK_AS_CLIP_SETTING, 0) or 0)
         if self.select_feature not in SELECT_FEATURES:
             raise ValueError(
                 f"mm_vision_select_feature={self.select_feature!r}; expected one of {list(SELECT_FEATURES)}"
@@ -319,75 +290,52 @@ class HEVCViTVisionTowerBase(nn.Module):
             return hidden_states[layers[0]]
         return torch.cat([hidden_states[i] for i in layers], dim=-1)  # (..., len(layers)·D)
 
-    def _describe(self, images: ImagesInput) -> _InputLayout:
-        """Validate a tower input from its shapes and describe it; raises ``ValueError`` naming the item."""
-        C, p = self.config.num_channels, self.config.patch_size
-        if isinstance(images, torch.Tensor):
-            shape = tuple(images.shape)
-            if images.dim() not in (4, 5) or shape[1] != C:
-                raise ValueError(
-                    f"images has shape {shape}; expected a batch of images (B, {C}, H, W) or of videos "
-                    f"(B, {C}, T, H, W), or a list of images ({C}, H, W), image stacks (n, {C}, H, W) "
-                    f"and videos ({C}, T, H, W)"
-                )
-            if 0 in shape[:-2]:
-                raise ValueError(
-                    f"images has shape {shape}; expected at least one image (and one frame per video) — a rank "
-                    f"without images calls dummy_forward()"
-                )
-            _check_floating(images, f"images {shape}")
-            H, W = shape[-2:]
-            check_sides(f"images {shape}", H, W, p)
-            B, T = shape[0], shape[2] if images.dim() == 5 else 1
-            return _InputLayout(True, images.dtype, [(B, T * (H // p) * (W // p))], [(H // p, W // p)])
-
-        if not isinstance(images, (list, tuple)):
-            raise ValueError(
-                f"images is a {type(images).__name__}; expected a tensor (B, {C}, H, W) / (B, {C}, T, H, W) "
-                f"or a list of tensors"
-            )
-        if len(images) == 0:
-            raise ValueError(
-                f"images is an empty list; expected at least one image ({C}, H, W), image stack (n, {C}, H, W) "
-                f"or video ({C}, T, H, W) (a rank without images calls dummy_forward())"
-            )
-        shapes, grids = [], []
-        for i, item in enumerate(images):
-            batch = as_batch(item, C, f"item {i}")  # (n, C, H, W) or (1, C, T, H, W)
-            what = f"item {i} {tuple(item.shape)}"
-            _check_floating(item, what)
-            first = images[0]
-            if item.dtype != first.dtype:
-                raise ValueError(f"{what} has dtype {item.dtype}; item 0 has {first.dtype}, expected one dtype")
-            if item.device != first.device:
-                raise ValueError(
-                    f"{what} is on {item.device}; item 0 is on {first.device}, expected every item on one device"
-                )
-            H, W = batch.shape[-2:]
-            check_sides(what, H, W, p)
-            h, w = H // p, W // p
-            if batch.dim() == 5:  # a video: all frames are one item
-                shapes.append((batch.shape[2] * h * w,))
-            elif item.dim() == 3:  # an image
-                shapes.append((h * w,))
-            else:  # an image stack: each image is its own item
-                shapes.append((batch.shape[0], h * w))
-            grids.append((h, w))
-        return _InputLayout(False, images[0].dtype, shapes, grids)
+    def resolve(
+        self,
+        images: ImagesInput,
+        grid_thw: Any = None,
+        patch_positions: Any = None,
+        num_frames: int | None = None,
+    ) -> TowerInput:
+        """What a call means: which frames form which item, with which positions (see
+        :mod:`hevc_vit.tower_inputs`); validates the input and raises ``ValueError`` naming what is wrong."""
+        return resolve_tower_input(
+            images,
+            num_channels=self.config.num_channels,
+            patch_size=self.config.patch_size,
+            grid_thw=grid_thw,
+            patch_positions=patch_positions,
+            num_frames=num_frames,
+            stack_as_clip=self.stack_as_clip,
+        )
 
     def forward(
-        self, images: ImagesInput, return_spatial_dims: bool = False
+        self,
+        images: ImagesInput,
+        return_spatial_dims: bool = False,
+        grid_thw: Any = None,
+        patch_positions: Any = None,
+        num_frames: int | None = None,
     ) -> torch.Tensor | list[torch.Tensor] | tuple[Any, Any, Any]:
         """Features of a batch or a list of images and videos, in the input's dtype, on the tower's device.
 
         images: ``(B, C, H, W)`` -> ``(B, h·w, D')``; ``(B, C, T, H, W)`` -> ``(B, T·h·w, D')``; a list ->
             a list with one tensor per element: image ``(C, H, W)`` -> ``(h·w, D')``, image stack
             ``(n, C, H, W)`` -> ``(n, h·w, D')``, video ``(C, T, H, W)`` -> ``(T·h·w, D')``. ``H`` and ``W``
-            are multiples of ``p``; ``h = H/p``, ``w = W/p``; ``D' = hidden_size``.
+            are multiples of ``p``; ``h = H/p``, ``w = W/p``; ``D' = hidden_size``. A stack whose frames form
+            one clip (see below) still comes back as ``(B, h·w, D')``, frame by frame, as LLaVA splits it.
         return_spatial_dims: also return ``h`` and ``w`` in patches: ``(features, h, w)`` with ints when every
             element has the same ``(h, w)``, else with lists of per-element ints (``h[i]``, ``w[i]``).
+        grid_thw: optional ``(n, 3)`` int rows ``(t, h, w)``; checked against the pixels (``ValueError``
+            naming both when they disagree); rows with ``t > 1`` group a stack's frames into clips.
+        patch_positions: optional explicit ``(t, h, w)`` RoPE positions — a per-sample list of ``(1, M, 3)`` /
+            ``(M, 3)`` int tensors (or ``[None]``), as the current LLaVA fork passes them. For a stack of ``B``
+            frames: ``M = h·w`` gives every image those positions; ``M = B·h·w`` makes the stack one clip
+            (e.g. 8 frames spread over a 64-frame context, t = 0, 9, ..., 63); per-sample entries of
+            ``k·h·w`` take the next ``k`` frames each. For a list: one entry per element.
+        num_frames: the stack is consecutive clips of this many frames (the current fork's keyword).
         """
-        features, layout, _ = self._forward(images)  # each tower class defines _forward
+        features, layout, _ = self.forward_with_outputs(images, grid_thw, patch_positions, num_frames)
         if return_spatial_dims:
             h, w = layout.spatial_dims()
             return features, h, w
@@ -411,10 +359,12 @@ class HEVCViTVisionTowerBase(nn.Module):
         ``loss + tower.dummy_forward().sum()`` every trainable parameter receives a (zero) gradient.
         The loss value does not change.
         """
-        features, _, outputs = self._forward(self.dummy_input)
-        anchor = outputs.last_hidden_state.sum()
-        if outputs.pooler_output is not None:
-            anchor = anchor + outputs.pooler_output.sum()
+        features, _, outputs = self.forward_with_outputs(self.dummy_input)
+        anchor = features.new_zeros(())
+        for out in outputs if isinstance(outputs, list) else [outputs]:
+            anchor = anchor + out.last_hidden_state.sum()
+            if out.pooler_output is not None:
+                anchor = anchor + out.pooler_output.sum()
         return features * 0 + anchor * 0  # (1, 4, hidden_size), all zeros
 
     # -- properties ----------------------------------------------------------------------------------
@@ -461,98 +411,116 @@ class HEVCViTVisionTowerBase(nn.Module):
         return self.config.image_size
 
 
-def _check_floating(x: torch.Tensor, what: str) -> None:
-    if not x.is_floating_point():
-        raise ValueError(f"{what} has dtype {x.dtype}; expected processed floating-point pixels")
-
-
 class HEVCViTPackingVisionTower(HEVCViTVisionTowerBase):
     """LLaVA-NeXT vision tower on :class:`HEVCViTPackingModel`: every image and video of a call, at its own
     size, packed into one sequence and encoded in one forward."""
 
     model_class = HEVCViTPackingModel
 
-    def _image_to_packing_input(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image ``(C, H, W)`` -> ``hidden_states (h·w, C·p·p)`` (flattened ``(C, p, p)`` patches, row-major)
-        and ``grid_thw (1, 3)`` int64 on the CPU, ``[[1, h, w]]``."""
-        if not isinstance(image, torch.Tensor) or image.dim() != 3:
-            raise ValueError(f"image has shape {_shape(image)}; expected ({self.config.num_channels}, H, W)")
-        self._describe([image])
-        return patchify(image.unsqueeze(0), self.config.patch_size)  # (h·w, C·p·p), (1, 3)
-
-    def _batch_images_to_packing_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch ``(B, C, H, W)`` (or videos ``(B, C, T, H, W)``) -> ``hidden_states (B·T·h·w, C·p·p)`` and
-        ``grid_thw (B, 3)`` int64 on the CPU, ``[T, h, w]`` per row; one vectorised reshape, no loop."""
-        self._describe(images)
-        return patchify(images, self.config.patch_size)  # (B·T·h·w, C·p·p), (B, 3)
-
-    def _items_to_packing_input(self, items: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A list of images / image stacks / videos -> ``hidden_states (T, C·p·p)`` and ``grid_thw (n, 3)``
-        (one row per image and per video; runs of one shape are cut in one vectorised call)."""
-        return patchify_items(items, self.config.patch_size, self.config.num_channels)
-
-    def _forward(
-        self, images: ImagesInput
-    ) -> tuple[torch.Tensor | list[torch.Tensor], _InputLayout, BaseModelOutputWithPooling]:
-        model = self._require_loaded()
-        layout = self._describe(images)
+    def to_packing_input(
+        self,
+        images: ImagesInput,
+        grid_thw: Any = None,
+        patch_positions: Any = None,
+        num_frames: int | None = None,
+    ) -> tuple[torch.Tensor, PackingPlan, TowerInput]:
+        """A tower call as packing input: ``patches (T, C·p·p)`` on the tower's device, the
+        :class:`PackingPlan` (one row per image and per clip, explicit positions when given) and the
+        resolved call. Public so benchmarks and data loaders can build the input once."""
+        layout = self.resolve(images, grid_thw, patch_positions, num_frames)
         device = self.device
-
+        p = self.config.patch_size
         # ==========================================================================================
         # INPUT CONVERSION: LLaVA images -> packing input
         #   from: a batch (B, C, H, W) / (B, C, T, H, W), or a list of images (C, H, W), image stacks
         #         (n, C, H, W) and videos (C, T, H, W) of any sizes
-        #   to:   hidden_states (T, C·p·p) — the flattened (C, p, p) patches of all items, back to back —
-        #         and grid_thw (n, 3) int64 on the CPU, (t, h, w) in patches per image / video
+        #   to:   patches (T, C·p·p) — the flattened (C, p, p) patches of all frames, back to back, which is
+        #         already the frame-major order of any clip of consecutive frames — and the plan, whose
+        #         grid_thw (n, 3) has one (k, h, w) row per image (k = 1) and per clip of k frames
         # ==========================================================================================
         if layout.batched:  # cut on the tower's device: one copy of the pixels, then one reshape there
-            hidden_states, grid_thw = self._batch_images_to_packing_input(images.to(device, non_blocking=True))
+            patches, _ = patchify(images.to(device, non_blocking=True), p)  # (B·T·h·w, C·p·p)
         else:  # cut where the items are, then one copy of the packed patches
-            hidden_states, grid_thw = self._items_to_packing_input(images)
-            hidden_states = hidden_states.to(device, non_blocking=True)  # (T, C·p·p)
-        plan = PackingPlan.from_grid_thw(grid_thw, device=device)  # built on the host from CPU sizes
+            patches, _ = patchify_items(images, p, self.config.num_channels)
+            patches = patches.to(device, non_blocking=True)  # (T, C·p·p)
+        plan = PackingPlan.from_grid_thw(layout.grid_thw(), device=device, patch_positions=layout.positions())
+        return patches, plan, layout
 
-        outputs = model(hidden_states, plan=plan, output_hidden_states=True, return_dict=True)
+    def forward_with_outputs(
+        self,
+        images: ImagesInput,
+        grid_thw: Any = None,
+        patch_positions: Any = None,
+        num_frames: int | None = None,
+    ) -> tuple[torch.Tensor | list[torch.Tensor], TowerInput, BaseModelOutputWithPooling]:
+        """:meth:`forward`'s features, the resolved call and the model's packed outputs (one forward)."""
+        model = self._require_loaded()
+        patches, plan, layout = self.to_packing_input(images, grid_thw, patch_positions, num_frames)
+        outputs = model(patches, plan=plan, output_hidden_states=True, return_dict=True)
         packed = self.feature_select(outputs).to(layout.dtype)  # (T, D')
-
         # ==========================================================================================
         # OUTPUT CONVERSION: packed features -> what the projector expects
-        #   from: features (T, D'), the items back to back in input order
-        #   to:   a batch -> (B, T·h·w, D'); a list -> one tensor per element: image (h·w, D'),
+        #   from: features (T, D'), the elements back to back in input order
+        #   to:   a batch -> (B, h·w, D') or (B, T·h·w, D'); a list -> one tensor per element: image (h·w, D'),
         #         image stack (n, h·w, D'), video (T·h·w, D') — split by sizes known on the host
         # ==========================================================================================
+        D = packed.shape[-1]
         if layout.batched:
-            features: torch.Tensor | list[torch.Tensor] = unpack_batch(packed, plan)  # (B, N, D')
-        else:
-            parts = unpack(packed, layout.tokens)  # per element: (n·N, D')
-            features = [part.view(*shape, part.shape[-1]) for part, shape in zip(parts, layout.shapes)]
-        return features, layout, outputs
+            return packed.view(*layout.elements[0].shape, D), layout, outputs
+        parts = unpack(packed, layout.tokens)  # per element: (tokens, D')
+        return [part.view(*e.shape, D) for part, e in zip(parts, layout.elements)], layout, outputs
 
 
 class HEVCViTVisionTower(HEVCViTVisionTowerBase):
-    """LLaVA-NeXT vision tower on :class:`HEVCViTModel`: one forward per batch of one size, and a list
-    item by item — the standard path the packing tower must equal."""
+    """LLaVA-NeXT vision tower on :class:`HEVCViTModel`: one forward per run of items of one shape (a batch
+    of images is one forward, a list goes element by element) — the standard path the packing tower must
+    equal."""
 
     model_class = HEVCViTModel
 
-    def _forward(
-        self, images: ImagesInput
-    ) -> tuple[torch.Tensor | list[torch.Tensor], _InputLayout, BaseModelOutputWithPooling | list]:
+    def forward_with_outputs(
+        self,
+        images: ImagesInput,
+        grid_thw: Any = None,
+        patch_positions: Any = None,
+        num_frames: int | None = None,
+    ) -> tuple[torch.Tensor | list[torch.Tensor], TowerInput, list[BaseModelOutputWithPooling]]:
+        """:meth:`forward`'s features, the resolved call and the model outputs of every forward it ran."""
         model = self._require_loaded()
-        layout = self._describe(images)
-        device = self.device
-        if layout.batched:
-            outputs = model(images.to(device, non_blocking=True), output_hidden_states=True, return_dict=True)
-            return self.feature_select(outputs).to(layout.dtype), layout, outputs  # (B, N, D')
+        layout = self.resolve(images, grid_thw, patch_positions, num_frames)
+        elements = [images] if layout.batched else [as_batch(x, self.config.num_channels) for x in images]
         features, all_outputs = [], []
-        for item, shape in zip(images, layout.shapes):
-            batch = as_batch(item, self.config.num_channels)  # (n, C, H, W) or (1, C, T, H, W)
-            batch = batch.to(device, non_blocking=True)
-            outputs = model(batch, output_hidden_states=True, return_dict=True)
-            selected = self.feature_select(outputs).to(layout.dtype)  # (n, N, D')
-            features.append(selected.view(*shape, selected.shape[-1]))  # (N, D') or (n, N, D')
-            all_outputs.append(outputs)
-        return features, layout, all_outputs
+        for batch, element in zip(elements, layout.elements):
+            batch = batch.to(self.device, non_blocking=True)  # (n, C, H, W) or (B, C, T, H, W)
+            parts = []
+            for pixels, positions in _runs(batch, element):
+                outputs = model(pixels, patch_positions=positions, output_hidden_states=True, return_dict=True)
+                parts.append(self.feature_select(outputs).to(layout.dtype).flatten(0, 1))  # (g·N, D')
+                all_outputs.append(outputs)
+            selected = torch.cat(parts) if len(parts) > 1 else parts[0]
+            features.append(selected.view(*element.shape, selected.shape[-1]))
+        return (features[0] if layout.batched else features), layout, all_outputs
+
+
+def _runs(batch: torch.Tensor, element: Element) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The standard model's inputs for one element: one batch per run of consecutive items with the same
+    frame count — images ``(g, C, H, W)``, clips ``(g, C, k, H, W)`` — with their positions ``(g, N, 3)``."""
+    if batch.dim() == 5:  # videos (B, C, T, H, W): one run
+        positions = element.positions
+        return [(batch, None if positions is None else positions.reshape(batch.shape[0], -1, 3))]
+    hw = element.h * element.w
+    runs, frame = [], 0
+    for k, group in itertools.groupby(element.frames):
+        g = len(list(group))
+        pixels = batch[frame : frame + g * k]  # (g·k, C, H, W)
+        if k > 1:  # consecutive frames -> clips (g, C, k, H, W)
+            pixels = pixels.view(g, k, *pixels.shape[1:]).transpose(1, 2)
+        positions = element.positions
+        if positions is not None:
+            positions = positions[frame * hw : (frame + g * k) * hw].reshape(g, k * hw, 3)
+        runs.append((pixels, positions))
+        frame += g * k
+    return runs
 
 
 # --------------------------------------------------------------------------------------------------
