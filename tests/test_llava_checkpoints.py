@@ -124,6 +124,15 @@ def test_load_state_dict_restores_the_tower(towers, trained, reference_dir, kind
     assert_features_match_reference(model, reference_dir)
 
 
+def test_load_state_dict_into_a_delay_loaded_tower_loads_it_first(towers, trained):
+    config = llava_config(towers["packing"], delay_load=True)
+    model = TinyLlavaForCausalLM(config)
+    assert not model.model.vision_tower.is_loaded  # no weights: tower keys would have nowhere to go
+    model.load_state_dict(llava_state(llava_config(towers["packing"]), convert_from_native(trained, "standard")))
+    assert model.model.vision_tower.is_loaded
+    assert_tower_is(model, trained)
+
+
 def test_unknown_tower_keys_raise_even_without_strict(towers, trained):
     config = llava_config(towers["packing"])
     state = llava_state(config, trained)

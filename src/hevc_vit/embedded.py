@@ -118,13 +118,16 @@ def register_transformers_conversions(class_names: tuple[str, ...]) -> bool:
     whether it could."""
     try:
         from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-    except ImportError:
+
+        transforms = transformers_weight_conversions()
+        if transforms is None:
+            return False
+        for name in class_names:
+            register_checkpoint_conversion_mapping(name, transforms, overwrite=True)
+    except Exception as e:  # noqa: BLE001 — an internal API that moves between 5.x releases: never break import
+        # without it, from_pretrained of a LLaVA checkpoint with standard names fails loudly (check_reinitialisation)
+        logger.debug("transformers weight conversions not registered: %r", e)
         return False
-    transforms = transformers_weight_conversions()
-    if transforms is None:
-        return False
-    for name in class_names:
-        register_checkpoint_conversion_mapping(name, transforms, overwrite=True)
     return True
 
 

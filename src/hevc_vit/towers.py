@@ -244,6 +244,7 @@ class HEVCViTVisionTowerBase(nn.Module):
             self.cfg_only = read_tower_config(self.vision_tower_name)
         # fail at construction, not at the first batch, when the selection does not fit the model
         select_layer_indices(self.select_feature, self.select_layer, self.config.num_hidden_layers + 1)
+        self.register_load_state_dict_pre_hook(_load_before_weights_arrive)
 
     @classmethod
     def from_model(cls, model: HEVCViTModel | HEVCViTPackingModel, args: Any = None) -> "HEVCViTVisionTowerBase":
@@ -409,6 +410,14 @@ class HEVCViTVisionTowerBase(nn.Module):
     @property
     def image_size(self) -> int:
         return self.config.image_size
+
+
+def _load_before_weights_arrive(tower: HEVCViTVisionTowerBase, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` of a model holding a tower built with ``delay_load``: when the state holds tower
+    weights, load the tower first, so that they have weights to go to instead of being dropped."""
+    if not tower.is_loaded and any(key.startswith(prefix + "vision_tower.") for key in state_dict):
+        logger.info("the weights being loaded hold %s's tower weights: loading the tower first", tower.vision_tower_name)
+        tower.load_model()
 
 
 class HEVCViTPackingVisionTower(HEVCViTVisionTowerBase):
