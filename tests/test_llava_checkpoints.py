@@ -192,3 +192,13 @@ def test_save_pretrained_keeps_our_names_and_reloads(tmp_path, towers, trained):
     tower_keys = sorted(k[len(TOWER_PREFIX) :] for k in saved if k.startswith(TOWER_PREFIX))
     assert tower_keys == sorted(trained)  # our names: loadable under every transformers release
     assert_tower_is(TinyLlavaForCausalLM.from_pretrained(tmp_path / "saved"), trained)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_tower_follows_the_dtype_the_model_is_loaded_in(tmp_path, towers, trained, dtype):
+    config = llava_config(towers["packing"])
+    folder = save_llava(tmp_path / "llava", config, llava_state(config, trained))
+    key = "dtype" if TRANSFORMERS_5 else "torch_dtype"
+    model = TinyLlavaForCausalLM.from_pretrained(folder, **{key: dtype})
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert_tower_is(model, {k: v.to(dtype) for k, v in trained.items()})

@@ -258,12 +258,17 @@ class HEVCViTVisionTowerBase(nn.Module):
     def load_model(self, device_map: str | torch.device | dict | None = None) -> None:
         """Load the weights and the image processor, and freeze the weights (``requires_grad_(False)``).
 
-        Idempotent: a second call logs a warning and returns without reading anything.
+        The weights take torch's default dtype — float32, unless the tower is built inside a model being
+        loaded in another dtype (``from_pretrained(..., dtype=torch.bfloat16)`` sets the default while it
+        builds), so the tower follows the model it sits in. Idempotent: a second call logs a warning and
+        returns without reading anything.
         """
         if self.is_loaded:
             logger.warning("%s is already loaded; load_model() called again, skipping", self.vision_tower_name)
             return
-        self.vision_tower = self.model_class.from_pretrained(self.vision_tower_name, device_map=device_map)
+        self.vision_tower = self.model_class.from_pretrained(
+            self.vision_tower_name, device_map=device_map, dtype=torch.get_default_dtype()
+        )
         self.vision_tower.requires_grad_(False)
         self.image_processor = load_image_processor(self.vision_tower_name, self.vision_tower.config)
         self.cfg_only = None
