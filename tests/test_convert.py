@@ -3,13 +3,16 @@ round trip, verification that fails when it should, and nothing left behind by e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,12 +22,13 @@ from safetensors.torch import load_file
 import hevc_vit.convert as convert_mod
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify
 from hevc_vit.checkpoints import convert_from_native as real_convert_from_native
+from hevc_vit.checkpoints import load_checkpoint
 from hevc_vit.cli import build_parser
 from hevc_vit.cli import main as cli_main
 from hevc_vit.configuration import PRESETS
 from hevc_vit.convert import (
     DTYPES,
-    PAUSE_ENV,
+    STAGES,
     TOLERANCES,
     ConversionInterrupted,
     VerificationFailed,
@@ -62,7 +66,8 @@ def all_files(root: Path) -> set[str]:
 
 
 def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".replaced-" in p.name)
+    """Temporary folders, commit journals."""
+    return sorted(p.name for p in parent.iterdir() if re.search(r"\.partial-|\.replaced-|\.commit$", p.name))
 
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -316,16 +321,25 @@ def test_force_replaces_only_with_a_verified_result(tmp_path, monkeypatch):
 
 
 def _signal_at(stage: str, signum: int):
-    def pause(at: str) -> None:
+    def on_stage(at: str) -> None:
         if at == stage:
             os.kill(os.getpid(), signum)
 
-    return pause
+    return on_stage
+
+
+def test_stages_are_reported_in_order(tmp_path):
+    dst = tmp_path / "out"
+    shutil.copytree(STANDARD, dst)
+    seen: list[str] = []
+    convert_checkpoint(LEGACY_PT, dst, force=True, log=quiet, on_stage=seen.append)
+    assert seen == [s for s in STAGES if s in seen] and set(STAGES) - set(seen) <= {"old_aside"}
 
 
 @pytest.mark.parametrize("stage", ["write", "verify"])
 def test_ctrl_c_during_the_conversion_leaves_no_dst(tmp_path, monkeypatch, capsys, stage):
-    monkeypatch.setattr(convert_mod, "_pause_point", _signal_at(stage, signal.SIGINT))
+    on_stage = _signal_at(stage, signal.SIGINT)
+    monkeypatch.setattr(convert_mod, "convert_checkpoint", functools.partial(convert_checkpoint, on_stage=on_stage))
     handler = signal.getsignal(signal.SIGINT)
     rc = cli_main(["convert", str(LEGACY_PT), str(tmp_path / "out")])
     assert rc == 130 and "interrupted by SIGINT" in capsys.readouterr().err
@@ -333,38 +347,218 @@ def test_ctrl_c_during_the_conversion_leaves_no_dst(tmp_path, monkeypatch, capsy
     assert signal.getsignal(signal.SIGINT) is handler, "the previous SIGINT handler was not restored"
 
 
-def test_sigterm_before_the_swap_keeps_the_old_dst(tmp_path, monkeypatch):
+def test_sigterm_before_the_swap_keeps_the_old_dst(tmp_path):
     dst = tmp_path / "out"
     shutil.copytree(STANDARD, dst)
-    monkeypatch.setattr(convert_mod, "_pause_point", _signal_at("commit", signal.SIGTERM))
     with pytest.raises(ConversionInterrupted) as e:
-        convert_checkpoint(LEGACY_PT, dst, force=True, log=quiet)
+        convert_checkpoint(LEGACY_PT, dst, force=True, log=quiet, on_stage=_signal_at("commit", signal.SIGTERM))
     assert e.value.signum == signal.SIGTERM and not e.value.dst_complete
     same_tensors(load_file(dst / "model.safetensors"), load_file(STANDARD / "model.safetensors"))
     assert leftovers(tmp_path) == []
 
 
-def test_a_signal_during_the_swap_is_held_until_dst_is_complete(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["exchange", "rename"])
+def test_a_signal_during_the_commit_is_held_until_dst_is_complete(tmp_path, monkeypatch, method):
+    use_method(monkeypatch, tmp_path, method)
     dst = tmp_path / "out"
     shutil.copytree(STANDARD, dst)
-    real_commit = convert_mod._commit
-
-    def commit_with_signal(tmp, dst, force):
-        os.kill(os.getpid(), signal.SIGTERM)  # arrives between the two renames' bytecodes
-        real_commit(tmp, dst, force)
-
-    monkeypatch.setattr(convert_mod, "_commit", commit_with_signal)
     with pytest.raises(ConversionInterrupted) as e:
-        convert_checkpoint(LEGACY_PT, dst, to="packing", force=True, log=quiet)
+        on_stage = _signal_at("journal", signal.SIGTERM)  # arrives before the first rename
+        convert_checkpoint(LEGACY_PT, dst, to="packing", force=True, log=quiet, on_stage=on_stage)
     assert e.value.dst_complete
     assert json.loads((dst / "config.json").read_text())["model_type"] == "llava_vit_packing"
     assert leftovers(tmp_path) == []
 
 
-def _start_paused(src: Path, dst: Path) -> subprocess.Popen:
-    env = {**os.environ, PAUSE_ENV: "write", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# -- the commit: DST is the old or the new folder, and a killed commit is finished by the next run ------
+
+
+class Killed(BaseException):
+    """Stands for ``kill -9`` at a stage of the commit: ``_commit`` runs no clean-up of its own, so what it
+    leaves on disk is what a kill there leaves (a real kill is checked in a child process below)."""
+
+
+def _kill_at(stage: str):
+    def on_stage(at: str) -> None:
+        if at == stage:
+            raise Killed(at)
+
+    return on_stage
+
+
+def folder_is(path: Path, reference: Path) -> bool:
+    """``path`` is a complete copy of the folder ``reference``: the same files, byte for byte."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = sorted(p.name for p in reference.iterdir())
+    if sorted(p.name for p in path.iterdir()) != names:
+        return False
+    return all((path / name).read_bytes() == (reference / name).read_bytes() for name in names)
+
+
+def use_method(monkeypatch, tmp_path: Path, method: str) -> None:
+    """``exchange``: the atomic swap (skipped where this OS or file system has none); ``rename``: the
+    two-rename fallback every other system gets."""
+    if method == "rename":
+        monkeypatch.setattr(convert_mod, "_exchange", lambda a, b: False)
+        return
+    a, b = tmp_path / "probe_a", tmp_path / "probe_b"
+    a.mkdir(), b.mkdir()
+    (a / "x").touch()
+    swapped = convert_mod._exchange(a, b)
+    shutil.rmtree(a), shutil.rmtree(b)
+    if not swapped:
+        pytest.skip("no atomic folder swap (renameat2 RENAME_EXCHANGE) here")
+
+
+@pytest.fixture(scope="module")
+def verified(tmp_path_factory) -> Path:
+    """A verified packing conversion of the legacy fixture: the NEW folder of the commit tests (the OLD
+    one is the standard fixture)."""
+    folder = tmp_path_factory.mktemp("verified") / "made"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not HEVC ViT hyper-parameters")
+            convert_checkpoint(LEGACY_PT, folder, to="packing", log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    return folder
+
+
+def _partial_name(dst: Path) -> str:
+    return f".{dst.name}.partial-{socket.gethostname()}-{os.getpid()}-test"  # as convert_checkpoint names it
+
+
+COMMIT_CASES = (
+    [("exchange", True, s) for s in ("journal", "new_in_place", "old_removed", "committed")]
+    + [("rename", True, s) for s in ("journal", "old_aside", "new_in_place", "old_removed", "committed")]
+    + [("rename", False, s) for s in ("journal", "new_in_place", "old_removed", "committed")]
+)
+
+
+COMMIT_IDS = [f"{m}-{'replace' if r else 'new'}-{s}" for m, r, s in COMMIT_CASES]
+
+
+@pytest.mark.parametrize("method, replace, stage", COMMIT_CASES, ids=COMMIT_IDS)
+def test_a_commit_killed_at_any_stage_is_finished_by_the_next_run(
+    tmp_path, monkeypatch, capsys, verified, method, replace, stage
+):
+    use_method(monkeypatch, tmp_path, method)
+    dst = tmp_path / "out"
+    if replace:
+        shutil.copytree(STANDARD, dst)
+    new = tmp_path / _partial_name(dst)
+    shutil.copytree(verified, new)
+    with pytest.raises(Killed):
+        convert_mod._commit(new, dst, force=True, on_stage=_kill_at(stage))
+
+    # at the kill: DST is the old or the new folder, complete (missing only between the fallback's renames)
+    old_or_new = folder_is(dst, verified) or (folder_is(dst, STANDARD) if replace else not dst.exists())
+    if stage == "old_aside":
+        assert not dst.exists() and (tmp_path / ".out.commit").is_file()
+    else:
+        assert old_or_new, f"DST at {stage}: {sorted(all_files(tmp_path))}"
+    if method == "exchange":
+        assert dst.is_dir(), "the atomic swap leaves no instant without DST"
+    # neither verified folder was deleted before the other one was in place
+    here = list(tmp_path.iterdir())
+    assert any(folder_is(p, verified) for p in here)
+    if replace and not folder_is(dst, verified):
+        assert any(folder_is(p, STANDARD) for p in here)
+
+    # the next conversion to DST (here without --force: refused once it has finished that commit) puts the
+    # new folder in place and deletes the old one
+    rc = cli_main(["convert", str(LEGACY_PT), str(dst), "--to", "standard"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "already exists; pass --force" in err
+    if stage != "committed":
+        assert "finished the commit of an interrupted conversion" in out
+    assert folder_is(dst, verified)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "method, stage",
+    [("exchange", s) for s in ("journal", "new_in_place", "old_removed", "committed")]
+    + [("rename", s) for s in ("journal", "old_aside", "new_in_place", "old_removed")],
+)
+def test_an_error_inside_the_commit_is_finished_by_the_run_itself(tmp_path, monkeypatch, verified, method, stage):
+    use_method(monkeypatch, tmp_path, method)
+    dst = tmp_path / "out"
+    shutil.copytree(STANDARD, dst)
+    with pytest.raises(Killed):
+        convert_checkpoint(LEGACY_PT, dst, to="packing", force=True, log=quiet, on_stage=_kill_at(stage))
+    assert folder_is(dst, verified)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_forced_conversion_after_a_kill_between_the_renames_keeps_both_verified_folders(
+    tmp_path, monkeypatch, verified
+):
+    """The reported case: killed with the old DST moved aside and the new one not yet in place. The next
+    forced conversion used to delete the new folder and never restore the old one."""
+    monkeypatch.setattr(convert_mod, "_exchange", lambda a, b: False)
+    dst = tmp_path / "out"
+    shutil.copytree(STANDARD, dst)
+    new = tmp_path / _partial_name(dst)
+    shutil.copytree(verified, new)
+    with pytest.raises(Killed):
+        convert_mod._commit(new, dst, force=True, on_stage=_kill_at("old_aside"))
+    with pytest.raises(FileNotFoundError, match=r"interrupted while replacing it .*finish_interrupted_commit"):
+        load_checkpoint(dst)  # a reader meanwhile is told why, and what finishes it
+
+    notes: list[str] = []
+    convert_checkpoint(LEGACY_PT, dst, to="standard", force=True, log=notes.append)
+    assert any("finished the commit of an interrupted conversion" in n for n in notes)
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "onevision_encoder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_journal_held_by_a_live_commit_is_waited_for_and_an_empty_one_removed(tmp_path):
+    import fcntl
+
+    dst = tmp_path / "out"
+    shutil.copytree(STANDARD, dst)
+    journal = tmp_path / ".out.commit"
+    record = {"new": ".x", "new_id": 0, "old_id": None, "aside": ".y", "host": "h", "pid": 7}
+    journal.write_text(json.dumps(record))
+    with open(journal) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a conversion committing right now
+        with pytest.raises(FileExistsError, match=r"process 7 on h\) has been committing to DST .*out"):
+            convert_mod.finish_interrupted_commit(dst, log=quiet, wait_s=0.2)
+    journal.write_text("")  # a run killed while it created the journal: nothing moved
+    assert convert_mod.finish_interrupted_commit(dst, log=quiet)
+    assert not journal.exists() and folder_is(dst, STANDARD)
+
+
+# -- real processes, killed -----------------------------------------------------------------------------
+
+# a conversion (the CLI) in a child process that pauses at a stage, or dies there with os._exit — no
+# clean-up of any kind runs, as with kill -9
+_CHILD = r"""
+import functools, os, sys, time
+import hevc_vit.convert as convert
+from hevc_vit.cli import main
+stage, action, method, *argv = sys.argv[1:]
+if method == "rename":
+    convert._exchange = lambda a, b: False
+def on_stage(at):
+    if at == stage and action == "pause":
+        print(f"paused at {at}", file=sys.stderr, flush=True)
+        time.sleep(60)
+    elif at == stage:
+        os._exit(9)
+convert.convert_checkpoint = functools.partial(convert.convert_checkpoint, on_stage=on_stage)
+sys.exit(main(["convert", *argv]))
+"""
+
+
+def _start_child(stage: str, action: str, *argv: str | Path, method: str = "exchange") -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
-        [sys.executable, "-m", "hevc_vit", "convert", str(src), str(dst)],
+        [sys.executable, "-c", _CHILD, stage, action, method, *map(str, argv)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -373,21 +567,25 @@ def _start_paused(src: Path, dst: Path) -> subprocess.Popen:
     )
 
 
-def _wait_for_pause(proc: subprocess.Popen) -> None:
+def _wait_for_pause(proc: subprocess.Popen, stage: str) -> None:
     for line in proc.stderr:
-        if "paused at write" in line:
+        if f"paused at {stage}" in line:
             return
     raise AssertionError(f"the conversion ended (rc {proc.wait()}) before it reached the pause point")
 
 
+@pytest.mark.slow
 def test_killed_conversion_process_leaves_no_dst(tmp_path):
     """A real process killed mid-write (after model.safetensors, before config.json): SIGTERM cleans up
     at once; after SIGKILL only a hidden temporary folder remains, removed by the next conversion."""
     term_dst, kill_dst = tmp_path / "term", tmp_path / "kill"
-    procs = {signal.SIGTERM: _start_paused(LEGACY_PT, term_dst), signal.SIGKILL: _start_paused(LEGACY_PT, kill_dst)}
+    procs = {
+        signal.SIGTERM: _start_child("write", "pause", LEGACY_PT, term_dst),
+        signal.SIGKILL: _start_child("write", "pause", LEGACY_PT, kill_dst),
+    }
     try:
         for (signum, proc), dst in zip(procs.items(), (term_dst, kill_dst)):
-            _wait_for_pause(proc)
+            _wait_for_pause(proc, "write")
             partial = [p for p in tmp_path.iterdir() if p.name.startswith(f".{dst.name}.partial-")]
             assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file(), "not paused mid-write"
             assert not (partial[0] / "config.json").exists(), "not paused mid-write"
@@ -409,6 +607,28 @@ def test_killed_conversion_process_leaves_no_dst(tmp_path):
     convert_checkpoint(LEGACY_PT, kill_dst, log=notes.append)
     assert any("left by an interrupted conversion" in n for n in notes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kill"]
+
+
+@pytest.mark.slow
+def test_a_process_killed_between_the_renames_is_finished_by_the_next_run(tmp_path, verified):
+    """A real process dies (os._exit, no clean-up) with the old DST renamed aside and the new folder not
+    in place: both verified folders are on disk, and the next conversion puts the new one in place."""
+    dst = tmp_path / "out"
+    shutil.copytree(STANDARD, dst)
+    proc = _start_child("old_aside", "exit", LEGACY_PT, dst, "--force", method="rename")
+    try:
+        assert proc.wait(timeout=120) == 9, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    here = list(tmp_path.iterdir())
+    assert not dst.exists() and (tmp_path / ".out.commit").is_file()
+    assert any(folder_is(p, verified) for p in here) and any(folder_is(p, STANDARD) for p in here)
+
+    assert convert_mod.finish_interrupted_commit(dst, log=quiet)
+    assert folder_is(dst, verified)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # -- the command line --------------------------------------------------------------------------------

@@ -170,24 +170,42 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if backend_unavailable_reason(name) is None]
 
 
-def check_backend_name(name: str) -> None:
-    """Raise ``ValueError`` for a name that is not in the registry."""
-    if name not in _IMPLEMENTATIONS:
+# transformers' attn_implementation names -> the backend that runs them here
+TRANSFORMERS_NAMES = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash_attn"}
+_TO_TRANSFORMERS = {backend: name for name, backend in TRANSFORMERS_NAMES.items()}
+
+
+def backend_name(name: str) -> str:
+    """Our backend for one of our names or one of transformers' (``flash_attention_2`` -> ``flash_attn``);
+    raises ``ValueError`` naming both lists for anything else."""
+    backend = TRANSFORMERS_NAMES.get(name, name) if isinstance(name, str) else name
+    if backend not in _IMPLEMENTATIONS:
         raise ValueError(
-            f"attn_implementation={name!r} is unknown; expected one of {list(BACKENDS)} "
-            f"(available here: {available_backends()})"
+            f"attn_implementation={name!r} is unknown; expected one of {list(BACKENDS)} or transformers' "
+            f"{list(TRANSFORMERS_NAMES)} (available here: {available_backends()})"
         )
+    return backend
+
+
+def transformers_name(backend: str) -> str:
+    """The name transformers gives a backend (``flash_attn`` -> ``flash_attention_2``); ours where it has none."""
+    return _TO_TRANSFORMERS.get(backend, backend)
+
+
+def check_backend_name(name: str) -> None:
+    """Raise ``ValueError`` for a name that is neither ours nor one of transformers'."""
+    backend_name(name)
 
 
 def get_attention(name: str) -> AttendFn:
-    """The attention function registered as ``name``; raises if unknown or not available here."""
-    check_backend_name(name)
-    reason = backend_unavailable_reason(name)
+    """The attention function for ``name`` (ours or transformers'); raises if unknown or not available here."""
+    backend = backend_name(name)
+    reason = backend_unavailable_reason(backend)
     if reason is not None:
         raise ImportError(
             f"attn_implementation={name!r} is not available: {reason}; available here: {available_backends()}"
         )
-    return _IMPLEMENTATIONS[name]
+    return _IMPLEMENTATIONS[backend]
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> str:

@@ -19,6 +19,7 @@ a pickle that needs any other Python object is refused, never retried unsafely.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from .configuration import PRESETS, HEVCViTConfig, architecture_keys
+from .configuration import PRESETS, HEVCViTConfig, architecture_keys, check_hyperparameters
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -145,6 +146,9 @@ def convert_to_native(state_dict: Mapping[str, torch.Tensor], fmt: str) -> dict[
             if missing:
                 raise ValueError(f"checkpoint has {key} but not {missing}; the {fmt} format needs them together")
             parts = [state_dict[name] for name in names]
+            if len(parts) > 1 and any(p.dim() == 0 for p in parts):
+                shapes = {name: tuple(p.shape) for name, p in zip(names, parts)}
+                raise ValueError(f"parts to fuse into {rule.target} have shapes {shapes}; expected (rows, ...) each")
             if len({tuple(p.shape) for p in parts}) != 1:
                 shapes = {name: tuple(p.shape) for name, p in zip(names, parts)}
                 raise ValueError(f"parts to fuse into {rule.target} have different shapes: {shapes}")
@@ -193,7 +197,7 @@ def _rules(fmt: str) -> tuple[KeyRule, ...]:
 def detect_format(config_dict: Mapping[str, Any], keys: set[str] | None = None) -> str:
     """The format of a checkpoint from its ``config.json`` contents (and, failing that, its key names)."""
     model_type = config_dict.get("model_type")
-    if model_type in MODEL_TYPES:
+    if isinstance(model_type, str) and model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
     fmt = detect_format_from_keys(keys) if keys is not None else None
     if fmt is not None:
@@ -213,14 +217,22 @@ def detect_format_from_keys(keys: set[str] | Mapping[str, Any]) -> str | None:
 
 
 def read_config_dict(folder: str | os.PathLike) -> dict[str, Any]:
+    """The contents of a folder's ``config.json``: a JSON object (``ValueError`` naming the file otherwise)."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; expected a Hugging Face checkpoint folder")
     with open(path, encoding="utf-8") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
+            data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {_json_type(data)}; expected an object of hyper-parameters")
+    return data
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", list: "array", str: "string", bool: "boolean"}.get(type(value), type(value).__name__)
 
 
 # config.json keys that describe the file, not the architecture
@@ -232,12 +244,19 @@ def config_kwargs(config_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config_dict.items() if k not in _NON_ARCH_KEYS}
 
 
-def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights of a checkpoint folder: ``model.safetensors``, a sharded safetensors index, or
-    ``pytorch_model.bin`` read with ``torch.load(weights_only=True)`` — never an arbitrary unpickle."""
-    folder = Path(folder)
+def config_from_dict(config_dict: Mapping[str, Any], source: str | os.PathLike) -> HEVCViTConfig:
+    """:class:`HEVCViTConfig` from a ``config.json``'s contents; a value of the wrong type or out of range
+    is a ``ValueError`` naming ``source``, the field, the value and what was expected. Nothing is built."""
+    try:
+        return HEVCViTConfig(**config_kwargs(config_dict))
+    except (ValueError, TypeError) as e:  # transformers' own config checks raise either
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _safetensors_files(folder: Path) -> list[Path] | None:
+    """The safetensors files holding a folder's weights (one, or the shards of an index); None if it has none."""
     if (folder / SAFETENSORS_NAME).is_file():
-        return read_safetensors(folder / SAFETENSORS_NAME)
+        return [folder / SAFETENSORS_NAME]
     if (folder / SAFETENSORS_INDEX_NAME).is_file():
         index = folder / SAFETENSORS_INDEX_NAME
         with open(index, encoding="utf-8") as f:
@@ -245,11 +264,50 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
                 raise ValueError(f"{index} is not a valid safetensors index (expected a 'weight_map'): {e!r}") from None
-        state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            if not (folder / shard).is_file():
-                raise FileNotFoundError(f"{index} names the shard {shard}, which is not in {folder}")
-            state.update(read_safetensors(folder / shard))
+            if not isinstance(shard, str) or not (folder / shard).is_file():
+                raise FileNotFoundError(f"{index} names the shard {shard!r}, which is not in {folder}")
+        return [folder / shard for shard in shards]
+    return None
+
+
+def read_weight_shapes(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The weights of a safetensors folder as meta tensors (name, shape, dtype; no data), from the file
+    headers alone; None for a folder whose weights are a pickle (``pytorch_model.bin``)."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(Path(folder))
+    if files is None:
+        return None
+    dtypes = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }  # fmt: skip
+    shapes: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    dtype = dtypes.get(part.get_dtype(), torch.float32)
+                    shapes[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for damaged headers and short files
+            raise ValueError(f"{path} could not be read as safetensors (corrupt or truncated?): {e}") from None
+    return shapes
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights of a checkpoint folder: ``model.safetensors``, a sharded safetensors index, or
+    ``pytorch_model.bin`` read with ``torch.load(weights_only=True)`` — never an arbitrary unpickle."""
+    folder = Path(folder)
+    files = _safetensors_files(folder)
+    if files is not None:
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(read_safetensors(path))
         return state
     if (folder / PYTORCH_NAME).is_file():
         return extract_state_dict(read_torch_file(folder / PYTORCH_NAME), folder / PYTORCH_NAME)
@@ -288,15 +346,9 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         raise
     except pickle.UnpicklingError as e:
         message = str(e)
-        m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:\n\n|Please use|Check the documentation|$)", message, re.S)
-        detail = " ".join(m.group(1).split()).removesuffix(".") if m else (message.splitlines() or [""])[0]
         if message.startswith("Weights only load failed"):
-            raise UnsafeCheckpointError(
-                f"{path} was refused: the safe loader torch.load(weights_only=True) cannot read it ({detail}); it "
-                f"needs Python objects or pickle features beyond tensors and plain containers. hevc-vit never "
-                f"unpickles arbitrary objects or runs code from a checkpoint; if you trust the file, re-save its "
-                f"state_dict (tensors only) in a trusted environment"
-            ) from None
+            raise UnsafeCheckpointError(_refusal(path, e)) from None
+        detail = _refusal_reason(message)
         raise ValueError(
             f"{path} could not be read as a PyTorch checkpoint (corrupt or truncated?): {detail}"
         ) from None
@@ -305,6 +357,105 @@ def read_torch_file(path: str | os.PathLike) -> Any:
         raise ValueError(
             f"{path} could not be read as a PyTorch checkpoint (corrupt or truncated?): {type(e).__name__}: {text}"
         ) from None
+
+
+def _refusal(path: str | os.PathLike, error: pickle.UnpicklingError) -> str:
+    """The message for a pickle ``torch.load(weights_only=True)`` refused: what it needs, in torch's words
+    and by name, and what to do — never torch's advice to retry with ``weights_only=False``."""
+    # torch re-raises the unpickler's own error with its advice around it; the original is the context
+    inner = error.__context__ if isinstance(error.__context__, pickle.UnpicklingError) else error
+    detail = _refusal_reason(str(inner))
+    blocked = _blocked_globals(path)
+    if not blocked:
+        m = re.search(r"GLOBAL (\S+?)\.? (?:was not an allowed|whose module)", detail)
+        blocked = [m.group(1)] if m else []
+    if blocked:
+        more = f" and {len(blocked) - 6} more" if len(blocked) > 6 else ""
+        needs = f"the Python object{'s' if len(blocked) > 1 else ''} {', '.join(blocked[:6])}{more}"
+    else:
+        needs = "pickle features"
+    return (
+        f"{path} was refused: the safe loader torch.load(weights_only=True) cannot read it ({detail}). It needs "
+        f"{needs}, beyond tensors and plain containers; hevc-vit never unpickles arbitrary objects or runs code "
+        f"from a checkpoint. If you trust the file, re-save its state_dict (tensors only) in a trusted environment"
+    )
+
+
+def _refusal_reason(message: str) -> str:
+    """The unpickler's own reason from a ``torch.load`` error, without torch's advice (``weights_only=False``,
+    allow-listing): its sentences that mention neither."""
+    message = message.split("WeightsUnpickler error:")[-1].replace("\033[1m", "").replace("\033[0m", "")
+    sentences = re.split(r"(?<=\.)\s+|\n+", message)
+    keep = [
+        " ".join(s.split()).removesuffix(".")
+        for s in sentences
+        if s.strip()
+        and not re.search(r"weights_only|safe_globals|Weights only load failed|trust|documentation|file an issue", s)
+    ]
+    reason = "; ".join(keep) or "a pickle it does not support"
+    m = re.fullmatch(r"Unsupported operand (\d+)", reason)
+    if m:
+        import pickletools
+
+        op = pickletools.code2op.get(chr(int(m.group(1))))
+        reason += f" (the pickle instruction {op.name})" if op is not None else ""
+    return reason
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _blocked_globals(path: str | os.PathLike) -> list[str]:
+    """``module.name`` of every global a pickle file (``torch.save`` zip or plain pickle) imports that the
+    safe loader does not allow, read from its opcodes — nothing is executed. Empty when unsure."""
+    import pickletools
+    import zipfile
+
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals  # torch's own allowlist
+
+        allowed = set(_get_allowed_globals())
+    except Exception:  # a private API: without it, name every global
+        allowed = set()
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blobs = [z.read(name) for name in z.namelist() if name.endswith(".pkl")]
+        else:
+            with open(path, "rb") as f:
+                blobs = [f.read(64 << 20)]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    for blob in blobs:
+        stream = io.BytesIO(blob)
+        while stream.tell() < len(blob):  # legacy torch files hold several pickles, then raw storage bytes
+            recent: list[str | None] = []  # what the last opcodes pushed, when it was a string
+            memo: dict[int, str | None] = {}
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    name = None
+                    if op.name in _STRING_OPS:
+                        recent.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+                        continue
+                    if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[len(memo) if op.name == "MEMOIZE" else int(arg)] = recent[-1] if recent else None
+                        continue
+                    if op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        recent.append(memo.get(int(arg)))
+                        continue
+                    if op.name in ("GLOBAL", "INST"):
+                        name = str(arg).replace(" ", ".")
+                    elif op.name == "STACK_GLOBAL" and len(recent) >= 2 and None not in recent[-2:]:
+                        name = f"{recent[-2]}.{recent[-1]}"
+                    recent.append(None)
+                    if name is not None and name.startswith("__builtin__."):  # protocol 2 spells builtins so
+                        name = "builtins." + name.removeprefix("__builtin__.")
+                    if name is not None and name not in allowed and name not in found:
+                        found.append(name)
+            except Exception:  # not (or no longer) a pickle: the storage bytes of a legacy file
+                break
+    return found
 
 
 # prefixes that wrappers add to every name: DistributedDataParallel / DataParallel, torch.compile
@@ -390,8 +541,7 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], fmt: str = "hevc_
     """
 
     def evidence(native_key: str) -> str:
-        names = list(convert_from_native({native_key: state_dict[native_key]}, fmt))
-        return f"{names[0]} {tuple(state_dict[native_key].shape)}"
+        return f"{_stored_name(native_key, state_dict[native_key], fmt)} {tuple(state_dict[native_key].shape)}"
 
     found: dict[str, tuple[Any, str]] = {}
     key = "patch_embed.proj.weight"
@@ -421,6 +571,74 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor], fmt: str = "hevc_
     return found
 
 
+def _stored_name(native_key: str, tensor: torch.Tensor, fmt: str) -> str:
+    """The name a native weight has in format ``fmt`` (the first part of a fused one)."""
+    return next(iter(convert_from_native({native_key: tensor}, fmt)))
+
+
+def expected_shapes(config: HEVCViTConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight of the architecture ``config`` describes, native name -> shape, computed without
+    building the model (a nonsense config must not allocate one)."""
+    D, M, C, p = config.hidden_size, config.intermediate_size, config.num_channels, config.patch_size
+    norm = ("weight",) if config.layer_norm_type == "rms_norm" else ("weight", "bias")
+
+    def mlp(prefix: str) -> dict[str, tuple[int, ...]]:
+        return {
+            f"{prefix}.fc1.weight": (M, D), f"{prefix}.fc1.bias": (M,),
+            f"{prefix}.fc2.weight": (D, M), f"{prefix}.fc2.bias": (D,),
+        }  # fmt: skip
+
+    shapes: dict[str, tuple[int, ...]] = {"patch_embed.proj.weight": (D, C, p, p)}
+    shapes.update({f"layernorm_pre.{s}": (D,) for s in norm})
+    for i in range(config.num_hidden_layers):
+        layer = f"encoder.layers.{i}"
+        shapes.update({f"{layer}.layer_norm1.{s}": (D,) for s in norm})
+        shapes.update({
+            f"{layer}.self_attn.qkv.weight": (3 * D, D), f"{layer}.self_attn.qkv.bias": (3 * D,),
+            f"{layer}.self_attn.proj.weight": (D, D), f"{layer}.self_attn.proj.bias": (D,),
+        })  # fmt: skip
+        shapes.update({f"{layer}.layer_norm2.{s}": (D,) for s in norm})
+        shapes.update(mlp(f"{layer}.mlp"))
+    shapes.update({f"layernorm_post.{s}": (D,) for s in norm})
+    if config.use_head:
+        shapes.update({
+            "head.probe": (1, 1, D),
+            "head.attention.in_proj_weight": (3 * D, D), "head.attention.in_proj_bias": (3 * D,),
+            "head.attention.out_proj.weight": (D, D), "head.attention.out_proj.bias": (D,),
+            "head.norm.weight": (D,),
+        })  # fmt: skip
+        shapes.update(mlp("head.mlp"))
+    return shapes
+
+
+def check_weights_fit(
+    config: HEVCViTConfig, state_dict: Mapping[str, torch.Tensor], fmt: str, where: str | os.PathLike, source: str
+) -> None:
+    """Raise ``ValueError`` when the architecture ``config`` (read from ``source``) does not fit the weights
+    ``state_dict`` (native names; meta tensors will do): every hyper-parameter the tensor shapes contradict,
+    and every weight whose shape differs from the one the config gives. Builds nothing, so a config that
+    does not match its weights never allocates a model. Missing and unexpected weights are left to the
+    strict load."""
+    problems = [
+        f"{name}={getattr(config, name)!r} but {why} gives {name}={value!r}"
+        for name, (value, why) in infer_architecture(state_dict, fmt).items()
+        if getattr(config, name) != value
+    ]
+    expected = expected_shapes(config)
+    for key, tensor in state_dict.items():
+        if key in expected and tuple(tensor.shape) != expected[key]:
+            stored = _stored_name(key, tensor, fmt)
+            label = key if stored == key else f"{key} (from {stored})"
+            problems.append(f"{label}: expected {expected[key]}, found {tuple(tensor.shape)}")
+    if problems:
+        more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(
+            f"shape mismatch: the architecture from {source} does not fit the weights in {where}: "
+            + "; ".join(problems[:8])
+            + more
+        )
+
+
 def sibling_config_json(path: str | os.PathLike) -> Path | None:
     """``model.json`` beside ``model.pt``: the side-car a legacy checkpoint's architecture is read from."""
     candidate = Path(path).with_suffix(".json")
@@ -447,6 +665,11 @@ def _architecture(
         config_json = config_json if config_json is not None else sibling_config_json(path)
         if config_json is not None:
             given, source = read_architecture_json(config_json), str(config_json)
+    if given:
+        try:
+            check_hyperparameters({k: v for k, v in given.items() if k != "head_dim"})
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
     inferred = infer_architecture(state_dict, fmt)
     conflicts = [
         f"{name}={given[name]!r} but {why} gives {name}={value!r}"
@@ -463,7 +686,8 @@ def _architecture(
     head_dim = values.pop("head_dim", None)
     if head_dim is not None:
         hidden = values.get("hidden_size")
-        if not isinstance(head_dim, int) or head_dim <= 0 or hidden is None or hidden % head_dim:
+        bad = not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0
+        if bad or hidden is None or hidden % head_dim:
             raise ValueError(f"head_dim={head_dim!r} does not divide hidden_size={hidden!r}")
         heads = values.setdefault("num_attention_heads", hidden // head_dim)
         if heads * head_dim != hidden:
@@ -484,12 +708,32 @@ def _architecture(
     if fmt == "legacy":
         values.setdefault("layer_norm_eps", LEGACY_LAYER_NORM_EPS)
         values.setdefault("head_norm_eps", LEGACY_HEAD_NORM_EPS)
-    return HEVCViTConfig(**values)
+    try:
+        return HEVCViTConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"the architecture of {path}{f' (from {source})' if given else ''}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
 # the one entry point
 # --------------------------------------------------------------------------------------------------
+
+
+def read_folder_config(
+    path: str | os.PathLike, check_fit: bool = True
+) -> tuple[HEVCViTConfig, dict[str, Any], dict[str, torch.Tensor] | None]:
+    """A checkpoint folder's validated config, its raw ``config.json`` dict and its weights' safetensors
+    headers (meta tensors; None for a pickled ``pytorch_model.bin``). With ``check_fit`` the config is checked
+    against the weight names and shapes before any tensor is read (:func:`check_weights_fit`)."""
+    path = Path(path)
+    config_dict = read_config_dict(path)
+    config = config_from_dict(config_dict, path / CONFIG_NAME)
+    headers = read_weight_shapes(path)
+    if check_fit and headers is not None:
+        fmt = detect_format(config_dict, set(headers))
+        native = convert_to_native(headers, fmt) if fmt not in NATIVE_FORMATS else headers
+        check_weights_fit(config, native, fmt, path, str(path / CONFIG_NAME))
+    return config, config_dict, headers
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -504,6 +748,7 @@ def load_checkpoint(
     path: str | os.PathLike,
     preset: str | None = None,
     config_json: str | os.PathLike | None = None,
+    check_fit: bool = True,
 ) -> LoadedCheckpoint:
     """Read a checkpoint of any supported format: ``(config, native state_dict, format)``.
 
@@ -517,9 +762,21 @@ def load_checkpoint(
         hyper-parameter and the tensor that contradicts it. Legacy files keep their LayerNorm eps 1e-5.
     Tensors keep their stored dtype, on the CPU. Pickles are read with ``torch.load(weights_only=True)``
     only (:class:`UnsafeCheckpointError` otherwise).
+
+    A folder's ``config.json`` is validated first (a value of the wrong type or out of range is a
+    ``ValueError`` naming the field), then, with ``check_fit``, checked against the weight names and shapes
+    (:func:`check_weights_fit`; from the safetensors headers, before any tensor is read), so nothing is
+    built for a config that cannot work or does not match its weights.
     """
     path = Path(path)
     if not path.exists():
+        journal = path.parent / f".{path.name}.commit"  # see hevc_vit.convert: a commit killed half-way
+        if journal.exists():
+            raise FileNotFoundError(
+                f"checkpoint {path} does not exist: a conversion to it was interrupted while replacing it (see "
+                f"{journal}); any hevc-vit convert to {path}, or hevc_vit.convert.finish_interrupted_commit("
+                f"{str(path)!r}), puts the verified result in place"
+            )
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         if preset is not None or config_json is not None:
@@ -527,11 +784,13 @@ def load_checkpoint(
             raise ValueError(
                 f"{given} applies to weights-only files; {path} is a checkpoint folder with its own {CONFIG_NAME}"
             )
-        config_dict = read_config_dict(path)
+        config, config_dict, headers = read_folder_config(path, check_fit)
         raw = read_state_dict(path)
         fmt = detect_format(config_dict, set(raw))
         state = convert_to_native(raw, fmt) if fmt not in NATIVE_FORMATS else raw
-        return LoadedCheckpoint(HEVCViTConfig(**config_kwargs(config_dict)), state, fmt)
+        if check_fit and headers is None:
+            check_weights_fit(config, state, fmt, path, str(path / CONFIG_NAME))
+        return LoadedCheckpoint(config, state, fmt)
     if path.is_dir():
         raw, where = read_state_dict(path), path
     elif path.suffix == ".safetensors":
@@ -545,4 +804,9 @@ def load_checkpoint(
             f"transformer.layers.*), standard (embeddings.patch_embedding.*) or packing (patch_embed.proj.*)"
         )
     state = convert_to_native(raw, fmt)
-    return LoadedCheckpoint(_architecture(state, fmt, path, preset, config_json), state, fmt)
+    config = _architecture(state, fmt, path, preset, config_json)
+    if check_fit:
+        sidecar = config_json if config_json is not None else sibling_config_json(path)
+        source = f"preset {preset!r}" if preset is not None else str(sidecar or "tensor shapes")
+        check_weights_fit(config, state, fmt, path, source)
+    return LoadedCheckpoint(config, state, fmt)

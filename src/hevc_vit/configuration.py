@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from numbers import Real
+from typing import Any, Mapping
 
 from transformers import PretrainedConfig
 
@@ -21,6 +23,79 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 LAYER_NORM_TYPES = ("layer_norm", "rms_norm")
+
+# the accepted range of every integer hyper-parameter: far above any real ViT (ViT-22B is 6144 wide with
+# 48 layers), low enough that a nonsense config.json is refused before it builds (or allocates) anything
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 65536),
+    "intermediate_size": (1, 262144),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 2048),
+    "num_channels": (1, 1024),
+    "image_size": (1, 65536),
+    "patch_size": (1, 1024),
+    "temporal_patch_size": (1, 1),
+    "spatial_merge_size": (1, 64),
+    "rope_temporal_size": (1, 1 << 20),
+}
+# the most parameters an architecture may have (ViT-22B has 2.2e10)
+MAX_PARAMETERS = 10**11
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_hyperparameters(values: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first value in ``values`` (hyper-parameter name -> value, any subset)
+    of the wrong type or out of range, with what was expected. Only each value alone is checked; the
+    relations between them are :meth:`HEVCViTConfig.validate`'s."""
+    for name, value in values.items():
+        if name in INT_RANGES:
+            lo, hi = INT_RANGES[name]
+            if name == "temporal_patch_size" and value != 1:
+                raise ValueError(f"{name}={value!r}; only 1 is supported (the patch embedding is 2D)")
+            if not _is_int(value) or not lo <= value <= hi:
+                raise ValueError(f"{name}={value!r}; expected a positive integer (at most {hi:,})")
+        elif name in ("layer_norm_eps", "rope_theta") or (name == "head_norm_eps" and value is not None):
+            if not _is_real(value) or not math.isfinite(value) or not value > 0:
+                none = "None or " if name == "head_norm_eps" else ""
+                raise ValueError(f"{name}={value!r}; expected {none}a positive finite number")
+        elif name == "attention_dropout":
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value!r}; expected a number in [0, 1)")
+        elif name == "initializer_range":
+            if not _is_real(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r}; expected a non-negative finite number")
+        elif name == "use_head":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}; expected true or false")
+        elif name == "layer_norm_type":
+            if not isinstance(value, str) or value not in LAYER_NORM_TYPES:
+                raise ValueError(f"{name}={value!r}; expected one of {LAYER_NORM_TYPES}")
+        elif name == "hidden_act":
+            from transformers.activations import ACT2FN
+
+            if not isinstance(value, str) or value not in ACT2FN:
+                raise ValueError(f"{name}={value!r}; expected a name in transformers' ACT2FN, e.g. 'gelu'")
+        elif name in ("attention_backend", "attn_implementation"):
+            if not isinstance(value, str):
+                raise ValueError(f"{name}={value!r}; expected a backend name such as 'auto', 'eager' or 'sdpa'")
+
+
+def count_parameters(values: Mapping[str, int]) -> int:
+    """The number of weights of the architecture ``values`` describes (validated integers), computed
+    without building it."""
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_channels", "patch_size")
+    D, M, L, C, p = (values[name] for name in names)
+    norm = D if values.get("layer_norm_type", "layer_norm") == "rms_norm" else 2 * D
+    layer = 2 * norm + (3 * D * D + 3 * D) + (D * D + D) + (D * M + M) + (M * D + D)
+    head = D + (3 * D * D + 3 * D) + (D * D + D) + D + (D * M + M) + (M * D + D)
+    return D * C * p * p + 2 * norm + L * layer + (head if values.get("use_head", True) else 0)
 
 
 def architecture_keys() -> tuple[str, ...]:
@@ -113,6 +188,8 @@ class HEVCViTConfig(PretrainedConfig):
         self.use_head = use_head
         self.spatial_merge_size = spatial_merge_size
         self.head_norm_eps = head_norm_eps
+        # each value alone first: transformers' own config checks read head_dim, which needs sane numbers
+        check_hyperparameters({name: getattr(self, name) for name in architecture_keys()})
         super().__init__(**kwargs)
         self.validate()
 
@@ -126,21 +203,11 @@ class HEVCViTConfig(PretrainedConfig):
         return self.num_channels * self.patch_size * self.patch_size
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first hyper-parameter that cannot work."""
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_channels",
-            "image_size",
-            "patch_size",
-            "temporal_patch_size",
-            "spatial_merge_size",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r}; expected a positive integer")
+        """Raise ``ValueError`` naming the first hyper-parameter that cannot work, its value and what was
+        expected: wrong types (a string, a list, null), values out of range, sizes that do not fit each other,
+        and architectures too large to build (more than ``MAX_PARAMETERS`` weights)."""
+        check_hyperparameters({name: getattr(self, name) for name in architecture_keys()})
+        check_hyperparameters({"attention_backend": self.attention_backend})
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
@@ -150,24 +217,13 @@ class HEVCViTConfig(PretrainedConfig):
                 f"head_dim={self.head_dim} (hidden_size={self.hidden_size} / num_attention_heads="
                 f"{self.num_attention_heads}) must be a multiple of 32 for the 4:6:6 (t, h, w) RoPE split"
             )
-        if self.temporal_patch_size != 1:
+        n = count_parameters({name: getattr(self, name) for name in architecture_keys()})
+        if n > MAX_PARAMETERS:
             raise ValueError(
-                f"temporal_patch_size={self.temporal_patch_size}; only 1 is supported (the patch embedding is 2D)"
+                f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, num_hidden_layers="
+                f"{self.num_hidden_layers} give {n:,} parameters ({4 * n / 2**30:,.0f} GiB in float32); expected "
+                f"at most {MAX_PARAMETERS:,}"
             )
-        if self.layer_norm_type not in LAYER_NORM_TYPES:
-            raise ValueError(f"layer_norm_type={self.layer_norm_type!r}; expected one of {LAYER_NORM_TYPES}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps={self.layer_norm_eps!r}; expected a positive float")
-        if self.head_norm_eps is not None and not self.head_norm_eps > 0:
-            raise ValueError(f"head_norm_eps={self.head_norm_eps!r}; expected None or a positive float")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta={self.rope_theta!r}; expected a positive float")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout={self.attention_dropout!r}; expected a float in [0, 1)")
-        from transformers.activations import ACT2FN
-
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"hidden_act={self.hidden_act!r}; expected a name in transformers' ACT2FN, e.g. 'gelu'")
         from .attention import check_backend_name  # late import: attention imports nothing from here
 
         check_backend_name(self.attention_backend)

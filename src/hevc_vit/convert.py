@@ -7,18 +7,28 @@ image sizes, a non-square image, a video, a mixed packed batch); only when every
 renamed to DST. A failure, Ctrl-C or a kill leaves no DST and no temporary files (after ``kill -9`` the
 next conversion to the same DST removes the leftover), and SRC is only ever read.
 
+Replacing an existing DST (``--force``) is a journaled commit (:func:`_commit`): a small journal beside DST
+records the two folders before anything moves, the old folder is kept until the new one is in place (on
+Linux the two are swapped in one atomic step, so DST is never missing), and a run killed anywhere in the
+commit is finished by the next conversion to that DST (:func:`finish_interrupted_commit`).
+
 Legend: ``T`` packed tokens, ``n`` items, ``B`` batch, ``N`` tokens per item, ``D`` width, ``p`` patch.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
+import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -38,6 +48,7 @@ from .checkpoints import (
     REFERENCE_MODEL_TYPES,
     SAFETENSORS_NAME,
     UnsafeCheckpointError,
+    check_weights_fit,
     convert_from_native,
     load_checkpoint,
     sibling_config_json,
@@ -57,9 +68,16 @@ ARCH_KEYS = architecture_keys()
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# a test hook: with HEVC_VIT_CONVERT_PAUSE=<stage> the conversion stops at that stage (see _pause_point)
-PAUSE_ENV = "HEVC_VIT_CONVERT_PAUSE"
-PAUSE_STAGES = ("write", "verify", "commit")
+# The stages a conversion passes, in order; ``convert_checkpoint(on_stage=...)`` is called with each (tests
+# interrupt or kill a conversion there). write: model.safetensors written, config.json not yet; verify:
+# the folder is written, not yet verified; commit: verified, nothing committed. The commit (see _commit):
+# journal: the journal is written, nothing moved; old_aside: the old DST renamed aside and the new folder
+# not yet in place (only where the two cannot be swapped atomically); new_in_place: DST is the new folder,
+# the old one still kept; old_removed: the old one deleted, the journal not yet; committed: done.
+STAGES = ("write", "verify", "commit", "journal", "old_aside", "new_in_place", "old_removed", "committed")
+COMMIT_STAGES = STAGES[3:]
+# how long a conversion waits for another one's commit to the same DST to finish
+COMMIT_WAIT_S = 30.0
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 
@@ -326,13 +344,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _pause_point(stage: str) -> None:
-    """Test hook: with ``HEVC_VIT_CONVERT_PAUSE=<stage>`` (one of ``PAUSE_STAGES``: ``write`` — weights
-    written, config not yet; ``verify``; ``commit``) announce the stage on stderr and wait, so a test can
-    interrupt the conversion at a known point. Does nothing otherwise."""
-    if os.environ.get(PAUSE_ENV) == stage:
-        print(f"hevc-vit: paused at {stage} ({PAUSE_ENV})", file=sys.stderr, flush=True)
-        time.sleep(float(os.environ.get(PAUSE_ENV + "_SECONDS", "60")))
+def _no_stage(stage: str) -> None:
+    pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,31 +398,41 @@ def _temp_prefix(dst: Path, kind: str) -> str:
 
 
 def _remove_stale(dst: Path, log: Callable[[str], None]) -> None:
-    """Remove temporary folders of earlier conversions to ``dst`` killed on this host (their process is gone)."""
-    mine = f".{dst.name}.partial-{socket.gethostname()}-"
-    for path in dst.parent.glob(f".{dst.name}.partial-*"):
-        if not path.name.startswith(mine) or not path.is_dir():
-            continue  # another host's conversion: its process cannot be checked from here
-        pid_text = path.name[len(mine):].split("-")[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # that conversion is still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        log(f"removed {path}, left by an interrupted conversion (process {pid_text})")
+    """Remove temporary folders of earlier conversions to ``dst`` killed on this host (their process is gone),
+    except those a commit journal names (they are the commit's; see :func:`finish_interrupted_commit`)."""
+    record = _read_journal_file(_journal_path(dst)) or {}
+    journaled = {record.get("new"), record.get("aside")}
+    for kind in ("partial", "replaced"):
+        mine = f".{dst.name}.{kind}-{socket.gethostname()}-"
+        for path in dst.parent.glob(f".{dst.name}.{kind}-*"):
+            if path.name.startswith(mine) and path.is_dir() and path.name not in journaled:
+                _remove_if_dead(path, path.name[len(mine):].split("-")[0], log)
 
 
-def _check_paths(src: Path, dst: Path, force: bool) -> None:
+def _remove_if_dead(path: Path, pid_text: str, log: Callable[[str], None]) -> None:
+    """Remove ``path``, a temporary folder of process ``pid_text`` on this host, when that process is gone."""
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return
+    try:
+        os.kill(int(pid_text), 0)
+        return  # that conversion is still running
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    log(f"removed {path}, left by an interrupted conversion (process {pid_text})")
+
+
+def _check_paths(src: Path, dst: Path) -> None:
     if not src.exists():
         raise FileNotFoundError(f"SRC {src} does not exist")
     s, d = src.resolve(), dst.resolve()
     if s == d or s.is_relative_to(d) or d.is_relative_to(s):
         raise ValueError(f"DST {dst} overlaps SRC {src}; choose a DST outside SRC (SRC is never modified)")
+
+
+def _check_dst(dst: Path, force: bool) -> None:
     if os.path.lexists(dst):
         if not dst.is_dir() or dst.is_symlink():
             raise FileExistsError(f"DST {dst} exists and is not a folder; refusing to replace it")
@@ -417,6 +440,270 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
             raise FileExistsError(
                 f"DST {dst} already exists; pass --force to replace it (it is replaced only by a verified result)"
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# the commit: a journal beside DST, the old folder kept until the new one is in place
+# --------------------------------------------------------------------------------------------------
+
+
+class InterruptedCommitError(OSError):
+    """A commit journal beside DST that cannot be finished safely (its folders were changed by hand)."""
+
+
+def _journal_path(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.commit"
+
+
+def _folder_id(path: Path) -> int | None:
+    """The inode number of the folder at ``path`` (not following a link): renames within DST's parent keep
+    it, so it tells which folder sits where (``st_dev`` is left out: NFS clients number devices each their
+    own way). None when there is no folder there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino if stat.S_ISDIR(st.st_mode) else None
+
+
+def _lock(fd: int, wait: bool) -> bool:
+    """Take the advisory lock of an open file (it dies with the process); False when another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: the journal alone
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_journal_file(journal: Path) -> dict | None:
+    try:
+        with open(journal, encoding="utf-8") as f:
+            return _parse_journal(f.read())
+    except OSError:
+        return None
+
+
+def _parse_journal(text: str) -> dict | None:
+    """A journal's record; None when it is empty or cut short (its run died before anything moved: the
+    record is complete and on disk before the first rename)."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    keys = ("new", "new_id", "old_id", "aside", "host", "pid")
+    return record if isinstance(record, dict) and all(k in record for k in keys) else None
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28)
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or
+    the file system cannot, and nothing moved."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _is_open_as(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not removed or replaced since)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _open_journal(dst: Path, wait_s: float) -> int | None:
+    """A descriptor holding the lock of DST's journal, or None when there is no journal. A journal whose
+    lock is held belongs to a live conversion committing right now: wait up to ``wait_s`` for it."""
+    journal = _journal_path(dst)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fd = os.open(journal, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        if _lock(fd, wait=False):
+            if _is_open_as(fd, journal):
+                return fd
+            os.close(fd)  # finished (and removed) while we waited for it: look again
+            continue
+        os.close(fd)
+        if time.monotonic() > deadline:
+            record = _read_journal_file(journal) or {}
+            raise FileExistsError(
+                f"another conversion (process {record.get('pid', '?')} on {record.get('host', '?')}) has been "
+                f"committing to DST {dst} for over {wait_s:g} s ({journal} is locked); try again when it has finished"
+            )
+        time.sleep(0.05)
+
+
+def finish_interrupted_commit(
+    dst: str | os.PathLike, log: Callable[[str], None] = print, wait_s: float = COMMIT_WAIT_S
+) -> bool:
+    """Finish the commit of a conversion to ``dst`` that was killed (or failed) while replacing DST.
+
+    Its journal (``.DST.commit``) names the verified new folder and the old one. Whatever instant the run
+    stopped at, the new folder is put in place as DST and only then is the old one deleted; a journal cut
+    short (the run died before anything moved) is removed. Every conversion to ``dst`` calls this first.
+    Returns True when there was a journal. Raises ``FileExistsError`` while a live conversion holds it
+    (after ``wait_s``), :class:`InterruptedCommitError` when its folders were changed by hand.
+    """
+    dst = Path(dst)
+    journal = _journal_path(dst)
+    fd = _open_journal(dst, wait_s)
+    if fd is None:
+        return False
+    try:
+        with os.fdopen(os.dup(fd), encoding="utf-8") as f:
+            record = _parse_journal(f.read())
+        if record is not None:
+            _finish_commit(dst, record, _no_stage)
+        os.unlink(journal)
+        _fsync(dst.parent)
+    finally:
+        os.close(fd)
+    if record is None:
+        log(f"removed {journal.name}, left by a conversion killed before its commit began")
+    else:
+        log(
+            f"finished the commit of an interrupted conversion (process {record['pid']} on {record['host']}): "
+            f"{dst} is its verified result"
+        )
+    return True
+
+
+def _finish_commit(dst: Path, record: dict, on_stage: Callable[[str], None]) -> None:
+    """Take a journaled commit from wherever it stopped to its end: the new folder at DST, then the old one
+    deleted. Each step looks at which folder (by identity) sits where, so a run killed anywhere in here is
+    finished the same way by the next; neither verified folder is deleted before the other is in place."""
+    parent = dst.parent
+    new, aside = parent / record["new"], parent / record["aside"]
+    new_id, old_id = record["new_id"], record["old_id"]
+    if _folder_id(dst) != new_id:
+        if _folder_id(new) != new_id:
+            raise InterruptedCommitError(
+                f"{_journal_path(dst)} records a commit of {new} to {dst}, but that folder is neither at {new} "
+                f"nor at {dst}; everything was left as it is: choose what DST should be, then delete the journal"
+            )
+        if os.path.lexists(dst):
+            if old_id is None or _folder_id(dst) != old_id:
+                raise InterruptedCommitError(
+                    f"{dst} was changed after the commit recorded in {_journal_path(dst)} began; everything was "
+                    f"left as it is (the verified new folder is {new}): choose what DST should be, then delete "
+                    f"the journal"
+                )
+            if not _exchange(new, dst):  # one atomic swap where the OS can: DST is never missing
+                os.rename(dst, aside)
+                _fsync(parent)
+                on_stage("old_aside")
+                os.rename(new, dst)
+        else:
+            os.rename(new, dst)
+        _fsync(parent)
+        on_stage("new_in_place")
+    if old_id is not None:
+        for path in (aside, new):  # the old folder, wherever the swap left it
+            if _folder_id(path) == old_id:
+                shutil.rmtree(path, ignore_errors=True)
+        _fsync(parent)
+    on_stage("old_removed")
+
+
+def _commit(tmp: Path, dst: Path, force: bool, on_stage: Callable[[str], None] = _no_stage) -> None:
+    """Move the verified folder ``tmp`` into place as DST, replacing an existing DST (``force``).
+
+    First a journal (``.DST.commit``, locked for the life of the commit, one per DST) records both folders
+    and is flushed to disk; then the new folder goes in (swapped with the old one atomically where the OS
+    can, else the old renamed aside first), the old one is deleted, and the journal removed. An error or a
+    kill at any point leaves the journal: :func:`finish_interrupted_commit` finishes the commit from there.
+    """
+    journal = _journal_path(dst)
+    while True:
+        if journal.exists():  # another conversion's commit to DST, killed or still running: finish it first
+            finish_interrupted_commit(dst, log=lambda _: None)
+        try:
+            fd = os.open(journal, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            _lock(fd, wait=True)
+            if not _is_open_as(fd, journal):
+                continue  # found empty and unlocked by a run looking for stale journals, and removed: again
+            try:
+                record = _journal_record(tmp, dst, force)
+            except FileExistsError:  # refused before anything moved: the journal goes with the refusal
+                os.unlink(journal)
+                raise
+            os.write(fd, json.dumps(record, indent=1).encode() + b"\n")
+            os.fsync(fd)
+            _fsync(dst.parent)
+            on_stage("journal")
+            _finish_commit(dst, record, on_stage)
+            os.unlink(journal)
+            _fsync(dst.parent)
+            break
+        finally:
+            os.close(fd)
+    on_stage("committed")
+
+
+def _journal_record(tmp: Path, dst: Path, force: bool) -> dict:
+    """What the journal of committing ``tmp`` to ``dst`` records, checked under its lock: both folders by
+    name and identity, where the old one goes aside, and who commits."""
+    if os.path.lexists(dst):
+        if not force:
+            raise FileExistsError(f"DST {dst} appeared during the conversion; pass --force to replace it")
+        if not dst.is_dir() or dst.is_symlink():
+            raise FileExistsError(f"DST {dst} appeared during the conversion and is not a folder")
+    return {
+        "dst": dst.name,
+        "new": tmp.name,
+        "new_id": _folder_id(tmp),
+        "old_id": _folder_id(dst),
+        "aside": f"{_temp_prefix(dst, 'replaced')}{secrets.token_hex(4)}",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def _finish_own_commit(dst: Path, tmp: Path, log: Callable[[str], None]) -> bool:
+    """After an error inside this run's commit of ``tmp``: finish it as the next run would. True when DST is
+    now the new folder; when it cannot be finished here, the journal stays for the next run."""
+    if not _journal_names(dst, tmp):
+        return False  # refused before the journal was written: nothing moved
+    try:
+        return finish_interrupted_commit(dst, log)
+    except Exception as e:
+        log(f"could not finish the commit now ({e}); the next conversion to {dst} will")
+        return False
+
+
+def _journal_names(dst: Path, tmp: Path) -> bool:
+    """Whether DST's journal records ``tmp`` as the folder being committed."""
+    record = _read_journal_file(_journal_path(dst))
+    return record is not None and record.get("new") == tmp.name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,6 +748,7 @@ def convert_checkpoint(
     force: bool = False,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = print,
+    on_stage: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert SRC (any format) into a verified Hugging Face folder DST in format ``to``.
 
@@ -469,10 +757,14 @@ def convert_checkpoint(
     dtype: ``float32``, ``bfloat16``, ``float16`` or None (as stored in SRC).
     force: replace an existing DST folder — only once the new checkpoint has passed verification.
     device: where the verification forwards run.
+    on_stage: called with the name of each stage the conversion reaches (``STAGES``, in order), e.g. to
+        interrupt it at a known point in tests.
     Returns the :class:`ConversionResult` with the verification report (also printed through ``log``).
     Raises ``FileExistsError`` / ``FileNotFoundError`` / ``ValueError`` for bad input (nothing written),
     :class:`VerificationFailed` when DST does not reproduce SRC, :class:`ConversionInterrupted` on a signal;
-    in every case DST is left as it was and the temporary folder is removed.
+    in every case DST is left as it was and the temporary folder is removed. A commit to DST that an
+    earlier run left half-done (killed while replacing DST) is finished first
+    (:func:`finish_interrupted_commit`); an error during this run's own commit finishes it the same way.
     """
     src, dst = Path(src), Path(dst)
     if to not in TARGET_FORMATS:
@@ -489,9 +781,14 @@ def convert_checkpoint(
         raise ValueError(f"device={device!r}; expected a torch device such as cpu, cuda or cuda:1") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!s}, but CUDA is not available here; use --device cpu")
-    _check_paths(src, dst, force)
+    stage = on_stage if on_stage is not None else _no_stage
+    _check_paths(src, dst)
 
     with _SignalGuard() as guard:
+        if dst.parent.is_dir():
+            with guard.hold():
+                finish_interrupted_commit(dst, log)
+        _check_dst(dst, force)
         loaded = load_checkpoint(src, preset=preset, config_json=config_json)
         config, source_format = loaded.config, loaded.format
         config.attention_backend = "eager"  # the specification; the comparison is about the weights
@@ -518,25 +815,29 @@ def convert_checkpoint(
             _remove_stale(dst, log)
             tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst, "partial"), dir=dst.parent))
             log(f"writing {to} checkpoint ({str(target_dtype).removeprefix('torch.')}) to {tmp.name}")
-            _write_folder(tmp, src, loaded.state_dict, config, to, target_dtype)
+            _write_folder(tmp, src, loaded.state_dict, config, to, target_dtype, stage)
             del loaded
-            _pause_point("verify")
+            stage("verify")
             log(f"verifying: reloading it and comparing with SRC on {len(cases)} cases")
             report = _verify(tmp, config, cases, expected, target_dtype, device)
             log(report.table())
             if not report.passed:
                 raise VerificationFailed(report)
-            _pause_point("commit")
+            stage("commit")
             try:
                 with guard.hold():
-                    _commit(tmp, dst, force)
+                    _commit(tmp, dst, force, stage)
                     committed = True
-            except ConversionInterrupted as e:
-                e.dst_complete = committed  # a signal held back during the renames, acted on after them
+            except BaseException as e:
+                if not committed:  # an error inside the commit left its journal: finish it now
+                    with guard.hold(reraise=False):
+                        committed = _finish_own_commit(dst, tmp, log)
+                if isinstance(e, ConversionInterrupted):
+                    e.dst_complete = committed  # a signal held back during the renames, acted on after them
                 raise
         finally:
             with guard.hold(reraise=False):
-                if tmp is not None and tmp.exists():
+                if tmp is not None and tmp.exists() and not _journal_names(dst, tmp):
                     shutil.rmtree(tmp, ignore_errors=True)
                 if not committed:
                     for d in created:  # folders made for DST's parent, when nothing ended up in them
@@ -549,7 +850,13 @@ def convert_checkpoint(
 
 
 def _write_folder(
-    folder: Path, src: Path, native: dict[str, torch.Tensor], config: HEVCViTConfig, fmt: str, dtype: torch.dtype
+    folder: Path,
+    src: Path,
+    native: dict[str, torch.Tensor],
+    config: HEVCViTConfig,
+    fmt: str,
+    dtype: torch.dtype,
+    on_stage: Callable[[str], None] = _no_stage,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -557,7 +864,7 @@ def _write_folder(
     save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
     _fsync(folder / SAFETENSORS_NAME)
     del tensors
-    _pause_point("write")
+    on_stage("write")
     processor = src / PREPROCESSOR_NAME if src.is_dir() else None
     if processor is not None and processor.is_file():
         shutil.copyfile(processor, folder / PREPROCESSOR_NAME)  # keep SRC's own processor settings
@@ -605,25 +912,6 @@ def _verify(
     for case in cases:
         report.cases.append(compare_outputs(case.name, _items(case), expected[case.name], actual[case.name], tolerance))
     return report
-
-
-def _commit(tmp: Path, dst: Path, force: bool) -> None:
-    """Move the verified folder into place; an existing DST (``force``) is swapped out, then removed."""
-    if os.path.lexists(dst):
-        if not force:
-            raise FileExistsError(f"DST {dst} appeared during the conversion; pass --force to replace it")
-        backup = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst, "replaced"), dir=dst.parent))
-        os.rmdir(backup)
-        os.rename(dst, backup)
-        try:
-            os.rename(tmp, dst)
-        except BaseException:
-            os.rename(backup, dst)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
-    _fsync(dst.parent)
 
 
 def _arch_source(src: Path, preset: str | None, config_json: str | os.PathLike | None) -> str:
@@ -704,7 +992,7 @@ def describe_checkpoint(
     """Format, architecture (and the preset it matches), parameter count, dtype and file sizes of a
     checkpoint of any format; ``fits`` says whether the weights load strictly into that architecture."""
     path = Path(path)
-    loaded = load_checkpoint(path, preset=preset, config_json=config_json)
+    loaded = load_checkpoint(path, preset=preset, config_json=config_json, check_fit=False)
     model_type = None
     if (path / CONFIG_NAME).is_file():
         with open(path / CONFIG_NAME, encoding="utf-8") as f:
@@ -720,6 +1008,8 @@ def describe_checkpoint(
         if sidecar is not None:
             files.append((Path(sidecar).name, Path(sidecar).stat().st_size))
     try:
+        source = str(path / CONFIG_NAME) if model_type is not None else _arch_source(path, preset, config_json)
+        check_weights_fit(loaded.config, loaded.state_dict, loaded.format, path, source)  # before building
         with torch.device("meta"):
             model = HEVCViTModel(loaded.config)
         load_state_dict_checked(model, loaded.state_dict, strict=True, assign=True)

@@ -14,16 +14,17 @@ import os
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .attention import AttendFn, get_attention
-from .checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint
+from .attention import TRANSFORMERS_NAMES, AttendFn, backend_name, choose_backend, get_attention, transformers_name
+from .checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint, read_folder_config
 from .configuration import HEVCViTConfig
 from .embedded import attach_load_hooks, check_reinitialisation
 from .layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
-from .packing import GridLike, PackingPlan, grid_positions, patchify
+from .packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify
 from .rope import rope_cos_sin
 
 # from_pretrained keyword arguments that only steer downloading (forwarded to the Hub client or ignored)
@@ -31,6 +32,9 @@ _HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "token", "revi
 _IGNORED_KWARGS = {
     "trust_remote_code", "use_safetensors", "low_cpu_mem_usage", "resume_download", "code_revision", "adapter_kwargs"
 }
+# transformers 5 loads folders through its own from_pretrained (with our weight conversions registered)
+_TRANSFORMERS_ONLY_KWARGS = {"max_memory", "quantization_config", "offload_folder", "offload_state_dict", "key_mapping"}
+TRANSFORMERS_LOADS_FOLDERS = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class HEVCViTPreTrainedModel(PreTrainedModel):
@@ -41,6 +45,8 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HEVCViTEncoderLayer"]
+    _supports_sdpa = True  # the registry's "sdpa"
+    _supports_flash_attn = True  # "flash_attention_2" runs the registry's "flash_attn" (needs the flash-attn package)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -70,9 +76,16 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
     # -- attention backend ---------------------------------------------------------------------------
 
     def set_attn_implementation(self, attn_implementation: str, *args: Any, **kwargs: Any) -> None:
-        """Switch the attention backend (``auto``, ``eager``, ``sdpa``, ``torch_varlen``, ``flash_attn``)."""
-        self._attend = get_attention(attn_implementation)
-        self.config.attention_backend = attn_implementation
+        """Switch the attention backend: ours (``auto``, ``eager``, ``sdpa``, ``torch_varlen``, ``flash_attn``)
+        or transformers' names (``flash_attention_2`` runs ``flash_attn``). ``config._attn_implementation``
+        follows, in transformers' names; under ``auto`` it says what the last forward ran."""
+        backend = backend_name(attn_implementation)
+        self._attend = get_attention(backend)
+        self.config.attention_backend = backend
+        if backend == "auto":  # until a forward says otherwise: what auto picks for the weights as they are
+            weight = self.patch_embed.proj.weight
+            backend = choose_backend(weight.device, weight.dtype)
+        self.config._attn_implementation = transformers_name(backend)
 
     @property
     def attn_implementation(self) -> str:
@@ -117,10 +130,27 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
             raise TypeError(f"from_pretrained takes no extra positional arguments; got {len(model_args)}")
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         preset, config_json = kwargs.pop("preset", None), kwargs.pop("config_json", None)
+        if attn_implementation is not None:  # unknown -> ValueError, unavailable -> ImportError, before loading
+            get_attention(attn_implementation)
+            attn_implementation = backend_name(attn_implementation)
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype is not None:
+            dtype = _resolve_dtype(dtype) or "auto"  # a bad name -> ValueError here, whichever loader runs
+        path = _resolve_folder(pretrained_model_name_or_path, hub)
+        # transformers' loader, except inside another model's from_pretrained (a LLaVA tower built on the meta
+        # device), where transformers refuses to nest and our loader reads the weights
+        nested = torch.empty(()).device.type == "meta"
+        if TRANSFORMERS_LOADS_FOLDERS and strict and not nested and os.path.isdir(path) and not (preset or config_json):
+            config_checked, _, headers = read_folder_config(path)
+            if headers is not None:  # safetensors: transformers' own loader
+                return cls._from_pretrained_transformers(
+                    path, pretrained_model_name_or_path, config or config_checked, attn_implementation, dtype,
+                    device_map, kwargs,
+                )
         for k in list(kwargs):
             if k in _IGNORED_KWARGS or k.startswith("_"):
                 kwargs.pop(k)
-        path = _resolve_folder(pretrained_model_name_or_path, hub)
+        want_info = bool(kwargs.pop("output_loading_info", False))
         loaded = load_checkpoint(path, preset=preset, config_json=config_json)
         state = loaded.state_dict
         # a fresh config (a copy of the caller's, if given): loading never changes the caller's object
@@ -132,7 +162,11 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
             if hasattr(config, key):
                 setattr(config, key, kwargs.pop(key))
         if kwargs:
-            raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(kwargs)}")
+            raise TypeError(
+                f"from_pretrained got unexpected keyword arguments {sorted(kwargs)}"
+                + (" (transformers' own loader takes them: transformers >= 5 and a safetensors folder)"
+                   if set(kwargs) & _TRANSFORMERS_ONLY_KWARGS else "")
+            )
         if attn_implementation is not None:
             config.attention_backend = attn_implementation
         config.validate()
@@ -144,7 +178,7 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         else:
             model = cls(config)
             load_state_dict_checked(model, state, strict=False)
-        target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype)
+        target_dtype = _resolve_dtype(dtype)
         if target_dtype is not None:
             model.to(target_dtype)
         device = _resolve_device(device_map)
@@ -153,7 +187,51 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         model.config.name_or_path = str(pretrained_model_name_or_path)
         model.checkpoint_source = dict(path=path, preset=preset, config_json=config_json)  # to re-read them
         model.eval()
+        if want_info:
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
+
+    @classmethod
+    def _from_pretrained_transformers(
+        cls,
+        path: str,
+        name_or_path: str | os.PathLike,
+        config: HEVCViTConfig,
+        attn_implementation: str | None,
+        dtype: torch.dtype | str | None,
+        device_map: Any,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """A safetensors folder through transformers' own ``from_pretrained`` (transformers >= 5): ``device_map``
+        (``"auto"``, per module), ``max_memory``, ``quantization_config``, ``output_loading_info`` and its dtype
+        default behave as for any transformers model; the reference standard names are converted by the
+        rules :mod:`hevc_vit.embedded` registers. Strict: anything missing, unexpected or mis-shaped raises."""
+        config = HEVCViTConfig(**config_kwargs(config.to_dict()))  # never change the caller's object
+        for key in [k for k in kwargs if hasattr(config, k) and not k.startswith("_")]:
+            setattr(config, key, kwargs.pop(key))
+        if attn_implementation is not None:
+            config.attention_backend = attn_implementation
+        config.validate()
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        for key in _IGNORED_KWARGS & set(kwargs):
+            kwargs.pop(key)
+        one_device = _single_device(device_map)  # placed by us: transformers needs accelerate for any device_map
+        model, info = super().from_pretrained(
+            path, config=config, dtype=dtype, device_map=None if one_device else device_map, output_loading_info=True,
+            **kwargs,
+        )
+        if one_device is not None and one_device is not True:
+            model.to(one_device)
+        info = dict(info) if not isinstance(info, dict) else info
+        problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):
+            found = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items() if v)
+            raise ValueError(f"checkpoint {path} does not fit {cls.__name__}: {found}")
+        model.set_attn_implementation(config.attention_backend)
+        model.config.name_or_path = str(name_or_path)
+        model.checkpoint_source = dict(path=path, preset=None, config_json=None)
+        model.eval()
+        return (model, info) if want_info else model
 
 
 def load_state_dict_checked(
@@ -218,6 +296,18 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
+def _single_device(device_map: Any) -> torch.device | bool | None:
+    """The one device a ``device_map`` names (True for None: nowhere in particular), or None when it is a real
+    map — ``"auto"``, ``"balanced"``, per-module placements — for transformers (and accelerate) to apply."""
+    if device_map is None:
+        return True
+    if isinstance(device_map, dict):
+        return _resolve_device(device_map) if set(device_map) == {""} else None
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return None
+    return _resolve_device(device_map)
+
+
 def _resolve_device(device_map: str | torch.device | dict | None) -> torch.device | None:
     if device_map is None:
         return None
@@ -237,15 +327,17 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
     """The layers both models share, run on packed tokens."""
 
     def __init__(self, config: HEVCViTConfig):
+        if getattr(config, "_attn_implementation", None) not in (None, *TRANSFORMERS_NAMES):
+            config._attn_implementation = None  # one of ours (torch_varlen): transformers checks only its own names
         super().__init__(config)
         self.patch_embed = HEVCViTPatchEmbed(config)
         self.layernorm_pre = make_norm(config)
         self.encoder = HEVCViTEncoder(config)
         self.layernorm_post = make_norm(config)
         self.head = HEVCViTPoolingHead(config) if config.use_head else None
-        self._attend = get_attention(config.attention_backend)
         attach_load_hooks(self)  # load_state_dict of a model holding this one converts reference names
         self.post_init()
+        self.set_attn_implementation(config.attention_backend)
 
     def compile_blocks(self, **compile_kwargs: Any) -> "_HEVCViTCore":
         """Compile the dense parts of every block (see :meth:`HEVCViTEncoder.compile_blocks`); returns self."""
@@ -265,6 +357,8 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
         """
         dtype = self.patch_embed.proj.weight.dtype
         x = self.layernorm_pre(self.patch_embed(patches.to(dtype)))  # (T, D)
+        if attend is None and self.config.attention_backend == "auto":  # say what runs, as transformers does
+            self.config._attn_implementation = transformers_name(choose_backend(x.device, x.dtype))
         cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, dtype=x.dtype)
         x, hidden = self.encoder(x, cos, sin, plan, attend or self._attend, output_hidden_states)
         last = self.layernorm_post(x)  # (T, D)
@@ -276,6 +370,15 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
             raise ValueError(
                 f"{what} has shape {shape} with {channels} channels; the config expects "
                 f"num_channels={self.config.num_channels}"
+            )
+
+    def _check_data(self, what: str, x: torch.Tensor) -> None:
+        """Meta tensors (shapes without values) only go through a model on the meta device, and back."""
+        weights = self.patch_embed.proj.weight
+        if x.is_meta != weights.is_meta:
+            raise ValueError(
+                f"{what} is on {x.device} but the model's weights are on {weights.device}; expected both to hold "
+                f"data (cpu, cuda) or both on the meta device"
             )
 
 
@@ -307,6 +410,8 @@ class HEVCViTPackingModel(_HEVCViTCore):
             raise ValueError(
                 f"hidden_states has shape {shape}; expected 2-D packed patches (T, C·p·p) = (T, {self.config.patch_dim})"
             )
+        check_pixels("hidden_states", hidden_states)  # floating point
+        self._check_data("hidden_states", hidden_states)
         T, width = hidden_states.shape
         if width != self.config.patch_dim:
             c, p = self.config.num_channels, self.config.patch_size
@@ -316,7 +421,7 @@ class HEVCViTPackingModel(_HEVCViTCore):
         if plan is None:
             if grid_thw is None:
                 raise ValueError("grid_thw is None; pass grid_thw (n, 3) or a prebuilt plan")
-            plan = PackingPlan.from_grid_thw(grid_thw, device=hidden_states.device, patch_positions=None)
+            plan = PackingPlan.from_grid_thw(grid_thw, device=hidden_states.device, num_tokens=T)
             if patch_positions is not None:
                 plan = PackingPlan.from_seqlens(
                     plan.seqlens, patch_positions, device=hidden_states.device, grid_thw=plan.grid_thw
@@ -358,6 +463,7 @@ class HEVCViTModel(_HEVCViTCore):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values has shape {shape}; expected (B, C, H, W) images or (B, C, T, H, W) videos")
         self._check_channels("pixel_values", tuple(pixel_values.shape), pixel_values.shape[1])
+        self._check_data("pixel_values", pixel_values)
         device = pixel_values.device
         patches, grid = patchify(pixel_values, self.config.patch_size)  # (B·N, C·p·p), (B, 3)
         B = pixel_values.shape[0]

@@ -8,11 +8,15 @@ Conv2d weight — and patches are ordered frame-major, then row-major (t, then h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Sequence
 
 import torch
 
 GridLike = torch.Tensor | Sequence[Sequence[int]]
+
+# the most tokens one packed sequence may hold: cu_seqlens, what varlen kernels take, are int32
+MAX_TOKENS = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -32,13 +36,32 @@ def check_sides(what: str, height: int, width: int, patch_size: int) -> None:
         )
 
 
+def check_pixels(what: str, pixels: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``what`` unless it is a floating-point tensor: integer (e.g. uint8 images
+    not yet normalised), boolean and complex tensors are refused. Meta tensors pass: cutting them into
+    patches is shape arithmetic; a model refuses them unless it is on the meta device too."""
+    if not isinstance(pixels, torch.Tensor):
+        raise ValueError(f"{what} is a {type(pixels).__name__}; expected a floating-point torch.Tensor")
+    if not pixels.is_floating_point():
+        hint = ""
+        if not pixels.is_complex() and pixels.dtype != torch.bool:
+            hint = "; integer pixels need .float(), rescaling and normalising, as the processor does"
+        raise ValueError(
+            f"{what} has dtype {pixels.dtype}; expected a floating-point tensor (float32, bfloat16, float16 or "
+            f"float64){hint}"
+        )
+
+
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a batch of images or videos of one size into packed patches.
 
     pixel_values: ``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos; ``H`` and ``W`` multiples of ``p``.
     Returns ``patches (B·T·h·w, C·p·p)`` in the input dtype and ``grid_thw (B, 3)`` int64 on the CPU,
     ``(T, H/p, W/p)`` per item (``T = 1`` for images). One vectorised reshape, no loop over items.
+    Raises ``ValueError`` for pixels that are not a floating-point tensor, or an empty batch.
     """
+    check_pixels("pixel_values", pixel_values)
+    shape = tuple(pixel_values.shape)
     if pixel_values.dim() == 4:
         pixel_values = pixel_values.unsqueeze(2)  # (B, C, 1, H, W)
     if pixel_values.dim() != 5:
@@ -47,6 +70,11 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> tuple[torch.Tensor,
             f"or (B, C, T, H, W) videos"
         )
     B, C, T, H, W = pixel_values.shape
+    if B == 0 or C == 0 or T == 0:
+        raise ValueError(
+            f"pixel_values has shape {shape}; expected at least one item (B >= 1) with channels and frames "
+            f"(C >= 1, T >= 1)"
+        )
     check_sides("pixel_values", H, W, patch_size)
     p, h, w = patch_size, H // patch_size, W // patch_size
     x = pixel_values.reshape(B, C, T, h, p, w, p)
@@ -65,9 +93,12 @@ def patchify_items(
     a video ``(C, T, H, W)``. A 4-D item whose second axis is ``C`` is read as an image stack (the
     LLaVA convention for frames), otherwise as a video when its first axis is ``C``.
     Returns ``patches (T_tot, C·p·p)`` and ``grid_thw (n, 3)`` int64 on the CPU; runs of items with one
-    shape are cut in one vectorised call.
+    shape are cut in one vectorised call. Raises ``ValueError`` naming the first item that is not a
+    floating-point tensor of one of those shapes.
     """
     batches = [as_batch(item, num_channels, f"item {i}") for i, item in enumerate(items)]
+    for i, item in enumerate(items):
+        check_pixels(f"item {i} {tuple(item.shape)}", item)
     if not batches:
         raise ValueError("items is empty; expected at least one image or video")
     for i, batch in enumerate(batches):
@@ -122,29 +153,51 @@ def split_sizes(grid_thw: torch.Tensor) -> list[int]:
 def as_grid_thw(grid_thw: GridLike) -> torch.Tensor:
     """Validate ``grid_thw`` and return it as an int64 CPU tensor of shape ``(n, 3)``.
 
-    A device tensor is copied to the host once, here: this is the only place a plan may sync.
+    A device tensor is copied to the host once, here: this is the only place a plan may sync. Every entry
+    must be a positive integer, and the patches of all items together (``t·h·w`` summed, computed exactly)
+    at most ``MAX_TOKENS``: a row like ``(1, 2**20, 2**20)`` is refused before anything is allocated.
     """
     if isinstance(grid_thw, torch.Tensor):
         if grid_thw.is_floating_point() or grid_thw.is_complex() or grid_thw.dtype == torch.bool:
             raise ValueError(f"grid_thw has dtype {grid_thw.dtype}; expected an integer tensor")
-        grid = grid_thw.detach().to("cpu", torch.int64)
+        if grid_thw.is_meta:
+            raise ValueError("grid_thw is on the meta device (a shape without values); expected (n, 3) integers")
+        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.shape[0] == 0:
+            raise ValueError(
+                f"grid_thw has shape {tuple(grid_thw.shape)}; expected (n, 3) with n >= 1, rows (t, h, w)"
+            )
+        rows = grid_thw.detach().cpu().tolist()  # exact Python ints, whatever the integer dtype
     else:
-        rows = [list(row) for row in grid_thw]
+        try:
+            rows = [list(row) for row in grid_thw]
+        except TypeError:
+            raise ValueError(
+                f"grid_thw is a {type(grid_thw).__name__}; expected an (n, 3) integer tensor or a list of (t, h, w)"
+            ) from None
         for i, row in enumerate(rows):
             for v in row:
-                if isinstance(v, bool) or not isinstance(v, int) and not (
-                    isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point()
+                if isinstance(v, bool) or not isinstance(v, Integral) and not (
+                    isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_meta
                 ):
                     raise ValueError(f"grid_thw row {i} is {row}; expected integers (t, h, w)")
-        grid = torch.tensor([[int(v) for v in row] for row in rows], dtype=torch.int64) if rows else None
-        if grid is None:
+        if not rows:
             raise ValueError("grid_thw is empty; expected at least one (t, h, w) row")
-    if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
-        raise ValueError(f"grid_thw has shape {tuple(grid.shape)}; expected (n, 3) with n >= 1, rows (t, h, w)")
-    if (grid <= 0).any():
-        bad = int((grid <= 0).any(-1).nonzero()[0, 0])
-        raise ValueError(f"grid_thw row {bad} is {grid[bad].tolist()}; every entry must be a positive integer")
-    return grid
+        rows = [[int(v) for v in row] for row in rows]
+        if any(len(row) != 3 for row in rows):
+            lengths = sorted({len(row) for row in rows})
+            shape = (len(rows), lengths[0]) if len(lengths) == 1 else f"({len(rows)}, {lengths})"
+            raise ValueError(f"grid_thw has shape {shape}; expected (n, 3) with n >= 1, rows (t, h, w)")
+    total = 0
+    for i, (t, h, w) in enumerate(rows):
+        if min(t, h, w) <= 0:
+            raise ValueError(f"grid_thw row {i} is {[t, h, w]}; every entry must be a positive integer")
+        total += t * h * w
+        if total > MAX_TOKENS:
+            raise ValueError(
+                f"grid_thw row {i} is {[t, h, w]} ({t * h * w:,} patches); the items up to it hold {total:,} "
+                f"patches, expected at most {MAX_TOKENS:,} in one packed sequence (cu_seqlens are int32)"
+            )
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def grid_positions(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -189,14 +242,22 @@ class PackingPlan:
         grid_thw: GridLike,
         device: torch.device | str | None = None,
         patch_positions: torch.Tensor | None = None,
+        num_tokens: int | None = None,
     ) -> "PackingPlan":
         """Plan for items given as full ``(t, h, w)`` patch grids.
 
         grid_thw: ``(n, 3)`` — CPU tensor, device tensor (copied to the host once) or list of triples.
         patch_positions: optional ``(T_tot, 3)`` explicit ``(t, h, w)`` per patch, overriding the grid's.
+        num_tokens: the rows of the packed patches (``hidden_states``) the grid must describe; checked
+            before the positions are built.
         """
         grid = as_grid_thw(grid_thw)
         seqlens = split_sizes(grid)
+        if num_tokens is not None and sum(seqlens) != num_tokens:
+            raise ValueError(
+                f"grid_thw describes {sum(seqlens)} patches (sum of t·h·w over {len(seqlens)} items); "
+                f"hidden_states has {num_tokens}"
+            )
         positions = grid_positions(grid) if patch_positions is None else patch_positions
         return cls.from_seqlens(seqlens, positions, device=device, grid_thw=grid)
 
@@ -216,7 +277,7 @@ class PackingPlan:
         if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape != (total, 3):
             shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
             raise ValueError(f"patch_positions has shape {shape}; expected ({total}, 3), one (t, h, w) per patch")
-        if positions.is_floating_point():
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
             raise ValueError(f"patch_positions has dtype {positions.dtype}; expected an integer tensor")
         device = torch.device(device) if device is not None else positions.device
         cu = torch.tensor((0,) + tuple(_cumsum(seqlens)), dtype=torch.int32)
