@@ -233,6 +233,7 @@ def test_overwrite_replaces_only_its_own_outputs(model, data, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(model, data, tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)

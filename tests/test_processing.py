@@ -172,3 +172,39 @@ def test_processor_errors_name_the_value():
         NativeResolutionProcessor(patch_size=0)
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         load_processor("/nonexistent/folder")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("image_std", [0.5, float("nan"), 0.5], "image_std=.*finite"),
+        ("image_std", [0.5, 0.0, 0.5], "image_std=.*positive"),
+        ("image_mean", [float("inf"), 0.5, 0.5], "image_mean=.*finite"),
+        ("image_mean", ["0.5", 0.5, 0.5], "image_mean=.*finite"),
+        ("rescale_factor", float("nan"), "rescale_factor=nan"),
+        ("rescale_factor", 0, "rescale_factor=0"),
+        ("resample", 99, "resample=99.*BICUBIC"),
+        ("do_normalize", "no", "do_normalize='no'"),
+    ],
+)
+def test_processor_configs_with_non_finite_or_unknown_values_are_refused(tmp_path, field, value, message):
+    """NaN in a preprocessor_config.json (Python's json reads NaN) would make every feature NaN."""
+    config = {**NativeResolutionProcessor(patch_size=14).to_dict(), field: value}
+    with pytest.raises(ValueError, match=message):
+        processor_from_dict(config)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))  # writes NaN as the bare word NaN
+    with pytest.raises(ValueError, match=message):
+        load_processor(tmp_path)
+
+
+def test_16_bit_images_are_scaled_to_8_bit_not_clipped(tmp_path):
+    """A 16-bit PNG opens as mode I;16 (0..65535); PIL's convert("RGB") clips it at 255, which makes it white."""
+    levels = np.linspace(0, 255, 28 * 28).astype(np.uint8).reshape(28, 28)
+    Image.fromarray(levels.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 8-bit level v -> 16-bit v * 257
+    with Image.open(tmp_path / "deep.png") as deep:
+        assert deep.mode in ("I;16", "I")
+        processor = NativeResolutionProcessor(patch_size=14, min_tokens=4, max_tokens=4)
+        got = processor(deep)
+        assert np.array_equal(got.numpy(), processor(Image.fromarray(levels, mode="L")).numpy())
+        got_i = processor(deep.convert("I"))  # the mode older Pillow versions give 16-bit PNGs
+        assert np.array_equal(got_i.numpy(), got.numpy())

@@ -85,3 +85,28 @@ def test_positions_spread_over_a_context_match_the_reference():
         out = model(patches, grid_thw=grid, patch_positions=positions)
     assert_close_rel(out.last_hidden_state, golden["video_4x28x28_ctx64.last_hidden_state"][0], what="ctx64 tokens")
     assert_close_rel(out.pooler_output, golden["video_4x28x28_ctx64.pooler_output"], what="ctx64 pooled")
+
+
+def _noisy_clip(path: Path, num_frames: int) -> Path:
+    """A clip of random frames (so its data is much larger than its header), its index (moov) written first,
+    so a cut file still opens and states ``num_frames``."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_a_truncated_video_is_refused_not_read_as_a_shorter_clip(tmp_path):
+    whole = _noisy_clip(tmp_path / "whole.mp4", 40)
+    assert read_video(whole, 8).indices == [2, 7, 12, 17, 22, 27, 32, 37]
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])  # states 40 frames, about 10 decode
+    with pytest.raises(ValueError, match="truncated or damaged: its stream states 40 frames, but only"):
+        read_video(cut, 8)

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "hevc_vit.encode",
     "hevc_vit.convert",
     "hevc_vit.bench",
+    "hevc_vit.codec",
 )
 
 

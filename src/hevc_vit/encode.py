@@ -3,7 +3,7 @@
 The Python API is :func:`encode`; the command line (``register_cli``) only parses and calls it.
 
 Pipeline, per rank: inputs are expanded and shared out deterministically (input ``i`` goes to rank
-``i % world_size``); ``DataLoader`` workers decode, preprocess and patchify; the token-budget packer
+``i % world_size``); worker processes decode, preprocess and patchify (``inputs.load_items``); the token-budget packer
 groups items into forwards of at most ``max_tokens`` patches (first-fit decreasing); each group is one
 forward of the packing model; features go to safetensors shards, and every input gets one index row. Under
 ``torchrun`` every rank writes its own shards and rank 0 merges the index after a barrier.
@@ -14,7 +14,9 @@ Legend: ``T`` packed tokens, ``n`` items, ``N`` tokens of one item, ``D`` width.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +29,7 @@ import torch
 
 from .configuration import PRESETS, HEVCViTConfig
 from .grouping import TokenBudgetPacker
-from .inputs import InputSpec, LoadedItem, LoadOptions, expand_inputs, load_item
+from .inputs import InputSpec, LoadedItem, LoadOptions, expand_inputs, load_items
 from .packing import PackingPlan
 from .processing import (
     PREPROCESSOR_NAME,
@@ -40,7 +42,10 @@ from .processing import (
 from .sharding import (
     CONFIG_NAME,
     INDEX_NAME,
+    LOCK_NAME,
     SHARD_DIR,
+    SHARD_NAME,
+    FolderLock,
     ShardWriter,
     make_row,
     rank_index_files,
@@ -64,7 +69,9 @@ _ARCHITECTURE_FIELDS = (
     "use_head",
 )
 # encode_config.json fields that change the features: a resumed run must match them
-_RESUME_FIELDS = ("model", "architecture", "processor", "pool", "pooled_only", "frames", "temporal_context", "dtype")
+_RESUME_FIELDS = (
+    "model", "weights", "architecture", "processor", "pool", "pooled_only", "frames", "temporal_context", "dtype",
+)
 
 
 def sample_inputs() -> list[Path]:
@@ -106,11 +113,25 @@ class EncodeResult:
         ]
         failures = [row for row in self.rows if row["status"] != "ok"]
         for row in failures[:10]:
-            lines.append(f"  failed: {row['path']}: {row['error']}")
+            lines.append(f"  failed: {_printable(row['path'])}: {_printable(row['error'])}")
         if len(failures) > 10:
             lines.append(f"  ... and {len(failures) - 10} more failed inputs (status 'failed' in the index)")
-        lines.append(f"features: {self.out_dir}/{SHARD_DIR}/ ({self.shards} new shards); index: {self.index_path}")
+        if self.nothing_encoded:
+            lines.append("nothing was encoded: every input failed (see the reasons above and in the index)")
+        out_dir = _printable(str(self.out_dir))
+        lines.append(f"features: {out_dir}/{SHARD_DIR}/ ({self.shards} new shards); index: {out_dir}/{INDEX_NAME}")
         return "\n".join(lines)
+
+    @property
+    def nothing_encoded(self) -> bool:
+        """Every input of the run failed (none encoded, none done before): the CLI exits with status 1."""
+        return self.encoded == 0 and self.skipped == 0
+
+
+def _printable(text: str) -> str:
+    """``text`` safe to print on any terminal: a file name that is not valid UTF-8 (held by Python as
+    surrogate escapes) shows its bytes as ``\\xNN`` instead of making ``print`` raise."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) else str(text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,12 +206,19 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(device)!r}; expected 'cpu', 'cuda' or 'cuda:N'")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}; CUDA is not available here (use 'cpu')")
-    return device
+    if resolved.type == "cuda" and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}; this machine has {torch.cuda.device_count()} CUDA devices")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -253,6 +281,24 @@ def load_model(
     return packing.eval(), os.path.abspath(name) if local else name, False
 
 
+def weights_identity(model: torch.nn.Module) -> str:
+    """``sha256:HEX`` over the model's tensors as loaded: name, dtype, shape and bytes of every state-dict entry,
+    in name order. ``--resume`` compares it, so new weights saved at the same ``--model`` path are refused.
+
+    Why the loaded tensors rather than the files: they are what the features depend on, whatever the checkpoint
+    format (folder, single file, Hub id, model object), and a partial hash of the files (size, dates, first and
+    last MB) would miss a fine-tune that left the first and last tensors alone. One pass over the weights costs
+    about as much as loading them (~1 s per GB), once per run, on rank 0 only; tensors are copied to the host one
+    at a time, so memory stays bounded.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        host = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{str(host.dtype).removeprefix('torch.')}:{tuple(host.shape)}\n".encode("utf-8"))
+        digest.update(host.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
 def build_processor(
     processor: str | os.PathLike | ImageProcessor,
     config: HEVCViTConfig,
@@ -309,45 +355,80 @@ def _largest_item(processor: ImageProcessor, frames: int, patch_size: int) -> in
 
 
 def _owned_outputs(out_dir: Path) -> list[Path]:
-    """The files a run writes in ``out_dir`` (what ``--overwrite`` removes; nothing else is touched)."""
+    """The files a run writes in ``out_dir`` (what ``--overwrite`` removes), by their exact names: the index
+    files, ``encode_config.json`` and ``shards/rankRRRRR-NNNNN.safetensors`` (and their temporary files).
+    Nothing else is touched, e.g. a ``shards/ranking.safetensors`` of the user's."""
     paths = [out_dir / INDEX_NAME, out_dir / CONFIG_NAME, *rank_index_files(out_dir)]
     shard_dir = out_dir / SHARD_DIR
     if shard_dir.is_dir():
-        paths += [p for p in shard_dir.iterdir() if p.name.startswith("rank") and ".safetensors" in p.name]
+        paths += sorted(p for p in shard_dir.iterdir() if SHARD_NAME.match(p.name) and p.is_file())
     return [p for p in paths if p.exists()]
 
 
-def _choose_out_dir(out_dir: str | os.PathLike | None, resume: bool, overwrite: bool, log) -> Path:
+def _holds_files(path: Path) -> bool:
+    """``path`` is a folder with something in it besides a run's lock file."""
+    return path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
+
+
+def _choose_out_dir(
+    out_dir: str | os.PathLike | None, resume: bool, overwrite: bool, log, busy: frozenset[Path] = frozenset()
+) -> Path:
+    """The output folder to claim: ``out_dir``, or with None the default folder or the next free numbered one
+    (skipping ``busy`` ones, held by runs in progress). Whether it may be used is decided under its lock."""
     if resume and overwrite:
         raise ValueError("resume and overwrite were both given; --resume continues a run, --overwrite replaces it")
     if out_dir is not None:
         path = Path(out_dir)
         if path.exists() and not path.is_dir():
-            raise ValueError(f"--out {path} is a file; expected a folder (new or from an earlier run)")
-        if path.is_dir() and any(path.iterdir()) and not (resume or overwrite):
-            raise FileExistsError(
-                f"--out {path} exists and is not empty; pass --resume to continue the run that wrote it, "
-                f"--overwrite to replace its outputs, or choose another --out"
-            )
+            raise ValueError(f"--out {_printable(str(path))} is a file; expected a folder (new or from an earlier run)")
         return path
     # No --out: the default folder, or the next free numbered one, so a second run never touches the first.
     base = Path(DEFAULT_OUT)
-    if resume or overwrite or not (base.exists() and (not base.is_dir() or any(base.iterdir()))):
+    if resume or overwrite:
         return base
-    n = 2
-    while Path(f"{DEFAULT_OUT}-{n}").exists() and (
-        not Path(f"{DEFAULT_OUT}-{n}").is_dir() or any(Path(f"{DEFAULT_OUT}-{n}").iterdir())
-    ):
+    n, path = 1, base
+    while path in busy or (path.exists() and (not path.is_dir() or _holds_files(path))):
         n += 1
-    log(f"{base}/ holds an earlier run; writing to {DEFAULT_OUT}-{n}/ (pass --out DIR to choose)")
-    return Path(f"{DEFAULT_OUT}-{n}")
+        path = Path(f"{DEFAULT_OUT}-{n}")
+    if n > 1:
+        log(f"{base}/ holds an earlier run; writing to {path}/ (pass --out DIR to choose)")
+    return path
 
 
-def _check_resume_config(out_dir: Path, settings: dict[str, Any]) -> None:
+def _claim_out_dir(out_dir: str | os.PathLike | None, resume: bool, overwrite: bool, log) -> FolderLock:
+    """Rank 0: choose the output folder and take its lock before anything is checked or written there, then
+    decide (under the lock) whether this run may use it. A second run on the same folder is refused with the
+    holder's pid and host; without ``--out`` it moves on to the next numbered folder instead."""
+    busy: set[Path] = set()
+    while True:
+        path = _choose_out_dir(out_dir, resume, overwrite, log, frozenset(busy))
+        try:
+            lock = FolderLock.acquire(path)
+        except FileExistsError:
+            if out_dir is not None or resume or overwrite:
+                raise
+            busy.add(path)
+            continue
+        if _holds_files(path) and not (resume or overwrite):
+            lock.release()
+            if out_dir is None:  # filled by a run that ended since we looked: take the next one
+                busy.add(path)
+                continue
+            raise FileExistsError(
+                f"--out {_printable(str(path))} exists and is not empty; pass --resume to continue the run that "
+                f"wrote it, --overwrite to replace its outputs, or choose another --out"
+            )
+        return lock
+
+
+def _check_resume_config(out_dir: Path, settings: dict[str, Any], say) -> None:
     path = out_dir / CONFIG_NAME
     if not path.is_file():
         return
     earlier = json.loads(path.read_text(encoding="utf-8"))
+    if "weights" not in earlier:  # written before the weights were recorded: nothing to compare with
+        say(f"note: {path} does not record the weights' checksum; --resume cannot check they are the same")
+        earlier["weights"] = settings.get("weights")
     differ = [k for k in _RESUME_FIELDS if earlier.get(k) != settings.get(k)]
     if differ:
         details = "; ".join(f"{k}: earlier {earlier.get(k)!r}, now {settings.get(k)!r}" for k in differ)
@@ -374,19 +455,24 @@ def _prepare(
     resume: bool,
     overwrite: bool,
     settings: dict[str, Any],
+    say=lambda msg: None,
 ) -> _RunPlan:
-    """Rank 0: the expanded inputs, the inputs already done (with resume), and the folder made ready."""
-    specs = expand_inputs(inputs if inputs else sample_inputs())
+    """Rank 0, holding the folder's lock: the expanded inputs, the inputs already done (with resume), and the
+    folder made ready. The output folder itself is never an input, even inside an input folder."""
+    specs = expand_inputs(inputs if inputs else sample_inputs(), exclude=[path])
+    if not specs:
+        raise ValueError(f"no inputs: {[_printable(os.fspath(i)) for i in inputs or []]} name no files")
     done: set[str] = set()
     if resume and path.is_dir():
-        _check_resume_config(path, settings)
+        _check_resume_config(path, settings, say)
         for row in read_rows(path).values():
             if row.get("status") == "ok" and (path / row.get("shard", "")).is_file():
                 done.add(row["path"])
         shard_dir = path / SHARD_DIR
         if shard_dir.is_dir():  # temporary files of a run that was killed mid-write
-            for tmp in shard_dir.glob("*.safetensors.tmp*"):
-                tmp.unlink()
+            for tmp in shard_dir.iterdir():
+                if (m := SHARD_NAME.match(tmp.name)) and m.group(3):
+                    tmp.unlink()
     if overwrite and path.is_dir():
         for owned in _owned_outputs(path):
             owned.unlink()
@@ -398,23 +484,6 @@ def _prepare(
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
-
-
-class _ItemDataset(torch.utils.data.Dataset):
-    def __init__(self, work: list[tuple[int, str]], options: LoadOptions):
-        self.work = work
-        self.options = options
-
-    def __len__(self) -> int:
-        return len(self.work)
-
-    def __getitem__(self, i: int) -> LoadedItem:
-        index, path = self.work[i]
-        return load_item(index, path, self.options)
-
-
-def _identity(item):
-    return item
 
 
 def _default_workers() -> int:
@@ -459,7 +528,7 @@ class _GroupRunner:
                 return
             item = items[0]
             self.writer.add_failure(_failure_row(item, f"out of memory on {self.device} ({item.num_tokens} patches)"))
-            self.on_done(1, 0)
+            self.on_done(0, 1, 0)
             return
         self._finish()
         self._pending = (items, outputs)
@@ -496,19 +565,26 @@ class _GroupRunner:
         if event is not None:
             event.synchronize()
         per_item = torch.split(last, list(seqlens)) if last is not None else [None] * len(items)
-        tokens = 0
+        tokens = failed = 0
         for i, (item, features) in enumerate(zip(items, per_item)):
             tensors = {"grid_thw": torch.tensor(item.grid_thw, dtype=torch.int64)}
             if features is not None:
                 tensors["patches"] = features.clone()  # (N, D), its own storage for safetensors
             if pooled is not None:
                 tensors["pooled"] = pooled[i].clone()  # (D,)
+            bad = [name for name in ("patches", "pooled") if name in tensors and not tensors[name].isfinite().all()]
+            if bad:  # NaN or inf features are never stored as ok
+                error = f"non-finite features: the {' and '.join(bad)} hold NaN or inf values (not stored)"
+                self.writer.add_failure(_failure_row(item, error))
+                failed += 1
+                continue
             shape = list(tensors["patches"].shape) if features is not None else list(tensors["pooled"].shape)
             row = make_row(item.path, status="ok", key=_key(item.index), shape=shape, grid_thw=list(item.grid_thw),
                            kind=item.kind, **item.info)
             self.writer.add(row, tensors)
             tokens += item.num_tokens
-        self.on_done(len(items), tokens)
+        self.writer.end_forward()
+        self.on_done(len(items) - failed, failed, tokens)
 
     def close(self) -> None:
         self._finish()
@@ -544,8 +620,8 @@ def encode(
 ) -> EncodeResult:
     """Encode images and videos to features in ``out_dir``: safetensors shards plus ``index.jsonl``.
 
-    inputs: files, folders (recursive), globs and ``.txt`` list files; None or empty: the sample images
-        and clip shipped with the package.
+    inputs: files, folders (recursive), globs and ``.txt`` list files; one path (a ``str`` or ``Path``) is one
+        input; None or empty: the sample images and clip shipped with the package.
     out_dir: the output folder; None: ``./hevc_vit_features`` (or ``-2``, ``-3``, ... when taken). An
         existing non-empty folder is refused unless ``resume`` (skip inputs already encoded there) or
         ``overwrite`` (remove the outputs of the earlier run first).
@@ -558,7 +634,7 @@ def encode(
     frames: frames sampled uniformly from each video; temporal_context: spread their RoPE ``t`` over
         ``0..temporal_context-1`` (None: the frame's index in the sample, ``0..frames-1``).
     device / dtype: default CUDA (this rank's GPU) in bfloat16 when available, else the CPU in float32.
-    workers: ``DataLoader`` processes decoding and preprocessing (0: in this process).
+    workers: processes decoding and preprocessing (0: in this process); one that dies fails only its input.
     shard_size_mb: features per shard before a new one is started (0: one shard per forward).
     progress: tqdm bar on stderr (None: when stderr is a terminal, on rank 0); log: where notices go
         (default: stderr, rank 0 only).
@@ -566,19 +642,13 @@ def encode(
     Under ``torchrun`` (or with ``torch.distributed`` initialised) each rank encodes every ``world_size``-th
     input, writes its own shards, and rank 0 writes the merged index after a barrier.
     Returns an :class:`EncodeResult`; per-input failures are recorded in the index, not raised.
+    The output folder is held exclusively (a lock that ends with the process) from before the first check
+    until the run returns; invalid options are refused before anything is created.
     """
-    if pool is not None and pool not in POOL_MODES:
-        raise ValueError(f"pool={pool!r}; expected one of {POOL_MODES}")
-    for name, value in (("max_tokens", max_tokens), ("frames", frames)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}; expected a positive integer")
-    if temporal_context is not None and temporal_context < frames:
-        raise ValueError(f"temporal_context={temporal_context}; expected at least frames={frames}")
-    if shard_size_mb < 0:
-        raise ValueError(f"shard_size_mb={shard_size_mb}; expected >= 0")
-    if workers is not None and workers < 0:
-        raise ValueError(f"workers={workers}; expected >= 0")
-
+    if isinstance(inputs, (str, os.PathLike)):  # one path is one input, not a sequence of characters
+        inputs = [inputs]
+    _check_options(pool, max_tokens, frames, temporal_context, shard_size_mb, workers,
+                   min_image_tokens, max_image_tokens, max_video_tokens)
     torch_device = _resolve_device(device)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
@@ -595,17 +665,51 @@ def encode(
         dist.close()
 
 
+def _check_options(pool, max_tokens, frames, temporal_context, shard_size_mb, workers, *token_bounds) -> None:
+    """Refuse invalid option values before anything is loaded or created."""
+    if pool is not None and pool not in POOL_MODES:
+        raise ValueError(f"pool={pool!r}; expected one of {POOL_MODES}")
+    positive = [("max_tokens", max_tokens), ("frames", frames)]
+    bound_names = ("min_image_tokens", "max_image_tokens", "max_video_tokens")
+    positive += [(name, v) for name, v in zip(bound_names, token_bounds) if v is not None]
+    for name, value in positive:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}; expected a positive integer")
+    if temporal_context is not None and (
+        not isinstance(temporal_context, int) or isinstance(temporal_context, bool) or temporal_context < frames
+    ):
+        raise ValueError(f"temporal_context={temporal_context!r}; expected an integer of at least frames={frames}")
+    if (not isinstance(shard_size_mb, (int, float)) or isinstance(shard_size_mb, bool)
+            or not math.isfinite(shard_size_mb) or shard_size_mb < 0):
+        raise ValueError(f"shard_size_mb={shard_size_mb!r}; expected a finite number >= 0 (0: one shard per forward)")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise ValueError(f"workers={workers!r}; expected an integer >= 0")
+
+
 def _encode(dist, say, inputs, out_dir, model, processor, pool, pooled_only, max_tokens, frames, temporal_context,
             token_bounds, device, dtype, attn_implementation, workers, shard_size_mb, resume, overwrite, progress):
-    # rank 0 checks the folder before anything slow; the verdict reaches every rank with the run plan
-    chosen, early_error = None, None
+    # Rank 0 takes the output folder (an exclusive lock, held until the run returns) before anything is
+    # checked, loaded or written; a refusal reaches every rank with the run plan, so no rank waits forever.
+    lock, early_error = None, None
     if dist.rank == 0:
         try:
-            chosen = _choose_out_dir(out_dir, resume, overwrite, say)
-        except (ValueError, FileExistsError) as e:
+            lock = _claim_out_dir(out_dir, resume, overwrite, say)
+        except (ValueError, OSError) as e:  # refused, or the folder cannot be made
             early_error = _RunPlan("", [], set(), str(e), type(e).__name__)
             if not dist.active:
                 _raise(early_error)
+    try:
+        return _run(dist, say, inputs, lock.folder if lock else None, early_error, model, processor, pool,
+                    pooled_only, max_tokens, frames, temporal_context, token_bounds, device, dtype,
+                    attn_implementation, workers, shard_size_mb, resume, overwrite, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(dist, say, inputs, chosen, early_error, model, processor, pool, pooled_only, max_tokens, frames,
+         temporal_context, token_bounds, device, dtype, attn_implementation, workers, shard_size_mb, resume, overwrite,
+         progress):
     packing, model_name, random_weights = load_model(model, device, dtype, attn_implementation)
     config = packing.config
     if random_weights:
@@ -627,6 +731,7 @@ def _encode(dist, say, inputs, out_dir, model, processor, pool, pooled_only, max
             f"such items run alone, one per forward")
     settings = {
         "model": model_name,
+        "weights": weights_identity(packing) if dist.rank == 0 else None,  # only rank 0 checks and writes settings
         "architecture": {k: getattr(config, k) for k in _ARCHITECTURE_FIELDS},
         "processor": proc.to_dict(),
         "pool": pool,
@@ -642,7 +747,7 @@ def _encode(dist, say, inputs, out_dir, model, processor, pool, pooled_only, max
     plan = early_error
     if dist.rank == 0 and plan is None:
         try:
-            plan = _prepare(inputs, chosen, resume, overwrite, settings)
+            plan = _prepare(inputs, chosen, resume, overwrite, settings, say)
         except (ValueError, OSError) as e:  # reaches every rank, which all raise it (none waits forever)
             plan = _RunPlan("", [], set(), str(e), type(e).__name__)
     plan = dist.broadcast(plan)
@@ -657,29 +762,23 @@ def _encode(dist, say, inputs, out_dir, model, processor, pool, pooled_only, max
     ]
     options = LoadOptions(proc, config.patch_size, config.num_channels, frames, temporal_context)
     n_workers = _default_workers() if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        _ItemDataset(share, options),
-        batch_size=None,
-        shuffle=False,
-        num_workers=n_workers,
-        collate_fn=_identity,
-        prefetch_factor=4 if n_workers else None,
-    )
     show = (sys.stderr.isatty() if progress is None else progress) and dist.rank == 0
     bar = _progress(len(share), show, "encode" if dist.world == 1 else f"encode rank 0/{dist.world}")
     stats = {"encoded": 0, "failed": 0, "tokens": 0}
     loop_start = time.perf_counter()
 
-    def on_done(n: int, tokens: int) -> None:
-        stats["encoded" if tokens else "failed"] += n
+    def on_done(encoded: int, failed: int, tokens: int) -> None:
+        stats["encoded"] += encoded
+        stats["failed"] += failed
         stats["tokens"] += tokens
-        bar.update(n)
+        bar.update(encoded + failed)
         secs = max(time.perf_counter() - loop_start, 1e-9)
         bar.set_postfix_str(f"{stats['tokens'] / secs:,.0f} tokens/s", refresh=False)
 
     writer = ShardWriter(path, dist.rank, int(shard_size_mb * 2**20), background=True)
     runner = _GroupRunner(packing, device, dtype, pool, pooled_only, writer, on_done)
     packer: TokenBudgetPacker[LoadedItem] = TokenBudgetPacker(max_tokens)
+    loader = load_items(share, options, n_workers)  # in order; a worker that dies fails only its input
     try:
         for item in loader:
             if item.error:
@@ -694,6 +793,7 @@ def _encode(dist, say, inputs, out_dir, model, processor, pool, pooled_only, max
         runner.close()
         writer.close()
     except BaseException:
+        loader.close()  # stop the workers first
         try:  # keep what finished: its inputs are skipped by --resume
             runner.close()
             writer.close()
@@ -791,7 +891,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="compute and storage dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--attn-implementation", metavar="NAME",
                    help="attention backend: auto, eager, sdpa, torch_varlen, flash_attn (default: the model's)")
-    p.add_argument("--workers", type=int, metavar="N", help="DataLoader processes for decoding (default: up to 4)")
+    p.add_argument("--workers", type=int, metavar="N", help="processes for decoding (default: up to 4)")
     p.add_argument("--shard-size-mb", type=float, default=1024, metavar="MB", help="features per shard (1024)")
     p.add_argument("--resume", action="store_true", help="continue DIR: skip inputs already encoded there")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in DIR")
@@ -800,7 +900,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``hevc-vit encode``; returns the exit status (2 for invalid arguments or a refused folder)."""
+    """``hevc-vit encode``; returns the exit status: 0 when inputs were encoded (some may have failed rows), 1 when
+    every input failed or the output could not be written, 2 for invalid arguments or a refused folder."""
     log = (lambda msg: None) if args.quiet else None
     try:
         result = encode(
@@ -827,15 +928,16 @@ def run_cli(args: argparse.Namespace) -> int:
             log=log,
         )
     except (ValueError, FileExistsError, FileNotFoundError, ImportError) as e:
-        print(f"hevc-vit encode: error: {e}", file=sys.stderr)
+        print(f"hevc-vit encode: error: {_printable(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # the output folder cannot be written, the disk is full, ...
-        print(f"hevc-vit encode: error: {e}", file=sys.stderr)
+        print(f"hevc-vit encode: error: {_printable(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hevc-vit encode: interrupted; finished shards are kept: rerun with --resume to continue",
               file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(result.summary())
-    return 0
+    if int(os.environ.get("RANK", "0")) != 0:  # the totals and the summary are rank 0's
+        return 0
+    print(result.summary())
+    return 1 if result.nothing_encoded else 0

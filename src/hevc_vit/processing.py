@@ -29,6 +29,19 @@ PREPROCESSOR_NAME = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as stored in preprocessor_config.json files
+RESAMPLE_NAMES = {int(r): r.name for r in Image.Resampling}  # PIL's filters: 0 NEAREST, ..., 3 BICUBIC, ...
+# modes whose samples go past 8 bits: PIL's convert("RGB") clips them at 255 rather than scaling them
+_HIGH_BIT_DEPTH = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit image (mode ``I;16*``, or ``I`` as PIL opens 16-bit PNGs and TIFFs) as 8-bit ``L``, scaled with
+    ``value >> 8`` (65535 -> 255) instead of clipped at 255; any other image as it is. Samples of mode ``I`` are
+    taken as 16-bit (0..65535); values outside are clamped."""
+    if image.mode not in _HIGH_BIT_DEPTH:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # (H, W) uint8: mode L
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -57,12 +70,23 @@ class ImageProcessor(abc.ABC):
         do_normalize: bool = True,
         do_convert_rgb: bool = True,
     ):
+        image_mean = _finite_list("image_mean", image_mean)
+        image_std = _finite_list("image_std", image_std)
         if len(image_mean) != len(image_std):
-            raise ValueError(f"image_mean={list(image_mean)} and image_std={list(image_std)}; expected equal lengths")
+            raise ValueError(f"image_mean={image_mean} and image_std={image_std}; expected equal lengths")
         if any(s <= 0 for s in image_std):
-            raise ValueError(f"image_std={list(image_std)}; expected positive values")
-        self.image_mean = [float(m) for m in image_mean]
-        self.image_std = [float(s) for s in image_std]
+            raise ValueError(f"image_std={image_std}; expected positive values")
+        if not _is_number(resample) or not math.isfinite(resample) or resample not in RESAMPLE_NAMES:
+            known = ", ".join(f"{k} ({v})" for k, v in RESAMPLE_NAMES.items())
+            raise ValueError(f"resample={resample!r}; expected one of PIL's resampling filters: {known}")
+        if not _is_number(rescale_factor) or not math.isfinite(rescale_factor) or rescale_factor <= 0:
+            raise ValueError(f"rescale_factor={rescale_factor!r}; expected a finite positive number (e.g. 1/255)")
+        flags = (("do_rescale", do_rescale), ("do_normalize", do_normalize), ("do_convert_rgb", do_convert_rgb))
+        for name, flag in flags:
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"{name}={flag!r}; expected true or false")
+        self.image_mean = image_mean
+        self.image_std = image_std
         self.resample = int(resample)
         self.rescale_factor = float(rescale_factor)
         self.do_rescale = bool(do_rescale)
@@ -98,6 +122,7 @@ class ImageProcessor(abc.ABC):
     def _process(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         if image.width < 1 or image.height < 1:
             raise ValueError(f"image is {image.width}x{image.height}; expected at least 1x1 pixels")
+        image = to_8bit(image)  # a 16-bit PNG is scaled, not clipped at 255 (white)
         if self.do_convert_rgb:
             image = to_rgb(image)
         pixels = self._resize(image, size)  # (H, W, C) uint8
@@ -178,6 +203,9 @@ class FixedSizeProcessor(ImageProcessor):
             values = value if isinstance(value, tuple) else (value,)
             if not all(isinstance(v, int) and v > 0 for v in values):
                 raise ValueError(f"{name}={value!r}; expected positive integers")
+        for name, flag in (("do_resize", do_resize), ("do_center_crop", do_center_crop)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"{name}={flag!r}; expected true or false")
         self.shortest_edge = int(shortest_edge)
         self.crop_size = (int(crop[0]), int(crop[1]))  # (height, width)
         self.do_resize = bool(do_resize)
@@ -336,6 +364,19 @@ class NativeResolutionProcessor(ImageProcessor):
     def from_dict(cls, config: dict[str, Any]) -> "NativeResolutionProcessor":
         names = ("patch_size", "min_tokens", "max_tokens", "max_video_tokens")
         return cls(**_common_kwargs(config, names))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite_list(name: str, values: Any) -> list[float]:
+    """``values`` as a list of finite floats; ``ValueError`` naming ``name`` for NaN, inf, strings, a scalar."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) or len(values) == 0:
+        raise ValueError(f"{name}={values!r}; expected a non-empty list of finite numbers, one per channel")
+    if not all(_is_number(v) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name}={list(values)!r}; expected finite numbers (no NaN, inf or strings)")
+    return [float(v) for v in values]
 
 
 _COMMON = ("image_mean", "image_std", "resample", "rescale_factor", "do_rescale", "do_normalize", "do_convert_rgb")

@@ -87,8 +87,10 @@ def read_video(path: str | os.PathLike, num_frames: int) -> DecodedVideo:
     """Decode ``num_frames`` uniformly sampled frames of the first video stream of ``path``.
 
     The clip is decoded once from the start, keeping only the sampled frames. When the container does not
-    state its frame count, the packets are counted first; when it states a wrong one (the decoder ends
-    early), the sample is drawn again over the frames that really decode.
+    state its frame count, the packets are counted first. When it states a count and fewer frames decode, a
+    shortfall of a few frames (at most 2, or 5 % of the count: containers round, and edit lists or decoder
+    delay drop a frame or two) draws the sample again over the frames that decode; a larger one means the file
+    is truncated or damaged and raises ``ValueError`` — its clip would be another clip than the stream states.
     """
     av = _import_av()
     total = _stated_frame_count(av, path)
@@ -101,7 +103,12 @@ def read_video(path: str | os.PathLike, num_frames: int) -> DecodedVideo:
         frames, decoded = _decode_frames(av, path, wanted)
         if len(frames) == len(wanted):
             return DecodedVideo(frames, wanted, total)
-        total = decoded  # the stated count was wrong: sample again over the frames that exist
+        if decoded < total - max(2, total // 20):
+            raise ValueError(
+                f"the video is truncated or damaged: its stream states {total} frames, but only {decoded} decode "
+                f"(the sampled frames {wanted} need {wanted[-1] + 1})"
+            )
+        total = decoded  # the stated count was slightly off: sample again over the frames that exist
     raise ValueError(f"the video decoded {decoded} frames, fewer than its stream states; it may be truncated")
 
 
