@@ -3,13 +3,15 @@ its checkpointing call — the same outputs as this library's loader and the ref
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoImageProcessor, AutoModel, pipeline
 
-from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify
+from hevc_vit import HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, patchify, patchify_items
 from hevc_vit.checkpoints import load_checkpoint
 
 from .conftest import FIXTURES, tiny_config
@@ -92,3 +94,80 @@ def test_support_flags_are_truthful():
     again = HEVCViTModel(tiny_config(attn_implementation="torch_varlen")) if torch.cuda.is_available() else None
     if again is not None:
         assert again.config._attn_implementation == "torch_varlen"
+
+
+# --------------------------------------------------------------------------------------------------
+# the image processor, AutoImageProcessor and the feature-extraction pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def _images():
+    g = torch.Generator().manual_seed(3)
+    pil = Image.fromarray(torch.randint(0, 256, (60, 90, 3), generator=g, dtype=torch.uint8).numpy())
+    wide = Image.fromarray(torch.randint(0, 256, (30, 200, 3), generator=g, dtype=torch.uint8).numpy())
+    return pil, wide
+
+
+@pytest.fixture
+def packing_folder(tmp_path):
+    HEVCViTPackingModel(tiny_config()).save_pretrained(tmp_path / "m")
+    HEVCViTImageProcessor(min_tokens=4, max_tokens=64).save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_image_processor_packs_native_sizes_like_the_encode_processor():
+    pil, wide = _images()
+    processor = HEVCViTImageProcessor(min_tokens=4, max_tokens=64)
+    out = processor([pil, wide], return_tensors="pt")
+    native = processor.native_processor()
+    expected_patches, expected_grid = patchify_items([native(pil), native(wide)], 14)
+    assert torch.equal(out["image_grid_thw"], expected_grid) and torch.equal(out["pixel_values"], expected_patches)
+    assert out["image_grid_thw"][:, 0].tolist() == [1, 1]  # one (1, h, w) row per image
+    # numpy (H, W, C) uint8, numpy (C, H, W) floats in [0, 1] and torch (C, H, W) uint8 give the same patches
+    array = np.array(pil)
+    for other in (array, array.transpose(2, 0, 1).astype(np.float32) / 255, torch.from_numpy(array).permute(2, 0, 1)):
+        assert torch.equal(processor(other)["pixel_values"], processor(pil)["pixel_values"])
+    assert isinstance(processor(pil, return_tensors="np")["pixel_values"], np.ndarray)
+
+
+def test_image_processor_round_trip_and_auto_image_processor(packing_folder):
+    loaded = AutoImageProcessor.from_pretrained(packing_folder)
+    assert isinstance(loaded, HEVCViTImageProcessor)
+    assert (loaded.min_tokens, loaded.max_tokens, loaded.patch_size) == (4, 64, 14)
+    pil, _ = _images()
+    assert torch.equal(loaded(pil)["pixel_values"], HEVCViTImageProcessor(min_tokens=4, max_tokens=64)(pil)["pixel_values"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(min_tokens=0), r"min_tokens=0; expected a positive integer"),
+        (dict(image_std=[0.2, 0.0, 0.2]), r"image_std=\[0.2, 0.0, 0.2\]; expected positive values"),
+    ],
+)
+def test_image_processor_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HEVCViTImageProcessor(**kwargs)
+
+
+def test_image_processor_bad_images_are_named():
+    processor = HEVCViTImageProcessor()
+    with pytest.raises(ValueError, match=r"image 1 is a str; expected a PIL image"):
+        processor([_images()[0], "x.png"])
+    with pytest.raises(ValueError, match=r"image 0 holds values in \[2, 2\]; expected floats in \[0, 1\]"):
+        processor(np.full((20, 20, 3), 2.0, np.float32))
+
+
+def test_feature_extraction_pipeline_runs_every_image_at_its_own_size(packing_folder):
+    pil, wide = _images()
+    extractor = pipeline("image-feature-extraction", model=str(packing_folder))
+    features = extractor([pil, wide], return_tensors=True)
+    processor = AutoImageProcessor.from_pretrained(packing_folder)
+    model = HEVCViTPackingModel.from_pretrained(packing_folder)
+    for image, got in zip((pil, wide), features):
+        inputs = processor(image)
+        (h, w) = inputs["image_grid_thw"][0, 1:].tolist()
+        with torch.no_grad():
+            expected = model(**inputs).last_hidden_state
+        assert got.shape[-2:] == (h * w, 64)  # native size, no fixed crop
+        torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-5, atol=1e-6)

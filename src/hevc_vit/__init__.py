@@ -5,11 +5,12 @@ sequence ``(T, C·p·p)`` with a ``grid_thw`` row ``(t, h, w)`` per item, the tr
 variable-length attention with 3D RoPE, and the output is split back per item.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .attention import available_backends, get_attention
 from .configuration import PRESETS, HEVCViTConfig
 from .embedded import register_transformers_conversions
+from .image_processing import HEVCViTImageProcessor
 from .modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
 from .packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 AutoConfig.register(HEVCViTConfig.model_type, HEVCViTConfig, exist_ok=True)
 AutoModel.register(HEVCViTConfig, HEVCViTModel, exist_ok=True)
+AutoImageProcessor.register(HEVCViTConfig, slow_image_processor_class=HEVCViTImageProcessor, exist_ok=True)
 
 
 def _register_reference_model_types() -> None:
@@ -41,6 +43,7 @@ register_transformers_conversions((HEVCViTModel.__name__, HEVCViTPackingModel.__
 __all__ = [
     "PRESETS",
     "HEVCViTConfig",
+    "HEVCViTImageProcessor",
     "HEVCViTModel",
     "HEVCViTPackingModel",
     "HEVCViTPreTrainedModel",

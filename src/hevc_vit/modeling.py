@@ -365,29 +365,7 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
         pooled = self.head(last, plan) if self.head is not None else None  # (n, D)
         return last, pooled, hidden
 
-    def _check_channels(self, what: str, shape: tuple[int, ...], channels: int) -> None:
-        if channels != self.config.num_channels:
-            raise ValueError(
-                f"{what} has shape {shape} with {channels} channels; the config expects "
-                f"num_channels={self.config.num_channels}"
-            )
-
-    def _check_data(self, what: str, x: torch.Tensor) -> None:
-        """Meta tensors (shapes without values) only go through a model on the meta device, and back."""
-        weights = self.patch_embed.proj.weight
-        if x.is_meta != weights.is_meta:
-            raise ValueError(
-                f"{what} is on {x.device} but the model's weights are on {weights.device}; expected both to hold "
-                f"data (cpu, cuda) or both on the meta device"
-            )
-
-
-class HEVCViTPackingModel(_HEVCViTCore):
-    """The encoder on packed input: every image and video at its own size, in one forward."""
-
-    main_input_name = "hidden_states"
-
-    def forward(
+    def forward_packed(
         self,
         hidden_states: torch.Tensor,
         grid_thw: GridLike | None = None,
@@ -396,15 +374,8 @@ class HEVCViTPackingModel(_HEVCViTCore):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
-        """
-        hidden_states: ``(T, C·p·p)`` — flattened ``(C, p, p)`` patches of all items, packed.
-        grid_thw: ``(n, 3)`` int — ``(t, h, w)`` in patches per item; a CPU tensor or a list of triples
-            keeps the forward free of host syncs (a device tensor is copied to the host once).
-        patch_positions: optional ``(T, 3)`` int — explicit ``(t, h, w)`` RoPE position per patch.
-        plan: a prebuilt :class:`PackingPlan` instead of ``grid_thw`` / ``patch_positions``.
-        Returns ``last_hidden_state (T, D)``, ``pooler_output (n, D)`` (with the head),
-        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(T, D)`` when asked.
-        """
+        """Packed patches ``(T, C·p·p)`` + ``grid_thw`` (or a ``plan``) through the layers: what
+        :meth:`HEVCViTPackingModel.forward` runs, and the standard model for packed input."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
             raise ValueError(
@@ -439,6 +410,54 @@ class HEVCViTPackingModel(_HEVCViTCore):
         last, pooled, hidden = self.encode_packed(hidden_states, plan, output_hidden_states)
         return _output(last, pooled, hidden, return_dict, self.config.return_dict)
 
+    def _check_channels(self, what: str, shape: tuple[int, ...], channels: int) -> None:
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"{what} has shape {shape} with {channels} channels; the config expects "
+                f"num_channels={self.config.num_channels}"
+            )
+
+    def _check_data(self, what: str, x: torch.Tensor) -> None:
+        """Meta tensors (shapes without values) only go through a model on the meta device, and back."""
+        weights = self.patch_embed.proj.weight
+        if x.is_meta != weights.is_meta:
+            raise ValueError(
+                f"{what} is on {x.device} but the model's weights are on {weights.device}; expected both to hold "
+                f"data (cpu, cuda) or both on the meta device"
+            )
+
+
+class HEVCViTPackingModel(_HEVCViTCore):
+    """The encoder on packed input: every image and video at its own size, in one forward."""
+
+    main_input_name = "hidden_states"
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor | None = None,
+        grid_thw: GridLike | None = None,
+        patch_positions: torch.Tensor | None = None,
+        plan: PackingPlan | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: GridLike | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """
+        hidden_states: ``(T, C·p·p)`` — flattened ``(C, p, p)`` patches of all items, packed.
+        grid_thw: ``(n, 3)`` int — ``(t, h, w)`` in patches per item; a CPU tensor or a list of triples
+            keeps the forward free of host syncs (a device tensor is copied to the host once).
+        patch_positions: optional ``(T, 3)`` int — explicit ``(t, h, w)`` RoPE position per patch.
+        plan: a prebuilt :class:`PackingPlan` instead of ``grid_thw`` / ``patch_positions``.
+        pixel_values / image_grid_thw: the same as ``hidden_states`` / ``grid_thw``, under the names of
+            transformers' image processors (:class:`~hevc_vit.image_processing.HEVCViTImageProcessor`).
+        Returns ``last_hidden_state (T, D)``, ``pooler_output (n, D)`` (with the head),
+        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(T, D)`` when asked.
+        """
+        hidden_states = _one_of("hidden_states", hidden_states, "pixel_values", pixel_values)
+        grid_thw = _one_of("grid_thw", grid_thw, "image_grid_thw", image_grid_thw, required=False)
+        return self.forward_packed(hidden_states, grid_thw, patch_positions, plan, output_hidden_states, return_dict)
+
 
 class HEVCViTModel(_HEVCViTCore):
     """The encoder on ``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos of one size."""
@@ -450,15 +469,26 @@ class HEVCViTModel(_HEVCViTCore):
         visible_indices: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        image_grid_thw: GridLike | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """
-        pixel_values: ``(B, C, H, W)`` or ``(B, C, T, H, W)``; ``H``, ``W`` multiples of ``p``.
+        pixel_values: ``(B, C, H, W)`` or ``(B, C, T, H, W)``; ``H``, ``W`` multiples of ``p``. Packed patches
+            ``(T, C·p·p)`` with ``image_grid_thw (n, 3)`` (what transformers' image processor of this library
+            gives, e.g. in ``pipeline("image-feature-extraction")``) run the packing path instead, every item at
+            its own size, and come back packed like :class:`HEVCViTPackingModel`'s.
         patch_positions: optional ``(B, N, 3)`` int — explicit ``(t, h, w)`` per patch (``N = T·H/p·W/p``).
         visible_indices: optional ``(B, K)`` int — keep only these patches of each item (sparse input);
             on the CPU they are range-checked here, on a device the gather checks them.
         Returns ``last_hidden_state (B, N or K, D)``, ``pooler_output (B, D)`` (with the head),
         ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(B, N or K, D)`` when asked.
         """
+        if image_grid_thw is not None or (isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 2):
+            if image_grid_thw is None or visible_indices is not None:
+                raise ValueError(
+                    "pixel_values is 2-D (packed patches); expected image_grid_thw (n, 3) with it and no "
+                    "visible_indices — or images (B, C, H, W) / videos (B, C, T, H, W)"
+                )
+            return self.forward_packed(pixel_values, image_grid_thw, patch_positions, None, output_hidden_states, return_dict)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (4, 5):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values has shape {shape}; expected (B, C, H, W) images or (B, C, T, H, W) videos")
@@ -490,6 +520,16 @@ class HEVCViTModel(_HEVCViTCore):
         last = last.view(B, n, -1)  # (B, N, D)
         hidden = tuple(h.view(B, n, -1) for h in hidden) if hidden is not None else None
         return _output(last, pooled, hidden, return_dict, self.config.return_dict)
+
+
+def _one_of(name: str, value: Any, alias: str, alias_value: Any, required: bool = True) -> Any:
+    """``value`` or its transformers-named ``alias`` (one of them, not both)."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"{name} and {alias} were both given; pass one (they are the same input)")
+    value = value if value is not None else alias_value
+    if value is None and required:
+        raise ValueError(f"{name} is None; expected packed patches (T, C·p·p) as {name} or {alias}")
+    return value
 
 
 def _check_visible_indices(visible_indices: torch.Tensor, B: int, N: int) -> torch.Tensor:
