@@ -64,13 +64,13 @@ def _fake_varlen(calls):
 def fake_cuda_kernels(monkeypatch):
     """Pretend CUDA kernels exist and accept CPU tensors, so the dispatch code runs here."""
     calls: list[dict] = []
-    monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (_fake_varlen(calls), True))
-    monkeypatch.setattr(attention, "_flash_attn_fn", lambda: _fake_varlen(calls))
-    monkeypatch.setattr(attention, "_check_varlen_inputs", lambda name, q, dropout_p: None)
+    monkeypatch.setattr(attention, "load_torch_varlen_kernel", lambda: (_fake_varlen(calls), True))
+    monkeypatch.setattr(attention, "load_flash_attn_kernel", lambda: _fake_varlen(calls))
+    monkeypatch.setattr(attention, "check_varlen_inputs", lambda name, q, dropout_p: None)
     monkeypatch.setattr(attention, "backend_unavailable_reason", lambda name: None)
-    attention._choose_backend.cache_clear()
+    attention.reset_backend_choice()
     yield calls
-    attention._choose_backend.cache_clear()
+    attention.reset_backend_choice()
 
 
 @pytest.mark.parametrize("name", ["torch_varlen", "flash_attn"])
@@ -90,8 +90,8 @@ def test_torch_varlen_without_scale_argument_prescales_q(monkeypatch):
     def old_kernel(q, k, v, cu_q, cu_k, max_q, max_k):  # releases before 2.10: scale is always Dh ** -0.5
         return fake(q, k, v, cu_q, cu_k, max_q, max_k, scale=q.shape[-1] ** -0.5)
 
-    monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (old_kernel, False))
-    monkeypatch.setattr(attention, "_check_varlen_inputs", lambda name, q, dropout_p: None)
+    monkeypatch.setattr(attention, "load_torch_varlen_kernel", lambda: (old_kernel, False))
+    monkeypatch.setattr(attention, "check_varlen_inputs", lambda name, q, dropout_p: None)
     plan = PackingPlan.from_grid_thw(GRID)
     q, k, v = _qkv(plan.total_tokens)
     out = attention.torch_varlen_attention(q, k, v, plan, 0.1)
@@ -103,7 +103,7 @@ def test_auto_prefers_flash_attn_then_torch_varlen_on_cuda_half(fake_cuda_kernel
     assert attention.choose_backend(cuda, torch.bfloat16) == "flash_attn"
     assert attention.choose_backend(cuda, torch.float32) == "sdpa"
     assert attention.choose_backend(cpu, torch.bfloat16) == "sdpa"
-    attention._choose_backend.cache_clear()
+    attention.reset_backend_choice()
     monkeypatch.setattr(attention, "backend_unavailable_reason", lambda name: "missing" if name == "flash_attn" else None)
     assert attention.choose_backend(cuda, torch.float16) == "torch_varlen"
     assert attention.choose_backend(cuda, torch.float16, dropout_p=0.1) == "sdpa"
@@ -159,7 +159,7 @@ def test_forward_with_a_prebuilt_plan_never_reads_tensors_on_the_host(fake_cuda_
     plan = PackingPlan.from_grid_thw(grid_thw)
     plan.length_groups, plan.segment_ids  # noqa: B018 — built on the host before the guarded forward
     if name == "torch_varlen":  # the fake kernel itself reads cu_seqlens; give it a sync-free stand-in
-        monkeypatch.setattr(attention, "_torch_varlen_fn", lambda: (lambda q, k, v, *a, **kw: q.clone(), True))
+        monkeypatch.setattr(attention, "load_torch_varlen_kernel", lambda: (lambda q, k, v, *a, **kw: q.clone(), True))
     with torch.no_grad(), _NoHostSync():
         out = model(patches, plan=plan, output_hidden_states=True)
     assert out.last_hidden_state.shape == (patches.shape[0], 64)

@@ -124,12 +124,12 @@ def test_cpu_token_chunks_give_the_same_outputs_and_gradients(monkeypatch):
     patches, grid_thw = patchify_items([torch.randn(3, 252, 140), torch.randn(3, 2, 112, 98)], 14)  # 180 + 112
     results = []
     for chunk_bytes in (2**30, 1):  # never chunked; chunks of the 256-token minimum
-        monkeypatch.setattr(layers, "_CPU_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(layers, "CPU_CHUNK_BYTES", chunk_bytes)
         packing.zero_grad()
         out = packing(patches, grid_thw, output_hidden_states=True)
         (out.last_hidden_state.square().mean() + out.pooler_output.sum()).backward()
         results.append((out.last_hidden_state.detach(), [p.grad.clone() for p in packing.parameters()]))
-    assert layers._cpu_chunk_tokens(patches[:, :64], 128) == 256  # the second pass did chunk
+    assert layers.cpu_chunk_tokens(patches[:, :64], 128) == 256  # the second pass did chunk
     (whole, grads_whole), (chunked, grads_chunked) = results
     assert_close_rel(chunked, whole)
     for a, b in zip(grads_chunked, grads_whole):

@@ -14,6 +14,11 @@ Backends:
 
 Optional kernels are imported lazily, only here. Asking for a backend that is unknown raises
 ``ValueError``, one that is not available here raises ``ImportError``; both name the alternatives.
+
+Test seam: the varlen backends find their kernels through ``load_torch_varlen_kernel`` /
+``load_flash_attn_kernel``, check their inputs with ``check_varlen_inputs`` and availability with
+``backend_unavailable_reason``; tests replace these module functions to run the dispatch code on the CPU
+with the eager maths (and call ``reset_backend_choice()`` around it).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def sdpa_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 
     return out
 
 
-def _check_varlen_inputs(name: str, q: torch.Tensor, dropout_p: float) -> None:
+def check_varlen_inputs(name: str, q: torch.Tensor, dropout_p: float) -> None:
     if not q.is_cuda or q.dtype not in _HALF:
         raise ValueError(
             f"attention backend {name!r} got {q.dtype} tensors on {q.device}; it needs float16/bfloat16 on CUDA "
@@ -93,8 +98,8 @@ def _check_varlen_inputs(name: str, q: torch.Tensor, dropout_p: float) -> None:
 
 def torch_varlen_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """PyTorch's varlen FlashAttention over the plan's ``cu_seqlens`` (CUDA, fp16/bf16)."""
-    _check_varlen_inputs("torch_varlen", q, dropout_p)
-    varlen_attn, takes_scale = _torch_varlen_fn()
+    check_varlen_inputs("torch_varlen", q, dropout_p)
+    varlen_attn, takes_scale = load_torch_varlen_kernel()
     if not takes_scale:  # older releases always scale by Dh ** -0.5
         q = q * (scale * q.shape[-1] ** 0.5)
     kwargs = {"scale": scale} if takes_scale else {}
@@ -104,8 +109,8 @@ def torch_varlen_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: 
 
 def flash_attn_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """The flash-attn package's ``flash_attn_varlen_func`` (CUDA, fp16/bf16)."""
-    _check_varlen_inputs("flash_attn", q, 0.0)  # flash-attn applies dropout itself
-    fn = _flash_attn_fn()
+    check_varlen_inputs("flash_attn", q, 0.0)  # flash-attn applies dropout itself
+    fn = load_flash_attn_kernel()
     cu, n = plan.cu_seqlens, plan.max_seqlen
     return fn(q, k, v, cu, cu, n, n, dropout_p=dropout_p, softmax_scale=scale, causal=False)
 
@@ -131,14 +136,14 @@ _IMPLEMENTATIONS: dict[str, AttendFn] = {
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_varlen_fn() -> tuple[Callable, bool]:
+def load_torch_varlen_kernel() -> tuple[Callable, bool]:
     module = importlib.import_module("torch.nn.attention.varlen")
     fn = module.varlen_attn
     return fn, "scale" in inspect.signature(fn).parameters
 
 
 @functools.lru_cache(maxsize=None)
-def _flash_attn_fn() -> Callable:
+def load_flash_attn_kernel() -> Callable:
     return importlib.import_module("flash_attn").flash_attn_varlen_func
 
 
@@ -153,12 +158,12 @@ def _importable(fn: Callable) -> bool:
 def backend_unavailable_reason(name: str) -> str | None:
     """Why ``name`` cannot run in this environment, or None when it can."""
     if name == "torch_varlen":
-        if not _importable(_torch_varlen_fn):
+        if not _importable(load_torch_varlen_kernel):
             return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.9 needed)"
         if not torch.cuda.is_available():
             return "it needs a CUDA device and none is available"
     if name == "flash_attn":
-        if not _importable(_flash_attn_fn):
+        if not _importable(load_flash_attn_kernel):
             return "the flash-attn package is not installed (pip install flash-attn)"
         if not torch.cuda.is_available():
             return "it needs a CUDA device and none is available"
@@ -206,6 +211,11 @@ def get_attention(name: str) -> AttendFn:
             f"attn_implementation={name!r} is not available: {reason}; available here: {available_backends()}"
         )
     return _IMPLEMENTATIONS[backend]
+
+
+def reset_backend_choice() -> None:
+    """Forget what ``auto`` chose per device and dtype (after the kernels' availability changed)."""
+    _choose_backend.cache_clear()
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> str:

@@ -105,7 +105,7 @@ class HEVCViTEncoderLayer(nn.Module):
     ) -> torch.Tensor:
         """x: ``(T, D)``; ``block_fns`` are the two dense halves (compiled versions may be passed)."""
         before, after = block_fns
-        chunk = _cpu_chunk_tokens(x, self.mlp.fc1.out_features)
+        chunk = cpu_chunk_tokens(x, self.mlp.fc1.out_features)
         if chunk is None:
             q, k, v = before(self, x, cos, sin)
         else:
@@ -120,16 +120,16 @@ class HEVCViTEncoderLayer(nn.Module):
 
 # On the CPU, an allocation above glibc's mmap threshold (at most 32 MiB) is a fresh mapping whose pages
 # fault in on first touch: long packed sequences would pay that for the MLP and qkv activations of every
-# block (measured: page faults 7x and element-wise ops 2.4x slower per element than item by item). Token chunks keep them below it; attention still
-# sees whole items.
-_CPU_CHUNK_BYTES = 8 * 2**20
+# block (measured: page faults 7x and element-wise ops 2.4x slower per element than item by item). Token
+# chunks keep them below it; attention still sees whole items. Public so tests can lower it.
+CPU_CHUNK_BYTES = 8 * 2**20
 
 
-def _cpu_chunk_tokens(x: torch.Tensor, widest: int) -> int | None:
+def cpu_chunk_tokens(x: torch.Tensor, widest: int) -> int | None:
     """Tokens per chunk for the dense halves of a block on the CPU, or None to run them whole."""
     if x.device.type != "cpu":
         return None
-    chunk = max(256, _CPU_CHUNK_BYTES // (widest * x.element_size()))
+    chunk = max(256, CPU_CHUNK_BYTES // (widest * x.element_size()))
     return chunk if x.shape[0] > chunk else None
 
 
