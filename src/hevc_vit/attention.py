@@ -27,7 +27,8 @@ import functools
 import importlib
 import inspect
 import logging
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -135,14 +136,14 @@ _IMPLEMENTATIONS: dict[str, AttendFn] = {
 # --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_torch_varlen_kernel() -> tuple[Callable, bool]:
     module = importlib.import_module("torch.nn.attention.varlen")
     fn = module.varlen_attn
     return fn, "scale" in inspect.signature(fn).parameters
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_flash_attn_kernel() -> Callable:
     return importlib.import_module("flash_attn").flash_attn_varlen_func
 
@@ -223,7 +224,7 @@ def choose_backend(device: torch.device, dtype: torch.dtype, dropout_p: float = 
     return _choose_backend(device.type, dtype, dropout_p > 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _choose_backend(device_type: str, dtype: torch.dtype, dropout: bool) -> str:
     name = "sdpa"
     if device_type == "cuda" and dtype in _HALF:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Real
-from typing import Any, Mapping
+from typing import Any
 
 from transformers import PretrainedConfig
 
 # name -> (patch_size, hidden_size, num_attention_heads, num_hidden_layers, intermediate_size)
 PRESETS: dict[str, dict[str, int]] = {
-    name: dict(
-        patch_size=p, hidden_size=d, num_attention_heads=h, num_hidden_layers=n, intermediate_size=m
-    )
+    name: dict(patch_size=p, hidden_size=d, num_attention_heads=h, num_hidden_layers=n, intermediate_size=m)
     for name, (p, d, h, n, m) in {
         "small": (16, 384, 6, 6, 1536),
         "base": (16, 768, 12, 12, 3072),
@@ -229,7 +228,7 @@ class HEVCViTConfig(PretrainedConfig):
         check_backend_name(self.attention_backend)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "HEVCViTConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> HEVCViTConfig:
         """Config of a named size preset (``small``, ``base``, ``large``, ``huge``, ``giant``)."""
         if name not in PRESETS:
             raise ValueError(f"preset={name!r}; expected one of {sorted(PRESETS)}")

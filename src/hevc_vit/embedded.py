@@ -170,7 +170,9 @@ def _reread_weights(model: nn.Module) -> None:
     from .checkpoints import load_checkpoint
 
     source = model.checkpoint_source
-    logger.info("re-reading the weights of %s from %s (the outer checkpoint holds none)", type(model).__name__, source["path"])
+    logger.info(
+        "re-reading the weights of %s from %s (the outer checkpoint holds none)", type(model).__name__, source["path"]
+    )
     state = load_checkpoint(source["path"], preset=source["preset"], config_json=source["config_json"]).state_dict
     on_meta = any(p.is_meta for p in model.parameters())
     with torch.no_grad():

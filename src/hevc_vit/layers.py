@@ -65,7 +65,7 @@ class HEVCViTMLP(nn.Module):
 
 
 def attention_inputs(
-    layer: "HEVCViTEncoderLayer", x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    layer: HEVCViTEncoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``norm1 -> qkv -> RoPE`` of one block: ``x (T, D)`` -> ``q, k, v`` each ``(T, H, Dh)``."""
     attn = layer.self_attn
@@ -75,7 +75,7 @@ def attention_inputs(
     return q, k, qkv[:, 2]
 
 
-def attention_output_and_mlp(layer: "HEVCViTEncoderLayer", x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def attention_output_and_mlp(layer: HEVCViTEncoderLayer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
     """The rest of one block: ``x + proj(attn)``, then ``+ mlp(norm2(.))``; ``attn_out (T, H, Dh)``."""
     x = x + layer.self_attn.proj(attn_out.flatten(1))  # (T, D)
     return x + layer.mlp(layer.layer_norm2(x))

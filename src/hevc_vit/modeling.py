@@ -30,7 +30,12 @@ from .rope import rope_cos_sin
 # from_pretrained keyword arguments that only steer downloading (forwarded to the Hub client or ignored)
 _HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder"}
 _IGNORED_KWARGS = {
-    "trust_remote_code", "use_safetensors", "low_cpu_mem_usage", "resume_download", "code_revision", "adapter_kwargs"
+    "trust_remote_code",
+    "use_safetensors",
+    "low_cpu_mem_usage",
+    "resume_download",
+    "code_revision",
+    "adapter_kwargs",
 }
 # transformers 5 loads folders through its own from_pretrained (with our weight conversions registered)
 _TRANSFORMERS_ONLY_KWARGS = {"max_memory", "quantization_config", "offload_folder", "offload_state_dict", "key_mapping"}
@@ -66,8 +71,8 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
 
     def _initialize_weights(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
         """transformers' per-module initialisation, except for a model that holds checkpoint weights (read by
-        :meth:`from_pretrained`): those are never re-initialised — see :func:`~hevc_vit.embedded.check_reinitialisation`,
-        which re-reads them or raises."""
+        :meth:`from_pretrained`): those are never re-initialised — see
+        :func:`~hevc_vit.embedded.check_reinitialisation`, which re-reads them or raises."""
         if getattr(self, "checkpoint_source", None) is not None:
             check_reinitialisation(self)
             return
@@ -105,7 +110,7 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         device_map: str | torch.device | dict | None = None,
         strict: bool = True,
         **kwargs: Any,
-    ) -> "HEVCViTPreTrainedModel":
+    ) -> HEVCViTPreTrainedModel:
         """Load a checkpoint of any supported format (hevc_vit, packing, standard, legacy) into this model.
 
         The same path under every transformers release: :func:`~hevc_vit.checkpoints.load_checkpoint`
@@ -144,8 +149,13 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
             config_checked, _, headers = read_folder_config(path)
             if headers is not None:  # safetensors: transformers' own loader
                 return cls._from_pretrained_transformers(
-                    path, pretrained_model_name_or_path, config or config_checked, attn_implementation, dtype,
-                    device_map, kwargs,
+                    path,
+                    pretrained_model_name_or_path,
+                    config or config_checked,
+                    attn_implementation,
+                    dtype,
+                    device_map,
+                    kwargs,
                 )
         for k in list(kwargs):
             if k in _IGNORED_KWARGS or k.startswith("_"):
@@ -164,8 +174,11 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         if kwargs:
             raise TypeError(
                 f"from_pretrained got unexpected keyword arguments {sorted(kwargs)}"
-                + (" (transformers' own loader takes them: transformers >= 5 and a safetensors folder)"
-                   if set(kwargs) & _TRANSFORMERS_ONLY_KWARGS else "")
+                + (
+                    " (transformers' own loader takes them: transformers >= 5 and a safetensors folder)"
+                    if set(kwargs) & _TRANSFORMERS_ONLY_KWARGS
+                    else ""
+                )
             )
         if attn_implementation is not None:
             config.attention_backend = attn_implementation
@@ -217,13 +230,19 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
             kwargs.pop(key)
         one_device = _single_device(device_map)  # placed by us: transformers needs accelerate for any device_map
         model, info = super().from_pretrained(
-            path, config=config, dtype=dtype, device_map=None if one_device else device_map, output_loading_info=True,
+            path,
+            config=config,
+            dtype=dtype,
+            device_map=None if one_device else device_map,
+            output_loading_info=True,
             **kwargs,
         )
         if one_device is not None and one_device is not True:
             model.to(one_device)
         info = dict(info) if not isinstance(info, dict) else info
-        problems = {k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {
+            k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
         if any(problems.values()):
             found = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items() if v)
             raise ValueError(f"checkpoint {path} does not fit {cls.__name__}: {found}")
@@ -273,9 +292,7 @@ def _resolve_folder(name_or_path: str | os.PathLike, hub: dict[str, Any]) -> str
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(
-            str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"], **hub
-        )
+        folder = snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"], **hub)
     except Exception as e:  # the hub client raises many types; the message is what matters
         raise FileNotFoundError(
             f"{name_or_path!s} is not a local folder and could not be fetched from the Hugging Face Hub: {e}"
@@ -339,7 +356,7 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
         self.post_init()
         self.set_attn_implementation(config.attention_backend)
 
-    def compile_blocks(self, **compile_kwargs: Any) -> "_HEVCViTCore":
+    def compile_blocks(self, **compile_kwargs: Any) -> _HEVCViTCore:
         """Compile the dense parts of every block (see :meth:`HEVCViTEncoder.compile_blocks`); returns self."""
         self.encoder.compile_blocks(**compile_kwargs)
         return self
@@ -379,7 +396,8 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
             raise ValueError(
-                f"hidden_states has shape {shape}; expected 2-D packed patches (T, C·p·p) = (T, {self.config.patch_dim})"
+                f"hidden_states has shape {shape}; expected 2-D packed patches (T, C·p·p) = "
+                f"(T, {self.config.patch_dim})"
             )
         check_pixels("hidden_states", hidden_states)  # floating point
         self._check_data("hidden_states", hidden_states)
@@ -406,7 +424,9 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
             )
         if plan.device != hidden_states.device:
             raise ValueError(f"plan is on {plan.device}; hidden_states is on {hidden_states.device}")
-        output_hidden_states = bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
+        )
         last, pooled, hidden = self.encode_packed(hidden_states, plan, output_hidden_states)
         return _output(last, pooled, hidden, return_dict, self.config.return_dict)
 
@@ -488,7 +508,9 @@ class HEVCViTModel(_HEVCViTCore):
                     "pixel_values is 2-D (packed patches); expected image_grid_thw (n, 3) with it and no "
                     "visible_indices — or images (B, C, H, W) / videos (B, C, T, H, W)"
                 )
-            return self.forward_packed(pixel_values, image_grid_thw, patch_positions, None, output_hidden_states, return_dict)
+            return self.forward_packed(
+                pixel_values, image_grid_thw, patch_positions, None, output_hidden_states, return_dict
+            )
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (4, 5):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values has shape {shape}; expected (B, C, H, W) images or (B, C, T, H, W) videos")
@@ -502,7 +524,9 @@ class HEVCViTModel(_HEVCViTCore):
             positions = grid_positions(grid[:1]).repeat(B, 1)  # (B·N, 3) on the CPU
         else:
             if not isinstance(patch_positions, torch.Tensor) or tuple(patch_positions.shape) != (B, N, 3):
-                shape = tuple(patch_positions.shape) if isinstance(patch_positions, torch.Tensor) else type(patch_positions)
+                shape = (
+                    tuple(patch_positions.shape) if isinstance(patch_positions, torch.Tensor) else type(patch_positions)
+                )
                 raise ValueError(f"patch_positions has shape {shape}; expected ({B}, {N}, 3), one (t, h, w) per patch")
             positions = patch_positions.reshape(B * N, 3)
         seqlens, grid_thw = [N] * B, grid
@@ -514,7 +538,9 @@ class HEVCViTModel(_HEVCViTCore):
             positions = positions.to(device).view(B, N, 3).gather(1, idx[..., None].expand(B, K, 3)).reshape(B * K, 3)
             seqlens, grid_thw = [K] * B, None
         plan = PackingPlan.from_seqlens(seqlens, positions, device=device, grid_thw=grid_thw)
-        output_hidden_states = bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
+        )
         last, pooled, hidden = self.encode_packed(patches, plan, output_hidden_states)
         n = seqlens[0]
         last = last.view(B, n, -1)  # (B, N, D)

@@ -7,9 +7,9 @@ Conv2d weight — and patches are ordered frame-major, then row-major (t, then h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Sequence
 
 import torch
 
@@ -163,9 +163,7 @@ def as_grid_thw(grid_thw: GridLike) -> torch.Tensor:
         if grid_thw.is_meta:
             raise ValueError("grid_thw is on the meta device (a shape without values); expected (n, 3) integers")
         if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.shape[0] == 0:
-            raise ValueError(
-                f"grid_thw has shape {tuple(grid_thw.shape)}; expected (n, 3) with n >= 1, rows (t, h, w)"
-            )
+            raise ValueError(f"grid_thw has shape {tuple(grid_thw.shape)}; expected (n, 3) with n >= 1, rows (t, h, w)")
         rows = grid_thw.detach().cpu().tolist()  # exact Python ints, whatever the integer dtype
     else:
         try:
@@ -176,8 +174,12 @@ def as_grid_thw(grid_thw: GridLike) -> torch.Tensor:
             ) from None
         for i, row in enumerate(rows):
             for v in row:
-                if isinstance(v, bool) or not isinstance(v, Integral) and not (
-                    isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_meta
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, Integral)
+                    and not (
+                        isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and not v.is_meta
+                    )
                 ):
                     raise ValueError(f"grid_thw row {i} is {row}; expected integers (t, h, w)")
         if not rows:
@@ -243,7 +245,7 @@ class PackingPlan:
         device: torch.device | str | None = None,
         patch_positions: torch.Tensor | None = None,
         num_tokens: int | None = None,
-    ) -> "PackingPlan":
+    ) -> PackingPlan:
         """Plan for items given as full ``(t, h, w)`` patch grids.
 
         grid_thw: ``(n, 3)`` — CPU tensor, device tensor (copied to the host once) or list of triples.
@@ -268,7 +270,7 @@ class PackingPlan:
         positions: torch.Tensor,
         device: torch.device | str | None = None,
         grid_thw: torch.Tensor | None = None,
-    ) -> "PackingPlan":
+    ) -> PackingPlan:
         """Plan for items of the given token counts with explicit ``(T_tot, 3)`` positions."""
         seqlens = tuple(int(s) for s in seqlens)
         if not seqlens or min(seqlens) <= 0:
@@ -334,7 +336,7 @@ class PackingPlan:
             self._cache["length_groups"] = groups
         return self._cache["length_groups"]
 
-    def to(self, device: torch.device | str) -> "PackingPlan":
+    def to(self, device: torch.device | str) -> PackingPlan:
         """The same plan with its device tensors on ``device``."""
         return PackingPlan(
             seqlens=self.seqlens,

@@ -25,8 +25,9 @@ Legend: ``B`` batch, ``h``/``w`` patches per side, ``M`` positions in one entry,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -117,8 +118,9 @@ def resolve_tower_input(
     grid_frames = [int(t) for t in grid[:, 0]] if grid is not None and bool((grid[:, 0] > 1).any()) else None
     batched = isinstance(images, torch.Tensor)
     elements = [
-        _resolve_element(kind, batch, what, own, patch_size, num_frames, grid_frames if batched else None,
-                         stack_as_clip, batched)
+        _resolve_element(
+            kind, batch, what, own, patch_size, num_frames, grid_frames if batched else None, stack_as_clip, batched
+        )
         for (kind, batch, what), own in zip(raw, per_element)
     ]
     resolved = TowerInput(batched, _dtype(images), tuple(elements))
@@ -286,7 +288,9 @@ def _resolve_element(
     if entries is not None:
         frames, positions = _frames_from_positions(entries, B, hw, h, w, what)
         if num_frames is not None and any(k != num_frames for k in frames):
-            raise ValueError(f"num_frames={num_frames}, but patch_positions group {what} into items of {list(frames)} frames")
+            raise ValueError(
+                f"num_frames={num_frames}, but patch_positions group {what} into items of {list(frames)} frames"
+            )
         return Element(shape, h, w, frames, positions)
     if num_frames is not None:
         if B % num_frames:
@@ -316,7 +320,9 @@ def _frames_from_positions(
     )
 
 
-def _per_unit_positions(entries: list[torch.Tensor] | None, B: int, N: int, what: str, unit: str) -> torch.Tensor | None:
+def _per_unit_positions(
+    entries: list[torch.Tensor] | None, B: int, N: int, what: str, unit: str
+) -> torch.Tensor | None:
     if entries is None:
         return None
     Ms = [int(e.shape[0]) for e in entries]

@@ -147,7 +147,9 @@ def load_image_processor(name_or_path: str | os.PathLike, config: HEVCViTConfig)
             return clip_image_processor_class().from_pretrained(path)
         except (OSError, ValueError):  # not on the Hub, or no processor config there
             pass
-    logger.info("%s has no %s; using a CLIP-normalised processor at %d px", path, PREPROCESSOR_CONFIG_NAME, config.image_size)
+    logger.info(
+        "%s has no %s; using a CLIP-normalised processor at %d px", path, PREPROCESSOR_CONFIG_NAME, config.image_size
+    )
     return default_image_processor(config)
 
 
@@ -224,11 +226,15 @@ class HEVCViTVisionTowerBase(nn.Module):
         tunable_parts = _arg(args, "mm_tunable_parts", None) or ()
         if model is not None:  # an encoder already in memory (see from_model): used as it is, not frozen
             if not isinstance(model, self.model_class):
-                raise ValueError(f"model is a {type(model).__name__}; {type(self).__name__} runs a {self.model_class.__name__}")
+                raise ValueError(
+                    f"model is a {type(model).__name__}; {type(self).__name__} runs a {self.model_class.__name__}"
+                )
             self.vision_tower = model
             in_folder = os.path.isdir(self.vision_tower_name)
             self.image_processor = (
-                load_image_processor(self.vision_tower_name, model.config) if in_folder else default_image_processor(model.config)
+                load_image_processor(self.vision_tower_name, model.config)
+                if in_folder
+                else default_image_processor(model.config)
             )
             self.is_loaded = True
         elif not delay_load:
@@ -247,7 +253,7 @@ class HEVCViTVisionTowerBase(nn.Module):
         self.register_load_state_dict_pre_hook(_load_before_weights_arrive)
 
     @classmethod
-    def from_model(cls, model: HEVCViTModel | HEVCViTPackingModel, args: Any = None) -> "HEVCViTVisionTowerBase":
+    def from_model(cls, model: HEVCViTModel | HEVCViTPackingModel, args: Any = None) -> HEVCViTVisionTowerBase:
         """A tower around an encoder already in memory (being trained, or built from a preset), without
         reading a checkpoint; its weights keep their ``requires_grad`` as they are."""
         name = getattr(model.config, "name_or_path", "") or f"<{type(model).__name__} in memory>"
@@ -421,7 +427,9 @@ def _load_before_weights_arrive(tower: HEVCViTVisionTowerBase, state_dict, prefi
     """``load_state_dict`` of a model holding a tower built with ``delay_load``: when the state holds tower
     weights, load the tower first, so that they have weights to go to instead of being dropped."""
     if not tower.is_loaded and any(key.startswith(prefix + "vision_tower.") for key in state_dict):
-        logger.info("the weights being loaded hold %s's tower weights: loading the tower first", tower.vision_tower_name)
+        logger.info(
+            "the weights being loaded hold %s's tower weights: loading the tower first", tower.vision_tower_name
+        )
         tower.load_model()
 
 
