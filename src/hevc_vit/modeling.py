@@ -14,32 +14,17 @@ import os
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .attention import TRANSFORMERS_NAMES, AttendFn, backend_name, choose_backend, get_attention, transformers_name
-from .checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint, read_folder_config
 from .configuration import HEVCViTConfig
 from .embedded import attach_load_hooks, check_reinitialisation
 from .layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
+from .loading import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
 from .packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify
 from .rope import rope_cos_sin
-
-# from_pretrained keyword arguments that only steer downloading (forwarded to the Hub client or ignored)
-_HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder"}
-_IGNORED_KWARGS = {
-    "trust_remote_code",
-    "use_safetensors",
-    "low_cpu_mem_usage",
-    "resume_download",
-    "code_revision",
-    "adapter_kwargs",
-}
-# transformers 5 loads folders through its own from_pretrained (with our weight conversions registered)
-_TRANSFORMERS_ONLY_KWARGS = {"max_memory", "quantization_config", "offload_folder", "offload_state_dict", "key_mapping"}
-TRANSFORMERS_LOADS_FOLDERS = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class HEVCViTPreTrainedModel(PreTrainedModel):
@@ -100,244 +85,11 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *model_args: Any,
-        config: HEVCViTConfig | None = None,
-        attn_implementation: str | None = None,
-        dtype: torch.dtype | str | None = None,
-        torch_dtype: torch.dtype | str | None = None,
-        device_map: str | torch.device | dict | None = None,
-        strict: bool = True,
-        **kwargs: Any,
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
     ) -> HEVCViTPreTrainedModel:
-        """Load a checkpoint of any supported format (hevc_vit, packing, standard, legacy) into this model.
-
-        The same path under every transformers release: :func:`~hevc_vit.checkpoints.load_checkpoint`
-        reads the config and the weights (safetensors, or ``torch.load(weights_only=True)``) and renames/
-        fuses them to this library's names; they are loaded strictly. Nothing the forward needs lives
-        outside the checkpoint (RoPE tables are computed per forward), so a model built on the meta device
-        comes out complete.
-
-        pretrained_model_name_or_path: a checkpoint folder, a Hub id, or a weights-only file (a legacy
-            training ``.pt``, a bare ``.safetensors``).
-        preset / config_json: the architecture of a weights-only file (a preset name, or a JSON file of
-            hyper-parameters); without them the JSON beside the file (``model.json`` for ``model.pt``) is
-            used. What the tensor shapes tell is inferred and checked.
-
-        dtype: None -> float32; ``"auto"`` -> as stored; or a ``torch.dtype`` / its name.
-        device_map: a device (``"cuda"``, ``"cuda:1"``, ``"cpu"``), ``"auto"`` (CUDA when available) or a
-            dict placing the whole model (``{"": device}``).
-        attn_implementation: attention backend for this model (overrides the config's).
-        Other keyword arguments that name config attributes override them.
-        """
-        if model_args:
-            raise TypeError(f"from_pretrained takes no extra positional arguments; got {len(model_args)}")
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
-        preset, config_json = kwargs.pop("preset", None), kwargs.pop("config_json", None)
-        if attn_implementation is not None:  # unknown -> ValueError, unavailable -> ImportError, before loading
-            get_attention(attn_implementation)
-            attn_implementation = backend_name(attn_implementation)
-        dtype = dtype if dtype is not None else torch_dtype
-        if dtype is not None:
-            dtype = _resolve_dtype(dtype) or "auto"  # a bad name -> ValueError here, whichever loader runs
-        path = _resolve_folder(pretrained_model_name_or_path, hub)
-        # transformers' loader, except inside another model's from_pretrained (a LLaVA tower built on the meta
-        # device), where transformers refuses to nest and our loader reads the weights
-        nested = torch.empty(()).device.type == "meta"
-        if TRANSFORMERS_LOADS_FOLDERS and strict and not nested and os.path.isdir(path) and not (preset or config_json):
-            config_checked, _, headers = read_folder_config(path)
-            if headers is not None:  # safetensors: transformers' own loader
-                return cls._from_pretrained_transformers(
-                    path,
-                    pretrained_model_name_or_path,
-                    config or config_checked,
-                    attn_implementation,
-                    dtype,
-                    device_map,
-                    kwargs,
-                )
-        for k in list(kwargs):
-            if k in _IGNORED_KWARGS or k.startswith("_"):
-                kwargs.pop(k)
-        want_info = bool(kwargs.pop("output_loading_info", False))
-        loaded = load_checkpoint(path, preset=preset, config_json=config_json)
-        state = loaded.state_dict
-        # a fresh config (a copy of the caller's, if given): loading never changes the caller's object
-        if config is not None:
-            config = HEVCViTConfig(**config_kwargs(config.to_dict()))
-        else:
-            config = loaded.config
-        for key in list(kwargs):
-            if hasattr(config, key):
-                setattr(config, key, kwargs.pop(key))
-        if kwargs:
-            raise TypeError(
-                f"from_pretrained got unexpected keyword arguments {sorted(kwargs)}"
-                + (
-                    " (transformers' own loader takes them: transformers >= 5 and a safetensors folder)"
-                    if set(kwargs) & _TRANSFORMERS_ONLY_KWARGS
-                    else ""
-                )
-            )
-        if attn_implementation is not None:
-            config.attention_backend = attn_implementation
-        config.validate()
-
-        if strict:
-            with torch.device("meta"):
-                model = cls(config)
-            load_state_dict_checked(model, state, strict=True, assign=True)
-        else:
-            model = cls(config)
-            load_state_dict_checked(model, state, strict=False)
-        target_dtype = _resolve_dtype(dtype)
-        if target_dtype is not None:
-            model.to(target_dtype)
-        device = _resolve_device(device_map)
-        if device is not None:
-            model.to(device)
-        model.config.name_or_path = str(pretrained_model_name_or_path)
-        model.checkpoint_source = dict(path=path, preset=preset, config_json=config_json)  # to re-read them
-        model.eval()
-        if want_info:
-            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-        return model
-
-    @classmethod
-    def _from_pretrained_transformers(
-        cls,
-        path: str,
-        name_or_path: str | os.PathLike,
-        config: HEVCViTConfig,
-        attn_implementation: str | None,
-        dtype: torch.dtype | str | None,
-        device_map: Any,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        """A safetensors folder through transformers' own ``from_pretrained`` (transformers >= 5): ``device_map``
-        (``"auto"``, per module), ``max_memory``, ``quantization_config``, ``output_loading_info`` and its dtype
-        default behave as for any transformers model; the reference standard names are converted by the
-        rules :mod:`hevc_vit.embedded` registers. Strict: anything missing, unexpected or mis-shaped raises."""
-        config = HEVCViTConfig(**config_kwargs(config.to_dict()))  # never change the caller's object
-        for key in [k for k in kwargs if hasattr(config, k) and not k.startswith("_")]:
-            setattr(config, key, kwargs.pop(key))
-        if attn_implementation is not None:
-            config.attention_backend = attn_implementation
-        config.validate()
-        want_info = bool(kwargs.pop("output_loading_info", False))
-        for key in _IGNORED_KWARGS & set(kwargs):
-            kwargs.pop(key)
-        one_device = _single_device(device_map)  # placed by us: transformers needs accelerate for any device_map
-        model, info = super().from_pretrained(
-            path,
-            config=config,
-            dtype=dtype,
-            device_map=None if one_device else device_map,
-            output_loading_info=True,
-            **kwargs,
-        )
-        if one_device is not None and one_device is not True:
-            model.to(one_device)
-        info = dict(info) if not isinstance(info, dict) else info
-        problems = {
-            k: sorted(map(str, info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
-        }
-        if any(problems.values()):
-            found = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in problems.items() if v)
-            raise ValueError(f"checkpoint {path} does not fit {cls.__name__}: {found}")
-        model.set_attn_implementation(config.attention_backend)
-        model.config.name_or_path = str(name_or_path)
-        model.checkpoint_source = dict(path=path, preset=None, config_json=None)
-        model.eval()
-        return (model, info) if want_info else model
-
-
-def load_state_dict_checked(
-    model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True, assign: bool = False
-) -> None:
-    """``load_state_dict`` with one ``ValueError`` that lists missing keys, unexpected keys and shape
-    mismatches (name, expected shape, found shape); with ``strict=False`` only mismatches are errors."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != expected[k]
-    ]
-    problems = []
-    if strict and missing:
-        problems.append(f"missing keys {missing}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if mismatched:
-        problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
-    if problems:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=strict, assign=assign)
-
-
-def _resolve_folder(name_or_path: str | os.PathLike, hub: dict[str, Any]) -> str:
-    """A local folder or weights-only file as it is; anything else is fetched from the Hub."""
-    subfolder = hub.pop("subfolder", None) or ""
-    if os.path.isdir(name_or_path):
-        return os.path.join(name_or_path, subfolder)
-    if os.path.isfile(name_or_path):
-        if subfolder:
-            raise ValueError(f"subfolder={subfolder!r} was given, but {name_or_path!s} is a file, not a folder")
-        return str(name_or_path)
-    if str(name_or_path).endswith(TORCH_SUFFIXES + (".safetensors",)) or os.path.isabs(name_or_path):
-        raise FileNotFoundError(f"checkpoint {name_or_path!s} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"], **hub)
-    except Exception as e:  # the hub client raises many types; the message is what matters
-        raise FileNotFoundError(
-            f"{name_or_path!s} is not a local folder and could not be fetched from the Hugging Face Hub: {e}"
-        ) from e
-    return os.path.join(folder, subfolder)
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return None
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype={dtype!r}; expected 'auto', 'float32', 'bfloat16', 'float16' or a torch.dtype")
-        return resolved
-    return dtype
-
-
-def _single_device(device_map: Any) -> torch.device | bool | None:
-    """The one device a ``device_map`` names (True for None: nowhere in particular), or None when it is a real
-    map — ``"auto"``, ``"balanced"``, per-module placements — for transformers (and accelerate) to apply."""
-    if device_map is None:
-        return True
-    if isinstance(device_map, dict):
-        return _resolve_device(device_map) if set(device_map) == {""} else None
-    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return None
-    return _resolve_device(device_map)
-
-
-def _resolve_device(device_map: str | torch.device | dict | None) -> torch.device | None:
-    if device_map is None:
-        return None
-    if isinstance(device_map, dict):
-        devices = set(device_map.values())
-        if len(devices) != 1:
-            raise ValueError(f"device_map={device_map}; this model loads on one device, e.g. {{'': 'cuda:0'}}")
-        device_map = devices.pop()
-    if device_map == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device_map, int):
-        return torch.device("cuda", device_map)
-    return torch.device(device_map)
+        """Load a checkpoint of any supported format (hevc_vit, packing, standard, legacy) into this model;
+        see :func:`hevc_vit.loading.load_pretrained` for the arguments and which loader runs."""
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 class _HEVCViTCore(HEVCViTPreTrainedModel):
