@@ -95,14 +95,9 @@ class HEVCViTEncoderLayer(nn.Module):
         self.mlp = HEVCViTMLP(config)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        plan: PackingPlan,
-        attend: AttendFn,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: PackingPlan, attend: AttendFn,
         block_fns: tuple = BLOCK_FNS,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # fmt: skip
         """x: ``(T, D)``; ``block_fns`` are the two dense halves (compiled versions may be passed)."""
         before, after = block_fns
         chunk = cpu_chunk_tokens(x, self.mlp.fc1.out_features)

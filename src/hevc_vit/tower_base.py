@@ -202,7 +202,8 @@ class HEVCViTVisionTowerBase(nn.Module):
             ``k·h·w`` take the next ``k`` frames each. For a list: one entry per element.
         num_frames: the stack is consecutive clips of this many frames (the current fork's keyword).
         """
-        features, layout, _ = self.forward_with_outputs(images, grid_thw, patch_positions, num_frames)
+        call = dict(grid_thw=grid_thw, patch_positions=patch_positions, num_frames=num_frames)
+        features, layout, _ = self.forward_with_outputs(images, **call)
         if return_spatial_dims:
             h, w = layout.spatial_dims()
             return features, h, w

@@ -32,17 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .modeling import HEVCViTModel, HEVCViTPackingModel
 from .packing import PackingPlan, as_batch, patchify, patchify_items, unpack
 from .tower_base import HEVCViTVisionTowerBase
-from .tower_config import (  # noqa: F401 — re-exported: the towers' public helpers
-    SELECT_FEATURES,
-    SPATIAL_MERGE_PROJECTOR,
-    STACK_AS_CLIP_SETTING,
-    clip_image_processor_class,
-    default_image_processor,
-    llava_arg,
-    load_image_processor,
-    read_tower_config,
-    select_layer_indices,
-)
+from .tower_config import llava_arg, select_layer_indices  # noqa: F401 — select_layer_indices: public here too
 from .tower_inputs import Element, ImagesInput, TowerInput
 
 logger = logging.getLogger(__name__)
@@ -58,17 +48,12 @@ class HEVCViTPackingVisionTower(HEVCViTVisionTowerBase):
 
     model_class = HEVCViTPackingModel
 
-    def to_packing_input(
-        self,
-        images: ImagesInput,
-        grid_thw: Any = None,
-        patch_positions: Any = None,
-        num_frames: int | None = None,
-    ) -> tuple[torch.Tensor, PackingPlan, TowerInput]:
-        """A tower call as packing input: ``patches (T, C·p·p)`` on the tower's device, the
-        :class:`PackingPlan` (one row per image and per clip, explicit positions when given) and the
-        resolved call. Public so benchmarks and data loaders can build the input once."""
-        layout = self.resolve(images, grid_thw, patch_positions, num_frames)
+    def to_packing_input(self, images: ImagesInput, **call: Any) -> tuple[torch.Tensor, PackingPlan, TowerInput]:
+        """A tower call (``call``: ``grid_thw``, ``patch_positions``, ``num_frames``, as for :meth:`forward`) as
+        packing input: ``patches (T, C·p·p)`` on the tower's device, the :class:`PackingPlan` (one row per
+        image and per clip, explicit positions when given) and the resolved call. Public so benchmarks and
+        data loaders can build the input once."""
+        layout = self.resolve(images, **call)
         device = self.device
         p = self.config.patch_size
         # ==========================================================================================
@@ -88,15 +73,11 @@ class HEVCViTPackingVisionTower(HEVCViTVisionTowerBase):
         return patches, plan, layout
 
     def forward_with_outputs(
-        self,
-        images: ImagesInput,
-        grid_thw: Any = None,
-        patch_positions: Any = None,
-        num_frames: int | None = None,
+        self, images: ImagesInput, **call: Any
     ) -> tuple[torch.Tensor | list[torch.Tensor], TowerInput, BaseModelOutputWithPooling]:
         """:meth:`forward`'s features, the resolved call and the model's packed outputs (one forward)."""
         model = self._require_loaded()
-        patches, plan, layout = self.to_packing_input(images, grid_thw, patch_positions, num_frames)
+        patches, plan, layout = self.to_packing_input(images, **call)
         outputs = model(patches, plan=plan, output_hidden_states=True, return_dict=True)
         packed = self.feature_select(outputs).to(layout.dtype)  # (T, D')
         # ==========================================================================================
@@ -120,15 +101,11 @@ class HEVCViTVisionTower(HEVCViTVisionTowerBase):
     model_class = HEVCViTModel
 
     def forward_with_outputs(
-        self,
-        images: ImagesInput,
-        grid_thw: Any = None,
-        patch_positions: Any = None,
-        num_frames: int | None = None,
+        self, images: ImagesInput, **call: Any
     ) -> tuple[torch.Tensor | list[torch.Tensor], TowerInput, list[BaseModelOutputWithPooling]]:
         """:meth:`forward`'s features, the resolved call and the model outputs of every forward it ran."""
         model = self._require_loaded()
-        layout = self.resolve(images, grid_thw, patch_positions, num_frames)
+        layout = self.resolve(images, **call)
         elements = [images] if layout.batched else [as_batch(x, self.config.num_channels) for x in images]
         features, all_outputs = [], []
         for batch, element in zip(elements, layout.elements):
