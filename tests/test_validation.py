@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hevc_vit.checkpoint_io as checkpoint_io
 import hevc_vit.checkpoints as checkpoints_mod
 import hevc_vit.modeling as modeling_mod
 import hevc_vit.packing as packing_mod
@@ -35,7 +36,7 @@ def no_model_is_built(monkeypatch):
     def refuse(self, *args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(modeling_mod._HEVCViTCore, "__init__", refuse)
+    monkeypatch.setattr(modeling_mod.HEVCViTCore, "__init__", refuse)
 
 
 def folder_with_config(tmp_path: Path, edit) -> Path:
@@ -131,7 +132,7 @@ def test_a_config_that_does_not_fit_its_weights_is_named_and_no_model_is_built(
     def no_tensors(path):
         raise AssertionError("tensors were read before the config was checked against the headers")
 
-    monkeypatch.setattr(checkpoints_mod, "read_safetensors", no_tensors)
+    monkeypatch.setattr(checkpoint_io, "read_safetensors", no_tensors)  # where folders are read
     mismatch = r"shape mismatch: the architecture from .*config\.json does not fit .*"
     with pytest.raises(ValueError, match=mismatch + message):
         HEVCViTModel.from_pretrained(folder)

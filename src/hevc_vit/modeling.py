@@ -92,8 +92,9 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
-class _HEVCViTCore(HEVCViTPreTrainedModel):
-    """The layers both models share, run on packed tokens."""
+class HEVCViTCore(HEVCViTPreTrainedModel):
+    """The layers both models share, run on packed tokens (the base of both models; every model of this
+    library is built through its ``__init__``)."""
 
     def __init__(self, config: HEVCViTConfig):
         if getattr(config, "_attn_implementation", None) not in (None, *TRANSFORMERS_NAMES):
@@ -108,7 +109,7 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
         self.post_init()
         self.set_attn_implementation(config.attention_backend)
 
-    def compile_blocks(self, **compile_kwargs: Any) -> _HEVCViTCore:
+    def compile_blocks(self, **compile_kwargs: Any) -> HEVCViTCore:
         """Compile the dense parts of every block (see :meth:`HEVCViTEncoder.compile_blocks`); returns self."""
         self.encoder.compile_blocks(**compile_kwargs)
         return self
@@ -199,7 +200,7 @@ class _HEVCViTCore(HEVCViTPreTrainedModel):
             )
 
 
-class HEVCViTPackingModel(_HEVCViTCore):
+class HEVCViTPackingModel(HEVCViTCore):
     """The encoder on packed input: every image and video at its own size, in one forward."""
 
     main_input_name = "hidden_states"
@@ -231,7 +232,7 @@ class HEVCViTPackingModel(_HEVCViTCore):
         return self.forward_packed(hidden_states, grid_thw, patch_positions, plan, output_hidden_states, return_dict)
 
 
-class HEVCViTModel(_HEVCViTCore):
+class HEVCViTModel(HEVCViTCore):
     """The encoder on ``(B, C, H, W)`` images or ``(B, C, T, H, W)`` videos of one size."""
 
     def forward(
