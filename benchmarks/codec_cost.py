@@ -47,7 +47,7 @@ def write_clip(path: Path, frames: int, size: int) -> str:
         for i in range(frames):
             frame = background.copy()
             y, x = (8 + 3 * i) % (size - 48), (8 + 5 * i) % (size - 48)
-            frame[y:y + 48, x:x + 48] = square
+            frame[y : y + 48, x : x + 48] = square
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -62,8 +62,13 @@ def run_sparse(model, path: Path, config: CodecSparseConfig, p: int) -> dict:
     with torch.no_grad():
         last, _ = encode_selection(model, path, selection)
     end = time.perf_counter()
-    return dict(total=end - start, select=selected - start, encode=end - selected, tokens=last.shape[0],
-                frames=selection.grid_thw[0])
+    return dict(
+        total=end - start,
+        select=selected - start,
+        encode=end - selected,
+        tokens=last.shape[0],
+        frames=selection.grid_thw[0],
+    )
 
 
 def run_dense(model, path: Path, size: tuple[int, int], p: int) -> dict:
@@ -100,7 +105,7 @@ def main() -> None:
         run_sparse(model, path, config, p)  # warm-up: imports, allocator, kernels
         runs: dict[str, list[dict]] = {"sparse": [], "dense": []}
         for r in range(args.repeats):
-            for mode in (("sparse", "dense") if r % 2 == 0 else ("dense", "sparse")):
+            for mode in ("sparse", "dense") if r % 2 == 0 else ("dense", "sparse"):
                 if mode == "sparse":
                     runs[mode].append(run_sparse(model, path, config, p))
                 else:
@@ -117,10 +122,16 @@ def main() -> None:
         repeats=args.repeats,
         tokens=dict(sparse=runs["sparse"][0]["tokens"], dense=runs["dense"][0]["tokens"]),
         selection_ms_per_frame=round(1000 * median("sparse", "select") / frames, 2),
-        sparse_s=dict(total=median("sparse", "total"), select=median("sparse", "select"),
-                      gather_and_model=median("sparse", "encode")),
-        dense_s=dict(total=median("dense", "total"), decode_and_preprocess=median("dense", "load"),
-                     model=median("dense", "encode")),
+        sparse_s=dict(
+            total=median("sparse", "total"),
+            select=median("sparse", "select"),
+            gather_and_model=median("sparse", "encode"),
+        ),
+        dense_s=dict(
+            total=median("dense", "total"),
+            decode_and_preprocess=median("dense", "load"),
+            model=median("dense", "encode"),
+        ),
         speedup_end_to_end=round(median("dense", "total") / median("sparse", "total"), 2),
         note="shared, noisy machine: orders of magnitude, not digits",
     )

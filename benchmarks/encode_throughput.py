@@ -49,10 +49,10 @@ def _sync(device: torch.device) -> None:
 
 def model_only(model, out_dir: Path, processor, max_tokens: int, device, dtype) -> dict:
     """The packing model alone on the groups encode would form, items preprocessed beforehand."""
-    from hevc_vit.grouping import first_fit_decreasing
-    from hevc_vit.inputs import LoadOptions, load_item
+    from hevc_vit.encode import read_index
+    from hevc_vit.encode.batching import first_fit_decreasing
+    from hevc_vit.encode.loading import LoadOptions, load_item
     from hevc_vit.packing import PackingPlan
-    from hevc_vit.sharding import read_index
 
     rows = [r for r in read_index(out_dir) if r["status"] == "ok"][:400]
     options = LoadOptions(processor, model.config.patch_size)
@@ -73,20 +73,34 @@ def model_only(model, out_dir: Path, processor, max_tokens: int, device, dtype) 
         _sync(device)
         secs = time.perf_counter() - start
     tokens = sum(int(p.shape[0]) for p, _ in batches)
-    return {"items": len(items), "forwards": len(batches), "tokens": tokens, "seconds": round(secs, 3),
-            "tokens_per_s": round(tokens / secs), "items_per_s": round(len(items) / secs, 1)}
+    return {
+        "items": len(items),
+        "forwards": len(batches),
+        "tokens": tokens,
+        "seconds": round(secs, 3),
+        "tokens_per_s": round(tokens / secs),
+        "items_per_s": round(len(items) / secs, 1),
+    }
 
 
 def check_against_cpu(images: list[str], work: Path, workers: int) -> dict:
     """The same items through ``encode`` on CUDA and on the CPU (float32, ``small`` preset): the largest
     difference relative to the CPU's largest value, per tensor kind."""
-    from hevc_vit.encode import encode
-    from hevc_vit.sharding import iter_features
+    from hevc_vit.encode import encode, iter_features
 
     runs = {}
     for device in ("cuda", "cpu"):
-        encode(images, work / f"check_{device}", model="small", device=device, dtype="float32", workers=workers,
-               max_tokens=8192, progress=False, log=lambda m: None)
+        encode(
+            images,
+            work / f"check_{device}",
+            model="small",
+            device=device,
+            dtype="float32",
+            workers=workers,
+            max_tokens=8192,
+            progress=False,
+            log=lambda m: None,
+        )
         runs[device] = {row["path"]: t for row, t in iter_features(work / f"check_{device}")}
     assert runs["cuda"].keys() == runs["cpu"].keys()
     worst = {}
@@ -105,30 +119,49 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--dir", default=None, help="working folder (default: a temporary one, removed after)")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--check", type=int, default=0, metavar="N",
-                        help="also compare encode on CUDA and on the CPU (float32) over N images")
+    parser.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare encode on CUDA and on the CPU (float32) over N images",
+    )
     args = parser.parse_args()
 
-    from hevc_vit.encode import build_processor, encode, load_model
+    from hevc_vit.devices import default_dtype
+    from hevc_vit.encode import encode
+    from hevc_vit.encode.model import build_processor, load_model
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="encode_bench_"))
-    report: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-                    else "cpu", "model": args.model, "workers": args.workers, "max_tokens": args.max_tokens}
+    report: dict = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": args.model,
+        "workers": args.workers,
+        "max_tokens": args.max_tokens,
+    }
     try:
         t0 = time.perf_counter()
         make_images(work / "images", args.images)
         report["make_images_s"] = round(time.perf_counter() - t0, 1)
-        quiet = dict(progress=False, log=lambda m: None, workers=args.workers, max_tokens=args.max_tokens,
-                     model=args.model)
+        quiet = dict(
+            progress=False, log=lambda m: None, workers=args.workers, max_tokens=args.max_tokens, model=args.model
+        )
         for name, extra in (("encode", {}), ("encode_pooled_only", {"pooled_only": True})):
             result = encode([work / "images"], work / name, **quiet, **extra)
             done = result.encoded + result.failed
-            report[name] = {"items": done, "failed": result.failed, "tokens": result.tokens,
-                            "seconds": round(result.seconds, 2), "items_per_s": round(done / result.seconds, 1),
-                            "tokens_per_s": round(result.tokens / result.seconds), "shards": result.shards}
+            report[name] = {
+                "items": done,
+                "failed": result.failed,
+                "tokens": result.tokens,
+                "seconds": round(result.seconds, 2),
+                "items_per_s": round(done / result.seconds, 1),
+                "tokens_per_s": round(result.tokens / result.seconds),
+                "shards": result.shards,
+            }
             print(name, report[name], file=sys.stderr, flush=True)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
         model, _, _ = load_model(args.model, device, dtype)
         processor = build_processor("native", model.config)
         report["model_only"] = model_only(model, work / "encode", processor, args.max_tokens, device, dtype)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, PackingPlan, patchify_items, unpack
 from hevc_vit.attention import available_backends, backend_unavailable_reason
-from hevc_vit.bench import BenchSetup, format_report, run_benchmark
+from hevc_vit.bench import BenchSetup, run_benchmark
+from hevc_vit.cli.bench import format_report
 from hevc_vit.configuration import HEVCViTConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")  # carried by the repo
@@ -51,12 +52,16 @@ def goldens(device):
     folder = os.path.dirname(golden_path)
     cases = sorted({k.split(".")[0] for k in g})
     for backend in ("eager", "sdpa", "auto"):
-        model = HEVCViTModel.from_pretrained(os.path.join(folder, "llava_vit_packing_tiny"), attn_implementation=backend).to(device)
+        model = HEVCViTModel.from_pretrained(
+            os.path.join(folder, "llava_vit_packing_tiny"), attn_implementation=backend
+        ).to(device)
         worst = 0.0
         for case in cases:
             pos = g.get(f"{case}.patch_positions")
             with torch.no_grad():
-                out = model(g[f"{case}.pixel_values"].to(device), patch_positions=None if pos is None else pos.to(device))
+                out = model(
+                    g[f"{case}.pixel_values"].to(device), patch_positions=None if pos is None else pos.to(device)
+                )
             worst = max(worst, (out.last_hidden_state.cpu() - g[f"{case}.last_hidden_state"]).abs().max().item())
             worst = max(worst, (out.pooler_output.cpu() - g[f"{case}.pooler_output"]).abs().max().item())
         record(f"goldens fp32 {backend} on {device.type}", worst <= 1e-4, f"max abs diff {worst:.2e}")
@@ -64,7 +69,14 @@ def goldens(device):
 
 def mixed_items(device, dtype, p):
     g = torch.Generator().manual_seed(1)
-    shapes = [(3, 16 * p, 24 * p), (3, 8, 16 * p, 16 * p), (3, 32 * p, 32 * p), (3, 16 * p, 24 * p), (3, 1 * p, 1 * p), (3, 7 * p, 5 * p)]
+    shapes = [
+        (3, 16 * p, 24 * p),
+        (3, 8, 16 * p, 16 * p),
+        (3, 32 * p, 32 * p),
+        (3, 16 * p, 24 * p),
+        (3, 1 * p, 1 * p),
+        (3, 7 * p, 5 * p),
+    ]
     return [torch.randn(*s, generator=g).to(device, dtype) for s in shapes]
 
 
@@ -92,10 +104,15 @@ def backends_vs_eager(device, config, dtypes):
                 with torch.no_grad():
                     out = eager(patches, grid_thw)
                 r1, r2 = rel(out.last_hidden_state, ref.last_hidden_state), rel(out.pooler_output, ref.pooler_output)
-                record(f"{name} vs eager {dtype} on {device.type}", max(r1, r2) <= RTOL[dtype], f"tokens {r1:.1e}, pooled {r2:.1e}")
+                record(
+                    f"{name} vs eager {dtype} on {device.type}",
+                    max(r1, r2) <= RTOL[dtype],
+                    f"tokens {r1:.1e}, pooled {r2:.1e}",
+                )
 
             check(f"{name} vs eager {dtype}", run)
         eager.set_attn_implementation("eager")
+
         # packed vs one at a time through the standard model, same dtype and backend
         def packed_vs_items():
             standard = HEVCViTModel(config).eval()
@@ -172,9 +189,13 @@ def main():
     print(json.dumps(results["env"]), flush=True)
     t0 = time.time()
     check("goldens", lambda: goldens(device))
-    small = HEVCViTConfig(hidden_size=256, num_attention_heads=4, num_hidden_layers=3, intermediate_size=512, patch_size=14)
+    small = HEVCViTConfig(
+        hidden_size=256, num_attention_heads=4, num_hidden_layers=3, intermediate_size=512, patch_size=14
+    )
     if args.dry_run:
-        small = HEVCViTConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128, patch_size=2)
+        small = HEVCViTConfig(
+            hidden_size=64, num_attention_heads=2, num_hidden_layers=2, intermediate_size=128, patch_size=2
+        )
     dtypes = (torch.float32, torch.bfloat16) if args.dry_run else (torch.float32, torch.bfloat16, torch.float16)
     backends_vs_eager(device, small, dtypes)
     if device.type == "cuda":

@@ -41,7 +41,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-
 @pytest.fixture
 def one_thread():
     """Run a test on one thread: tiny matmuls only contend on a shared CPU (measured 30x slower with 2

@@ -42,7 +42,7 @@ def test_backends_match_masked_attention(fn):
 
 def test_sdpa_on_one_contiguous_group_has_no_gather():
     plan = PackingPlan.from_grid_thw([[1, 2, 2]] * 3)
-    (length, count, tokens), = plan.length_groups
+    ((length, count, tokens),) = plan.length_groups
     assert tokens == slice(0, 12)
     q, k, v = _qkv(12)
     assert_close_rel(sdpa_attention(q, k, v, plan, 0.3), eager_attention(q, k, v, plan, 0.3))
@@ -104,7 +104,9 @@ def test_auto_prefers_flash_attn_then_torch_varlen_on_cuda_half(fake_cuda_kernel
     assert attention.choose_backend(cuda, torch.float32) == "sdpa"
     assert attention.choose_backend(cpu, torch.bfloat16) == "sdpa"
     attention.reset_backend_choice()
-    monkeypatch.setattr(attention, "backend_unavailable_reason", lambda name: "missing" if name == "flash_attn" else None)
+    monkeypatch.setattr(
+        attention, "backend_unavailable_reason", lambda name: "missing" if name == "flash_attn" else None
+    )
     assert attention.choose_backend(cuda, torch.float16) == "torch_varlen"
     assert attention.choose_backend(cuda, torch.float16, dropout_p=0.1) == "sdpa"
 
@@ -113,7 +115,9 @@ def test_varlen_backends_refuse_cpu_fp32_with_the_alternatives():
     plan = PackingPlan.from_grid_thw([[1, 2, 2]])
     q, k, v = _qkv(4)
     for fn in (attention.torch_varlen_attention, attention.flash_attn_attention):
-        with pytest.raises(ValueError, match=r"got torch.float32 tensors on cpu; it needs float16/bfloat16 on CUDA \(use 'sdpa'"):
+        with pytest.raises(
+            ValueError, match=r"got torch.float32 tensors on cpu; it needs float16/bfloat16 on CUDA \(use 'sdpa'"
+        ):
             fn(q, k, v, plan, 0.2)
 
 

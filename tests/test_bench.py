@@ -4,13 +4,15 @@ consistent with itself. (Speed targets are checked by running ``hevc-vit bench``
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify_items
-from hevc_vit.bench import BenchSetup, format_report, make_workload, model_flops, run_benchmark, run_padded, run_per_item_loop
-from hevc_vit.cli import main
+from hevc_vit.bench import BenchSetup, make_workload, model_flops, run_benchmark, run_padded, run_per_item_loop
+from hevc_vit.cli import build_parser, main
+from hevc_vit.cli.bench import format_report, run, run_setup, setup_from_args
 
 from .conftest import assert_close_rel, tiny_config
 
@@ -55,7 +57,9 @@ def test_report_is_consistent(tmp_path):
     for r in methods.values():
         assert r["tokens_per_s"] == pytest.approx(report["workload"]["tokens"] / r["seconds"])
         assert r["mfu"] is None  # CPU: no bf16 matmul peak to compare with
-    assert report["ratios"]["packing_vs_loop"] == pytest.approx(methods["per_item_loop"]["seconds"] / methods["packing"]["seconds"])
+    assert report["ratios"]["packing_vs_loop"] == pytest.approx(
+        methods["per_item_loop"]["seconds"] / methods["packing"]["seconds"]
+    )
     assert max(report["agreement_max_rel_diff_vs_packing"].values()) <= 1e-5
     assert report["accuracy_vs_fp32"]["packing"]["min"] > 0.99999
     assert 0 < report["conversion_share"] < 1
@@ -63,14 +67,13 @@ def test_report_is_consistent(tmp_path):
     assert "packing_vs_padded" in text and "| per_item_loop |" in text
 
 
-def test_cli_writes_json(tmp_path, capsys, monkeypatch):
-    import hevc_vit.bench as bench
-
+def test_cli_writes_json(tmp_path, capsys):
     small = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128)
-    original = bench.BenchSetup
-    monkeypatch.setattr(bench, "BenchSetup", lambda **kw: original(**kw, config_overrides=small))
     path = tmp_path / "bench.json"
-    assert main(["bench", "--workload", "uniform", "--device", "cpu", "--iters", "1", "--warmup", "1", "--json", str(path)]) == 0
+    argv = ["bench", "--workload", "uniform", "--device", "cpu", "--iters", "1", "--warmup", "1", "--json", str(path)]
+    args = build_parser().parse_args(argv)
+    assert args.run is run  # what main() calls: run_setup(setup_from_args(args), ...), here on a smaller model
+    assert run_setup(replace(setup_from_args(args), config_overrides=small), args.json_path) == 0
     report = json.loads(path.read_text())
     assert set(report["ratios"]) >= {"packing_vs_loop", "packing_vs_padded"}
     assert "packing_vs_loop" in capsys.readouterr().out

@@ -123,7 +123,9 @@ def test_pickle_with_arbitrary_objects_is_refused_and_never_runs(tmp_path):
     torch.save({"model": {**legacy_state(), "x": _Payload(marker)}}, evil)
     shutil.copyfile(LEGACY_JSON, tmp_path / "evil.json")
 
-    refused = r"refused: the safe loader torch.load\(weights_only=True\) cannot read it \(Unsupported global: GLOBAL exec"
+    refused = (
+        r"refused: the safe loader torch.load\(weights_only=True\) cannot read it \(Unsupported global: GLOBAL exec"
+    )
     with pytest.raises(UnsafeCheckpointError, match=refused):
         load_checkpoint(evil)
     with pytest.raises(UnsafeCheckpointError, match=refused):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify
+from hevc_vit.cli.codec import register as register_cli
 from hevc_vit.codec import (
     CodecSparseConfig,
     aligned_difference,
@@ -22,13 +23,12 @@ from hevc_vit.codec import (
     gather_selected_patches,
     global_shift,
     mv_grid,
-    register_cli,
     render_preview,
     sample_frame_ids,
     select_patches,
     select_topk,
 )
-from hevc_vit.video import temporal_positions, video_patch_positions
+from hevc_vit.encode.video import temporal_positions, video_patch_positions
 
 from .conftest import assert_close_rel, tiny_config
 
@@ -44,6 +44,8 @@ ENCODERS = {
 }
 MOTIONS = {"square": (0, 0), "pan": (3, 4)}  # camera pan in px/frame (down, right)
 
+pytestmark = pytest.mark.video  # PyAV encodes and decodes the clips
+
 
 def _has_encoder(name: str) -> bool:
     try:
@@ -53,8 +55,9 @@ def _has_encoder(name: str) -> bool:
     return True
 
 
-def write_clip(path: Path, codec: str = "mpeg4", frames: int = FRAMES, size: int = SIZE, pan=(0, 0), moving=True,
-               seed: int = 0) -> list[tuple[int, int]]:
+def write_clip(
+    path: Path, codec: str = "mpeg4", frames: int = FRAMES, size: int = SIZE, pan=(0, 0), moving=True, seed: int = 0
+) -> list[tuple[int, int]]:
     """A ``frames``-frame clip: a 32-px square of 4-px random blocks moving (3, 5) px/frame over 8-px random blocks,
     the whole frame panned by ``pan`` px/frame; returns the square's top-left ``(y, x)`` in every frame."""
     rng = np.random.default_rng(seed)
@@ -72,9 +75,9 @@ def write_clip(path: Path, codec: str = "mpeg4", frames: int = FRAMES, size: int
         stream.options = options
         for i in range(frames):
             oy, ox = pan[0] * (frames - i), pan[1] * (frames - i)  # content moves down/right by pan per frame
-            frame = background[oy:oy + size, ox:ox + size].copy()
+            frame = background[oy : oy + size, ox : ox + size].copy()
             y, x = ((16 + 3 * i) % (size - SQUARE), (16 + 5 * i) % (size - SQUARE)) if moving else (96, 96)
-            frame[y:y + SQUARE, x:x + SQUARE] = square
+            frame[y : y + SQUARE, x : x + SQUARE] = square
             boxes.append((y, x))
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -183,8 +186,19 @@ def test_aligned_difference_cancels_a_shift_and_zeroes_the_exposed_border():
 
 
 def _vectors(rows):
-    dtype = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"), ("dst_x", "<i2"),
-             ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
+    dtype = [
+        ("source", "<i4"),
+        ("w", "u1"),
+        ("h", "u1"),
+        ("src_x", "<i2"),
+        ("src_y", "<i2"),
+        ("dst_x", "<i2"),
+        ("dst_y", "<i2"),
+        ("flags", "<u8"),
+        ("motion_x", "<i4"),
+        ("motion_y", "<i4"),
+        ("motion_scale", "<u2"),
+    ]
     return np.array([(s, w, h, 0, 0, x, y, 0, mx, my, 4) for s, w, h, x, y, mx, my in rows], dtype=dtype)
 
 
@@ -311,8 +325,9 @@ def test_selection_recalls_the_moving_square(clips, codec, motion):
 def test_vectors_are_exported_for_every_p_and_b_frame_and_fused_per_frame(clips):
     """Slice threading keeps the side data; frames without vectors (I) fall back to the difference alone."""
     path, boxes = clips("libx264")
-    selection = select_patches(path, P, CodecSparseConfig(frames=FRAMES, budget=0.1,
-                                                           signals=("motion_vectors", "aligned_difference")))
+    selection = select_patches(
+        path, P, CodecSparseConfig(frames=FRAMES, budget=0.1, signals=("motion_vectors", "aligned_difference"))
+    )
     types = selection.pict_types
     assert len(types) == FRAMES and set(types) <= set("IPB") and "B" in types
     assert selection.has_vectors.tolist() == [c in "PB" for c in types]
@@ -328,8 +343,9 @@ def test_vectors_are_exported_for_every_p_and_b_frame_and_fused_per_frame(clips)
 
 def test_hevc_records_no_vectors_and_falls_back_to_the_difference(clips):
     path, boxes = clips("libx265")
-    selection = select_patches(path, P, CodecSparseConfig(frames=FRAMES, budget=0.1,
-                                                           signals=("motion_vectors", "aligned_difference")))
+    selection = select_patches(
+        path, P, CodecSparseConfig(frames=FRAMES, budget=0.1, signals=("motion_vectors", "aligned_difference"))
+    )
     assert not selection.has_vectors.any()
     assert all(used == ("aligned_difference",) for used in selection.frame_signals[1:])
     assert selection.summary()["signals"] == ["aligned_difference"]
@@ -454,7 +470,7 @@ def test_render_preview_dims_the_patches_not_kept(tmp_path):
         y0, x0 = 2 + (t // 4) * 66, 2 + (t % 4) * 66
         for h in range(4):
             for w in range(4):
-                patch = image[y0 + 16 * h: y0 + 16 * h + 16, x0 + 16 * w: x0 + 16 * w + 16].mean()
+                patch = image[y0 + 16 * h : y0 + 16 * h + 16, x0 + 16 * w : x0 + 16 * w + 16].mean()
                 (kept if keep[t, h, w] else dimmed).append(patch)
     assert np.mean(kept) > 2 * np.mean(dimmed)
     labelled = render_preview(clip, selection, tmp_path / "labelled.png")
@@ -467,15 +483,30 @@ def test_codec_preview_command(tmp_path, capsys):
     register_cli(parser.add_subparsers(dest="command"))
     clip = tmp_path / "clip.mp4"
     write_clip(clip, frames=6, size=64)
-    args = parser.parse_args(["codec-preview", str(clip), "-o", str(tmp_path / "sheet.png"), "--frames", "4",
-                              "--tokens", "20", "--columns", "2"])
+    args = parser.parse_args(
+        [
+            "codec-preview",
+            str(clip),
+            "-o",
+            str(tmp_path / "sheet.png"),
+            "--frames",
+            "4",
+            "--tokens",
+            "20",
+            "--columns",
+            "2",
+        ]
+    )
     assert args.run(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["tokens"] == 20 and summary["frames"] == 4 and summary["preview"].endswith("sheet.png")
     with Image.open(tmp_path / "sheet.png") as png:
         assert png.size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
-    for argv, message in [(["--ratio", "0"], "budget=0.0;"), (["--size", "64"], "--size '64'; expected HxW"),
-                          (["--signals", "flow"], "signals=('flow',)")]:
+    for argv, message in [
+        (["--ratio", "0"], "budget=0.0;"),
+        (["--size", "64"], "--size '64'; expected HxW"),
+        (["--signals", "flow"], "signals=('flow',)"),
+    ]:
         args = parser.parse_args(["codec-preview", str(clip), "-o", str(tmp_path / "x.png"), *argv])
         assert args.run(args) == 2
         assert message in capsys.readouterr().err

@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hevc_vit.convert as convert_mod
+import hevc_vit.cli.convert as convert_cli
+import hevc_vit.convert.commit as commit_mod
+import hevc_vit.convert.write as write_mod
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify
 from hevc_vit.checkpoints import convert_from_native as real_convert_from_native
 from hevc_vit.checkpoints import load_checkpoint
@@ -32,8 +34,10 @@ from hevc_vit.convert import (
     TOLERANCES,
     ConversionInterrupted,
     VerificationFailed,
+    commit_folder,
     convert_checkpoint,
     describe_checkpoint,
+    finish_interrupted_commit,
 )
 
 from .conftest import FIXTURES, tiny_config
@@ -191,7 +195,7 @@ def _swap_q_and_k(state, fmt):
 
 
 def test_verification_fails_on_a_wrong_key_mapping_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(convert_mod, "convert_from_native", _swap_q_and_k)
+    monkeypatch.setattr(write_mod, "convert_from_native", _swap_q_and_k)
     before = all_files(tmp_path)
     with pytest.raises(VerificationFailed) as e:
         convert_checkpoint(LEGACY_PT, tmp_path / "out", to="packing", log=quiet)
@@ -206,14 +210,14 @@ def test_verification_fails_on_a_wrong_key_mapping_and_writes_nothing(tmp_path, 
 
 
 def test_verification_fails_when_a_hyperparameter_is_lost(tmp_path, monkeypatch):
-    real = convert_mod.reference_config_dict
+    real = write_mod.reference_config_dict
 
     def drop_eps(config, fmt, dtype):
         d = real(config, fmt, dtype)
         del d["layer_norm_eps"]  # would reload with the default 1e-6
         return d
 
-    monkeypatch.setattr(convert_mod, "reference_config_dict", drop_eps)
+    monkeypatch.setattr(write_mod, "reference_config_dict", drop_eps)
     with pytest.raises(VerificationFailed) as e:
         convert_checkpoint(LEGACY_PT, tmp_path / "out", log=quiet)
     assert e.value.report.config_mismatches == ["layer_norm_eps: SRC 1e-05, DST 1e-06"]
@@ -293,7 +297,7 @@ def test_bad_input_exits_nonzero_names_the_problem_and_leaves_nothing(tmp_path, 
 
 
 def test_dst_parent_folders_made_for_a_failed_conversion_are_removed(tmp_path, monkeypatch):
-    monkeypatch.setattr(convert_mod, "convert_from_native", _swap_q_and_k)
+    monkeypatch.setattr(write_mod, "convert_from_native", _swap_q_and_k)
     with pytest.raises(VerificationFailed):
         convert_checkpoint(LEGACY_PT, tmp_path / "a" / "b" / "out", log=quiet)
     assert all_files(tmp_path) == set()
@@ -306,12 +310,12 @@ def test_force_replaces_only_with_a_verified_result(tmp_path, monkeypatch):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "mine.txt").write_text("keep me")
-    monkeypatch.setattr(convert_mod, "convert_from_native", _swap_q_and_k)
+    monkeypatch.setattr(write_mod, "convert_from_native", _swap_q_and_k)
     with pytest.raises(VerificationFailed):
         convert_checkpoint(LEGACY_PT, dst, force=True, log=quiet)
     assert (dst / "mine.txt").read_text() == "keep me" and leftovers(tmp_path) == []
 
-    monkeypatch.setattr(convert_mod, "convert_from_native", real_convert_from_native)
+    monkeypatch.setattr(write_mod, "convert_from_native", real_convert_from_native)
     assert cli_main(["convert", str(LEGACY_PT), str(dst), "--force"]) == 0
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert leftovers(tmp_path) == []
@@ -339,7 +343,7 @@ def test_stages_are_reported_in_order(tmp_path):
 @pytest.mark.parametrize("stage", ["write", "verify"])
 def test_ctrl_c_during_the_conversion_leaves_no_dst(tmp_path, monkeypatch, capsys, stage):
     on_stage = _signal_at(stage, signal.SIGINT)
-    monkeypatch.setattr(convert_mod, "convert_checkpoint", functools.partial(convert_checkpoint, on_stage=on_stage))
+    monkeypatch.setattr(convert_cli, "convert_checkpoint", functools.partial(convert_checkpoint, on_stage=on_stage))
     handler = signal.getsignal(signal.SIGINT)
     rc = cli_main(["convert", str(LEGACY_PT), str(tmp_path / "out")])
     assert rc == 130 and "interrupted by SIGINT" in capsys.readouterr().err
@@ -374,7 +378,7 @@ def test_a_signal_during_the_commit_is_held_until_dst_is_complete(tmp_path, monk
 
 
 class Killed(BaseException):
-    """Stands for ``kill -9`` at a stage of the commit: ``_commit`` runs no clean-up of its own, so what it
+    """Stands for ``kill -9`` at a stage of the commit: ``commit_folder`` runs no clean-up of its own, so what it
     leaves on disk is what a kill there leaves (a real kill is checked in a child process below)."""
 
 
@@ -400,12 +404,12 @@ def use_method(monkeypatch, tmp_path: Path, method: str) -> None:
     """``exchange``: the atomic swap (skipped where this OS or file system has none); ``rename``: the
     two-rename fallback every other system gets."""
     if method == "rename":
-        monkeypatch.setattr(convert_mod, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(commit_mod, "exchange_folders", lambda a, b: False)
         return
     a, b = tmp_path / "probe_a", tmp_path / "probe_b"
     a.mkdir(), b.mkdir()
     (a / "x").touch()
-    swapped = convert_mod._exchange(a, b)
+    swapped = commit_mod.exchange_folders(a, b)
     shutil.rmtree(a), shutil.rmtree(b)
     if not swapped:
         pytest.skip("no atomic folder swap (renameat2 RENAME_EXCHANGE) here")
@@ -452,7 +456,7 @@ def test_a_commit_killed_at_any_stage_is_finished_by_the_next_run(
     new = tmp_path / _partial_name(dst)
     shutil.copytree(verified, new)
     with pytest.raises(Killed):
-        convert_mod._commit(new, dst, force=True, on_stage=_kill_at(stage))
+        commit_folder(new, dst, force=True, on_stage=_kill_at(stage))
 
     # at the kill: DST is the old or the new folder, complete (missing only between the fallback's renames)
     old_or_new = folder_is(dst, verified) or (folder_is(dst, STANDARD) if replace else not dst.exists())
@@ -499,13 +503,13 @@ def test_a_forced_conversion_after_a_kill_between_the_renames_keeps_both_verifie
 ):
     """The reported case: killed with the old DST moved aside and the new one not yet in place. The next
     forced conversion used to delete the new folder and never restore the old one."""
-    monkeypatch.setattr(convert_mod, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(commit_mod, "exchange_folders", lambda a, b: False)
     dst = tmp_path / "out"
     shutil.copytree(STANDARD, dst)
     new = tmp_path / _partial_name(dst)
     shutil.copytree(verified, new)
     with pytest.raises(Killed):
-        convert_mod._commit(new, dst, force=True, on_stage=_kill_at("old_aside"))
+        commit_folder(new, dst, force=True, on_stage=_kill_at("old_aside"))
     with pytest.raises(FileNotFoundError, match=r"interrupted while replacing it .*finish_interrupted_commit"):
         load_checkpoint(dst)  # a reader meanwhile is told why, and what finishes it
 
@@ -527,9 +531,9 @@ def test_a_journal_held_by_a_live_commit_is_waited_for_and_an_empty_one_removed(
     with open(journal) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a conversion committing right now
         with pytest.raises(FileExistsError, match=r"process 7 on h\) has been committing to DST .*out"):
-            convert_mod.finish_interrupted_commit(dst, log=quiet, wait_s=0.2)
+            finish_interrupted_commit(dst, log=quiet, wait_s=0.2)
     journal.write_text("")  # a run killed while it created the journal: nothing moved
-    assert convert_mod.finish_interrupted_commit(dst, log=quiet)
+    assert finish_interrupted_commit(dst, log=quiet)
     assert not journal.exists() and folder_is(dst, STANDARD)
 
 
@@ -539,18 +543,19 @@ def test_a_journal_held_by_a_live_commit_is_waited_for_and_an_empty_one_removed(
 # clean-up of any kind runs, as with kill -9
 _CHILD = r"""
 import functools, os, sys, time
-import hevc_vit.convert as convert
+import hevc_vit.cli.convert as convert_cli
+import hevc_vit.convert.commit as commit
 from hevc_vit.cli import main
 stage, action, method, *argv = sys.argv[1:]
 if method == "rename":
-    convert._exchange = lambda a, b: False
+    commit.exchange_folders = lambda a, b: False
 def on_stage(at):
     if at == stage and action == "pause":
         print(f"paused at {at}", file=sys.stderr, flush=True)
         time.sleep(60)
     elif at == stage:
         os._exit(9)
-convert.convert_checkpoint = functools.partial(convert.convert_checkpoint, on_stage=on_stage)
+convert_cli.convert_checkpoint = functools.partial(convert_cli.convert_checkpoint, on_stage=on_stage)
 sys.exit(main(["convert", *argv]))
 """
 
@@ -626,7 +631,7 @@ def test_a_process_killed_between_the_renames_is_finished_by_the_next_run(tmp_pa
     assert not dst.exists() and (tmp_path / ".out.commit").is_file()
     assert any(folder_is(p, verified) for p in here) and any(folder_is(p, STANDARD) for p in here)
 
-    assert convert_mod.finish_interrupted_commit(dst, log=quiet)
+    assert finish_interrupted_commit(dst, log=quiet)
     assert folder_is(dst, verified)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -664,7 +669,7 @@ def test_help_documents_every_option(command, capsys):
 
 def test_bad_device_is_named(tmp_path, capsys):
     assert cli_main(["convert", str(LEGACY_PT), str(tmp_path / "out"), "--device", "gpu0"]) == 2
-    assert "device='gpu0'; expected a torch device" in capsys.readouterr().err
+    assert "device='gpu0'; expected 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert cli_main(["convert", str(LEGACY_PT), str(tmp_path / "out"), "--device", "cuda"]) == 2
         assert "CUDA is not available here" in capsys.readouterr().err

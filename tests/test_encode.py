@@ -18,13 +18,14 @@ from safetensors import safe_open
 
 from hevc_vit import HEVCViTPackingModel, patchify
 from hevc_vit.cli import main as cli_main
-from hevc_vit.encode import DEFAULT_OUT, _choose_out_dir, encode, sample_inputs
-from hevc_vit.grouping import TokenBudgetPacker, first_fit_decreasing
-from hevc_vit.inputs import expand_inputs
+from hevc_vit.encode import DEFAULT_OUT, encode, iter_features, read_index, sample_inputs
+from hevc_vit.encode.batching import TokenBudgetPacker, first_fit_decreasing
+from hevc_vit.encode.folder import choose_out_dir
+from hevc_vit.encode.index import INDEX_NAME, rank_index_files
+from hevc_vit.encode.processing import NativeResolutionProcessor
+from hevc_vit.encode.sources import expand_inputs
+from hevc_vit.encode.video import read_video, temporal_positions, video_patch_positions
 from hevc_vit.packing import grid_positions, unpack
-from hevc_vit.processing import NativeResolutionProcessor
-from hevc_vit.sharding import INDEX_NAME, iter_features, rank_index_files, read_index
-from hevc_vit.video import read_video, temporal_positions, video_patch_positions
 
 from .conftest import FIXTURES, assert_close_rel
 from .test_video import write_clip
@@ -34,7 +35,7 @@ FRAMES, CONTEXT = 4, 16
 OPTIONS = dict(processor=PROC, frames=FRAMES, temporal_context=CONTEXT, workers=0, progress=False, log=lambda m: None)
 
 
-def _image(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> Path:
+def write_image(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> Path:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).convert(mode).save(path)
     return path
@@ -53,12 +54,12 @@ def data(tmp_path_factory) -> Path:
     """Images of several sizes and modes in nested folders, and one clip."""
     root = tmp_path_factory.mktemp("data")
     (root / "b").mkdir()
-    _image(root / "a.png", 70, 42, 0)
-    _image(root / "b" / "c.png", 100, 30, 1)
-    _image(root / "b" / "d.jpg", 300, 200, 2)
-    _image(root / "e.png", 1, 1, 3)
-    _image(root / "f.png", 41, 97, 4, mode="L")
-    _image(root / "g.png", 56, 56, 5)
+    write_image(root / "a.png", 70, 42, 0)
+    write_image(root / "b" / "c.png", 100, 30, 1)
+    write_image(root / "b" / "d.jpg", 300, 200, 2)
+    write_image(root / "e.png", 1, 1, 3)
+    write_image(root / "f.png", 41, 97, 4, mode="L")
+    write_image(root / "g.png", 56, 56, 5)
     write_clip(root / "clip.mp4", 10)
     return root
 
@@ -88,11 +89,11 @@ def _reference(model: HEVCViTPackingModel, paths: list[str]) -> dict[str, dict[s
     }
 
 
-def _features(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+def features_by_path(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {row["path"]: tensors for row, tensors in iter_features(out_dir)}
 
 
-def _without_shard(rows: list[dict]) -> list[dict]:
+def without_shard(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "shard"} for row in rows]
 
 
@@ -115,7 +116,7 @@ def test_encode_equals_packing_model_on_the_same_items(model, data, tmp_path, ma
     assert [row["status"] for row in rows] == ["ok"] * 7, rows
     assert result.encoded == 7 and result.failed == 0
     expected = _reference(model, [row["path"] for row in rows])
-    got = _features(tmp_path / "out")
+    got = features_by_path(tmp_path / "out")
     for path, ref in expected.items():
         assert torch.equal(got[path]["grid_thw"], ref["grid_thw"])
         assert_close_rel(got[path]["patches"], ref["patches"], what=f"{path} patches")
@@ -131,8 +132,7 @@ def test_encode_equals_packing_model_on_the_same_items(model, data, tmp_path, ma
 
 
 def test_mean_pooling_and_pooled_only(model, data, tmp_path):
-    encode([data / "a.png", data / "clip.mp4"], tmp_path / "out", model=model, pool="mean", pooled_only=True,
-           **OPTIONS)
+    encode([data / "a.png", data / "clip.mp4"], tmp_path / "out", model=model, pool="mean", pooled_only=True, **OPTIONS)
     rows = read_index(tmp_path / "out")
     expected = _reference(model, [row["path"] for row in rows])
     for row, tensors in iter_features(tmp_path / "out"):
@@ -148,18 +148,25 @@ def test_mean_pooling_and_pooled_only(model, data, tmp_path):
 def test_bad_inputs_are_recorded_with_reasons(model, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
-    good = _image(folder / "good.png", 60, 40, 0)
-    jpeg = _image(folder / "corrupt.jpg", 120, 90, 1).read_bytes()
+    good = write_image(folder / "good.png", 60, 40, 0)
+    jpeg = write_image(folder / "corrupt.jpg", 120, 90, 1).read_bytes()
     (folder / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # cut in the middle of the data
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.txt").write_text("not a picture\n" * 20)
-    _image(folder / "one_pixel.png", 1, 1, 2)
+    write_image(folder / "one_pixel.png", 1, 1, 2)
     (folder / ".hidden.png").write_bytes(good.read_bytes())  # hidden names are not inputs
     missing = tmp_path / "missing.png"
     result = encode([folder, missing, tmp_path / "nothing*.png"], tmp_path / "out", model=model, **OPTIONS)
     rows = {Path(row["path"]).name: row for row in read_index(tmp_path / "out")}
-    assert set(rows) == {"corrupt.jpg", "empty.png", "good.png", "notes.txt", "one_pixel.png", "missing.png",
-                         "nothing*.png"}
+    assert set(rows) == {
+        "corrupt.jpg",
+        "empty.png",
+        "good.png",
+        "notes.txt",
+        "one_pixel.png",
+        "missing.png",
+        "nothing*.png",
+    }
     assert rows["good.png"]["status"] == "ok" and rows["good.png"]["error"] == ""
     assert rows["one_pixel.png"]["status"] == "ok" and rows["one_pixel.png"]["grid_thw"] == [1, 2, 2]  # up to min
     reasons = {
@@ -208,8 +215,8 @@ def test_interrupted_run_resumed_equals_uninterrupted(model, data, tmp_path):
 
     whole = encode([data], tmp_path / "whole", **options)
     assert whole.skipped == 0
-    assert _without_shard(read_index(run)) == _without_shard(read_index(tmp_path / "whole"))
-    a, b = _features(run), _features(tmp_path / "whole")
+    assert without_shard(read_index(run)) == without_shard(read_index(tmp_path / "whole"))
+    a, b = features_by_path(run), features_by_path(tmp_path / "whole")
     assert a.keys() == b.keys()
     for path in a:
         for name in ("patches", "pooled", "grid_thw"):
@@ -234,6 +241,7 @@ def test_overwrite_replaces_only_its_own_outputs(model, data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_two_processes_equal_one_process(model, data, tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
@@ -241,20 +249,41 @@ def test_torchrun_two_processes_equal_one_process(model, data, tmp_path):
     single = encode([data], tmp_path / "single", model=str(ckpt), max_tokens=40, **OPTIONS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "hevc_vit", "encode", str(data), "--out", str(tmp_path / "multi"), "--model", str(ckpt),
-        "--frames", str(FRAMES), "--temporal-context", str(CONTEXT), "--max-tokens", "40", "--workers", "0",
-        "--device", "cpu", "-q",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "hevc_vit",
+        "encode",
+        str(data),
+        "--out",
+        str(tmp_path / "multi"),
+        "--model",
+        str(ckpt),
+        "--frames",
+        str(FRAMES),
+        "--temporal-context",
+        str(CONTEXT),
+        "--max-tokens",
+        "40",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "-q",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "encoded 7 of 7 inputs" in proc.stdout
     rows_multi, rows_single = read_index(tmp_path / "multi"), read_index(tmp_path / "single")
-    assert _without_shard(rows_multi) == _without_shard(rows_single)
+    assert without_shard(rows_multi) == without_shard(rows_single)
     assert {row["shard"].split("-")[0] for row in rows_multi} == {"shards/rank00000", "shards/rank00001"}
     stored = [key for shard in (tmp_path / "multi" / "shards").iterdir() for key in safe_open(shard, "pt").keys()]
     assert sorted(k for k in stored if k.endswith(".patches")) == [f"{i:08d}.patches" for i in range(7)]  # once each
-    a, b = _features(tmp_path / "multi"), _features(tmp_path / "single")
+    a, b = features_by_path(tmp_path / "multi"), features_by_path(tmp_path / "single")
     assert a.keys() == b.keys() == {row["path"] for row in rows_single}
     for path in a:
         for name in ("patches", "pooled", "grid_thw"):
@@ -306,7 +335,10 @@ def test_expand_inputs_folders_globs_lists(tmp_path):
     specs = expand_inputs([tmp_path / "x", str(tmp_path / "*.png"), tmp_path / "list.txt", tmp_path / "none.png"])
     names = [(Path(s.path).relative_to(tmp_path).as_posix() if not s.error else s.path, s.error) for s in specs]
     assert names == [
-        ("x/a.png", ""), ("x/b.png", ""), ("x/y/c.png", ""), ("z.png", ""),
+        ("x/a.png", ""),
+        ("x/b.png", ""),
+        ("x/y/c.png", ""),
+        ("z.png", ""),
         (str(tmp_path / "none.png"), "no such file or folder"),
     ]
 
@@ -319,8 +351,21 @@ def test_expand_inputs_folders_globs_lists(tmp_path):
 def test_cli_refuses_an_existing_folder_and_reports_errors(model, data, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    args = ["encode", str(data / "a.png"), "--out", str(tmp_path / "out"), "--model", str(ckpt), "--workers", "0",
-            "--min-image-tokens", "4", "--max-image-tokens", "48", "-q"]
+    args = [
+        "encode",
+        str(data / "a.png"),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(ckpt),
+        "--workers",
+        "0",
+        "--min-image-tokens",
+        "4",
+        "--max-image-tokens",
+        "48",
+        "-q",
+    ]
     assert cli_main(args) == 0
     assert str((tmp_path / "out").resolve()) in capsys.readouterr().out
     assert cli_main(args) == 2
@@ -342,5 +387,5 @@ def test_cli_demo_default_encodes_the_shipped_samples(tmp_path, monkeypatch, cap
     assert len(rows) == len(sample_inputs()) >= 4
     assert {row["kind"] for row in rows} == {"image", "video"} and all(row["status"] == "ok" for row in rows)
     # a second run must not touch the first: it gets the next numbered folder
-    assert _choose_out_dir(None, resume=False, overwrite=False, log=lambda m: None) == Path(f"{DEFAULT_OUT}-2")
+    assert choose_out_dir(None, resume=False, overwrite=False, log=lambda m: None) == Path(f"{DEFAULT_OUT}-2")
     assert json.loads((out_dir / "encode_config.json").read_text())["model"].startswith("preset:small")

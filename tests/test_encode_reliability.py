@@ -9,22 +9,19 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hevc_vit import HEVCViTPackingModel
 from hevc_vit.cli import main as cli_main
-from hevc_vit.encode import encode
-from hevc_vit.inputs import expand_inputs
-from hevc_vit.processing import NativeResolutionProcessor
-from hevc_vit.sharding import INDEX_NAME, iter_features, load_features, read_index
+from hevc_vit.encode import encode, iter_features, load_features, read_index
+from hevc_vit.encode.lock import FolderLock
+from hevc_vit.encode.sources import expand_inputs
 
 from .conftest import FIXTURES, assert_close_rel
-from .test_encode import OPTIONS, PROC, _features, _image, _without_shard
+from .test_encode import OPTIONS, PROC, features_by_path, without_shard, write_image
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +33,7 @@ def model() -> HEVCViTPackingModel:
 def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("images")
     for i, (w, h) in enumerate([(70, 42), (100, 30), (56, 56), (41, 97), (30, 30), (90, 60)]):
-        _image(root / f"{i}.png", w, h, i)
+        write_image(root / f"{i}.png", w, h, i)
     return root
 
 
@@ -47,9 +44,23 @@ def ckpt(model, tmp_path_factory) -> Path:
     return folder
 
 
-def _cli(images: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
-    return ["encode", str(images), "--out", str(out), "--model", str(ckpt), "--workers", "0",
-            "--min-image-tokens", "4", "--max-image-tokens", "48", "-q", *extra]
+def cli_args(images: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
+    return [
+        "encode",
+        str(images),
+        "--out",
+        str(out),
+        "--model",
+        str(ckpt),
+        "--workers",
+        "0",
+        "--min-image-tokens",
+        "4",
+        "--max-image-tokens",
+        "48",
+        "-q",
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,8 +96,8 @@ def test_two_runs_started_together_into_one_folder_one_is_refused(ckpt, images, 
     assert single.encoded == 6
     rows = read_index(out)
     assert [r["status"] for r in rows] == ["ok"] * 6
-    assert _without_shard(rows) == _without_shard(read_index(tmp_path / "single"))
-    got, want = _features(out), _features(tmp_path / "single")
+    assert without_shard(rows) == without_shard(read_index(tmp_path / "single"))
+    got, want = features_by_path(out), features_by_path(tmp_path / "single")
     assert got.keys() == want.keys()
     for path in want:
         for name in ("patches", "pooled", "grid_thw"):
@@ -95,38 +106,36 @@ def test_two_runs_started_together_into_one_folder_one_is_refused(ckpt, images, 
 
 
 def test_a_held_folder_is_refused_by_the_cli_naming_the_holder(images, ckpt, tmp_path, capsys):
-    from hevc_vit.sharding import FolderLock
-
     out = tmp_path / "out"
     with FolderLock.acquire(out):
-        assert cli_main(_cli(images, out, ckpt)) == 2
+        assert cli_main(cli_args(images, out, ckpt)) == 2
         err = capsys.readouterr().err
         assert "in use by another hevc-vit encode run" in err and f"pid {os.getpid()}" in err
         assert [p.name for p in out.iterdir()] == [".encode.lock"]  # the refused run wrote nothing
-        assert cli_main(_cli(images, out, ckpt, "--resume")) == 2  # not even to continue it
+        assert cli_main(cli_args(images, out, ckpt, "--resume")) == 2  # not even to continue it
     assert not out.exists()  # the lock made the folder; nothing else was written, so it is gone
-    assert cli_main(_cli(images, out, ckpt)) == 0  # once released, the folder is free
+    assert cli_main(cli_args(images, out, ckpt)) == 0  # once released, the folder is free
     assert [r["status"] for r in read_index(out)] == ["ok"] * 6
 
 
 def test_without_out_a_second_run_takes_the_next_numbered_folder(tmp_path, monkeypatch):
-    from hevc_vit.encode import DEFAULT_OUT, _claim_out_dir
-    from hevc_vit.sharding import FolderLock
+    from hevc_vit.encode import DEFAULT_OUT
+    from hevc_vit.encode.folder import claim_out_dir
 
     monkeypatch.chdir(tmp_path)
     with FolderLock.acquire(DEFAULT_OUT):  # a run that has not written anything yet
-        second = _claim_out_dir(None, resume=False, overwrite=False, log=lambda m: None)
+        second = claim_out_dir(None, resume=False, overwrite=False, log=lambda m: None)
         assert second.folder == Path(f"{DEFAULT_OUT}-2")
         second.release()
         with pytest.raises(FileExistsError, match="in use"):  # --resume means this folder: no moving on
-            _claim_out_dir(None, resume=True, overwrite=False, log=lambda m: None)
+            claim_out_dir(None, resume=True, overwrite=False, log=lambda m: None)
 
 
 def test_a_shard_is_never_written_over_an_existing_file(tmp_path, monkeypatch):
     """Another writer creates the shard's name between the writer's check and its rename: the other file stays."""
     import safetensors.torch
 
-    from hevc_vit.sharding import ShardWriter
+    from hevc_vit.encode.shards import ShardWriter
 
     writer = ShardWriter(tmp_path, rank=0, shard_bytes=1 << 30)
     real_save = safetensors.torch.save_file
@@ -192,7 +201,7 @@ def test_a_checkpoint_processor_config_with_nan_is_refused_before_anything_is_wr
     config = {**PROC.to_dict(), "image_std": [0.5, float("nan"), 0.5]}
     (ckpt / "preprocessor_config.json").write_text(json.dumps(config))  # used automatically with --model ckpt
     out = tmp_path / "out"
-    assert cli_main(_cli(images, out, ckpt)) == 2
+    assert cli_main(cli_args(images, out, ckpt)) == 2
     assert "image_std=[0.5, nan, 0.5]" in capsys.readouterr().err
     assert not out.exists()
 
@@ -248,8 +257,14 @@ def test_inputs_that_cannot_be_walked_get_rows_and_linked_folders_are_followed(t
     given = [root, tmp_path / "empty", tmp_path / "only_hidden", tmp_path / "unreadable", tmp_path / "empty.txt"]
     specs = {Path(s.path).relative_to(tmp_path).as_posix(): s.error for s in expand_inputs(given)}
     assert specs.keys() == {
-        "root/outside/b.png", "root/real/a.png", "root/linked", "root/locked",
-        "empty", "only_hidden", "unreadable", "empty.txt",
+        "root/outside/b.png",
+        "root/real/a.png",
+        "root/linked",
+        "root/locked",
+        "empty",
+        "only_hidden",
+        "unreadable",
+        "empty.txt",
     }
     assert specs["root/outside/b.png"] == specs["root/real/a.png"] == ""
     assert "already searched" in specs["root/linked"]
@@ -261,7 +276,7 @@ def test_inputs_that_cannot_be_walked_get_rows_and_linked_folders_are_followed(t
 
 def test_an_empty_folder_gives_a_failed_row_and_a_non_zero_exit(ckpt, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert cli_main(_cli(tmp_path / "empty", tmp_path / "out", ckpt)) == 1
+    assert cli_main(cli_args(tmp_path / "empty", tmp_path / "out", ckpt)) == 1
     captured = capsys.readouterr().out
     assert "nothing was encoded" in captured and "no files in this folder" in captured
     assert [r["status"] for r in read_index(tmp_path / "out")] == ["failed"]
@@ -275,9 +290,9 @@ def test_one_path_as_a_string_or_path_is_one_input(model, images, tmp_path, monk
 
 
 def test_truncated_video_gets_a_failed_row(model, tmp_path):
-    from .test_video import _noisy_clip
+    from .test_video import noisy_clip
 
-    whole = _noisy_clip(tmp_path / "whole.mp4", 40)
+    whole = noisy_clip(tmp_path / "whole.mp4", 40)
     (tmp_path / "cut.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])
     encode([tmp_path / "whole.mp4", tmp_path / "cut.mp4"], tmp_path / "out", model=model, **OPTIONS)
     rows = {Path(r["path"]).name: r for r in read_index(tmp_path / "out")}
@@ -293,8 +308,11 @@ def test_truncated_video_gets_a_failed_row(model, tmp_path):
 def test_overwrite_spares_user_files_with_similar_names(model, images, tmp_path):
     out = tmp_path / "out"
     encode([images / "0.png"], out, model=model, **OPTIONS)
-    mine = [out / "shards" / "ranking_results.safetensors", out / "shards" / "rank_notes.safetensors.bak",
-            out / "index.jsonl.notes"]
+    mine = [
+        out / "shards" / "ranking_results.safetensors",
+        out / "shards" / "rank_notes.safetensors.bak",
+        out / "index.jsonl.notes",
+    ]
     for path in mine:
         path.write_bytes(b"the user's")
     encode([images / "1.png"], out, model=model, overwrite=True, **OPTIONS)
@@ -308,7 +326,7 @@ def test_overwrite_spares_user_files_with_similar_names(model, images, tmp_path)
 def test_an_output_folder_inside_an_input_folder_is_not_an_input(model, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    _image(folder / "a.png", 60, 40, 0)
+    write_image(folder / "a.png", 60, 40, 0)
     encode([folder], folder / "feats", model=model, **OPTIONS)
     encode([folder], folder / "feats", model=model, overwrite=True, **OPTIONS)  # its own shards are not inputs
     assert [Path(r["path"]).name for r in read_index(folder / "feats")] == ["a.png"]
@@ -342,7 +360,7 @@ def test_shards_get_the_process_file_mode(model, images, tmp_path):
 )
 def test_bad_option_values_exit_2_and_leave_no_files(images, ckpt, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    assert cli_main(_cli(images, out, ckpt, *extra)) == 2
+    assert cli_main(cli_args(images, out, ckpt, *extra)) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
 
@@ -351,7 +369,7 @@ def test_an_invalid_resample_in_a_processor_file_exits_2(images, ckpt, tmp_path,
     """Refused after the folder was taken (the processor is built with the model): what the lock made goes too."""
     (tmp_path / "proc.json").write_text(json.dumps({**PROC.to_dict(), "resample": 42}))
     out = tmp_path / "new" / "nested" / "out"
-    assert cli_main(_cli(images, out, ckpt, "--processor", str(tmp_path / "proc.json"))) == 2
+    assert cli_main(cli_args(images, out, ckpt, "--processor", str(tmp_path / "proc.json"))) == 2
     assert "resample=42" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
@@ -364,8 +382,22 @@ def test_a_non_utf8_list_file_and_non_utf8_names_are_reported_safely(ckpt, image
     (folder / os.fsdecode(b"bad\xff.png")).write_bytes(b"not an image")
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"caf\xe9.png\n")
-    args = ["encode", str(folder), str(listing), "--out", str(tmp_path / "out"), "--model", str(ckpt),
-            "--workers", "0", "--min-image-tokens", "4", "--max-image-tokens", "48", "-q"]
+    args = [
+        "encode",
+        str(folder),
+        str(listing),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        str(ckpt),
+        "--workers",
+        "0",
+        "--min-image-tokens",
+        "4",
+        "--max-image-tokens",
+        "48",
+        "-q",
+    ]
     assert cli_main(args) == 0
     out = capsysbinary.readouterr().out.decode("utf-8")  # printable: the odd byte shown as \xff
     assert "bad\\xff.png" in out and "not UTF-8" in out and str(listing) in out
@@ -386,7 +418,7 @@ def test_pooled_vectors_depend_on_the_forward_only_within_the_documented_bound(m
     alone = encode([images], tmp_path / "alone", model=model, max_tokens=1, **OPTIONS)  # one item per forward
     packed = encode([images], tmp_path / "packed", model=model, max_tokens=100_000, **OPTIONS)
     assert alone.encoded == packed.encoded == 6
-    a, b = _features(tmp_path / "alone"), _features(tmp_path / "packed")
+    a, b = features_by_path(tmp_path / "alone"), features_by_path(tmp_path / "packed")
     for path in a:
         assert_close_rel(a[path]["patches"], b[path]["patches"], what=f"{path} patches")
         assert_close_rel(a[path]["pooled"], b[path]["pooled"], what=f"{path} pooled")
@@ -400,16 +432,16 @@ def test_pooled_vectors_depend_on_the_forward_only_within_the_documented_bound(m
 def test_a_worker_that_dies_fails_only_its_input(model, images, tmp_path, monkeypatch):
     """The decoder crashes its process (os._exit, as an OOM kill or a segfault would) on one file; the run goes
     on and that file alone gets a failed row. Worker processes fork, so they see this patch."""
-    import hevc_vit.inputs
+    import hevc_vit.encode.loading
 
-    real_open = hevc_vit.inputs._open_image
+    real_open = hevc_vit.encode.loading.open_image
 
     def crash_on_3(path):
         if Path(path).name == "3.png":
             os._exit(7)
         return real_open(path)
 
-    monkeypatch.setattr(hevc_vit.inputs, "_open_image", crash_on_3)
+    monkeypatch.setattr(hevc_vit.encode.loading, "open_image", crash_on_3)
     result = encode([images], tmp_path / "out", model=model, **{**OPTIONS, "workers": 2})
     rows = {Path(r["path"]).name: r for r in read_index(tmp_path / "out")}
     assert [name for name, r in rows.items() if r["status"] != "ok"] == ["3.png"]
@@ -420,17 +452,27 @@ def test_a_worker_that_dies_fails_only_its_input(model, images, tmp_path, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_ranks_share_the_folder_and_a_held_folder_stops_every_rank(images, ckpt, tmp_path):
     """Rank 0 holds the lock for its run (the other ranks write their own files under it); a run whose rank 0
     is refused stops on every rank, none waiting forever, and writes nothing."""
     import subprocess
     import sys
 
-    from hevc_vit.sharding import FolderLock
-
     def torchrun(out: Path) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "hevc_vit", *_cli(images, out, ckpt), "--device", "cpu"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "hevc_vit",
+            *cli_args(images, out, ckpt),
+            "--device",
+            "cpu",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 

@@ -62,7 +62,9 @@ def reference_dir(tmp_path_factory, trained) -> Path:
     """A reference-format (standard names, ``model_type: onevision_encoder``) folder with the trained weights."""
     folder = tmp_path_factory.mktemp("reference_trained")
     shutil.copy(STANDARD_SRC / "config.json", folder / "config.json")
-    save_file({k: v.contiguous() for k, v in convert_from_native(trained, "standard").items()}, folder / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in convert_from_native(trained, "standard").items()}, folder / "model.safetensors"
+    )
     return folder
 
 
@@ -73,7 +75,9 @@ def llava_config(tower: Path, **overrides) -> TinyLlavaConfig:
 def llava_state(config: TinyLlavaConfig, tower_weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """A LLaVA checkpoint's state: the model's own tensors, with ``tower_weights`` at the tower's place
     (None: a checkpoint saved without the tower)."""
-    state = {k: v.clone() for k, v in TinyLlavaForCausalLM(config).state_dict().items() if not k.startswith(TOWER_PREFIX)}
+    state = {
+        k: v.clone() for k, v in TinyLlavaForCausalLM(config).state_dict().items() if not k.startswith(TOWER_PREFIX)
+    }
     if tower_weights is not None:
         state.update({TOWER_PREFIX + k: v.contiguous() for k, v in tower_weights.items()})
     return state
@@ -140,7 +144,9 @@ def test_unknown_tower_keys_raise_even_without_strict(towers, trained):
         TOWER_PREFIX + "encoder.layers.0.self_attn.qkv.weight"
     )
     model = TinyLlavaForCausalLM(config)
-    with pytest.raises(ValueError, match=r"1 weights under 'model.vision_tower.vision_tower.' fit no tensor .*qkv_proj"):
+    with pytest.raises(
+        ValueError, match=r"1 weights under 'model.vision_tower.vision_tower.' fit no tensor .*qkv_proj"
+    ):
         model.load_state_dict(state, strict=False)
 
 

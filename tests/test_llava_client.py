@@ -176,7 +176,9 @@ def test_spatial_merge_call_form(tower, reference):
     with torch.no_grad():
         features, h, w = tower(frames, return_spatial_dims=True, patch_positions=positions)
         assert (h, w) == (2, 2)
-        projector = build_projector(SimpleNamespace(mm_projector_type="spatial_merge", mm_hidden_size=64, hidden_size=32))
+        projector = build_projector(
+            SimpleNamespace(mm_projector_type="spatial_merge", mm_hidden_size=64, hidden_size=32)
+        )
         tokens = projector(features, height=h, width=w)
     assert tokens.shape == (8, 1, 32)
     expected = reference_features(reference, as_clip(frames), positions[0]).view(8, 4, -1)
@@ -208,22 +210,33 @@ def test_fork_constructor_keyword_and_builder_kwargs():
 
 STACK = pixels(3, 3, 28, 42, seed=13)  # 3 frames of 2x3 patches
 BAD_CALLS = [
-    (dict(patch_positions=[torch.zeros(1, 7, 3, dtype=torch.long)]),
-     r"patch_positions cover \[7\] patches for images \(3, 3, 28, 42\) of 3 frames of 2x3 patches; expected one "
-     r"entry of h·w = 6 .* or of B·h·w = 18"),
-    (dict(patch_positions=[torch.zeros(1, 6, 3, dtype=torch.long), torch.zeros(1, 6, 3, dtype=torch.long)]),
-     r"patch_positions cover \[6, 6\] patches .* adding up to 18"),
-    (dict(patch_positions=[-torch.ones(1, 6, 3, dtype=torch.long)]),
-     r"patch_positions\[0\] holds -1; expected non-negative"),
-    (dict(patch_positions=[torch.zeros(1, 6, 3)]),
-     r"patch_positions\[0\] has dtype torch.float32; expected integer"),
-    (dict(patch_positions=[torch.zeros(1, 6, 2, dtype=torch.long)]),
-     r"patch_positions\[0\] has shape \(1, 6, 2\); expected \(1, M, 3\)"),
-    (dict(patch_positions=[None, torch.zeros(1, 6, 3, dtype=torch.long)]),
-     r"patch_positions has None at \[0\] and tensors elsewhere"),
-    (dict(grid_thw=torch.tensor([[1, 3, 2]] * 3)),
-     r"grid_thw \[\[1, 3, 2\], \[1, 3, 2\], \[1, 3, 2\]\] \(3 frames\) disagrees with the pixels: expected rows "
-     r"\(t, h, w\) describing 3 frames: \[\[1, 2, 3\], \[1, 2, 3\], \[1, 2, 3\]\]"),
+    (
+        dict(patch_positions=[torch.zeros(1, 7, 3, dtype=torch.long)]),
+        r"patch_positions cover \[7\] patches for images \(3, 3, 28, 42\) of 3 frames of 2x3 patches; expected one "
+        r"entry of h·w = 6 .* or of B·h·w = 18",
+    ),
+    (
+        dict(patch_positions=[torch.zeros(1, 6, 3, dtype=torch.long), torch.zeros(1, 6, 3, dtype=torch.long)]),
+        r"patch_positions cover \[6, 6\] patches .* adding up to 18",
+    ),
+    (
+        dict(patch_positions=[-torch.ones(1, 6, 3, dtype=torch.long)]),
+        r"patch_positions\[0\] holds -1; expected non-negative",
+    ),
+    (dict(patch_positions=[torch.zeros(1, 6, 3)]), r"patch_positions\[0\] has dtype torch.float32; expected integer"),
+    (
+        dict(patch_positions=[torch.zeros(1, 6, 2, dtype=torch.long)]),
+        r"patch_positions\[0\] has shape \(1, 6, 2\); expected \(1, M, 3\)",
+    ),
+    (
+        dict(patch_positions=[None, torch.zeros(1, 6, 3, dtype=torch.long)]),
+        r"patch_positions has None at \[0\] and tensors elsewhere",
+    ),
+    (
+        dict(grid_thw=torch.tensor([[1, 3, 2]] * 3)),
+        r"grid_thw \[\[1, 3, 2\], \[1, 3, 2\], \[1, 3, 2\]\] \(3 frames\) disagrees with the pixels: expected rows "
+        r"\(t, h, w\) describing 3 frames: \[\[1, 2, 3\], \[1, 2, 3\], \[1, 2, 3\]\]",
+    ),
     (dict(grid_thw=torch.tensor([[1, 2, 3]] * 2)), r"grid_thw .* \(2 frames\) disagrees with the pixels"),
     (dict(grid_thw=torch.tensor([[2, 2, 3], [1, 2, 3]]), num_frames=3), r"grid_thw .* disagrees"),
     (dict(num_frames=2), r"num_frames=2; images \(3, 3, 28, 42\) has 3 frames, expected a multiple of 2"),

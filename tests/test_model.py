@@ -83,7 +83,9 @@ def test_default_positions_equal_explicit_grid_positions():
         )
         spread = explicit.clone()
         spread[..., 0] *= 63  # frames 0 and 63 of a 64-frame context
-        assert not torch.allclose(standard(video).last_hidden_state, standard(video, patch_positions=spread).last_hidden_state)
+        assert not torch.allclose(
+            standard(video).last_hidden_state, standard(video, patch_positions=spread).last_hidden_state
+        )
 
 
 def test_visible_indices_equal_packing_with_explicit_positions():
@@ -166,7 +168,10 @@ def test_from_pretrained_reproduces_the_saved_model_and_round_trips_exactly(tmp_
         torch.testing.assert_close(reloaded(x).last_hidden_state, standard(x).last_hidden_state, rtol=0, atol=0)
         patches, grid_thw = patchify(x, 14)
         torch.testing.assert_close(
-            as_packing(patches, grid_thw).last_hidden_state, standard(x).last_hidden_state.reshape(-1, 64), rtol=0, atol=0
+            as_packing(patches, grid_thw).last_hidden_state,
+            standard(x).last_hidden_state.reshape(-1, 64),
+            rtol=0,
+            atol=0,
         )
     reloaded.save_pretrained(tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -191,7 +196,9 @@ def test_auto_classes_load_without_remote_code(tmp_path):
         torch.testing.assert_close(model(x).pooler_output, standard(x).pooler_output, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("folder, model_cls", [("onevision_encoder_tiny", HEVCViTModel), ("llava_vit_packing_tiny", HEVCViTPackingModel)])
+@pytest.mark.parametrize(
+    "folder, model_cls", [("onevision_encoder_tiny", HEVCViTModel), ("llava_vit_packing_tiny", HEVCViTPackingModel)]
+)
 def test_auto_model_opens_reference_folders_without_remote_code(folder, model_cls):
     auto = AutoModel.from_pretrained(FIXTURES / folder)
     direct = model_cls.from_pretrained(FIXTURES / folder)
@@ -240,7 +247,9 @@ def test_wrong_architecture_is_reported_by_name(tmp_path):
 
 
 def test_unknown_and_unavailable_backends_are_named():
-    with pytest.raises(ValueError, match=r"attn_implementation='flash' is unknown; expected one of .*available here: \["):
+    with pytest.raises(
+        ValueError, match=r"attn_implementation='flash' is unknown; expected one of .*available here: \["
+    ):
         tiny_config(attn_implementation="flash")
     model = HEVCViTModel(tiny_config())
     with pytest.raises(ValueError, match="is unknown"):
@@ -248,7 +257,9 @@ def test_unknown_and_unavailable_backends_are_named():
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match=r"'flash_attn' is not available: .*available here: \['auto', 'eager', 'sdpa'"):
+        with pytest.raises(
+            ImportError, match=r"'flash_attn' is not available: .*available here: \['auto', 'eager', 'sdpa'"
+        ):
             HEVCViTModel(tiny_config(attn_implementation="flash_attn"))
     if not torch.cuda.is_available():
         with pytest.raises(ImportError, match=r"'torch_varlen' is not available: .*CUDA"):
@@ -300,7 +311,12 @@ def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(enable):
         (torch.randn(4, 588), [[1, 0, 2]], {}, r"every entry must be a positive integer"),
         (torch.randn(4, 588), [[1, 2.0, 2]], {}, r"expected integers"),
         (torch.randn(4, 588), None, {}, r"grid_thw is None"),
-        (torch.randn(4, 588), [[1, 2, 2]], {"patch_positions": torch.zeros(3, 3, dtype=torch.long)}, r"expected \(4, 3\)"),
+        (
+            torch.randn(4, 588),
+            [[1, 2, 2]],
+            {"patch_positions": torch.zeros(3, 3, dtype=torch.long)},
+            r"expected \(4, 3\)",
+        ),
     ],
 )
 def test_packing_model_rejects_bad_input(hidden_states, grid_thw, kwargs, message):
@@ -312,13 +328,29 @@ def test_packing_model_rejects_bad_input(hidden_states, grid_thw, kwargs, messag
 @pytest.mark.parametrize(
     "pixel_values, kwargs, message",
     [
-        (torch.randn(1, 3, 28, 30), {}, r"is 28x30; both sides must be positive multiples of patch_size=14 \(nearest: 28x28\)"),
+        (
+            torch.randn(1, 3, 28, 30),
+            {},
+            r"is 28x30; both sides must be positive multiples of patch_size=14 \(nearest: 28x28\)",
+        ),
         (torch.randn(1, 4, 28, 28), {}, r"4 channels; the config expects num_channels=3"),
         (torch.randn(3, 28, 28), {}, r"expected \(B, C, H, W\) images or \(B, C, T, H, W\) videos"),
-        (torch.randn(1, 3, 28, 28), {"patch_positions": torch.zeros(1, 3, 3, dtype=torch.long)}, r"expected \(1, 4, 3\)"),
-        (torch.randn(1, 3, 28, 28), {"visible_indices": torch.tensor([[0, 4]])}, r"visible_indices holds 4; expected indices in \[0, 4\)"),
+        (
+            torch.randn(1, 3, 28, 28),
+            {"patch_positions": torch.zeros(1, 3, 3, dtype=torch.long)},
+            r"expected \(1, 4, 3\)",
+        ),
+        (
+            torch.randn(1, 3, 28, 28),
+            {"visible_indices": torch.tensor([[0, 4]])},
+            r"visible_indices holds 4; expected indices in \[0, 4\)",
+        ),
         (torch.randn(1, 3, 28, 28), {"visible_indices": torch.tensor([[-1, 2]])}, r"visible_indices holds -1"),
-        (torch.randn(1, 3, 28, 28), {"visible_indices": torch.tensor([0, 2])}, r"visible_indices has shape \(2,\); expected \(1, K\)"),
+        (
+            torch.randn(1, 3, 28, 28),
+            {"visible_indices": torch.tensor([0, 2])},
+            r"visible_indices has shape \(2,\); expected \(1, K\)",
+        ),
         (torch.randn(1, 3, 28, 28), {"visible_indices": torch.tensor([[0.0, 2.0]])}, r"dtype torch.float32"),
     ],
 )
@@ -346,8 +378,15 @@ def test_config_validation(overrides, message):
 
 def test_presets():
     config = HEVCViTConfig.from_preset("large")
-    assert (config.patch_size, config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (14, 1024, 16, 24)
+    assert (config.patch_size, config.hidden_size, config.num_attention_heads, config.num_hidden_layers) == (
+        14,
+        1024,
+        16,
+        24,
+    )
     assert config.intermediate_size == 4096 and config.matching_preset() == "large"
     assert HEVCViTConfig.from_preset("small").head_dim == 64
-    with pytest.raises(ValueError, match=r"preset='tiny'; expected one of \['base', 'giant', 'huge', 'large', 'small'\]"):
+    with pytest.raises(
+        ValueError, match=r"preset='tiny'; expected one of \['base', 'giant', 'huge', 'large', 'small'\]"
+    ):
         HEVCViTConfig.from_preset("tiny")

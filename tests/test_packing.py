@@ -37,7 +37,12 @@ def test_patchify_items_mixes_images_stacks_and_videos():
     patches, grid_thw = patchify_items([image, stack, video, image], 14)
     assert grid_thw.tolist() == [[1, 2, 3], [1, 2, 2], [1, 2, 2], [5, 1, 2], [1, 2, 3]]
     expected = torch.cat(
-        [patchify(image[None], 14)[0], patchify(stack, 14)[0], patchify(video[None], 14)[0], patchify(image[None], 14)[0]]
+        [
+            patchify(image[None], 14)[0],
+            patchify(stack, 14)[0],
+            patchify(video[None], 14)[0],
+            patchify(image[None], 14)[0],
+        ]
     )
     torch.testing.assert_close(patches, expected, rtol=0, atol=0)
 
@@ -112,7 +117,10 @@ def test_bad_patch_positions():
 
 
 def test_bad_pixels():
-    with pytest.raises(ValueError, match=r"pixel_values is 30x42; both sides must be positive multiples of patch_size=14 \(nearest: 28x42\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"pixel_values is 30x42; both sides must be positive multiples of patch_size=14 \(nearest: 28x42\)",
+    ):
         patchify(torch.randn(1, 3, 30, 42), 14)
     with pytest.raises(ValueError, match=r"expected \(B, C, H, W\) images or \(B, C, T, H, W\) videos"):
         patchify(torch.randn(3, 28), 14)

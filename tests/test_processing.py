@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hevc_vit.processing import (
+from hevc_vit.encode.processing import (
     CLIP_MEAN,
     CLIP_STD,
     FixedSizeProcessor,
@@ -55,7 +55,14 @@ def _reference(processor, image: Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "size, mode",
-    [((200, 130), "RGB"), ((97, 151), "RGB"), ((56, 56), "RGB"), ((30, 20), "RGB"), ((123, 77), "L"), ((64, 300), "RGB")],
+    [
+        ((200, 130), "RGB"),
+        ((97, 151), "RGB"),
+        ((56, 56), "RGB"),
+        ((30, 20), "RGB"),
+        ((123, 77), "L"),
+        ((64, 300), "RGB"),
+    ],
 )
 def test_fixed_size_processor_matches_transformers_clip(size, mode):
     image = _photo(*size, mode=mode)
@@ -95,8 +102,21 @@ def _aspect_within_one_patch(h: int, w: int, H: int, W: int, p: int) -> bool:
     return lo <= hi + 1e-12
 
 
-SIZES = [(1, 1), (14, 14), (13, 15), (224, 224), (640, 480), (480, 640), (4000, 3000), (1920, 1080), (97, 1033),
-         (33, 400), (3000, 20), (2, 5000), (5000, 2)]
+SIZES = [
+    (1, 1),
+    (14, 14),
+    (13, 15),
+    (224, 224),
+    (640, 480),
+    (480, 640),
+    (4000, 3000),
+    (1920, 1080),
+    (97, 1033),
+    (33, 400),
+    (3000, 20),
+    (2, 5000),
+    (5000, 2),
+]
 SIZES += [tuple(int(v) for v in np.random.default_rng(7).integers(1, 3000, size=2)) for _ in range(40)]
 
 
@@ -153,8 +173,9 @@ def test_transparent_pixels_become_white():
 
 
 def test_native_processor_saved_and_reloaded(tmp_path):
-    proc = NativeResolutionProcessor(patch_size=16, min_tokens=8, max_tokens=99, max_video_tokens=300,
-                                     image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    proc = NativeResolutionProcessor(
+        patch_size=16, min_tokens=8, max_tokens=99, max_video_tokens=300, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    )
     path = proc.save_pretrained(tmp_path)
     assert json.loads(path.read_text())["image_processor_type"] == "HEVCViTNativeImageProcessor"
     again = load_processor(tmp_path)

@@ -287,8 +287,10 @@ spatial, merger = SpatialMergeProjector(D, L), PatchMergerProjector(D, L)
 BAD = {
     "odd grid row": (lambda: spatial(torch.randn(28, D), [(1, 4, 4), (1, 3, 4)]), r"item 1 has h x w = 3 x 4.*even"),
     "odd height/width": (lambda: spatial(torch.randn(2, 15, D), height=3, width=5), r"h x w = 3 x 5.*even"),
-    "odd list item": (lambda: spatial([torch.randn(16, D), torch.randn(6, D)], height=[4, 2], width=[4, 3]),
-                      r"item 1 \(6, 8\) has h x w = 2 x 3"),
+    "odd list item": (
+        lambda: spatial([torch.randn(16, D), torch.randn(6, D)], height=[4, 2], width=[4, 3]),
+        r"item 1 \(6, 8\) has h x w = 2 x 3",
+    ),
     "odd square": (lambda: spatial(torch.randn(1, 9, D)), r"h x w = 3 x 3.*even"),
     "not square": (lambda: spatial(torch.randn(2, 24, D)), r"24 tokens, not a square.*height= and width="),
     "height does not divide": (lambda: spatial(torch.randn(1, 20, D), height=4, width=4), r"20 tokens.*4 x 4"),

@@ -79,8 +79,12 @@ def standard_tower() -> HEVCViTVisionTower:
 def deep_dir(tmp_path_factory) -> Path:
     """A random tiny checkpoint with 11 layers (12 hidden states): deep enough for every select_feature."""
     config = HEVCViTConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=11, num_attention_heads=2,
-        patch_size=14, image_size=56,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=11,
+        num_attention_heads=2,
+        patch_size=14,
+        image_size=56,
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("hevc_vit_deep")
@@ -301,8 +305,9 @@ def test_size_properties(tower_class, projector, per_side, total):
 @pytest.mark.parametrize("tower_class", TOWERS)
 def test_delay_load_reads_only_the_config(tmp_path, tower_class):
     shutil.copy(PACKING_DIR / "config.json", tmp_path / "config.json")  # no weights in this folder
-    tower = tower_class(tmp_path, make_args(mm_vision_select_feature="slicefour_patch", mm_vision_select_layer=-1),
-                        delay_load=True)
+    tower = tower_class(
+        tmp_path, make_args(mm_vision_select_feature="slicefour_patch", mm_vision_select_layer=-1), delay_load=True
+    )
     assert not tower.is_loaded and tower.vision_tower is None
     assert tower.config.hidden_size == 64 and tower.hidden_size == 4 * 64
     assert (tower.num_patches, tower.dtype, tower.device) == (16, torch.float32, torch.device("cpu"))
@@ -410,19 +415,28 @@ def test_builder_prefers_mm_vision_tower_and_needs_a_name(tmp_path):
 BAD_INPUTS = [
     ([], r"images is an empty list; expected at least one image \(3, H, W\)"),
     (torch.zeros(0, 3, 28, 28), r"images has shape \(0, 3, 28, 28\); expected at least one image"),
-    ([torch.zeros(3, 28, 28), torch.zeros(4, 28, 28)],
-     r"item 1 has shape \(4, 28, 28\); expected an image \(3, H, W\)"),
+    (
+        [torch.zeros(3, 28, 28), torch.zeros(4, 28, 28)],
+        r"item 1 has shape \(4, 28, 28\); expected an image \(3, H, W\)",
+    ),
     (torch.zeros(2, 4, 28, 28), r"images has shape \(2, 4, 28, 28\); expected a batch of images \(B, 3, H, W\)"),
-    ([torch.zeros(3, 30, 28)], r"item 0 \(3, 30, 28\) is 30x28; both sides must be positive multiples of "
-                               r"patch_size=14 \(nearest: 28x28\)"),
+    (
+        [torch.zeros(3, 30, 28)],
+        r"item 0 \(3, 30, 28\) is 30x28; both sides must be positive multiples of "
+        r"patch_size=14 \(nearest: 28x28\)",
+    ),
     (torch.zeros(2, 3, 28, 43), r"images \(2, 3, 28, 43\) is 28x43; .* \(nearest: 28x42\)"),
     (torch.zeros(3, 28, 28), r"images has shape \(3, 28, 28\); expected a batch"),
     ([torch.zeros(28, 28)], r"item 0 has shape \(28, 28\); expected an image"),
     ([torch.zeros(3, 28, 28, dtype=torch.uint8)], r"item 0 \(3, 28, 28\) has dtype torch.uint8; expected"),
-    ([torch.zeros(3, 28, 28), torch.zeros(3, 14, 14, dtype=torch.float16)],
-     r"item 1 \(3, 14, 14\) has dtype torch.float16; item 0 has torch.float32"),
-    ([torch.zeros(3, 28, 28), torch.zeros(3, 14, 14, device="meta")],
-     r"item 1 \(3, 14, 14\) is on meta; item 0 is on cpu, expected every item on one device"),
+    (
+        [torch.zeros(3, 28, 28), torch.zeros(3, 14, 14, dtype=torch.float16)],
+        r"item 1 \(3, 14, 14\) has dtype torch.float16; item 0 has torch.float32",
+    ),
+    (
+        [torch.zeros(3, 28, 28), torch.zeros(3, 14, 14, device="meta")],
+        r"item 1 \(3, 14, 14\) is on meta; item 0 is on cpu, expected every item on one device",
+    ),
     ("image.png", r"images is a str; expected a tensor"),
 ]
 

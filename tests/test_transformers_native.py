@@ -135,7 +135,9 @@ def test_image_processor_round_trip_and_auto_image_processor(packing_folder):
     assert isinstance(loaded, HEVCViTImageProcessor)
     assert (loaded.min_tokens, loaded.max_tokens, loaded.patch_size) == (4, 64, 14)
     pil, _ = _images()
-    assert torch.equal(loaded(pil)["pixel_values"], HEVCViTImageProcessor(min_tokens=4, max_tokens=64)(pil)["pixel_values"])
+    assert torch.equal(
+        loaded(pil)["pixel_values"], HEVCViTImageProcessor(min_tokens=4, max_tokens=64)(pil)["pixel_values"]
+    )
 
 
 @pytest.mark.parametrize(

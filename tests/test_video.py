@@ -12,15 +12,18 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hevc_vit import HEVCViTPackingModel, patchify
-from hevc_vit.video import read_video, sample_frame_indices, temporal_positions, video_patch_positions
+from hevc_vit.encode.video import read_video, sample_frame_indices, temporal_positions, video_patch_positions
 
 from .conftest import FIXTURES, GOLDEN, assert_close_rel
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 
+pytestmark = pytest.mark.video  # PyAV encodes and decodes the clips
+
 
 def write_clip(path: Path, num_frames: int, width: int = 48, height: int = 32, fps: int = 8) -> Path:
-    """A near-lossless clip whose frame ``i`` is a flat grey of level ``8 * i`` (so decoded frames can be told apart)."""
+    """A near-lossless clip whose frame ``i`` is a flat grey of level ``8 * i`` (so decoded frames can be told
+    apart)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -87,7 +90,7 @@ def test_positions_spread_over_a_context_match_the_reference():
     assert_close_rel(out.pooler_output, golden["video_4x28x28_ctx64.pooler_output"], what="ctx64 pooled")
 
 
-def _noisy_clip(path: Path, num_frames: int) -> Path:
+def noisy_clip(path: Path, num_frames: int) -> Path:
     """A clip of random frames (so its data is much larger than its header), its index (moov) written first,
     so a cut file still opens and states ``num_frames``."""
     rng = np.random.default_rng(0)
@@ -104,7 +107,7 @@ def _noisy_clip(path: Path, num_frames: int) -> Path:
 
 
 def test_a_truncated_video_is_refused_not_read_as_a_shorter_clip(tmp_path):
-    whole = _noisy_clip(tmp_path / "whole.mp4", 40)
+    whole = noisy_clip(tmp_path / "whole.mp4", 40)
     assert read_video(whole, 8).indices == [2, 7, 12, 17, 22, 27, 32, 37]
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 3])  # states 40 frames, about 10 decode

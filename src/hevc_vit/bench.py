@@ -12,20 +12,20 @@ utilisation computed against the bf16 matmul peak measured in the same run.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .configuration import HEVCViTConfig
+from .devices import resolve_device, resolve_dtype
 from .modeling import HEVCViTModel, HEVCViTPackingModel
 from .packing import PackingPlan, grid_positions, patchify_items, unpack
 from .towers import HEVCViTPackingVisionTower
@@ -206,7 +206,9 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     return rss.growth
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, iters: int = 10) -> float:
+def matmul_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, iters: int = 10
+) -> float:
     """Measured dense matmul rate (FLOP/s) of this device in ``dtype``: an ``n³`` product, 3 warm-ups."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -229,11 +231,13 @@ def _max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 @dataclass
 class BenchSetup:
+    """What :func:`run_benchmark` measures (the ``hevc-vit bench`` options)."""
+
     preset: str | None = "small"
     model_path: str | None = None
     workload: str = "mixed"
-    device: str | None = None
-    dtype: str | None = None
+    device: str | None = None  # None: this rank's GPU when there is one, else the CPU
+    dtype: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
     attn_implementation: str = "auto"
     repeat: int = 1
     iters: int = 5
@@ -261,11 +265,9 @@ def _load_models(setup: BenchSetup, device: torch.device, dtype: torch.dtype):
 
 def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run the whole comparison and return the JSON-ready report (see module docstring)."""
-    device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = setup.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype_name!r}; expected float32, bfloat16 or float16")
+    device = resolve_device(setup.device)
+    dtype = resolve_dtype(setup.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     packing, standard, fp32_state = _load_models(setup, device, dtype)
     config = packing.config
     if setup.compile:
@@ -292,44 +294,21 @@ def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None
         }
         peak = matmul_peak_flops(device) if device.type == "cuda" else None
         flops = model_flops(config, seqlens)
-        # Round-robin timing, the order rotated every round: on a shared machine a slow spell then hits
-        # every method alike, and no method always runs right after the same other one (on the CPU the
-        # padded batch leaves the allocator in a state that costs whoever comes next).
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        names = list(methods)
-        for round_ in range(setup.iters):
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-                times[name].append(_time(methods[name], device, 1))
-        results: dict[str, dict[str, Any]] = {}
-        for name, fn in methods.items():
-            seconds = statistics.median(times[name])
-            memory = _peak_memory(fn, device)
-            results[name] = {
-                "seconds": seconds,
-                "tokens_per_s": tokens / seconds,
-                "peak_mem_bytes": memory,
-                "mfu": flops / seconds / peak if peak else None,
-            }
-            log(f"{name:>14}: {seconds * 1e3:9.1f} ms  {tokens / seconds:12.0f} tokens/s  {memory / 2**20:9.1f} MiB")
+        results = _time_methods(methods, device, setup.iters, tokens, flops, peak, log)
         conversion = _conversion_seconds(tower, items, device, setup.iters)
         accuracy = None
         if setup.accuracy if setup.accuracy is not None else dtype != torch.float32:
             accuracy = _accuracy(config, fp32_state, items, device, outputs)
     return {
         "methods": results,
-        "ratios": {
-            "packing_vs_loop": results["per_item_loop"]["seconds"] / results["packing"]["seconds"],
-            "packing_vs_padded": results["padded"]["seconds"] / results["packing"]["seconds"],
-            "packing_mem_vs_padded": results["packing"]["peak_mem_bytes"] / max(results["padded"]["peak_mem_bytes"], 1),
-        },
+        "ratios": _ratios(results),
         "conversion_share": conversion / results["packing"]["seconds"],
         "agreement_max_rel_diff_vs_packing": agreement,
         "accuracy_vs_fp32": accuracy,
         "model_flops": flops,
         "matmul_peak_flops": peak,
         "workload": {"name": setup.workload, "repeat": setup.repeat, "items": len(items), "tokens": tokens},
-        "model": {"preset": config.matching_preset(), "path": setup.model_path, "hidden_size": config.hidden_size,
-                  "layers": config.num_hidden_layers, "patch_size": config.patch_size},
+        "model": {"preset": config.matching_preset(), "path": setup.model_path, **_model_size(config)},
         "backend": setup.attn_implementation,
         "compiled": setup.compile,
         "dtype": dtype_name,
@@ -339,6 +318,52 @@ def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None
         "iters": setup.iters,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    packing, loop, padded = results["packing"], results["per_item_loop"], results["padded"]
+    return {
+        "packing_vs_loop": loop["seconds"] / packing["seconds"],
+        "packing_vs_padded": padded["seconds"] / packing["seconds"],
+        "packing_mem_vs_padded": packing["peak_mem_bytes"] / max(padded["peak_mem_bytes"], 1),
+    }
+
+
+def _model_size(config: HEVCViTConfig) -> dict[str, int]:
+    return {"hidden_size": config.hidden_size, "layers": config.num_hidden_layers, "patch_size": config.patch_size}
+
+
+def _time_methods(
+    methods: dict[str, Callable[[], Any]],
+    device: torch.device,
+    iters: int,
+    tokens: int,
+    flops: float,
+    peak: float | None,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Seconds (median of ``iters`` rounds), tokens/s, peak memory and MFU of each method.
+
+    Round-robin timing, the order rotated every round: on a shared machine a slow spell then hits every
+    method alike, and no method always runs right after the same other one (on the CPU the padded batch
+    leaves the allocator in a state that costs whoever comes next)."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
+    for round_ in range(iters):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            times[name].append(_time(methods[name], device, 1))
+    results: dict[str, dict[str, Any]] = {}
+    for name, fn in methods.items():
+        seconds = statistics.median(times[name])
+        memory = _peak_memory(fn, device)
+        results[name] = {
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "peak_mem_bytes": memory,
+            "mfu": flops / seconds / peak if peak else None,
+        }
+        log(f"{name:>14}: {seconds * 1e3:9.1f} ms  {tokens / seconds:12.0f} tokens/s  {memory / 2**20:9.1f} MiB")
+    return results
 
 
 def _conversion_seconds(tower: HEVCViTPackingVisionTower, items, device, iters) -> float:
@@ -363,93 +388,7 @@ def _accuracy(config, fp32_state, items, device, outputs) -> dict[str, dict[str,
 
 
 def _machine(device: torch.device) -> str:
+    cores = f"{os.cpu_count()} CPU cores"
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, {platform.machine()}, {os.cpu_count()} CPU cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable table of a report."""
-    lines = [
-        f"hevc-vit bench — {report['model']['preset'] or report['model']['path']}, {report['workload']['name']} workload "
-        f"({report['workload']['items']} items, {report['workload']['tokens']} tokens), {report['dtype']} on "
-        f"{report['machine']}, torch {report['torch']}, attention {report['backend']}"
-        + (", compiled blocks" if report["compiled"] else ""),
-        "",
-        f"| method | seconds (median of {report['iters']}) | tokens/s | peak memory (MiB) | MFU |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, r in report["methods"].items():
-        mfu = f"{r['mfu'] * 100:.1f} %" if r["mfu"] is not None else "—"
-        lines.append(f"| {name} | {r['seconds']:.4f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_bytes'] / 2**20:,.1f} | {mfu} |")
-    ratios = report["ratios"]
-    lines += [
-        "",
-        f"packing_vs_loop    {ratios['packing_vs_loop']:.2f}x",
-        f"packing_vs_padded  {ratios['packing_vs_padded']:.2f}x",
-        f"packing memory / padded memory  {ratios['packing_mem_vs_padded']:.2f}",
-        f"conversion_share   {report['conversion_share'] * 100:.2f} % of packing time",
-        "agreement with packing (max abs diff / max |value|): "
-        + ", ".join(f"{k} {v:.1e}" for k, v in report["agreement_max_rel_diff_vs_packing"].items()),
-    ]
-    if report["matmul_peak_flops"]:
-        lines.append(f"measured {report['dtype']} matmul peak: {report['matmul_peak_flops'] / 1e12:.0f} TFLOP/s")
-    if report["accuracy_vs_fp32"]:
-        for name, c in report["accuracy_vs_fp32"].items():
-            lines.append(f"per-token cosine vs fp32 reference, {name}: min {c['min']:.5f}, mean {c['mean']:.6f}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "bench",
-        help="time packing against the per-item loop and the padded batch",
-        description="Measure, in one process and on the same weights and items, the packing path (all items in "
-        "one forward), the standard model once per item, and one padded batch with a key mask: seconds, tokens/s, "
-        "peak memory and (on CUDA) MFU, plus their ratios. Prints a table and optionally writes JSON.",
-    )
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="small", help="random weights of this size preset (default: small)")
-    source.add_argument("--model", dest="model_path", help="a checkpoint folder instead of a preset")
-    p.add_argument("--workload", choices=WORKLOADS, default="mixed", help="mixed sizes and videos, or equal 448 images")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--attn-implementation", default="auto", help="attention backend of the packing and per-item runs; the padded batch always uses masked SDPA (default: auto)")
-    p.add_argument("--repeat", type=int, default=1, help="copies of the workload in one run (default: 1)")
-    p.add_argument("--iters", type=int, default=5, help="timed runs per method; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per method first (default: 2)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the dense parts of every block")
-    p.add_argument("--json", dest="json_path", help="also write the report as JSON to this file")
-    p.set_defaults(run=_run_cli)
-
-
-def _run_cli(args) -> int:
-    setup = BenchSetup(
-        preset=args.preset,
-        model_path=args.model_path,
-        workload=args.workload,
-        device=args.device,
-        dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
-        repeat=args.repeat,
-        iters=args.iters,
-        warmup=args.warmup,
-        compile=args.compile,
-    )
-    try:
-        report = run_benchmark(setup, log=lambda s: print(s, file=sys.stderr))
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        print(f"hevc-vit bench: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.json_path:
-        tmp = f"{args.json_path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json_path)
-    return 0
+        return f"{torch.cuda.get_device_name(device)}, {platform.machine()}, {cores}"
+    return f"{platform.processor() or platform.machine()}, {cores}, {torch.get_num_threads()} torch threads"

@@ -10,8 +10,6 @@ import logging
 import os
 from typing import Any
 
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
 from .checkpoints import config_kwargs, read_config_dict
 from .configuration import HEVCViTConfig
 from .files import CONFIG_NAME, PREPROCESSOR_NAME
@@ -131,13 +129,11 @@ def load_image_processor(name_or_path: str | os.PathLike, config: HEVCViTConfig)
 
 def default_image_processor(config: HEVCViTConfig) -> Any:
     """A CLIP-normalised processor: short side resized to ``config.image_size``, centre-cropped square."""
-    size = config.image_size
-    return clip_image_processor_class()(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-    )
+    from .encode.processing import FixedSizeProcessor  # the one CLIP config (encode's fixed-size processor)
+
+    settings = FixedSizeProcessor(shortest_edge=config.image_size).to_dict()
+    settings.pop("image_processor_type")
+    return clip_image_processor_class()(**settings)
 
 
 def llava_arg(args: Any, name: str, default: Any = None) -> Any:

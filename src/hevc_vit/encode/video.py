@@ -12,11 +12,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .packing import grid_positions
+from ..packing import grid_positions
 
-VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".3gp", ".ogv"}
-)
+VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv".split())
 INSTALL_HINT = "PyAV is not installed; install the video extra: pip install 'hevc-vit[video]'"
 
 

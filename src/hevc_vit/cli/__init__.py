@@ -1,7 +1,8 @@
-"""``hevc-vit`` command line: a thin front that parses arguments and calls library functions.
+"""``hevc-vit`` command line: thin front ends that parse arguments and call library functions.
 
-Each sub-command lives in its own module, which provides ``register_cli(subparsers)``: it adds its
-parser and sets ``run=<function(args) -> int>`` as the parser default.
+Each command lives in a module of this package (:data:`COMMANDS`) that provides ``register(subparsers)``:
+it adds its parser and sets ``run=<function(args) -> int>`` as the parser default. The exit statuses and
+the error line every command shares are in :mod:`hevc_vit.cli.common`.
 """
 
 from __future__ import annotations
@@ -9,18 +10,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import sys
 
-COMMAND_MODULES = (
-    "hevc_vit.encode",
-    "hevc_vit.convert",
-    "hevc_vit.bench",
-    "hevc_vit.codec",
+COMMANDS = (
+    "hevc_vit.cli.encode",
+    "hevc_vit.cli.convert",  # convert and info
+    "hevc_vit.cli.bench",
+    "hevc_vit.cli.codec",  # codec-preview
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="hevc-vit",
@@ -28,17 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hevc-vit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in COMMANDS:
         if importlib.util.find_spec(name) is None:  # a command not shipped in this build
             continue
-        importlib.import_module(name).register_cli(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns its exit status."""
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

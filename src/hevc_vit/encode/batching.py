@@ -1,4 +1,5 @@
-"""The token-budget packer: items of different token counts grouped into forwards of at most ``max_tokens``.
+"""Batching for ``hevc-vit encode``: items of different token counts grouped into forwards of at most
+``max_tokens`` patches.
 
 ``first_fit_decreasing`` is the pure rule; ``TokenBudgetPacker`` applies it to a stream of items, a window
 at a time, so a long run never holds more than a few forwards' worth of decoded items.
@@ -6,7 +7,8 @@ at a time, so a long run never holds more than a few forwards' worth of decoded 
 
 from __future__ import annotations
 
-from typing import Generic, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 

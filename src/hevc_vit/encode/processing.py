@@ -9,7 +9,9 @@ Two processors, both saved and loaded as ``preprocessor_config.json``:
                                 patch size, the patch count of an image between ``min_tokens`` and ``max_tokens``.
 
 Both return float32 ``(C, H, W)`` for one image and ``(C, T, H, W)`` for a list of ``T`` frames (all frames
-of a clip get one size). Legend: ``p`` patch size, ``h``/``w`` sides in patches, ``T`` frames.
+of a clip get one size); the pixel steps and size rules themselves are pure
+functions in :mod:`.pixels`.
+Legend: ``p`` patch size, ``h``/``w`` sides in patches, ``T`` frames.
 """
 
 from __future__ import annotations
@@ -18,41 +20,21 @@ import abc
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-PREPROCESSOR_NAME = "preprocessor_config.json"
+from ..files import PREPROCESSOR_NAME, write_json_atomic
+from .pixels import center_crop, native_grid_size, short_side_size, to_8bit, to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as stored in preprocessor_config.json files
 RESAMPLE_NAMES = {int(r): r.name for r in Image.Resampling}  # PIL's filters: 0 NEAREST, ..., 3 BICUBIC, ...
-# modes whose samples go past 8 bits: PIL's convert("RGB") clips them at 255 rather than scaling them
-_HIGH_BIT_DEPTH = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """A 16-bit image (mode ``I;16*``, or ``I`` as PIL opens 16-bit PNGs and TIFFs) as 8-bit ``L``, scaled with
-    ``value >> 8`` (65535 -> 255) instead of clipped at 255; any other image as it is. Samples of mode ``I`` are
-    taken as 16-bit (0..65535); values outside are clamped."""
-    if image.mode not in _HIGH_BIT_DEPTH:
-        return image
-    values = np.asarray(image).astype(np.int64)
-    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # (H, W) uint8: mode L
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB copy of ``image``; transparent pixels are laid over white (not left as arbitrary colours)."""
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class ImageProcessor(abc.ABC):
@@ -160,13 +142,11 @@ class ImageProcessor(abc.ABC):
         """Write ``preprocessor_config.json`` into ``folder`` (created if needed); returns the file's path."""
         path = Path(folder) / PREPROCESSOR_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "ImageProcessor":
+    def from_pretrained(cls, path: str | os.PathLike) -> ImageProcessor:
         """Load a ``preprocessor_config.json`` (or a folder holding one); the file's type picks the class."""
         return load_processor(path)
 
@@ -212,11 +192,7 @@ class FixedSizeProcessor(ImageProcessor):
         self.do_center_crop = bool(do_center_crop)
 
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
-        if not self.do_resize:
-            return height, width
-        short, long = min(height, width), max(height, width)
-        new_long = int(self.shortest_edge * long / short)
-        return (new_long, self.shortest_edge) if width <= height else (self.shortest_edge, new_long)
+        return short_side_size(height, width, self.shortest_edge) if self.do_resize else (height, width)
 
     def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
         return self.crop_size if self.do_center_crop else self._resized_size(height, width)
@@ -227,7 +203,7 @@ class FixedSizeProcessor(ImageProcessor):
             image = image.resize((W, H), resample=self.resample)
         pixels = np.asarray(image)
         if self.do_center_crop:
-            pixels = _center_crop(pixels, *self.crop_size)
+            pixels = center_crop(pixels, *self.crop_size)
         return pixels
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,7 +217,7 @@ class FixedSizeProcessor(ImageProcessor):
         }
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "FixedSizeProcessor":
+    def from_dict(cls, config: dict[str, Any]) -> FixedSizeProcessor:
         size = config.get("size", 448)
         if isinstance(size, dict):
             if "shortest_edge" in size:
@@ -254,20 +230,6 @@ class FixedSizeProcessor(ImageProcessor):
         if isinstance(crop, dict):
             crop = (crop["height"], crop["width"])
         return cls(shortest_edge=size, crop_size=crop, **_common_kwargs(config, ("do_resize", "do_center_crop")))
-
-
-def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``(H, W, C)`` -> ``(height, width, C)`` around the centre; zero padding where the image is smaller."""
-    H, W = pixels.shape[:2]
-    if H < height or W < width:
-        canvas = np.zeros((max(H, height), max(W, width)) + pixels.shape[2:], dtype=pixels.dtype)
-        top, left = math.ceil((canvas.shape[0] - H) / 2), math.ceil((canvas.shape[1] - W) / 2)
-        canvas[top : top + H, left : left + W] = pixels
-        # the crop window keeps its place relative to the original image, as if the canvas were not there
-        crop_top, crop_left = (H - height) // 2 + top, (W - width) // 2 + left
-        return canvas[max(crop_top, 0) : crop_top + height, max(crop_left, 0) : crop_left + width]
-    top, left = (H - height) // 2, (W - width) // 2
-    return pixels[top : top + height, left : left + width]
 
 
 class NativeResolutionProcessor(ImageProcessor):
@@ -317,29 +279,8 @@ class NativeResolutionProcessor(ImageProcessor):
 
     def grid_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
         """``(h, w)`` in patches for an image (or every frame of a clip) of ``height x width`` pixels."""
-        if height < 1 or width < 1:
-            raise ValueError(f"image is {width}x{height}; expected at least 1x1 pixels")
         lo, hi = self.token_bounds(num_frames)
-        h0, w0 = height / self.patch_size, width / self.patch_size  # ideal sides, in patches
-        area = h0 * w0
-        scale = 1.0 if lo <= area <= hi else math.sqrt((lo if area < lo else hi) / area)
-        hs, ws = h0 * scale, w0 * scale
-        nearest = (max(round(hs), 1), max(round(ws), 1))
-        if lo <= nearest[0] * nearest[1] <= hi:
-            return nearest
-        # Rounding left the bounds: the floor/ceil combination inside them that best keeps the aspect ratio.
-        candidates = [
-            (h, w)
-            for h in {max(math.floor(hs), 1), math.ceil(hs)}
-            for w in {max(math.floor(ws), 1), math.ceil(ws)}
-            if lo <= h * w <= hi
-        ]
-        if candidates:
-            return min(candidates, key=lambda hw: (abs(math.log(hw[0] / hw[1] / (h0 / w0))), abs(hw[0] * hw[1] - hs * ws)))
-        # So elongated that the short side is under one patch: one patch across, the long side clamped.
-        if hs < ws:
-            return 1, min(max(math.ceil(ws), lo), hi)
-        return min(max(math.ceil(hs), lo), hi), 1
+        return native_grid_size(height, width, self.patch_size, lo, hi)
 
     def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
         h, w = self.grid_size(height, width, num_frames)
@@ -361,7 +302,7 @@ class NativeResolutionProcessor(ImageProcessor):
         }
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "NativeResolutionProcessor":
+    def from_dict(cls, config: dict[str, Any]) -> NativeResolutionProcessor:
         names = ("patch_size", "min_tokens", "max_tokens", "max_video_tokens")
         return cls(**_common_kwargs(config, names))
 

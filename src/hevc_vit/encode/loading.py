@@ -1,172 +1,33 @@
-"""Inputs of ``hevc-vit encode``: expanding paths, folders, globs and list files, and loading one input
-(decode, preprocess, patchify) into packed patches. Loading never raises on a bad file: the reason is
-returned with the item, so the run can record it and go on. ``load_items`` loads many in worker processes,
-and a worker that dies costs only the input it was on.
+"""Loading inputs for ``hevc-vit encode``: decode, preprocess and patchify one input (:func:`load_item`), or
+many in worker processes (:func:`load_items`). Loading never raises on a bad file: the reason is returned
+with the item, so the run can record it and go on; a worker that dies costs only the input it was on.
+
+Test seam: :func:`open_image` is looked up when each image is opened, so a test may replace it
+(``monkeypatch.setattr(hevc_vit.encode.loading, "open_image", ...)``); forked workers see the replacement.
 
 Legend: ``N`` patches of one item, ``C`` channels, ``p`` patch size, ``T`` frames.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import pickle
 import signal
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.multiprocessing  # registers the tensor reductions: patches travel through shared memory
 from PIL import Image, UnidentifiedImageError
 
-from .packing import grid_positions, patchify
+from ..packing import grid_positions, patchify
 from .processing import ImageProcessor
+from .sources import describe_error
 from .video import VIDEO_EXTENSIONS, read_video, temporal_positions, video_patch_positions
-
-LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
-_GLOB_CHARS = frozenset("*?[")
-
-
-@dataclass
-class InputSpec:
-    """One input after expansion: its path as given, or why it could not be found."""
-
-    path: str
-    error: str = ""
-
-
-def expand_inputs(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()
-) -> list[InputSpec]:
-    """Files, folders (recursive), globs and list files -> one ``InputSpec`` per file, without duplicates.
-
-    A folder contributes every file under it in sorted order, hidden names (a leading ``.``) excepted.
-    Symlinked folders are followed, each real folder at most once per input (so a link loop ends); a ``.txt``/
-    ``.lst``/``.list`` file given directly lists one path per line (blank lines and ``#`` comments skipped,
-    relative paths taken from the list's folder). Nothing given is dropped silently: a path that does not exist,
-    a glob that matches nothing, a folder or list that yields no file, a folder that cannot be read and a link
-    that is not followed each become an ``InputSpec`` with its error. Folders in ``exclude`` (the output
-    folder) are not searched. One path (``str`` or ``Path``) is one input.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    out: list[InputSpec] = []
-    seen: set[str] = set()
-
-    def add(spec: InputSpec) -> None:
-        if spec.path not in seen:
-            seen.add(spec.path)
-            out.append(spec)
-
-    skip = frozenset(os.path.realpath(e) for e in exclude)
-    for raw in inputs:
-        _expand_one(os.fspath(raw), add, from_list=False, skip=skip)
-    return out
-
-
-def _expand_one(arg: str, add, from_list: bool, skip: frozenset[str]) -> None:
-    path = Path(arg)
-    if path.is_dir():
-        if os.path.realpath(path) in skip:
-            return
-        if not _walk(path, add, skip):
-            add(InputSpec(arg, "no files in this folder (names starting with '.' are skipped)"))
-    elif path.is_file():
-        if not from_list and path.suffix.lower() in LIST_EXTENSIONS:
-            try:
-                lines = _read_list(path)
-            except (OSError, ValueError) as e:
-                add(InputSpec(arg, str(e)))
-                return
-            if not lines:
-                add(InputSpec(arg, "the list file names no paths (blank lines and # comments are skipped)"))
-            for line in lines:
-                _expand_one(line, add, from_list=True, skip=skip)
-        else:
-            add(InputSpec(str(path)))
-    elif _GLOB_CHARS & set(arg):
-        matches = sorted(glob.glob(arg, recursive=True))
-        if not matches:
-            add(InputSpec(arg, "no file matches this pattern"))
-        for match in matches:
-            if not any(_is_inside(match, folder) for folder in skip):
-                _expand_one(match, add, from_list=True, skip=skip)
-    elif path.exists():
-        add(InputSpec(arg, "not a regular file or folder"))
-    elif path.is_symlink():
-        add(InputSpec(arg, "a broken symbolic link: its target does not exist"))
-    else:
-        add(InputSpec(arg, "no such file or folder"))
-
-
-def _is_inside(path: str, folder: str) -> bool:
-    real = os.path.realpath(path)
-    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _walk(folder: Path, add, skip: frozenset[str]) -> int:
-    """Add the files under ``folder`` (sorted, depth first, hidden names skipped); returns how many specs were
-    added. Symlinked folders are followed, but a real folder is searched at most once (``visited``), so a link
-    loop or a second link to one folder adds a failed row for the link instead of running forever. A folder
-    that cannot be read gets a failed row with the reason."""
-    visited = {os.path.realpath(folder)}
-    count = 0
-    stack = [folder]  # depth first: a folder's files, then each of its sub-folders in sorted order
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as it:
-                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-        except OSError as e:
-            add(InputSpec(str(current), f"cannot read this folder: {_describe(e)}"))
-            count += 1
-            continue
-        folders = []
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir()  # follows symbolic links
-            except OSError:
-                is_dir = False  # a file then; opening it records the reason it cannot be read
-            if not is_dir:
-                add(InputSpec(str(current / entry.name)))
-                count += 1
-                continue
-            sub = current / entry.name
-            real = os.path.realpath(sub)
-            if real in skip:  # the output folder inside an input folder: never an input
-                continue
-            if real in visited:
-                add(InputSpec(str(sub), f"not searched: a link to the folder {real}, already searched for this input"))
-                count += 1
-                continue
-            visited.add(real)
-            folders.append(sub)
-        stack.extend(reversed(folders))
-    return count
-
-
-def _read_list(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"list file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-            f"expected one path per line in UTF-8"
-        ) from None
-    except OSError as e:
-        raise OSError(f"cannot read list file {path}: {_describe(e)}") from None
-    lines = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        lines.append(line if os.path.isabs(line) else str(path.parent / line))
-    return lines
-
 
 # --------------------------------------------------------------------------------------------------
 # loading one input
@@ -215,15 +76,10 @@ def load_item(index: int, path: str, options: LoadOptions) -> LoadedItem:
     except MemoryError:
         item.error = "out of memory while decoding"
     except Exception as e:  # a bad file may fail anywhere in a decoder; the reason goes to the index
-        item.error = _describe(e)
+        item.error = describe_error(e)
     if item.error:
         item.patches = item.positions = None
     return item
-
-
-def _describe(e: BaseException) -> str:
-    message = str(e).strip() or type(e).__name__
-    return message if message.startswith(type(e).__name__) else f"{type(e).__name__}: {message}"
 
 
 def _load_into(item: LoadedItem, options: LoadOptions) -> None:
@@ -236,7 +92,7 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
         _load_video(item, options)
         return
     try:
-        image = _open_image(path)
+        image = open_image(path)
     except UnidentifiedImageError as image_error:
         # not an image to PIL: maybe a video without a usual extension, else neither
         try:
@@ -244,14 +100,15 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
         except ImportError:
             item.error = f"not a readable image ({image_error}); video decoding needs PyAV, which is not installed"
         except Exception as video_error:
-            item.error = f"not an image or a video: PIL: {image_error}; PyAV: {_describe(video_error)}"
+            item.error = f"not an image or a video: PIL: {image_error}; PyAV: {describe_error(video_error)}"
         return
     pixels = options.processor(image)  # (C, H, W)
     _set_patches(item, "image", pixels.unsqueeze(0), options, t_positions=None)  # (1, C, H, W)
     item.info = {"size": [image.width, image.height]}
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
+    """The decoded image at ``path`` (a test seam: see the module's docstring)."""
     with Image.open(path) as image:
         image.load()  # decode now: a truncated or corrupt file fails here, inside the loader
         return image.copy()
@@ -285,6 +142,12 @@ def _set_patches(item: LoadedItem, kind: str, batch: torch.Tensor, options: Load
 # --------------------------------------------------------------------------------------------------
 # loading many inputs in worker processes
 # --------------------------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """Decoding processes when none are asked for: up to 4, leaving a core to the model (per local rank)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(4, max(0, (os.cpu_count() or 1) // local_world - 1))
 
 
 def load_items(
@@ -393,7 +256,7 @@ class _WorkerPool:
                         todo.appendleft(pos)
                     else:
                         index, path = work[pos]
-                        error = f"loaded, but not received from its worker: {_describe(e)}"
+                        error = f"loaded, but not received from its worker: {describe_error(e)}"
                         done[pos] = LoadedItem(index, path, error=error)
         except (EOFError, OSError):
             return False

@@ -1,0 +1,116 @@
+"""What every ``hevc-vit`` command shares: its exit statuses, its error line, and the guard that maps the
+library's exceptions to them.
+
+Exit statuses, the same for every command:
+    0   ok
+    1   the command ran and failed (verification failed, nothing encoded, the output could not be written)
+    2   invalid input (a bad argument, a missing or refused file, an existing output): nothing was done
+    130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: ``128 + signal number``
+
+A command's ``run(args)`` wraps its work in :func:`run_guarded`::
+
+    def run(args) -> int:
+        return run_guarded("bench", lambda: _bench(args))
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INPUT = 2
+EXIT_SIGINT = 128 + signal.SIGINT  # 130
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+# exceptions that mean the caller's input was wrong (exit 2) and those that mean the work failed (exit 1);
+# the first match wins, so FileNotFoundError (an OSError) is invalid input
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, ImportError)
+FAILED_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+
+
+def signal_exit_status(signum: int) -> int:
+    """The shell's status for a process stopped by signal ``signum``: ``128 + signum``."""
+    return 128 + int(signum)
+
+
+def printable(text: object) -> str:
+    """``text`` safe to print on any terminal: a file name that is not valid UTF-8 (held by Python as
+    surrogate escapes) shows its bytes as ``\\xNN`` instead of making ``print`` raise."""
+    text = str(text)
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        data = text.encode("utf-8", "backslashreplace")
+    return data.decode("utf-8", "backslashreplace")
+
+
+def print_notice(command: str, message: str) -> None:
+    """``hevc-vit COMMAND: MESSAGE`` on stderr."""
+    print(f"hevc-vit {command}: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def print_error(command: str, message: str, status: int = EXIT_INPUT) -> int:
+    """``hevc-vit COMMAND: error: MESSAGE`` on stderr; returns ``status`` for the caller to exit with."""
+    print_notice(command, f"error: {message}")
+    return status
+
+
+@contextmanager
+def plain_warnings(command: str) -> Iterator[None]:
+    """Warnings as one ``hevc-vit COMMAND: warning: ...`` line, without the source line."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print_notice(command, f"warning: {message}")
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def run_guarded(
+    command: str,
+    body: Callable[[], int | None],
+    *,
+    interrupted: str | Callable[[KeyboardInterrupt], str] = "",
+    input_errors: tuple[type[BaseException], ...] = INPUT_ERRORS,
+    failed_errors: tuple[type[BaseException], ...] = FAILED_ERRORS,
+    warnings_as_lines: bool = True,
+) -> int:
+    """Run ``body`` (a command's work; returns its exit status, None for 0) and turn what it raises into
+    an exit status and one line on stderr:
+
+    * ``input_errors`` -> :data:`EXIT_INPUT` (``hevc-vit COMMAND: error: MESSAGE``);
+    * ``failed_errors`` -> :data:`EXIT_FAILED` (the same line);
+    * ``KeyboardInterrupt`` -> ``128 + signum`` (its ``signum`` attribute where it has one, else SIGINT),
+      ``hevc-vit COMMAND: interrupted; NOTE`` — ``interrupted`` gives the note (or makes it from the
+      exception), e.g. what was kept.
+
+    Anything else propagates (a bug: the traceback is wanted). ``warnings_as_lines``: warnings are printed
+    as one line each while ``body`` runs (:func:`plain_warnings`).
+    """
+    try:
+        with plain_warnings(command) if warnings_as_lines else _nothing():
+            status = body()
+    except KeyboardInterrupt as e:
+        note = interrupted(e) if callable(interrupted) else interrupted
+        what = str(e) or "interrupted"
+        print_notice(command, f"{what}; {note}" if note else what)
+        return signal_exit_status(getattr(e, "signum", signal.SIGINT))
+    except input_errors as e:
+        return print_error(command, str(e), EXIT_INPUT)
+    except failed_errors as e:
+        return print_error(command, str(e), EXIT_FAILED)
+    return EXIT_OK if status is None else int(status)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

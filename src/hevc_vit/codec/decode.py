@@ -1,0 +1,115 @@
+"""Decoding for the codec path with PyAV: the sampled frames one at a time, with their motion vectors
+(slice threading: frame threading drops them at random) and picture types."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..encode.video import INSTALL_HINT
+from ..packing import check_sides
+from .config import CodecSparseConfig
+
+_PICT_TYPES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "i", 6: "p", 7: "b"}  # AVPictureType -> letter
+
+
+def import_av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return av
+
+
+def check_path(video: str | os.PathLike) -> str:
+    path = os.fspath(video)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"video {path} does not exist")
+    return path
+
+
+def open_video(path: str):
+    av = import_av()
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"video {path} is not a readable media file: {e}") from e
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise ValueError(f"video {path} has no video stream (its streams: {', '.join(kinds)}); expected a video")
+    return container
+
+
+def probe(video: str | os.PathLike, patch_size: int, config: CodecSparseConfig) -> tuple[str, int, tuple[int, int]]:
+    """The path, the frame count (stated, else packets counted) and the model frame size ``(H, W)``."""
+    path = check_path(video)
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        height, width = stream.codec_context.height, stream.codec_context.width
+    if total < 1:
+        raise ValueError(f"video {path} has a video stream without frames")
+    if config.size is not None:
+        check_sides("config.size", config.size[0], config.size[1], patch_size)
+        return path, total, tuple(config.size)
+    h, w = height // patch_size, width // patch_size
+    if h < 1 or w < 1:
+        raise ValueError(f"video {path} is {width}x{height}; expected both sides >= patch_size={patch_size}")
+    cap = config.max_tokens_per_frame
+    if cap is not None and h * w > cap:
+        factor = math.sqrt(cap / (h * w))
+        h, w = max(1, int(h * factor)), max(1, int(w * factor))
+    return path, total, (h * patch_size, w * patch_size)
+
+
+def sampled_frames(path: str, frame_ids: np.ndarray, thread_type: str, export_mvs: bool = False):
+    """Yield ``(t, frame)`` for each sampled frame, decoding from the start and stopping after the last.
+
+    A stream that ends before the last sampled frame (its stated count was off) raises ``ValueError``."""
+    wanted = {int(f): t for t, f in enumerate(frame_ids)}
+    last, decoded = int(frame_ids[-1]), 0
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = thread_type
+        if export_mvs:
+            stream.codec_context.options = {"flags2": "+export_mvs"}
+        for frame in container.decode(stream):
+            if decoded in wanted:
+                yield wanted[decoded], frame
+            decoded += 1
+            if decoded > last:
+                return
+    raise StreamEnded(path, decoded, last)
+
+
+class StreamEnded(ValueError):
+    def __init__(self, path: str, decoded: int, last: int):
+        super().__init__(
+            f"video {path} decoded {decoded} frames, fewer than its stream states (sampled frame "
+            f"{last} is missing): it may be truncated or damaged"
+        )
+        self.decoded = decoded
+
+
+def motion_vectors_of(frame) -> np.ndarray | None:
+    """The frame's exported motion vectors as a structured array, None when it carries none."""
+    try:
+        side = frame.side_data.get("MOTION_VECTORS")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    vectors = side.to_ndarray() if side is not None else None
+    return vectors if vectors is not None and len(vectors) else None
+
+
+def pict_letter(pict_type) -> str:
+    """``frame.pict_type`` (an int in PyAV >= 14, an enum before) as FFmpeg's letter, ``?`` if unknown."""
+    try:
+        return _PICT_TYPES.get(int(pict_type), "?")
+    except (TypeError, ValueError):
+        name = getattr(pict_type, "name", "")
+        return name if name in _PICT_TYPES.values() else "?"

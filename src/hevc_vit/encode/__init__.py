@@ -1,0 +1,43 @@
+"""``hevc-vit encode``: native-resolution features for files and folders of images and videos.
+
+The Python API is :func:`encode` with :class:`EncodeOptions`; the command line (``hevc_vit.cli.encode``)
+only parses and calls it. Reading the features back: :func:`read_index`, :func:`iter_features`,
+:func:`load_features`.
+
+Pipeline, per rank (:mod:`.runner`): the inputs are expanded (:mod:`.sources`) and shared out
+deterministically; worker processes decode, preprocess and patchify them (:mod:`.loading`, :mod:`.video`,
+:mod:`.processing`); the token-budget packer groups items into forwards of at most ``max_tokens`` patches
+(:mod:`.batching`); each group is one forward of the packing model (:mod:`.forward`, :mod:`.model`); the
+features go to safetensors shards and every input gets one index row (:mod:`.shards`, :mod:`.index`), in a
+folder one run owns at a time (:mod:`.folder`, :mod:`.lock`). Under ``torchrun`` every rank writes its own
+shards and rank 0 merges the index after a barrier (:mod:`.distributed`).
+"""
+
+from .folder import DiskFullError
+from .index import INDEX_NAME, DamagedFolderError, read_index
+from .options import DEFAULT_OUT, EncodeOptions
+from .processing import FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor, load_processor
+from .result import EncodeResult
+from .runner import encode
+from .shards import MissingFeaturesError, iter_features, load_features
+from .sources import expand_inputs, sample_inputs
+
+__all__ = [
+    "DEFAULT_OUT",
+    "INDEX_NAME",
+    "DamagedFolderError",
+    "DiskFullError",
+    "EncodeOptions",
+    "EncodeResult",
+    "FixedSizeProcessor",
+    "ImageProcessor",
+    "MissingFeaturesError",
+    "NativeResolutionProcessor",
+    "encode",
+    "expand_inputs",
+    "iter_features",
+    "load_features",
+    "load_processor",
+    "read_index",
+    "sample_inputs",
+]

@@ -1,0 +1,129 @@
+"""One forward of the packing model over a group of items, and its features handed to the shard writer.
+
+Legend: ``T`` packed tokens, ``n`` items, ``N`` tokens of one item, ``D`` width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..packing import PackingPlan
+from .index import failed_row, item_key, make_row
+from .loading import LoadedItem
+from .shards import ShardWriter
+
+
+class GroupEncoder:
+    """Runs groups through the model and hands their features to the writer.
+
+    A group's results are collected one group later: on a GPU the next group is prepared and queued while
+    the previous one's features come back, so the device does not wait for the host.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        pool: str,
+        pooled_only: bool,
+        writer: ShardWriter,
+        on_done: Callable[[int, int, int], None],
+    ):
+        """pool: ``"head"``, ``"mean"`` or ``"none"``; on_done: called with ``(encoded, failed, tokens)`` as each
+        group's rows are handed to ``writer``."""
+        self.model, self.device, self.dtype = model, device, dtype
+        self.pool, self.pooled_only = pool, pooled_only
+        self.writer, self.on_done = writer, on_done
+        self._pending = None
+
+    def run(self, items: list[LoadedItem]) -> None:
+        """Encode one group (a GPU out-of-memory error halves it until it fits, or fails the single item)."""
+        try:
+            outputs = self._forward(items)
+        except torch.cuda.OutOfMemoryError:
+            self._finish()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) > 1:  # smaller forwards may fit
+                half = len(items) // 2
+                self.run(items[:half])
+                self.run(items[half:])
+                return
+            item = items[0]
+            self.writer.add_failure(failure_row(item, f"out of memory on {self.device} ({item.num_tokens} patches)"))
+            self.on_done(0, 1, 0)
+            return
+        self._finish()
+        self._pending = (items, outputs)
+
+    def _forward(self, items: list[LoadedItem]):
+        patches = torch.cat([it.patches for it in items]) if len(items) > 1 else items[0].patches  # (T, C·p·p)
+        positions = torch.cat([it.positions for it in items]) if len(items) > 1 else items[0].positions  # (T, 3)
+        grid = torch.tensor([it.grid_thw for it in items], dtype=torch.int64)  # (n, 3)
+        plan = PackingPlan.from_grid_thw(grid, device=self.device, patch_positions=positions)
+        with torch.inference_mode():
+            out = self.model(patches.to(self.device, self.dtype, non_blocking=True), plan=plan, return_dict=True)
+            last = out.last_hidden_state  # (T, D)
+            pooled = None
+            if self.pool == "head":
+                pooled = out.pooler_output  # (n, D)
+            elif self.pool == "mean":
+                counts = torch.tensor(plan.seqlens, dtype=torch.float32, device=self.device)[:, None]  # (n, 1)
+                sums = last.new_zeros(plan.num_items, last.shape[1], dtype=torch.float32)
+                pooled = (sums.index_add_(0, plan.segment_ids, last.float()) / counts).to(last.dtype)  # (n, D)
+            non_blocking = self.device.type == "cuda"
+            last_host = None if self.pooled_only else last.to("cpu", non_blocking=non_blocking)
+            pooled_host = None if pooled is None else pooled.to("cpu", non_blocking=non_blocking)
+            event = None
+            if non_blocking:
+                event = torch.cuda.Event()
+                event.record()
+        return plan.seqlens, last_host, pooled_host, event
+
+    def _finish(self) -> None:
+        if self._pending is None:
+            return
+        items, (seqlens, last, pooled, event) = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        per_item = torch.split(last, list(seqlens)) if last is not None else [None] * len(items)
+        tokens = failed = 0
+        for i, (item, features) in enumerate(zip(items, per_item)):
+            tensors = {"grid_thw": torch.tensor(item.grid_thw, dtype=torch.int64)}
+            if features is not None:
+                tensors["patches"] = features.clone()  # (N, D), its own storage for safetensors
+            if pooled is not None:
+                tensors["pooled"] = pooled[i].clone()  # (D,)
+            bad = [name for name in ("patches", "pooled") if name in tensors and not tensors[name].isfinite().all()]
+            if bad:  # NaN or inf features are never stored as ok
+                error = f"non-finite features: the {' and '.join(bad)} hold NaN or inf values (not stored)"
+                self.writer.add_failure(failure_row(item, error))
+                failed += 1
+                continue
+            shape = list(tensors["patches"].shape) if features is not None else list(tensors["pooled"].shape)
+            row = make_row(
+                item.path,
+                status="ok",
+                key=item_key(item.index),
+                shape=shape,
+                grid_thw=list(item.grid_thw),
+                kind=item.kind,
+                **item.info,
+            )
+            self.writer.add(row, tensors)
+            tokens += item.num_tokens
+        self.writer.end_forward()
+        self.on_done(len(items) - failed, failed, tokens)
+
+    def close(self) -> None:
+        self._finish()
+
+
+def failure_row(item: LoadedItem, error: str | None = None) -> dict[str, Any]:
+    """The index row of an item that failed (by default, for the reason it failed to load)."""
+    return failed_row(item.path, item.index, error or item.error)

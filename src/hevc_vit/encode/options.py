@@ -1,0 +1,202 @@
+"""Every option of ``hevc-vit encode``, declared once.
+
+:class:`EncodeOptions` is the one place an option exists: its field gives the default and the type, and
+:func:`option` adds the help text, the check of its value, how the command line spells it, and whether
+``encode_config.json`` records it (``record="compare"``: ``--resume`` refuses a different value). The Python
+API (``encode(inputs, out_dir, options, **overrides)``) and the command line (``hevc_vit.cli.encode``, whose
+parser is generated from these fields) both build an ``EncodeOptions``, so adding an option is adding a field
+here, then using it where it does its work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..configuration import PRESETS
+from ..devices import DTYPES
+from .processing import ImageProcessor, NativeResolutionProcessor
+
+DEFAULT_OUT = "hevc_vit_features"
+DEFAULT_MODEL = "small"
+POOL_MODES = ("head", "mean", "none")
+_NATIVE_DEFAULTS = {k: p.default for k, p in inspect.signature(NativeResolutionProcessor).parameters.items()}
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    check: Callable[[Any], str] | None = None,
+    record: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A field of :class:`EncodeOptions` with what the command line and the checks need.
+
+    help: one line; ``{default}`` in it becomes the default. parse: the argparse ``type`` (None with a
+    ``False`` default: a flag). check: ``value -> ""`` when valid, else what was expected. record:
+    ``"compare"`` (saved in ``encode_config.json``, must match on ``--resume``), ``"note"`` (saved only) or None.
+    cli: False for options only Python callers can give (objects, callbacks).
+    """
+    meta = dict(help=help, parse=parse, metavar=metavar, choices=choices, check=check, record=record, cli=cli)
+    return field(default=default, metadata=meta)
+
+
+def positive_int(value: Any) -> str:
+    return "" if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "a positive integer"
+
+
+def non_negative_int(value: Any) -> str:
+    return "" if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "an integer >= 0"
+
+
+def optional(check: Callable[[Any], str]) -> Callable[[Any], str]:
+    """``check``, with None also valid."""
+    return lambda value: "" if value is None else check(value)
+
+
+def one_of(choices: tuple[Any, ...]) -> Callable[[Any], str]:
+    return lambda value: "" if value in choices else f"one of {choices}"
+
+
+def shard_size(value: Any) -> str:
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return "" if valid else "a finite number >= 0 (0: one shard per forward)"
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How ``encode`` turns inputs into features. Each field's help says what it does (the text the command
+    line shows); from Python, ``model`` may also be a model object, a weights file or a Hub id ``org/name``,
+    and ``processor`` an :class:`ImageProcessor`. Every field is checked on construction (``ValueError`` naming
+    the option, its value and what was expected); ``replace(**overrides)`` makes a checked copy.
+    ``encode_config.json`` records the fields marked ``record``, and ``--resume`` compares those marked
+    ``"compare"``.
+    """
+
+    model: str | os.PathLike | torch.nn.Module | None = option(
+        None,
+        f"checkpoint folder, or a preset ({', '.join(PRESETS)}) with random weights "
+        f"(default: {DEFAULT_MODEL}, random: a demo)",
+        parse=str,
+        metavar="PATH|PRESET",
+        record="compare",
+    )
+    processor: str | os.PathLike | ImageProcessor = option(
+        "native",
+        "native resolution (default), CLIP fixed size, or a preprocessor_config.json",
+        parse=str,
+        metavar="native|clip|PATH",
+        record="compare",
+    )
+    min_image_tokens: int | None = option(
+        None,
+        f"native: fewest patches per image (default {_NATIVE_DEFAULTS['min_tokens']})",
+        parse=int,
+        metavar="N",
+        check=optional(positive_int),
+    )
+    max_image_tokens: int | None = option(
+        None,
+        f"native: most patches per image (default {_NATIVE_DEFAULTS['max_tokens']})",
+        parse=int,
+        metavar="N",
+        check=optional(positive_int),
+    )
+    max_video_tokens: int | None = option(
+        None,
+        f"native: most patches per clip (default {_NATIVE_DEFAULTS['max_video_tokens']})",
+        parse=int,
+        metavar="N",
+        check=optional(positive_int),
+    )
+    pool: str | None = option(
+        None,
+        "pooled vector per item: head (default with a head), mean, none",
+        parse=str,
+        choices=POOL_MODES,
+        check=optional(one_of(POOL_MODES)),
+        record="compare",
+    )
+    pooled_only: bool = option(False, "save pooled vectors only, not patch features", record="compare")
+    max_tokens: int = option(
+        16384, "patch budget of one forward ({default})", parse=int, metavar="N", check=positive_int, record="note"
+    )
+    frames: int = option(
+        8,
+        "frames sampled uniformly per video ({default})",
+        parse=int,
+        metavar="N",
+        check=positive_int,
+        record="compare",
+    )
+    temporal_context: int | None = option(
+        None,
+        "spread the frames' temporal positions over 0..N-1 (e.g. 64); default: 0..frames-1",
+        parse=int,
+        metavar="N",
+        record="compare",
+    )
+    device: str | torch.device | None = option(
+        None, "cpu, cuda, cuda:N (default: this rank's GPU if any, else cpu)", parse=str
+    )
+    dtype: str | torch.dtype | None = option(
+        "auto",
+        "compute and storage dtype (auto: bfloat16 on GPU, float32 on CPU)",
+        parse=str,
+        choices=("auto", *DTYPES),
+        record="compare",
+    )
+    attn_implementation: str | None = option(
+        None,
+        "attention backend: auto, eager, sdpa, torch_varlen, flash_attn (default: the model's)",
+        parse=str,
+        metavar="NAME",
+    )
+    workers: int | None = option(
+        None, "processes for decoding (default: up to 4)", parse=int, metavar="N", check=optional(non_negative_int)
+    )
+    shard_size_mb: float = option(1024, "features per shard ({default})", parse=float, metavar="MB", check=shard_size)
+    resume: bool = option(False, "continue DIR: skip inputs already encoded there")
+    overwrite: bool = option(False, "replace the outputs of an earlier run in DIR")
+    progress: bool | None = option(None, "tqdm bar on stderr (None: when stderr is a terminal, on rank 0)", cli=False)
+    log: Callable[[str], None] | None = option(None, "where notices go (default: stderr, rank 0 only)", cli=False)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = f.metadata["check"](value) if f.metadata["check"] else ""
+            if expected:
+                raise ValueError(f"{f.name}={value!r}; expected {expected}")
+        context = self.temporal_context
+        if context is not None and (positive_int(context) or context < self.frames):
+            raise ValueError(f"temporal_context={context!r}; expected an integer of at least frames={self.frames}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite were both given; --resume continues a run, --overwrite replaces it")
+
+    def replace(self, **overrides: Any) -> EncodeOptions:
+        """A copy with ``overrides`` (validated); an unknown name raises ``TypeError`` listing the options."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            names = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"unknown encode options {unknown}; expected some of: {names}")
+        return dataclasses.replace(self, **overrides)
+
+
+def recorded_options(how: str | None = None) -> tuple[str, ...]:
+    """Names of the options ``encode_config.json`` records (with ``how``: only those recorded that way)."""
+    return tuple(
+        f.name
+        for f in dataclasses.fields(EncodeOptions)
+        if f.metadata["record"] and (how is None or f.metadata["record"] == how)
+    )
