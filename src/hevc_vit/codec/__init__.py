@@ -175,6 +175,29 @@ def encode_selection(
     return last, pooled
 
 
+def selection_as_frames(
+    patches: torch.Tensor, selection: Selection, t_positions: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept patches laid out as the reference's LLaVA pipeline feeds them to a vision tower: ``K / S``
+    canvas frames ``(K/S, C, H, W)`` (``S = h·w``), filled in raster order with the patches in ``selection``
+    order, and their true positions ``(1, K, 3)`` — so ``tower(frames, patch_positions=[positions])`` encodes
+    the selection as one clip (a stack of ``B`` frames with ``B·h·w`` positions is one item).
+
+    patches: ``(K, C·p·p)`` from :func:`gather_selected_patches`. Raises ``ValueError`` unless ``K`` is a whole
+    number of frames (choose the budget in whole-frame equivalents, ``budget_frames``).
+    """
+    T, h, w = selection.grid_thw
+    K, p = patches.shape[0], selection.patch_size
+    if K % (h * w):
+        raise ValueError(
+            f"the selection keeps {K} patches, not a whole number of {h}x{w}-patch frames; expected a multiple of "
+            f"{h * w} (e.g. CodecSparseConfig(budget_frames=...))"
+        )
+    B, C = K // (h * w), patches.shape[1] // (p * p)
+    frames = patches.view(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * p, w * p)  # (B, C, H, W)
+    return frames, selection.patch_positions(t_positions)[None]
+
+
 def render_preview(
     video: str | os.PathLike,
     selection: Selection,
@@ -227,4 +250,5 @@ __all__ = [
     "score_volume",
     "select_patches",
     "select_topk",
+    "selection_as_frames",
 ]

@@ -63,8 +63,8 @@ class GroupEncoder:
     def _forward(self, items: list[LoadedItem]):
         patches = torch.cat([it.patches for it in items]) if len(items) > 1 else items[0].patches  # (T, C·p·p)
         positions = torch.cat([it.positions for it in items]) if len(items) > 1 else items[0].positions  # (T, 3)
-        grid = torch.tensor([it.grid_thw for it in items], dtype=torch.int64)  # (n, 3)
-        plan = PackingPlan.from_grid_thw(grid, device=self.device, patch_positions=positions)
+        # token counts of the items (a codec-sparse clip runs only its kept patches, not its whole grid)
+        plan = PackingPlan.from_seqlens([it.num_tokens for it in items], positions, device=self.device)
         with torch.inference_mode():
             out = self.model(patches.to(self.device, self.dtype, non_blocking=True), plan=plan, return_dict=True)
             last = out.last_hidden_state  # (T, D)
@@ -95,6 +95,8 @@ class GroupEncoder:
         tokens = failed = 0
         for i, (item, features) in enumerate(zip(items, per_item)):
             tensors = {"grid_thw": torch.tensor(item.grid_thw, dtype=torch.int64)}
+            if "codec" in item.info:  # which patches of the grid the features are, (K, 3) (t, h, w)
+                tensors["positions"] = item.positions.clone()
             if features is not None:
                 tensors["patches"] = features.clone()  # (N, D), its own storage for safetensors
             if pooled is not None:

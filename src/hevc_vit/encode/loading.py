@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.multiprocessing  # registers the tensor reductions: patches travel through shared memory
@@ -27,7 +28,11 @@ from PIL import Image, UnidentifiedImageError
 from ..packing import grid_positions, patchify
 from .processing import ImageProcessor
 from .sources import describe_error
+from .sparse import load_codec_video
 from .video import VIDEO_EXTENSIONS, read_video, temporal_positions, video_patch_positions
+
+if TYPE_CHECKING:
+    from ..codec.config import CodecSparseConfig
 
 # --------------------------------------------------------------------------------------------------
 # loading one input
@@ -53,6 +58,9 @@ class LoadedItem:
 
     @property
     def num_tokens(self) -> int:
+        """Patches the encoder runs: all of the grid, or the kept ones of a codec-sparse clip."""
+        if self.patches is not None:
+            return self.patches.shape[0]
         t, h, w = self.grid_thw
         return t * h * w
 
@@ -66,6 +74,8 @@ class LoadOptions:
     num_channels: int = 3
     frames: int = 8
     temporal_context: int | None = None
+    codec: CodecSparseConfig | None = None  # videos: encode only the selected patches
+    preview_dir: str | os.PathLike | None = None
 
 
 def load_item(index: int, path: str, options: LoadOptions) -> LoadedItem:
@@ -115,6 +125,9 @@ def open_image(path: Path) -> Image.Image:
 
 
 def _load_video(item: LoadedItem, options: LoadOptions) -> None:
+    if options.codec is not None:
+        load_codec_video(item, options)
+        return
     video = read_video(item.path, options.frames)
     pixels = options.processor(video.frames)  # (C, T, H, W)
     t_positions = temporal_positions(len(video.frames), options.temporal_context)

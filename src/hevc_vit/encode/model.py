@@ -71,7 +71,7 @@ def prepare_encoder(
         raise ValueError("pool='head' but the model has no pooling head (use_head=False); use 'mean' or 'none'")
     if options.pooled_only and pool == "none":
         raise ValueError("pooled_only=True with pool='none' would save nothing; choose pool 'head' or 'mean'")
-    largest = largest_item(processor, options.frames, config.patch_size)
+    largest = largest_item(processor, options.video_frames, config.patch_size)
     if largest > options.max_tokens:
         say(
             f"note: max_tokens={options.max_tokens} is below the largest item this processor can make "
@@ -90,6 +90,7 @@ def run_settings(
         "processor": encoder.processor.to_dict(),
         "pool": encoder.pool,
         "dtype": str(dtype).removeprefix("torch."),
+        "frames": options.video_frames,
     }
     settings = {name: resolved.get(name, getattr(options, name)) for name in recorded_options()}
     config = encoder.model.config

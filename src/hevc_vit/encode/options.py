@@ -27,6 +27,8 @@ from .processing import ImageProcessor, NativeResolutionProcessor
 DEFAULT_OUT = "hevc_vit_features"
 DEFAULT_MODEL = "small"
 POOL_MODES = ("head", "mean", "none")
+DEFAULT_FRAMES, CODEC_FRAMES = 8, 64
+DEFAULT_CODEC_BUDGET = 0.125  # 8 of 64 frames' worth of patches, the reference's LLaVA pipeline
 _NATIVE_DEFAULTS = {k: p.default for k, p in inspect.signature(NativeResolutionProcessor).parameters.items()}
 
 
@@ -67,6 +69,17 @@ def optional(check: Callable[[Any], str]) -> Callable[[Any], str]:
 
 def one_of(choices: tuple[Any, ...]) -> Callable[[Any], str]:
     return lambda value: "" if value in choices else f"one of {choices}"
+
+
+def parse_budget(text: str) -> float | int:
+    """``--codec-budget``: ``"2048"`` -> 2048 patches, ``"0.125"`` -> a ratio."""
+    return int(text) if text.strip().isdigit() else float(text)
+
+
+def codec_budget(value: Any) -> str:
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    ratio = isinstance(value, float) and math.isfinite(value) and 0 < value <= 1
+    return "" if count or ratio else "a patch count K >= 1 or a ratio in (0, 1]"
 
 
 def shard_size(value: Any) -> str:
@@ -132,12 +145,12 @@ class EncodeOptions:
     max_tokens: int = option(
         16384, "patch budget of one forward ({default})", parse=int, metavar="N", check=positive_int, record="note"
     )
-    frames: int = option(
-        8,
-        "frames sampled uniformly per video ({default})",
+    frames: int | None = option(
+        None,
+        f"frames sampled uniformly per video (default {DEFAULT_FRAMES}; {CODEC_FRAMES} with --codec-sparse)",
         parse=int,
         metavar="N",
-        check=positive_int,
+        check=optional(positive_int),
         record="compare",
     )
     temporal_context: int | None = option(
@@ -146,6 +159,20 @@ class EncodeOptions:
         parse=int,
         metavar="N",
         record="compare",
+    )
+    codec_sparse: bool = option(
+        False, "videos: encode only the patches that change (hevc_vit.codec), at their true (t, h, w)", record="compare"
+    )
+    codec_budget: float = option(
+        DEFAULT_CODEC_BUDGET,
+        "codec-sparse: patches kept per clip, a count K or a ratio in (0, 1] ({default})",
+        parse=parse_budget,
+        metavar="K|RATIO",
+        check=codec_budget,
+        record="compare",
+    )
+    codec_preview_dir: str | os.PathLike | None = option(
+        None, "codec-sparse: also draw each clip's kept patches to DIR/<key>.png", parse=str, metavar="DIR"
     )
     device: str | torch.device | None = option(
         None, "cpu, cuda, cuda:N (default: this rank's GPU if any, else cpu)", parse=str
@@ -178,11 +205,18 @@ class EncodeOptions:
             expected = f.metadata["check"](value) if f.metadata["check"] else ""
             if expected:
                 raise ValueError(f"{f.name}={value!r}; expected {expected}")
-        context = self.temporal_context
-        if context is not None and (positive_int(context) or context < self.frames):
-            raise ValueError(f"temporal_context={context!r}; expected an integer of at least frames={self.frames}")
+        context, frames = self.temporal_context, self.video_frames
+        if context is not None and (positive_int(context) or context < frames):
+            raise ValueError(f"temporal_context={context!r}; expected an integer of at least frames={frames}")
+        if self.codec_preview_dir is not None and not self.codec_sparse:
+            raise ValueError("codec_preview_dir was given without codec_sparse; the preview draws a codec selection")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite were both given; --resume continues a run, --overwrite replaces it")
+
+    @property
+    def video_frames(self) -> int:
+        """Frames sampled per video: ``frames``, else 8 (64 with ``codec_sparse``, as the reference does)."""
+        return self.frames or (CODEC_FRAMES if self.codec_sparse else DEFAULT_FRAMES)
 
     def replace(self, **overrides: Any) -> EncodeOptions:
         """A copy with ``overrides`` (validated); an unknown name raises ``TypeError`` listing the options."""

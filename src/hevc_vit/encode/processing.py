@@ -101,6 +101,10 @@ class ImageProcessor(abc.ABC):
         size = self.output_size(first.height, first.width, num_frames=len(frames))
         return torch.stack([self._process(frame, size) for frame in frames], dim=1)  # (C, T, H, W)
 
+    def process(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """One image (e.g. a video frame sized for its whole clip) at ``size = (H, W)``: ``(C, H, W)`` float32."""
+        return self._process(image, size)
+
     def _process(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         if image.width < 1 or image.height < 1:
             raise ValueError(f"image is {image.width}x{image.height}; expected at least 1x1 pixels")

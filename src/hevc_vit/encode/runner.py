@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..codec.config import CodecSparseConfig
 from ..devices import resolve_device, resolve_dtype
 from .batching import TokenBudgetPacker
 from .distributed import Ranks
@@ -174,8 +175,17 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
     writer = ShardWriter(Path(plan.out_dir), rank, int(options.shard_size_mb * 2**20), background=True)
     forward = GroupEncoder(encoder.model, run.device, run.dtype, encoder.pool, options.pooled_only, writer, tally.add)
     config = encoder.model.config
+    codec = (
+        CodecSparseConfig(frames=options.video_frames, budget=options.codec_budget) if options.codec_sparse else None
+    )
     load = LoadOptions(
-        encoder.processor, config.patch_size, config.num_channels, options.frames, options.temporal_context
+        encoder.processor,
+        config.patch_size,
+        config.num_channels,
+        options.video_frames,
+        options.temporal_context,
+        codec=codec,
+        preview_dir=options.codec_preview_dir,
     )
     loader = load_items(share, load, default_workers() if options.workers is None else options.workers)
     try:
