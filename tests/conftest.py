@@ -57,3 +57,14 @@ def quiet_sidecar_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not HEVC ViT hyper-parameters")
         yield
+
+
+@pytest.fixture
+def quiet_transformers():
+    """transformers' loading reports (missing / unexpected keys, notes) off for a test: they are asserted on."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    yield
+    transformers.logging.set_verbosity(verbosity)

@@ -26,6 +26,7 @@ from hevc_vit.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
 from .conftest import FIXTURES, assert_close_rel
 from .llava_like import TOWER_PREFIX, TinyLlavaConfig, TinyLlavaForCausalLM
 
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 STANDARD_SRC = FIXTURES / "onevision_encoder_tiny"
 
@@ -33,14 +34,6 @@ STANDARD_SRC = FIXTURES / "onevision_encoder_tiny"
 TOWER_NAMES = {"packing": "hevc_vit_packing_tiny", "standard": "hevc_vit_tiny"}
 # frozen (loaded at construction) and trained (delay_load, but unfreeze_mm_vision_tower loads it anyway)
 TOWER_STATES = {"frozen": dict(delay_load=False), "trained": dict(delay_load=True, unfreeze_mm_vision_tower=True)}
-
-
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(verbosity)
 
 
 @pytest.fixture(scope="module")

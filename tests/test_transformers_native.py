@@ -16,16 +16,9 @@ from hevc_vit.checkpoints import load_checkpoint
 
 from .conftest import FIXTURES, tiny_config
 
+pytestmark = pytest.mark.usefixtures("quiet_transformers")
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 FOLDERS = ["onevision_encoder_tiny", "llava_vit_packing_tiny"]  # standard names (converted) and packing names
-
-
-@pytest.fixture(autouse=True)
-def _quiet_transformers():
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    yield
-    transformers.logging.set_verbosity(verbosity)
 
 
 @pytest.fixture
