@@ -245,3 +245,16 @@ def test_resume_repairs_a_torn_last_row_and_a_missing_shard_and_says_so(model, i
     for path in want:
         assert_close_rel(got[path]["patches"], want[path]["patches"], what=path)
         assert torch.equal(got[path]["grid_thw"], want[path]["grid_thw"])
+
+
+def test_resume_accepts_a_folder_written_before_newer_options_existed(model, images, tmp_path):
+    """encode_config.json of an older version lacks the options added since: they count as their defaults."""
+    out = tmp_path / "out"
+    encode([images / "0.png"], out, model=model, **OPTIONS)
+    config_path = out / index_files.ENCODE_CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    for newer in ("output_format", "storage_dtype", "codec_sparse", "codec_budget"):
+        del config[newer]
+    config_path.write_text(json.dumps(config))
+    result = encode([images / "0.png", images / "1.png"], out, model=model, resume=True, **OPTIONS)
+    assert (result.encoded, result.skipped) == (1, 1)

@@ -398,7 +398,7 @@ def test_a_non_utf8_list_file_and_non_utf8_names_are_reported_safely(ckpt, image
         "48",
         "-q",
     ]
-    assert cli_main(args) == 0
+    assert cli_main(args) == 1  # two inputs failed
     out = capsysbinary.readouterr().out.decode("utf-8")  # printable: the odd byte shown as \xff
     assert "bad\\xff.png" in out and "not UTF-8" in out and str(listing) in out
     rows = {r["path"]: r for r in read_index(tmp_path / "out")}

@@ -3,7 +3,7 @@ library's exceptions to them.
 
 Exit statuses, the same for every command:
     0   ok
-    1   the command ran and failed (verification failed, nothing encoded, the output could not be written)
+    1   the command ran and failed (verification failed, an input could not be encoded, the output could not be written)
     2   invalid input (a bad argument, a missing or refused file, an existing output): nothing was done
     130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: ``128 + signal number``
 

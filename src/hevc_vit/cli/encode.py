@@ -2,23 +2,30 @@
 
 The options come from :class:`~hevc_vit.encode.EncodeOptions`: every field the command line may set
 becomes ``--field-name`` with the field's help, type, choices and default, so an option is declared once.
-Only what is not an encode option is added here: the inputs, ``--out`` and ``--quiet``.
+Only what is not an encode option is added here: the inputs (``--hf-dataset``, ``--split``), ``--out``, and how
+the command reports (``--quiet``, ``--json``, ``--allow-failures``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import sys
 
 from ..encode import DEFAULT_OUT, EncodeOptions, encode
-from .common import EXIT_FAILED, EXIT_OK, printable, run_guarded
+from ..encode.objects import open_hf_dataset
+from .common import EXIT_OK, printable, run_guarded
 
 _EPILOG = """\
 examples:
   hevc-vit encode                                   # the demo: sample images + clip, random small model
   hevc-vit encode photos/ clips/*.mp4 --model ./ckpt --out feats
   hevc-vit encode list.txt --model ./ckpt --out feats --resume
+  hevc-vit encode 'shards/data-{000000..000099}.tar' s3://bucket/more/ --model ./ckpt --out feats
+  hevc-vit encode urls.parquet --path-column url --keep-columns caption --retries 3 --out feats
+  hevc-vit encode --hf-dataset ./saved_ds --split train --image-column image --out feats --json
   torchrun --nproc-per-node 8 -m hevc_vit encode data/ --model ./ckpt --out feats
 """
 _INTERRUPTED = "finished shards are kept: rerun with --resume to continue"
@@ -38,11 +45,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "inputs", nargs="*", metavar="INPUT", help="files, folders (recursive), globs, or .txt lists of paths"
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="files, folders (recursive), globs, .txt lists of paths, webdataset .tar shards (data-{000..009}.tar), "
+        ".parquet/.csv/.tsv/.jsonl tables of paths, URLs (s3://, gs://, hf://, https://, file://, memory://)",
     )
     p.add_argument("--out", "-o", metavar="DIR", help=f"output folder (default: ./{DEFAULT_OUT}, numbered if taken)")
+    p.add_argument(
+        "--hf-dataset",
+        metavar="PATH|NAME",
+        help="also encode a Hugging Face dataset: a folder saved with save_to_disk, or a Hub name",
+    )
+    p.add_argument("--split", metavar="NAME", help="--hf-dataset: the split (default: train, or the only one)")
     add_option_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no notices; the summary only")
+    p.add_argument(
+        "--allow-failures", action="store_true", help="exit 0 when some inputs fail (not all); default: exit 1"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout (text: stderr)")
     p.set_defaults(run=run)
 
 
@@ -77,15 +98,27 @@ def options_from_args(args: argparse.Namespace) -> EncodeOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``hevc-vit encode``; returns the exit status: 0 when inputs were encoded (some may have failed rows), 1 when
-    every input failed or the output could not be written, 2 for invalid arguments or a refused or damaged
-    folder, 130 when interrupted."""
+    """``hevc-vit encode``; returns the exit status: 0 when every input was encoded, 1 when at least one failed
+    (``--allow-failures``: only when every input failed) or the output could not be written, 2 for invalid
+    arguments or a refused or damaged folder, 130 when interrupted."""
     return run_guarded("encode", lambda: _encode(args), interrupted=_INTERRUPTED)
 
 
 def _encode(args: argparse.Namespace) -> int:
-    result = encode(args.inputs, args.out, options_from_args(args))
+    options = options_from_args(args)
+    inputs = list(args.inputs)
+    if args.hf_dataset is not None:
+        inputs.append(open_hf_dataset(args.hf_dataset, args.split))
+    elif args.split is not None:
+        raise ValueError(f"--split {args.split} was given without --hf-dataset; it chooses a split of the dataset")
+    result = encode(inputs, args.out, options)
     if int(os.environ.get("RANK", "0")) != 0:  # the totals and the summary are rank 0's
         return EXIT_OK
-    print(printable(result.summary()))
-    return EXIT_FAILED if result.nothing_encoded else EXIT_OK
+    status = result.exit_status(args.allow_failures)
+    if args.json:
+        if not args.quiet:
+            print(printable(result.summary()), file=sys.stderr)
+        print(json.dumps({**result.as_dict(), "exit_status": status}))
+    else:
+        print(printable(result.summary()))
+    return status

@@ -8,6 +8,7 @@ removed (``--overwrite``), and the run's settings written.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -19,20 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from ..files import write_json_atomic
+from .formats import owned_files
 from .index import (
     ENCODE_CONFIG_NAME,
     INDEX_NAME,
     LOCK_NAME,
-    SHARD_DIR,
-    SHARD_NAME,
     DamagedFolderError,
     rank_index_files,
     read_rows,
 )
 from .lock import FolderLock
-from .options import DEFAULT_OUT, recorded_options
+from .options import DEFAULT_OUT, EncodeOptions, recorded_options
 from .shards import holds_features, shard_keys
-from .sources import InputSpec, describe_error, expand_inputs, sample_inputs
+from .sources import InputSpec, SourceOptions, describe_error, expand_inputs, sample_inputs
 
 # encode_config.json fields that change the features: a resumed run must match them
 RESUME_FIELDS = ("weights", "architecture", *recorded_options("compare"))
@@ -140,21 +140,20 @@ def prepare_folder(
     overwrite: bool,
     settings: dict[str, Any],
     say: Callable[[str], None],
+    sources: SourceOptions | None = None,
 ) -> RunPlan:
     """Rank 0, holding the folder's lock: the expanded inputs, the inputs already done (with resume), and the
-    folder made ready. The output folder itself is never an input, even inside an input folder."""
-    specs = expand_inputs(inputs if inputs else sample_inputs(), exclude=[path])
+    folder made ready. The output folder itself is never an input, even inside an input folder. ``sources``:
+    how tables and URLs are read."""
+    specs = expand_inputs(inputs if inputs else sample_inputs(), exclude=[path], sources=sources)
     if not specs:
         raise ValueError(f"no inputs: {[os.fspath(i) for i in inputs or []]} name no files")
     plan = RunPlan(str(path), specs)
     if resume and path.is_dir():
         check_resume_config(path, settings, say)
         plan.done = finished_inputs(path, plan.repairs)
-        shard_dir = path / SHARD_DIR
-        if shard_dir.is_dir():  # temporary files of a run that was killed mid-write
-            for tmp in shard_dir.iterdir():
-                if (m := SHARD_NAME.match(tmp.name)) and m.group(3):
-                    tmp.unlink()
+        for tmp in owned_files(path, temporary_only=True):  # of a run that was killed mid-write
+            tmp.unlink()
     if overwrite and path.is_dir():
         for owned in owned_outputs(path):
             owned.unlink()
@@ -165,13 +164,14 @@ def prepare_folder(
 
 def owned_outputs(out_dir: Path) -> list[Path]:
     """The files a run writes in ``out_dir`` (what ``--overwrite`` removes), by their exact names: the index
-    files, ``encode_config.json`` and ``shards/rankRRRRR-NNNNN.safetensors`` (and their temporary files).
-    Nothing else is touched, e.g. a ``shards/ranking.safetensors`` of the user's."""
+    files, ``encode_config.json`` and the parts of every output format (``shards/rankRRRRR-NNNNN.safetensors``,
+    ``embeddings/….npy``, ``metadata/….parquet``, ``parts/….parquet``, and their temporary files). Nothing else
+    is touched, e.g. a ``shards/ranking.safetensors`` of the user's."""
     paths = [out_dir / INDEX_NAME, out_dir / ENCODE_CONFIG_NAME, *rank_index_files(out_dir)]
-    shard_dir = out_dir / SHARD_DIR
-    if shard_dir.is_dir():
-        paths += sorted(p for p in shard_dir.iterdir() if SHARD_NAME.match(p.name) and p.is_file())
-    return [p for p in paths if p.exists()]
+    return [p for p in paths if p.exists()] + owned_files(out_dir)
+
+
+OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EncodeOptions)}
 
 
 def check_resume_config(out_dir: Path, settings: dict[str, Any], say: Callable[[str], None]) -> None:
@@ -183,6 +183,9 @@ def check_resume_config(out_dir: Path, settings: dict[str, Any], say: Callable[[
     if "weights" not in earlier:  # written before the weights were recorded: nothing to compare with
         say(f"note: {path} does not record the weights' checksum; --resume cannot check they are the same")
         earlier["weights"] = settings.get("weights")
+    for name, default in OPTION_DEFAULTS.items():  # options added since that run was made: it used their default
+        if name in RESUME_FIELDS and name not in earlier:
+            earlier[name] = default
     differ = [k for k in RESUME_FIELDS if earlier.get(k) != settings.get(k)]
     if differ:
         details = "; ".join(f"{k}: earlier {earlier.get(k)!r}, now {settings.get(k)!r}" for k in differ)

@@ -153,11 +153,14 @@ def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-def merge_index(out_dir: Path, paths: list[str], errors: list[str]) -> list[dict[str, Any]]:
+def merge_index(
+    out_dir: Path, paths: list[str], errors: list[str], extras: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Rank 0 after every rank finished: one row per input (``paths[i]``; ``errors[i]`` non-empty for an input
     that was never loaded), in input order, from the rank files and an earlier index; rows of an earlier run's
-    inputs that this run was not given are kept at the end. Writes ``index.jsonl``, then removes the rank
-    files."""
+    inputs that this run was not given are kept at the end. ``extras[i]``: fields every row of input ``i`` has
+    (``id``, kept columns), added where a row lacks them (a failed row). Writes ``index.jsonl``, then removes
+    the rank files."""
     latest = read_rows(out_dir)
     rows, missing = [], []
     for i, (path, error) in enumerate(zip(paths, errors)):
@@ -167,6 +170,9 @@ def merge_index(out_dir: Path, paths: list[str], errors: list[str]) -> list[dict
             rows.append(latest.pop(path))
         else:
             missing.append(path)
+            continue
+        for name, value in (extras[i] if extras else {}).items():
+            rows[-1].setdefault(name, value)
     if missing:
         raise RuntimeError(f"{len(missing)} inputs have no index row after every rank finished, e.g. {missing[:3]}")
     rows.extend(latest.values())

@@ -10,6 +10,7 @@ Legend: ``N`` patches of one item, ``C`` channels, ``p`` patch size, ``T`` frame
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import signal
@@ -26,8 +27,10 @@ import torch.multiprocessing  # registers the tensor reductions: patches travel 
 from PIL import Image, UnidentifiedImageError
 
 from ..packing import grid_positions, patchify
+from .items import Fetched, InputSpec, fetch, spec_path
 from .processing import ImageProcessor
 from .sources import describe_error
+from .sources_tar import archive_kind
 from .sparse import load_codec_video
 from .video import VIDEO_EXTENSIONS, read_video, temporal_positions, video_patch_positions
 
@@ -76,13 +79,22 @@ class LoadOptions:
     temporal_context: int | None = None
     codec: CodecSparseConfig | None = None  # videos: encode only the selected patches
     preview_dir: str | os.PathLike | None = None
+    memory: list = field(default_factory=list)  # the run's in-memory inputs (objects, datasets), by number
+    retries: int = 2  # URLs: attempts after a failed read before the input fails
 
 
-def load_item(index: int, path: str, options: LoadOptions) -> LoadedItem:
-    """Decode, preprocess and patchify one input; any failure is returned in ``error``, never raised."""
-    item = LoadedItem(index=index, path=path)
+def load_item(index: int, path: str | InputSpec, options: LoadOptions) -> LoadedItem:
+    """Decode, preprocess and patchify one input (a local path, or a spec whose ``ref`` says where its content
+    is: a tar member, a URL, a row in memory); any failure is returned in ``error``, never raised. The spec's
+    ``extra`` fields (``id``, kept columns) go into the item's ``info``, hence into its index row."""
+    spec = path if isinstance(path, InputSpec) else InputSpec(path)
+    item = LoadedItem(index=index, path=spec.path)
     try:
-        _load_into(item, options)
+        if spec.ref is None:
+            _load_into(item, options)
+        else:
+            _load_fetched(item, fetch(spec.ref, options.memory, options.retries), options)
+        item.info = {**spec.extra, **item.info}
     except MemoryError:
         item.error = "out of memory while decoding"
     except Exception as e:  # a bad file may fail anywhere in a decoder; the reason goes to the index
@@ -104,13 +116,7 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
     try:
         image = open_image(path)
     except UnidentifiedImageError as image_error:
-        # not an image to PIL: maybe a video without a usual extension, else neither
-        try:
-            _load_video(item, options)
-        except ImportError:
-            item.error = f"not a readable image ({image_error}); video decoding needs PyAV, which is not installed"
-        except Exception as video_error:
-            item.error = f"not an image or a video: PIL: {image_error}; PyAV: {describe_error(video_error)}"
+        _load_unrecognised(item, options, image_error, path, path.name)
         return
     pixels = options.processor(image)  # (C, H, W)
     _set_patches(item, "image", pixels.unsqueeze(0), options, t_positions=None)  # (1, C, H, W)
@@ -124,11 +130,58 @@ def open_image(path: Path) -> Image.Image:
         return image.copy()
 
 
-def _load_video(item: LoadedItem, options: LoadOptions) -> None:
+def _load_unrecognised(item: LoadedItem, options: LoadOptions, image_error: Exception, source, name: str) -> None:
+    """Not an image to PIL: an archive is refused (never handed to the video decoder, which would take a tar of
+    same-size JPEGs for a clip); anything else may be a video without a usual extension, else neither."""
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:512]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(512)
+    kind = archive_kind(name, head)
+    if kind:
+        item.error = (
+            f"a {kind} archive, not an image or a video (a webdataset .tar is listed, one input per sample, when it "
+            f"is given as an input, matched by a glob, named in a list or found in a folder)"
+        )
+        return
+    try:
+        _load_video(item, options, source)
+    except ImportError:
+        item.error = f"not a readable image ({image_error}); video decoding needs PyAV, which is not installed"
+    except Exception as video_error:
+        item.error = f"not an image or a video: PIL: {image_error}; PyAV: {describe_error(video_error)}"
+
+
+def _load_fetched(item: LoadedItem, fetched: Fetched, options: LoadOptions) -> None:
+    """Decode the content of an input that is not a local file: an image from memory, or the bytes of a tar
+    member, a URL or a dataset row (an image, or a video by its name's extension or by its content)."""
+    if fetched.image is not None:
+        image = fetched.image
+    elif not fetched.data:
+        item.error = "empty (0 bytes)"
+        return
+    else:
+        source = io.BytesIO(fetched.data)
+        if Path(fetched.name).suffix.lower() in VIDEO_EXTENSIONS:
+            _load_video(item, options, source)
+            return
+        try:
+            image = open_image(source)
+        except UnidentifiedImageError as image_error:
+            _load_unrecognised(item, options, image_error, source, fetched.name)
+            return
+    pixels = options.processor(image)  # (C, H, W)
+    _set_patches(item, "image", pixels.unsqueeze(0), options, t_positions=None)  # (1, C, H, W)
+    item.info = {"size": [image.width, image.height]}
+
+
+def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
+    """``source``: the clip's bytes (a ``BytesIO``) or path when it is not the local file ``item.path``."""
     if options.codec is not None:
         load_codec_video(item, options)
         return
-    video = read_video(item.path, options.frames)
+    video = read_video(item.path if source is None else source, options.frames)
     pixels = options.processor(video.frames)  # (C, T, H, W)
     t_positions = temporal_positions(len(video.frames), options.temporal_context)
     _set_patches(item, "video", pixels.unsqueeze(0), options, t_positions)  # (1, C, T, H, W)
@@ -243,7 +296,7 @@ class _WorkerPool:
                 if culprit in worker.assigned:
                     worker.assigned.remove(culprit)
                     index, path = work[culprit]
-                    done[culprit] = LoadedItem(index, path, error=_death_reason(worker.process.exitcode))
+                    done[culprit] = LoadedItem(index, spec_path(path), error=_death_reason(worker.process.exitcode))
                 else:
                     deaths_without_progress += 1
                     if deaths_without_progress > 3 * len(self.workers):
@@ -270,7 +323,7 @@ class _WorkerPool:
                     else:
                         index, path = work[pos]
                         error = f"loaded, but not received from its worker: {describe_error(e)}"
-                        done[pos] = LoadedItem(index, path, error=error)
+                        done[pos] = LoadedItem(index, spec_path(path), error=error)
         except (EOFError, OSError):
             return False
         return True

@@ -22,6 +22,7 @@ import torch
 
 from ..configuration import PRESETS
 from ..devices import DTYPES
+from .formats import OUTPUT_FORMATS, STORAGE_DTYPES
 from .processing import ImageProcessor, NativeResolutionProcessor
 
 DEFAULT_OUT = "hevc_vit_features"
@@ -80,6 +81,18 @@ def codec_budget(value: Any) -> str:
     count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
     ratio = isinstance(value, float) and math.isfinite(value) and 0 < value <= 1
     return "" if count or ratio else "a patch count K >= 1 or a ratio in (0, 1]"
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def names(value: Any) -> str:
+    """A column name, or a sequence of them."""
+    values = (value,) if isinstance(value, str) else value
+    valid = isinstance(values, (tuple, list)) and all(isinstance(v, str) and v for v in values)
+    return "" if valid else "a column name or a list of column names"
 
 
 def shard_size(value: Any) -> str:
@@ -194,6 +207,42 @@ class EncodeOptions:
         None, "processes for decoding (default: up to 4)", parse=int, metavar="N", check=optional(non_negative_int)
     )
     shard_size_mb: float = option(1024, "features per shard ({default})", parse=float, metavar="MB", check=shard_size)
+    path_column: str | None = option(
+        None, "tables: the column of paths or URLs (default: the first of path, url, image)", parse=str, metavar="NAME"
+    )
+    keep_columns: tuple[str, ...] = option(
+        (),
+        "tables and datasets: columns copied into each index row (comma-separated)",
+        parse=comma_list,
+        metavar="A,B",
+        check=names,
+    )
+    image_column: str = option(
+        "image", "datasets: the column holding the images ({default})", parse=str, metavar="NAME", check=names
+    )
+    retries: int = option(
+        2,
+        "URLs: attempts after a failed read before the input fails ({default})",
+        parse=int,
+        metavar="N",
+        check=non_negative_int,
+    )
+    output_format: str = option(
+        "safetensors",
+        "safetensors shards (default), npy-parquet (pooled embeddings .npy + metadata .parquet), parquet",
+        parse=str,
+        choices=OUTPUT_FORMATS,
+        check=one_of(OUTPUT_FORMATS),
+        record="compare",
+    )
+    storage_dtype: str | None = option(
+        None,
+        "dtype the features are stored in (default: float16 for npy-parquet, else the compute dtype)",
+        parse=str,
+        choices=STORAGE_DTYPES,
+        check=optional(one_of(STORAGE_DTYPES)),
+        record="compare",
+    )
     resume: bool = option(False, "continue DIR: skip inputs already encoded there")
     overwrite: bool = option(False, "replace the outputs of an earlier run in DIR")
     progress: bool | None = option(None, "tqdm bar on stderr (None: when stderr is a terminal, on rank 0)", cli=False)
@@ -212,6 +261,15 @@ class EncodeOptions:
             raise ValueError("codec_preview_dir was given without codec_sparse; the preview draws a codec selection")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite were both given; --resume continues a run, --overwrite replaces it")
+        if self.output_format == "npy-parquet" and self.pool == "none":
+            raise ValueError(
+                "output_format='npy-parquet' with pool='none'; it stores pooled embeddings: pool head or mean"
+            )
+        if self.storage_dtype == "bfloat16" and self.output_format != "safetensors":
+            raise ValueError(
+                f"storage_dtype='bfloat16' with output_format={self.output_format!r}; numpy and Arrow cannot hold "
+                f"bfloat16: expected float16 or float32 (or output_format='safetensors')"
+            )
 
     @property
     def video_frames(self) -> int:

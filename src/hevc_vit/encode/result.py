@@ -23,6 +23,7 @@ class EncodeResult:
     seconds: float = 0.0
     shards: int = 0  # shards written by this run, all ranks
     repairs: list[str] = field(default_factory=list)  # what --resume found damaged and redid (rank 0)
+    output_format: str = "safetensors"  # where the features are: shards/, or embeddings/ + metadata/, or parts/
 
     @property
     def index_path(self) -> Path:
@@ -46,14 +47,46 @@ class EncodeResult:
             lines.append(f"  repaired: {_printable(repair)}")
         if self.nothing_encoded:
             lines.append("nothing was encoded: every input failed (see the reasons above and in the index)")
+        elif self.failed:
+            lines.append(
+                f"{self.failed} input{'s' if self.failed != 1 else ''} failed: each has a row with status 'failed' "
+                f"and the reason in {_printable(str(self.index_path))}"
+            )
         out_dir = _printable(str(self.out_dir))
-        lines.append(f"features: {out_dir}/{SHARD_DIR}/ ({self.shards} new shards); index: {out_dir}/{INDEX_NAME}")
+        folders = {"npy-parquet": "embeddings/ + metadata/", "parquet": "parts/"}
+        where = f"{out_dir}/{folders.get(self.output_format, SHARD_DIR + '/')}"
+        lines.append(f"features: {where} ({self.shards} new shards); index: {out_dir}/{INDEX_NAME}")
         return "\n".join(lines)
 
     @property
     def nothing_encoded(self) -> bool:
         """Every input of the run failed (none encoded, none done before): the CLI exits with status 1."""
         return self.encoded == 0 and self.skipped == 0
+
+    def exit_status(self, allow_failures: bool = False) -> int:
+        """The command's status: 0 when every input is encoded, 1 when at least one failed (with
+        ``allow_failures``: only when every input failed)."""
+        if self.nothing_encoded or (self.failed and not allow_failures):
+            return 1
+        return 0
+
+    def as_dict(self, max_failures: int = 100) -> dict[str, Any]:
+        """The summary for scripts (``--json``): the counts, where the output is, the first ``max_failures``
+        failures (``path``, ``error``)."""
+        failures = [{"path": row["path"], "error": row["error"]} for row in self.rows if row["status"] != "ok"]
+        return {
+            "out_dir": str(self.out_dir),
+            "index": str(self.index_path),
+            "encoded": self.encoded,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "shards": self.shards,
+            "output_format": self.output_format,
+            "failures": failures[:max_failures],
+            "repairs": list(self.repairs),
+        }
 
 
 def _printable(text: Any) -> str:

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +24,30 @@ from ..devices import resolve_device, resolve_dtype
 from .batching import TokenBudgetPacker
 from .distributed import Ranks
 from .folder import RunPlan, claim_out_dir, prepare_folder, reporting_full_disk
+from .formats import storage_dtype
 from .forward import GroupEncoder, failure_row
 from .index import merge_index
 from .loading import LoadedItem, LoadOptions, default_workers, load_items
 from .model import Encoder, prepare_encoder, run_settings
+from .objects import collect_memory
 from .options import EncodeOptions
 from .result import EncodeResult
 from .shards import ShardWriter
+from .sources import SourceOptions
 
 
 def encode(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    inputs: Any = None,
     out_dir: str | os.PathLike | None = None,
     options: EncodeOptions | None = None,
     **overrides: Any,
 ) -> EncodeResult:
     """Encode images and videos to features in ``out_dir``: safetensors shards plus ``index.jsonl``.
 
-    inputs: files, folders (recursive), globs and ``.txt`` list files; one path (a ``str`` or ``Path``) is one
-        input; None or empty: the sample images and clip shipped with the package.
+    inputs: files, folders (recursive), globs, brace ranges, ``.txt`` list files, webdataset ``.tar`` shards,
+        ``.parquet``/``.csv``/``.tsv``/``.jsonl`` tables of paths, URLs (fsspec), PIL images, numpy arrays,
+        tensors and ``datasets.Dataset``/``IterableDataset`` (images from ``image_column``), in any mix; one path
+        or one object is one input; None or empty: the sample images and clip shipped with the package.
     out_dir: the output folder; None: ``./hevc_vit_features`` (or ``-2``, ``-3``, ... when taken). An
         existing non-empty folder is refused unless ``resume`` or ``overwrite``.
     options: an :class:`EncodeOptions` (default: all defaults); overrides: its fields by name, on top
@@ -54,12 +59,12 @@ def encode(
     returns. A full disk raises an ``OSError`` naming the folder and its free space; what finished is kept.
     """
     options = _options(options, overrides)
-    if isinstance(inputs, (str, os.PathLike)):  # one path is one input, not a sequence of characters
-        inputs = [inputs]
+    # one path or object is one input; objects and datasets stay in this process's memory, read by row
+    inputs, memory = collect_memory(inputs, options.image_column, SourceOptions.of(options).keep_columns)
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    run = Run(options, device, resolve_dtype(options.dtype, device), Ranks.setup(device))
+    run = Run(options, device, resolve_dtype(options.dtype, device), Ranks.setup(device), memory)
     try:
         return _encode_claimed(run, inputs, out_dir)
     finally:
@@ -82,6 +87,7 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     ranks: Ranks
+    memory: list = field(default_factory=list)  # in-memory inputs (objects, datasets), by number: every rank's own
 
     def say(self, message: str) -> None:
         """A notice for people: rank 0 only, to ``options.log`` (default: stderr)."""
@@ -126,7 +132,10 @@ def _agree_on_plan(run: Run, inputs, folder: Path | None, settings: dict[str, An
     if run.ranks.rank == 0 and plan is None:
         try:
             with reporting_full_disk(folder):
-                plan = prepare_folder(inputs, folder, run.options.resume, run.options.overwrite, settings, run.say)
+                options = run.options
+                plan = prepare_folder(
+                    inputs, folder, options.resume, options.overwrite, settings, run.say, SourceOptions.of(options)
+                )
         except (ValueError, OSError) as e:
             if not run.ranks.active:
                 raise
@@ -166,14 +175,17 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
     returns the tally and the number of shards written. After an error what finished is kept."""
     rank, world, options = run.ranks.rank, run.ranks.world, run.options
     share = [
-        (i, spec.path)
+        (i, spec)  # the spec: a path, or where the content is (tar member, URL, row in memory)
         for i, spec in enumerate(plan.specs)
         if i % world == rank and not spec.error and spec.path not in plan.done
     ]
     show = (sys.stderr.isatty() if options.progress is None else options.progress) and rank == 0
     tally = Tally(len(share), show, "encode" if world == 1 else f"encode rank 0/{world}")
-    writer = ShardWriter(Path(plan.out_dir), rank, int(options.shard_size_mb * 2**20), background=True)
-    forward = GroupEncoder(encoder.model, run.device, run.dtype, encoder.pool, options.pooled_only, writer, tally.add)
+    fmt = options.output_format
+    stored = storage_dtype(fmt, options.storage_dtype, run.dtype)
+    writer = ShardWriter(Path(plan.out_dir), rank, int(options.shard_size_mb * 2**20), True, fmt, stored)
+    pooled_only = options.pooled_only or fmt == "npy-parquet"  # it stores the pooled embeddings alone
+    forward = GroupEncoder(encoder.model, run.device, run.dtype, encoder.pool, pooled_only, writer, tally.add)
     config = encoder.model.config
     codec = (
         CodecSparseConfig(frames=options.video_frames, budget=options.codec_budget) if options.codec_sparse else None
@@ -186,6 +198,8 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
         options.temporal_context,
         codec=codec,
         preview_dir=options.codec_preview_dir,
+        memory=run.memory,
+        retries=options.retries,
     )
     loader = load_items(share, load, default_workers() if options.workers is None else options.workers)
     try:
@@ -224,6 +238,7 @@ def _gather(run: Run, plan: RunPlan, tally: Tally, shards: int) -> EncodeResult:
     run.ranks.barrier()  # every rank's shards and index rows are on disk
     out_dir = Path(plan.out_dir)
     result = EncodeResult(out_dir=out_dir.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
+    result.output_format = run.options.output_format
     if run.ranks.rank == 0:
         for (encoded, failed, tokens), rank_shards in totals:
             result.encoded += encoded
@@ -231,7 +246,8 @@ def _gather(run: Run, plan: RunPlan, tally: Tally, shards: int) -> EncodeResult:
             result.tokens += tokens
             result.shards += rank_shards
         specs = plan.specs
-        result.rows = merge_index(out_dir, [spec.path for spec in specs], [spec.error for spec in specs])
+        paths, errors, extras = [s.path for s in specs], [s.error for s in specs], [s.extra for s in specs]
+        result.rows = merge_index(out_dir, paths, errors, extras)
         result.failed += sum(1 for spec in specs if spec.error)
     result.seconds = time.perf_counter() - tally.start
     run.ranks.barrier()  # the merged index exists before any rank returns

@@ -23,7 +23,8 @@ import torch
 
 from ..files import publish_new, temporary_sibling
 from . import index as index_files
-from .index import SHARD_DIR, SHARD_NAME, rank_index_name, read_index, shard_name
+from .formats import existing_numbers, part_keys, part_name, write_part
+from .index import SHARD_DIR, rank_index_name, read_index
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path, mode: int) -> None:
@@ -73,11 +74,23 @@ class ShardWriter:
     shard in flight; a write error is raised by the next ``flush`` or by ``close``).
     """
 
-    def __init__(self, out_dir: Path, rank: int, shard_bytes: int, background: bool = False):
+    def __init__(
+        self,
+        out_dir: Path,
+        rank: int,
+        shard_bytes: int,
+        background: bool = False,
+        output_format: str = "safetensors",
+        storage_dtype: torch.dtype | None = None,
+    ):
+        """output_format: ``safetensors``, or a format of :mod:`.formats` (parts instead of shards);
+        storage_dtype: the dtype floating features are stored in (None: as they come)."""
         self.out_dir = Path(out_dir)
         self.rank = rank
         self.shard_bytes = shard_bytes
-        (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self.output_format, self.storage_dtype = output_format, storage_dtype
+        if output_format == "safetensors":  # the parts of other formats make their own folders
+            (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self._next = 1 + max(self._existing_numbers(), default=-1)
         self._tensors: dict[str, torch.Tensor] = {}
         self._rows: list[dict[str, Any]] = []
@@ -92,12 +105,13 @@ class ShardWriter:
         self._mode = _file_mode()  # safetensors creates 0600 files; a shard gets the usual mode
 
     def _existing_numbers(self) -> list[int]:
-        found = (SHARD_NAME.match(p.name) for p in (self.out_dir / SHARD_DIR).iterdir())
-        return [int(m.group(2)) for m in found if m and int(m.group(1)) == self.rank]
+        return existing_numbers(self.out_dir, self.rank)  # every format's folder: a number is never reused
 
     def add(self, row: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Queue one encoded item: ``row`` (its ``shard`` is filled in on write) and its named tensors."""
         for name, tensor in tensors.items():
+            if self.storage_dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.storage_dtype)
             self._tensors[f"{row['key']}.{name}"] = tensor.contiguous()
             self._bytes += tensor.numel() * tensor.element_size()
         self._rows.append(row)
@@ -117,7 +131,7 @@ class ShardWriter:
         self._wait()
         if not self._rows:
             return
-        name = shard_name(self.rank, self._next)
+        name = part_name(self.output_format, self.rank, self._next)
         final = self.out_dir / name
         if final.exists():  # numbering starts after existing shards; this means another writer shares the rank
             raise FileExistsError(f"{final} exists; two runs may be writing to {self.out_dir} with the same rank")
@@ -133,8 +147,11 @@ class ShardWriter:
         final = self.out_dir / name
         tmp = temporary_sibling(final)
         try:
-            save_shard(tensors, tmp, self._mode)
-            publish_new(tmp, final)
+            if self.output_format == "safetensors":
+                save_shard(tensors, tmp, self._mode)
+                publish_new(tmp, final)
+            else:  # an npy-parquet or parquet part: its files are written whole or not at all
+                write_part(self.output_format, self.out_dir, name, tensors, rows, self._mode)
         except FileExistsError:
             tmp.unlink(missing_ok=True)
             raise FileExistsError(
@@ -201,9 +218,12 @@ class MissingFeaturesError(KeyError):
 
 
 def shard_keys(path: Path) -> set[str]:
-    """The tensor names in the shard at ``path`` (its header only); raises what reading it raises."""
+    """The tensor names in the shard at ``path`` (its header only; for a parquet part, as a shard would name
+    them); raises what reading it raises."""
     from safetensors import safe_open
 
+    if path.suffix == ".parquet":
+        return part_keys(path)
     with safe_open(path, framework="pt") as f:
         return set(f.keys())
 
@@ -220,6 +240,7 @@ def load_features(out_dir: str | os.PathLike, row: dict[str, Any]) -> dict[str, 
     if row.get("status") != "ok":
         raise ValueError(f"row for {row.get('path')!r} has status {row.get('status')!r}: {row.get('error')}")
     shard = Path(out_dir) / row["shard"]
+    _check_safetensors(shard)
     with safe_open(shard, framework="pt") as f:
         return _tensors_of(f, row, shard, list(f.keys()))
 
@@ -234,6 +255,7 @@ def iter_features(out_dir: str | os.PathLike) -> Iterator[tuple[dict[str, Any], 
         by_shard.setdefault(row["shard"], []).append(i)
     loaded: dict[int, dict[str, torch.Tensor]] = {}
     for shard, members in by_shard.items():
+        _check_safetensors(Path(out_dir) / shard)
         with safe_open(Path(out_dir) / shard, framework="pt") as f:
             names = list(f.keys())
             for i in members:
@@ -254,3 +276,11 @@ def _tensors_of(f, row: dict[str, Any], shard: Path, names: list[str]) -> dict[s
             f"the folder is damaged: re-encode this input (--resume redoes inputs whose row is removed)"
         )
     return out
+
+
+def _check_safetensors(shard: Path) -> None:
+    if shard.suffix == ".parquet":
+        raise ValueError(
+            f"{shard} is a part of an npy-parquet or parquet run (--output-format); read it with pyarrow "
+            f"(pyarrow.parquet.read_table) and its embeddings/*.npy with numpy.load, not as safetensors shards"
+        )

@@ -1,42 +1,79 @@
-"""The inputs of ``hevc-vit encode``: files, folders (recursive), globs and list files expanded to one
-:class:`InputSpec` per file, and the samples shipped with the package. Nothing given is dropped silently:
-what cannot be found or read becomes a spec with its reason, which the run records as a failed row."""
+"""The inputs of ``hevc-vit encode``: files, folders (recursive), globs, brace ranges, list files, webdataset tar
+shards, tables of paths, URLs and in-memory objects, expanded to one :class:`InputSpec` per item, and the samples
+shipped with the package. Nothing given is dropped silently: what cannot be found or read becomes a spec with its
+reason, which the run records as a failed row.
+
+Where each kind is read: tar shards :mod:`.sources_tar`, tables :mod:`.tables`, URLs :mod:`.remote`, in-memory
+objects and datasets :mod:`.objects`.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .items import InputSpec, RemoteFile
+from .objects import MemorySource
+from .remote import is_url, list_url
+from .sources_tar import is_tar_shard, list_tar
+from .tables import TableColumnError, is_table, table_specs
+
+__all__ = ["InputSpec", "SourceOptions", "describe_error", "expand_braces", "expand_inputs", "sample_inputs"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 _GLOB_CHARS = frozenset("*?[")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How inputs are read while they are expanded: the path and kept columns of tables, retries for URLs."""
+
+    path_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    retries: int = 2
+
+    @classmethod
+    def of(cls, options: Any) -> SourceOptions:
+        """The source options of an ``EncodeOptions`` (``keep_columns`` may be one name or a sequence)."""
+        keep = options.keep_columns
+        return cls(options.path_column, (keep,) if isinstance(keep, str) else tuple(keep), options.retries)
 
 
 @dataclass
-class InputSpec:
-    """One input after expansion: its path as given, or why it could not be found."""
-
-    path: str
-    error: str = ""
+class _Expansion:
+    add: Callable[[InputSpec], None]
+    skip: frozenset[str]  # real paths of folders never searched (the output folder)
+    sources: SourceOptions
 
 
 def expand_inputs(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], exclude: Sequence[str | os.PathLike] = ()
+    inputs: str | os.PathLike | Sequence[Any],
+    exclude: Sequence[str | os.PathLike] = (),
+    sources: SourceOptions | None = None,
 ) -> list[InputSpec]:
-    """Files, folders (recursive), globs and list files -> one ``InputSpec`` per file, without duplicates.
+    """Files, folders (recursive), globs, brace ranges, list files, tar shards, tables, URLs and in-memory sources
+    -> one ``InputSpec`` per item, without duplicates.
 
     A folder contributes every file under it in sorted order, hidden names (a leading ``.``) excepted.
     Symlinked folders are followed, each real folder at most once per input (so a link loop ends); a ``.txt``/
     ``.lst``/``.list`` file given directly lists one path per line (blank lines and ``#`` comments skipped,
-    relative paths taken from the list's folder). Nothing given is dropped silently: a path that does not exist,
-    a glob that matches nothing, a folder or list that yields no file, a folder that cannot be read and a link
-    that is not followed each become an ``InputSpec`` with its error. Folders in ``exclude`` (the output
-    folder) are not searched. One path (``str`` or ``Path``) is one input.
+    relative paths taken from the list's folder). ``{000000..000009}`` and ``{a,b}`` expand as in the shell
+    (webdataset's shard ranges). A ``.tar`` contributes one item per webdataset sample, wherever it is found; a
+    ``.parquet``/``.csv``/``.tsv``/``.jsonl`` given directly, by a glob or in a list contributes one item per row
+    (a table inside a searched folder is an input like any other file). A URL (``s3://``, ``memory://``, ...)
+    is listed or globbed through fsspec. Nothing given is dropped silently: a path that does not exist, a glob
+    that matches nothing, a folder or list that yields no file, a folder that cannot be read and a link that is
+    not followed each become an ``InputSpec`` with its error. Folders in ``exclude`` (the output folder) are not
+    searched. One path (``str`` or ``Path``) is one input. A table without its path column raises ``ValueError``.
     """
-    if isinstance(inputs, (str, os.PathLike)):
+    if isinstance(inputs, (str, os.PathLike, MemorySource)):
         inputs = [inputs]
     out: list[InputSpec] = []
     seen: set[str] = set()
@@ -47,17 +84,51 @@ def expand_inputs(
             out.append(spec)
 
     skip = frozenset(os.path.realpath(e) for e in exclude)
+    ctx = _Expansion(add, skip, sources or SourceOptions())
     for raw in inputs:
-        _expand_one(os.fspath(raw), add, from_list=False, skip=skip)
+        if isinstance(raw, MemorySource):
+            for spec in raw.specs():
+                add(spec)
+        else:
+            _expand_one(os.fspath(raw), ctx, from_list=False)
     return out
 
 
-def _expand_one(arg: str, add, from_list: bool, skip: frozenset[str]) -> None:
+def expand_braces(pattern: str) -> list[str]:
+    """``data-{000..002}.tar`` -> ``data-000.tar``, ``data-001.tar``, ``data-002.tar`` (zero padding kept);
+    ``{a,b}`` -> each; a pattern without braces -> itself."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end() :]
+    lo, sep, hi = body.partition("..")
+    if sep and lo.isdigit() and hi.isdigit():
+        width = max(len(lo), len(hi)) if (len(lo) > 1 and lo[0] == "0") or (len(hi) > 1 and hi[0] == "0") else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:  # not a range or a list: the braces are part of the name
+        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
+    return [head + option + rest for option in options for rest in expand_braces(tail)]
+
+
+def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
+    if "{" in arg and not os.path.exists(arg):
+        names = expand_braces(arg)
+        if names != [arg]:
+            for name in names:
+                _expand_one(name, ctx, from_list=True)
+            return
+    if is_url(arg):
+        _expand_url(arg, ctx)
+        return
+    add, skip = ctx.add, ctx.skip
     path = Path(arg)
     if path.is_dir():
         if os.path.realpath(path) in skip:
             return
-        if not _walk(path, add, skip):
+        if not _walk(path, ctx):
             add(InputSpec(arg, "no files in this folder (names starting with '.' are skipped)"))
     elif path.is_file():
         if not from_list and path.suffix.lower() in LIST_EXTENSIONS:
@@ -69,16 +140,16 @@ def _expand_one(arg: str, add, from_list: bool, skip: frozenset[str]) -> None:
             if not lines:
                 add(InputSpec(arg, "the list file names no paths (blank lines and # comments are skipped)"))
             for line in lines:
-                _expand_one(line, add, from_list=True, skip=skip)
+                _expand_one(line, ctx, from_list=True)
         else:
-            add(InputSpec(str(path)))
+            _add_file(str(path), ctx, tables=True)
     elif _GLOB_CHARS & set(arg):
         matches = sorted(glob.glob(arg, recursive=True))
         if not matches:
             add(InputSpec(arg, "no file matches this pattern"))
         for match in matches:
             if not any(_is_inside(match, folder) for folder in skip):
-                _expand_one(match, add, from_list=True, skip=skip)
+                _expand_one(match, ctx, from_list=True)
     elif path.exists():
         add(InputSpec(arg, "not a regular file or folder"))
     elif path.is_symlink():
@@ -87,16 +158,48 @@ def _expand_one(arg: str, add, from_list: bool, skip: frozenset[str]) -> None:
         add(InputSpec(arg, "no such file or folder"))
 
 
+def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:
+    """A file found (local or a URL): a tar shard's samples, a table's rows (``tables``), or the file itself."""
+    if is_tar_shard(location):
+        for spec in list_tar(location, ctx.sources.retries):
+            ctx.add(spec)
+    elif tables and is_table(location):
+        options = ctx.sources
+        try:
+            specs = table_specs(location, options.path_column, options.keep_columns, options.retries)
+        except (TableColumnError, ImportError):
+            raise  # the caller's mistake or a missing extra: the run stops before it starts
+        except Exception as e:  # an unreadable or damaged table: one failed row
+            specs = [InputSpec(location, f"cannot read this table: {describe_error(e)}")]
+        for spec in specs:
+            ctx.add(spec)
+    else:
+        ctx.add(InputSpec(location, ref=RemoteFile(location) if is_url(location) else None))
+
+
+def _expand_url(url: str, ctx: _Expansion) -> None:
+    try:
+        urls, reason = list_url(url, ctx.sources.retries)
+    except OSError as e:
+        ctx.add(InputSpec(url, describe_error(e)))
+        return
+    if not urls:
+        ctx.add(InputSpec(url, reason))
+    for found in urls:
+        _add_file(found, ctx, tables=urls == [url] or _GLOB_CHARS & set(url) != set())
+
+
 def _is_inside(path: str, folder: str) -> bool:
     real = os.path.realpath(path)
     return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _walk(folder: Path, add, skip: frozenset[str]) -> int:
+def _walk(folder: Path, ctx: _Expansion) -> int:
     """Add the files under ``folder`` (sorted, depth first, hidden names skipped); returns how many specs were
     added. Symlinked folders are followed, but a real folder is searched at most once (``visited``), so a link
     loop or a second link to one folder adds a failed row for the link instead of running forever. A folder
-    that cannot be read gets a failed row with the reason."""
+    that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample)."""
+    add, skip = ctx.add, ctx.skip
     visited = {os.path.realpath(folder)}
     count = 0
     stack = [folder]  # depth first: a folder's files, then each of its sub-folders in sorted order
@@ -116,7 +219,7 @@ def _walk(folder: Path, add, skip: frozenset[str]) -> int:
             except OSError:
                 is_dir = False  # a file then; opening it records the reason it cannot be read
             if not is_dir:
-                add(InputSpec(str(current / entry.name)))
+                _add_file(str(current / entry.name), ctx, tables=False)
                 count += 1
                 continue
             sub = current / entry.name

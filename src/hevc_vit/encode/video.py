@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import IO
 
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from PIL import Image
 from ..packing import grid_positions
 
 VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv".split())
+SEEK_MIN_GAP = 120  # frames: a sampled frame further ahead is reached by a seek, not by decoding up to it
 INSTALL_HINT = "PyAV is not installed; install the video extra: pip install 'hevc-vit[video]'"
 
 
@@ -81,10 +83,12 @@ def _import_av():
     return av
 
 
-def read_video(path: str | os.PathLike, num_frames: int) -> DecodedVideo:
+def read_video(path: str | os.PathLike | IO[bytes], num_frames: int) -> DecodedVideo:
     """Decode ``num_frames`` uniformly sampled frames of the first video stream of ``path``.
 
-    The clip is decoded once from the start, keeping only the sampled frames. When the container does not
+    The clip is decoded once from the start, keeping only the sampled frames; sampled frames more than
+    ``SEEK_MIN_GAP`` frames apart are reached by seeking instead (an hour sampled at 8 frames decodes a few
+    keyframe intervals, not the hour), with the same frames as a decode from the start. When the container does not
     state its frame count, the packets are counted first. When it states a count and fewer frames decode, a
     shortfall of a few frames (at most 2, or 5 % of the count: containers round, and edit lists or decoder
     delay drop a frame or two) draws the sample again over the frames that decode; a larger one means the file
@@ -111,7 +115,11 @@ def read_video(path: str | os.PathLike, num_frames: int) -> DecodedVideo:
 
 
 def _open(av, path):
-    container = av.open(os.fspath(path))
+    if hasattr(path, "read"):  # the bytes of a clip from a tar shard, a URL or a dataset (a BytesIO)
+        path.seek(0)
+        container = av.open(path)
+    else:
+        container = av.open(os.fspath(path))
     if not container.streams.video:
         container.close()
         raise ValueError("the file has no video stream")
@@ -130,8 +138,20 @@ def _count_frames(av, path) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
+def decode_stream(container, stream):
+    """The decoded frames of ``stream`` from the container's position (a test seam: a test may wrap it to count
+    the frames a read decodes; it is looked up when called)."""
+    return container.decode(stream)
+
+
 def _decode_frames(av, path, wanted: list[int]) -> tuple[list[Image.Image], int]:
-    """The frames at ``wanted`` (sorted indices), and how many frames were decoded in all."""
+    """The frames at ``wanted`` (sorted indices), and how many frames were decoded in all. Frames far apart
+    (more than ``SEEK_MIN_GAP``) are reached by seeking to the keyframe before each, when the stream's
+    timestamps allow it; otherwise, or when a seek misses a frame, the clip is decoded from the start."""
+    if wanted[-1] > SEEK_MIN_GAP:
+        frames = _seek_frames(av, path, wanted)
+        if frames is not None:
+            return frames, wanted[-1] + 1
     keep = set(wanted)
     last = wanted[-1]
     frames: list[Image.Image] = []
@@ -139,10 +159,40 @@ def _decode_frames(av, path, wanted: list[int]) -> tuple[list[Image.Image], int]
     with _open(av, path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
+        for frame in decode_stream(container, stream):
             if decoded in keep:
                 frames.append(frame.to_image())  # RGB
             decoded += 1
             if decoded > last:
                 break
     return frames, decoded
+
+
+def _seek_frames(av, path, wanted: list[int]) -> list[Image.Image] | None:
+    """The frames at ``wanted`` found by seeking (frame ``i`` is the one presented at ``start + i / rate``), or
+    None when the stream's timestamps do not identify every wanted frame (variable frame rate, no timestamps,
+    a frame missing): the caller then decodes from the start, as before."""
+    with _open(av, path) as container:
+        stream = container.streams.video[0]
+        rate, base = stream.average_rate or stream.guessed_rate, stream.time_base
+        if not rate or not base:
+            return None
+        start = stream.start_time or 0
+        frames: list[Image.Image] = []
+        decoding, position = None, -1  # the frame iterator, and the index of the last frame it gave
+        for target in wanted:
+            if decoding is None or target - position > SEEK_MIN_GAP:
+                container.seek(start + int(target / (rate * base)), stream=stream, backward=True)  # keyframe before
+                decoding = iter(decode_stream(container, stream))
+            for frame in decoding:
+                if frame.pts is None:
+                    return None
+                position = round(float((frame.pts - start) * base * rate))
+                if position >= target:
+                    break
+            else:
+                return None  # the stream ended first
+            if position != target:
+                return None
+            frames.append(frame.to_image())  # RGB
+    return frames

@@ -1,0 +1,125 @@
+"""Tables of paths or URLs as inputs: ``.parquet``, ``.csv``, ``.tsv`` and ``.jsonl`` files (pyarrow, the ``data``
+extra), local or behind a URL, as img2dataset and clip-retrieval take them.
+
+Each row is one input: the value of the path column (``--path-column``; by default the first of ``path``,
+``url``, ``image`` that the table has), a local path (relative ones are taken from the table's folder) or a URL.
+The columns named by ``--keep-columns`` are copied into the row's index entry. A table without the path column
+or a kept column is a caller's error (:class:`TableColumnError`, a ``ValueError``, naming the columns it has);
+a row whose path is empty is a failed row.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import decimal
+import os
+import posixpath
+from collections.abc import Sequence
+from typing import Any
+
+from .items import InputSpec, RemoteFile
+from .remote import INSTALL_HINT, is_url, open_location, with_retries
+
+TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl")
+DEFAULT_PATH_COLUMNS = ("path", "url", "image")
+
+
+class TableColumnError(ValueError):
+    """A table lacks the column the options name (the path column or a kept column): the caller's mistake."""
+
+
+def is_table(location: str) -> bool:
+    return location.lower().endswith(TABLE_EXTENSIONS)
+
+
+def read_table(location: str, retries: int):
+    """The table at ``location`` as a ``pyarrow.Table`` (a URL is read with ``retries`` retries)."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ImportError(f"reading {location} needs pyarrow, which is not installed; {INSTALL_HINT}") from None
+
+    def read():
+        with open_location(location) as f:
+            return _read(f, location.lower())
+
+    return with_retries(read, retries, f"reading {location}") if is_url(location) else read()
+
+
+def _read(f, lower: str):
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(f)
+    if lower.endswith(".jsonl"):
+        import pyarrow.json as pj
+
+        return pj.read_json(f)
+    import pyarrow.csv as pc
+
+    delimiter = "\t" if lower.endswith(".tsv") else ","
+    # every column as text: a column of ids like 000123 keeps its zeros, and a path stays a path
+    names = next(csv.reader([f.readline().decode("utf-8-sig")], delimiter=delimiter), [])
+    f.seek(0)
+    convert = pc.ConvertOptions(column_types=dict.fromkeys(names, "string"))
+    return pc.read_csv(f, parse_options=pc.ParseOptions(delimiter=delimiter), convert_options=convert)
+
+
+def path_column(location: str, columns: Sequence[str], asked: str | None) -> str:
+    """The column holding the paths: ``asked``, else the first of ``path``, ``url``, ``image`` present."""
+    if asked is not None:
+        if asked not in columns:
+            raise TableColumnError(f"{location}: path_column={asked!r} is not a column; the table has {list(columns)}")
+        return asked
+    for name in DEFAULT_PATH_COLUMNS:
+        if name in columns:
+            return name
+    raise TableColumnError(
+        f"{location} has no column path, url or image to take the inputs from; the table has {list(columns)}: "
+        f"name one with --path-column"
+    )
+
+
+def table_specs(location: str, asked_column: str | None, keep_columns: Sequence[str], retries: int) -> list[InputSpec]:
+    """One spec per row of the table at ``location``. Raises ``ValueError`` for a missing path or kept column."""
+    table = read_table(location, retries)
+    columns = table.column_names
+    column = path_column(location, columns, asked_column)
+    missing = [name for name in keep_columns if name not in columns]
+    if missing:
+        raise TableColumnError(f"{location}: keep_columns {missing} are not columns; the table has {list(columns)}")
+    values = table.column(column).to_pylist()
+    kept = {name: table.column(name).to_pylist() for name in keep_columns}
+    folder = posixpath.dirname(location) if is_url(location) else os.path.dirname(location)
+    specs = []
+    for i, value in enumerate(values):
+        extra = {name: json_value(kept[name][i]) for name in keep_columns}
+        if not isinstance(value, str) or not value.strip():
+            what = "empty" if value in (None, "") else f"a {type(value).__name__}, not a path or URL"
+            specs.append(InputSpec(f"{location}#row{i}", f"row {i}: the {column} column is {what}", extra=extra))
+            continue
+        path = _resolve(value.strip(), folder, is_url(location))
+        specs.append(InputSpec(path, ref=RemoteFile(path) if is_url(path) else None, extra=extra))
+    return specs
+
+
+def _resolve(value: str, folder: str, table_is_url: bool) -> str:
+    if is_url(value) or os.path.isabs(value) or not folder:
+        return value
+    return posixpath.join(folder, value) if table_is_url else os.path.join(folder, value)
+
+
+def json_value(value: Any) -> Any:
+    """A table cell as a JSON value for the index row (dates and decimals as text, bytes as their length)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (datetime.date, datetime.time, decimal.Decimal)):
+        return str(value)
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    return str(value)
