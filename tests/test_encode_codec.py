@@ -132,3 +132,19 @@ def test_a_tower_encodes_a_selection_laid_out_as_the_reference_llava_pipeline_do
                       HEVCViTVisionTower.from_model(standard, {"mm_vision_select_layer": -2})):  # fmt: skip
             features = tower(frames, patch_positions=[positions])  # (B, h·w, D), frame by frame
             assert_close_rel(features.reshape(-1, 64), expected.hidden_states[-2][0], what=type(tower).__name__)
+
+
+def test_codec_sparse_reads_a_clip_inside_a_tar_like_the_loose_clip(models, data, tmp_path):
+    """A clip in a webdataset shard is decoded from a temporary file: same selection, same features."""
+    import tarfile
+
+    _, packing = models
+    shard = tmp_path / "clips.tar"
+    with tarfile.open(shard, "w") as tar:
+        tar.add(data / "clip.mp4", arcname="000.mp4")
+    sparse = dict(model=packing, codec_sparse=True, frames=12, **OPTIONS)
+    encode([data / "clip.mp4"], tmp_path / "loose", **sparse)
+    encode([shard], tmp_path / "tar", **sparse)
+    (a_row, a), (b_row, b) = next(iter_features(tmp_path / "loose")), next(iter_features(tmp_path / "tar"))
+    assert b_row["codec"]["tokens"] == a_row["codec"]["tokens"] and b_row["id"] == "000"
+    assert torch.equal(a["positions"], b["positions"]) and torch.equal(a["patches"], b["patches"])

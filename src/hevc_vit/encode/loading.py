@@ -179,7 +179,7 @@ def _load_fetched(item: LoadedItem, fetched: Fetched, options: LoadOptions) -> N
 def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
     """``source``: the clip's bytes (a ``BytesIO``) or path when it is not the local file ``item.path``."""
     if options.codec is not None:
-        load_codec_video(item, options)
+        load_codec_video(item, options, source)
         return
     video = read_video(item.path if source is None else source, options.frames)
     pixels = options.processor(video.frames)  # (C, T, H, W)

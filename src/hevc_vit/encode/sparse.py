@@ -14,6 +14,8 @@ them as for a dense clip of ``T`` frames.
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,18 +30,31 @@ if TYPE_CHECKING:
     from .loading import LoadedItem, LoadOptions
 
 
-def load_codec_video(item: LoadedItem, options: LoadOptions) -> None:
-    """Select, gather and describe the kept patches of the video ``item.path`` (errors propagate to the loader,
-    which records them as the item's failure)."""
+def load_codec_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
+    """Select, gather and describe the kept patches of the video ``item.path`` — or of ``source`` (its bytes as a
+    ``BytesIO``, or a local path) for a clip in a tar, at a URL or in a dataset, which is decoded from a
+    temporary file since selection reads the clip more than once. Errors propagate to the loader, which
+    records them as the item's failure."""
+    if source is None or isinstance(source, (str, os.PathLike)):
+        _load_codec_file(item, options, os.fspath(source) if source is not None else item.path)
+        return
+    suffix = Path(item.path.split("::")[0]).suffix or ".mp4"
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(source.getbuffer() if hasattr(source, "getbuffer") else source.read())
+        f.flush()
+        _load_codec_file(item, options, f.name)
+
+
+def _load_codec_file(item: LoadedItem, options: LoadOptions, path: str) -> None:
     config, processor, p = options.codec, options.processor, options.patch_size
-    with open_video(check_path(item.path)) as container:
+    with open_video(check_path(path)) as container:
         stream = container.streams.video[0].codec_context
         width, height = stream.width, stream.height
     equivalent = max(1, round(config.budget * config.frames)) if isinstance(config.budget, float) else config.frames
     size = processor.output_size(height, width, num_frames=equivalent)  # (H, W), multiples of p
-    selection = select_patches(item.path, p, dataclasses.replace(config, size=tuple(size)))
+    selection = select_patches(path, p, dataclasses.replace(config, size=tuple(size)))
     patches, _ = gather_selected_patches(
-        item.path, selection, preprocess=lambda rgb: processor.process(Image.fromarray(rgb), tuple(size))
+        path, selection, preprocess=lambda rgb: processor.process(Image.fromarray(rgb), tuple(size))
     )  # (K, C·p·p)
     T = selection.grid_thw[0]
     t_positions = temporal_positions(T, options.temporal_context)
@@ -57,4 +72,4 @@ def load_codec_video(item: LoadedItem, options: LoadOptions) -> None:
     if options.preview_dir is not None:
         folder = Path(options.preview_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        render_preview(item.path, selection, folder / f"{item_key(item.index)}.png")
+        render_preview(path, selection, folder / f"{item_key(item.index)}.png")
