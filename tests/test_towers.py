@@ -2,7 +2,7 @@
 
 The packing tower is compared with the standard tower on the same checkpoint (batches as a whole, lists
 item by item), with direct calls of the encoder (feature selection), and with the reference goldens in
-``../shared/fixtures`` (``select_layer=-2`` is index -2 of the golden ``hidden_states``).
+``tests/fixtures`` (``select_layer=-2`` is index -2 of the golden ``hidden_states``).
 """
 
 from __future__ import annotations
