@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from hevc_vit import HEVCViTConfig
+from hevc_vit import HEVCViTConfig, HEVCViTPackingModel
 
 # the reference fixtures, carried by the repo (tests/fixtures/README.md says what each file is); read-only
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -68,3 +73,61 @@ def quiet_transformers():
     transformers.logging.set_verbosity_error()
     yield
     transformers.logging.set_verbosity(verbosity)
+
+
+class SimulatedCrash(RuntimeError):
+    """What :func:`crash_on_forward` raises."""
+
+
+@contextmanager
+def crash_on_forward(model: torch.nn.Module, forward: int = 3) -> Iterator[None]:
+    """Run the block with ``model``'s ``forward``-th call raising :class:`SimulatedCrash` (a run killed mid-way):
+    the block must raise it; the hook is removed after."""
+    calls = []
+
+    def crash(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == forward:
+            raise SimulatedCrash("simulated crash")
+
+    hook = model.register_forward_pre_hook(crash, with_kwargs=True)
+    try:
+        with pytest.raises(SimulatedCrash):
+            yield
+    finally:
+        hook.remove()
+
+
+def cli_args(inputs: Path | Sequence[Path], out: Path, ckpt: Path, *extra: str) -> list[str]:
+    """``hevc-vit encode`` arguments for tiny test runs: no workers, 4..48 patches per image, quiet."""
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    common = ["--workers", "0", "--min-image-tokens", "4", "--max-image-tokens", "48", "-q"]
+    return ["encode", *map(str, inputs), "--out", str(out), "--model", str(ckpt), *common, *extra]
+
+
+def write_image(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> Path:
+    """A random ``width x height`` image (seeded) saved at ``path`` in ``mode``."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+# the encode tests' tiny checkpoint (model and folder) and six images of different sizes
+@pytest.fixture(scope="module")
+def model() -> HEVCViTPackingModel:
+    return HEVCViTPackingModel.from_pretrained(FIXTURES / "llava_vit_packing_tiny")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    for i, (w, h) in enumerate([(70, 42), (100, 30), (56, 56), (41, 97), (30, 30), (90, 60)]):
+        write_image(root / f"{i}.png", w, h, i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(folder)
+    return folder

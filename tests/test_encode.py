@@ -27,18 +27,12 @@ from hevc_vit.encode.sources import expand_inputs
 from hevc_vit.encode.video import read_video, temporal_positions, video_patch_positions
 from hevc_vit.packing import grid_positions, unpack
 
-from .conftest import FIXTURES, assert_close_rel
+from .conftest import FIXTURES, assert_close_rel, cli_args, crash_on_forward, write_image
 from .test_video import write_clip
 
 PROC = NativeResolutionProcessor(patch_size=14, min_tokens=4, max_tokens=48, max_video_tokens=96)
 FRAMES, CONTEXT = 4, 16
 OPTIONS = dict(processor=PROC, frames=FRAMES, temporal_context=CONTEXT, workers=0, progress=False, log=lambda m: None)
-
-
-def write_image(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).convert(mode).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -183,25 +177,10 @@ def test_bad_inputs_are_recorded_with_reasons(model, tmp_path):
     assert "failed: " in result.summary() and "truncated" in result.summary()
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_interrupted_run_resumed_equals_uninterrupted(model, data, tmp_path):
     options = dict(model=model, max_tokens=24, shard_size_mb=0, **OPTIONS)  # one shard per forward
-    calls = []
-
-    def crash_on_third(module, args, kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Crash("simulated crash")
-
-    hook = model.register_forward_pre_hook(crash_on_third, with_kwargs=True)
-    try:
-        with pytest.raises(_Crash):
-            encode([data], tmp_path / "run", **options)
-    finally:
-        hook.remove()
+    with crash_on_forward(model):
+        encode([data], tmp_path / "run", **options)
     run = tmp_path / "run"
     assert not (run / INDEX_NAME).exists() and rank_index_files(run)  # no merged index yet; partial rows kept
     with pytest.raises(FileExistsError, match="--resume"):
@@ -351,27 +330,13 @@ def test_expand_inputs_folders_globs_lists(tmp_path):
 def test_cli_refuses_an_existing_folder_and_reports_errors(model, data, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    args = [
-        "encode",
-        str(data / "a.png"),
-        "--out",
-        str(tmp_path / "out"),
-        "--model",
-        str(ckpt),
-        "--workers",
-        "0",
-        "--min-image-tokens",
-        "4",
-        "--max-image-tokens",
-        "48",
-        "-q",
-    ]
+    args = cli_args(data / "a.png", tmp_path / "out", ckpt)
     assert cli_main(args) == 0
     assert str((tmp_path / "out").resolve()) in capsys.readouterr().out
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "exists and is not empty" in err and "--resume" in err and "--overwrite" in err
-    assert cli_main(args[:-1] + ["--model", str(tmp_path / "nope"), "--resume", "-q"]) == 2
+    assert cli_main(cli_args(data / "a.png", tmp_path / "out", tmp_path / "nope", "--resume")) == 2
     assert "neither a preset" in capsys.readouterr().err
 
 

@@ -18,38 +18,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hevc_vit import HEVCViTPackingModel
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, read_index
 from hevc_vit.encode import index as index_files
 from hevc_vit.encode import shards as shard_files
 from hevc_vit.encode.index import rank_index_files
 
-from .conftest import FIXTURES, assert_close_rel
-from .test_encode import OPTIONS, features_by_path, without_shard, write_image
-from .test_encode_reliability import cli_args
+from .conftest import assert_close_rel, cli_args, crash_on_forward
+from .test_encode import OPTIONS, features_by_path, without_shard
 
 SEVERAL_SHARDS = ("--shard-size-mb", "0", "--max-tokens", "40")  # one shard per forward, several forwards
-
-
-@pytest.fixture(scope="module")
-def model() -> HEVCViTPackingModel:
-    return HEVCViTPackingModel.from_pretrained(FIXTURES / "llava_vit_packing_tiny")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    for i, (w, h) in enumerate([(70, 42), (100, 30), (56, 56), (41, 97), (30, 30), (90, 60)]):
-        write_image(root / f"{i}.png", w, h, i)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ckpt(model, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -208,25 +186,10 @@ def test_resume_on_a_damaged_folder_says_what_and_what_to_do(images, ckpt, unint
         assert f"repaired: {damaged}: missing" in capsys.readouterr().out
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_resume_repairs_a_torn_last_row_and_a_missing_shard_and_says_so(model, images, uninterrupted, tmp_path):
     options = dict(model=model, max_tokens=40, shard_size_mb=0, **OPTIONS)
-    calls = []
-
-    def crash_on_third(module, args, kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Crash("killed")
-
-    hook = model.register_forward_pre_hook(crash_on_third, with_kwargs=True)
-    try:
-        with pytest.raises(_Crash):
-            encode([images], tmp_path / "out", **options)
-    finally:
-        hook.remove()
+    with crash_on_forward(model):
+        encode([images], tmp_path / "out", **options)
     out = tmp_path / "out"
     rank_file = rank_index_files(out)[0]
     rows = [json.loads(line) for line in rank_file.read_text().splitlines()]

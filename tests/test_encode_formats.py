@@ -10,8 +10,8 @@ import torch
 from hevc_vit import HEVCViTPackingModel
 from hevc_vit.encode import encode, iter_features, read_index
 
-from .conftest import FIXTURES, assert_close_rel
-from .test_encode_sources import OPTIONS, SIZES, _Crash, _source, jpeg
+from .conftest import FIXTURES, assert_close_rel, crash_on_forward
+from .test_encode_sources import OPTIONS, SIZES, _source, jpeg
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 import pyarrow.parquet as pq  # noqa: E402
@@ -112,19 +112,8 @@ def test_bad_format_options_are_refused(model, inputs, tmp_path):
 def test_resume_and_overwrite_with_parts(model, inputs, tmp_path, output_format):
     options = dict(model=model, max_tokens=24, shard_size_mb=0, output_format=output_format, **OPTIONS)
     options["storage_dtype"] = "float32"
-    calls = []
-
-    def crash_on_third(module, args, kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Crash("simulated crash")
-
-    hook = model.register_forward_pre_hook(crash_on_third, with_kwargs=True)
-    try:
-        with pytest.raises(_Crash):
-            encode(inputs, tmp_path / "run", **options)
-    finally:
-        hook.remove()
+    with crash_on_forward(model):
+        encode(inputs, tmp_path / "run", **options)
     resumed = encode(inputs, tmp_path / "run", resume=True, **options)
     assert 0 < resumed.skipped < 7 and resumed.encoded == 7 - resumed.skipped
     whole = encode(inputs, tmp_path / "whole", **options)

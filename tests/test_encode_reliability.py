@@ -20,48 +20,8 @@ from hevc_vit.encode import encode, iter_features, load_features, read_index
 from hevc_vit.encode.lock import FolderLock
 from hevc_vit.encode.sources import expand_inputs
 
-from .conftest import FIXTURES, assert_close_rel
-from .test_encode import OPTIONS, PROC, features_by_path, without_shard, write_image
-
-
-@pytest.fixture(scope="module")
-def model() -> HEVCViTPackingModel:
-    return HEVCViTPackingModel.from_pretrained(FIXTURES / "llava_vit_packing_tiny")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    for i, (w, h) in enumerate([(70, 42), (100, 30), (56, 56), (41, 97), (30, 30), (90, 60)]):
-        write_image(root / f"{i}.png", w, h, i)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ckpt(model, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(folder)
-    return folder
-
-
-def cli_args(images: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
-    return [
-        "encode",
-        str(images),
-        "--out",
-        str(out),
-        "--model",
-        str(ckpt),
-        "--workers",
-        "0",
-        "--min-image-tokens",
-        "4",
-        "--max-image-tokens",
-        "48",
-        "-q",
-        *extra,
-    ]
-
+from .conftest import assert_close_rel, cli_args, write_image
+from .test_encode import OPTIONS, PROC, features_by_path, without_shard
 
 # --------------------------------------------------------------------------------------------------
 # one folder, one run
@@ -382,22 +342,7 @@ def test_a_non_utf8_list_file_and_non_utf8_names_are_reported_safely(ckpt, image
     (folder / os.fsdecode(b"bad\xff.png")).write_bytes(b"not an image")
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"caf\xe9.png\n")
-    args = [
-        "encode",
-        str(folder),
-        str(listing),
-        "--out",
-        str(tmp_path / "out"),
-        "--model",
-        str(ckpt),
-        "--workers",
-        "0",
-        "--min-image-tokens",
-        "4",
-        "--max-image-tokens",
-        "48",
-        "-q",
-    ]
+    args = cli_args([folder, listing], tmp_path / "out", ckpt)
     assert cli_main(args) == 1  # two inputs failed
     out = capsysbinary.readouterr().out.decode("utf-8")  # printable: the odd byte shown as \xff
     assert "bad\\xff.png" in out and "not UTF-8" in out and str(listing) in out

@@ -20,7 +20,7 @@ from hevc_vit.encode import encode, iter_features, read_index
 from hevc_vit.encode.processing import NativeResolutionProcessor
 from hevc_vit.encode.sources import expand_braces
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, crash_on_forward
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 fsspec = pytest.importorskip("fsspec", reason="fsspec (the 'data' extra) is not installed")
@@ -320,28 +320,13 @@ def test_cli_hf_dataset_saved_to_disk(blobs, tmp_path, capsys):
     assert cli_main(["encode", "--split", "train", "--out", str(tmp_path / "o3"), "-q"]) == 2
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_resume_with_tar_and_parquet_inputs_equals_an_uninterrupted_run(model, loose, blobs, tmp_path):
     tar_inputs, _ = _source("tar", tmp_path, loose, blobs)
     table_inputs, extra = _source("parquet", tmp_path, loose, blobs[:3])
     inputs = tar_inputs + table_inputs
     options = dict(model=model, max_tokens=24, shard_size_mb=0, **OPTIONS, **extra)  # one shard per forward
-    calls = []
-
-    def crash_on_third(module, args, kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Crash("simulated crash")
-
-    hook = model.register_forward_pre_hook(crash_on_third, with_kwargs=True)
-    try:
-        with pytest.raises(_Crash):
-            encode(inputs, tmp_path / "run", **options)
-    finally:
-        hook.remove()
+    with crash_on_forward(model):
+        encode(inputs, tmp_path / "run", **options)
     resumed = encode(inputs, tmp_path / "run", resume=True, **options)
     whole = encode(inputs, tmp_path / "whole", **options)
     assert 0 < resumed.skipped < 8 and resumed.encoded + resumed.skipped == whole.encoded == 8

@@ -110,14 +110,24 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
     if size == 0:
         item.error = "empty file (0 bytes)"
         return
-    if path.suffix.lower() in VIDEO_EXTENSIONS:
-        _load_video(item, options)
+    _load_media(item, options, path, path.name)
+
+
+def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesIO, name: str) -> None:
+    """A local file or in-memory bytes: a video by its name's extension, else an image, else whatever
+    :func:`_load_unrecognised` makes of it."""
+    if Path(name).suffix.lower() in VIDEO_EXTENSIONS:
+        _load_video(item, options, None if isinstance(source, Path) else source)
         return
     try:
-        image = open_image(path)
+        image = open_image(source)
     except UnidentifiedImageError as image_error:
-        _load_unrecognised(item, options, image_error, path, path.name)
+        _load_unrecognised(item, options, image_error, source, name)
         return
+    _load_image(item, options, image)
+
+
+def _load_image(item: LoadedItem, options: LoadOptions, image: Image.Image) -> None:
     pixels = options.processor(image)  # (C, H, W)
     _set_patches(item, "image", pixels.unsqueeze(0), options, t_positions=None)  # (1, C, H, W)
     item.info = {"size": [image.width, image.height]}
@@ -157,23 +167,11 @@ def _load_fetched(item: LoadedItem, fetched: Fetched, options: LoadOptions) -> N
     """Decode the content of an input that is not a local file: an image from memory, or the bytes of a tar
     member, a URL or a dataset row (an image, or a video by its name's extension or by its content)."""
     if fetched.image is not None:
-        image = fetched.image
+        _load_image(item, options, fetched.image)
     elif not fetched.data:
         item.error = "empty (0 bytes)"
-        return
     else:
-        source = io.BytesIO(fetched.data)
-        if Path(fetched.name).suffix.lower() in VIDEO_EXTENSIONS:
-            _load_video(item, options, source)
-            return
-        try:
-            image = open_image(source)
-        except UnidentifiedImageError as image_error:
-            _load_unrecognised(item, options, image_error, source, fetched.name)
-            return
-    pixels = options.processor(image)  # (C, H, W)
-    _set_patches(item, "image", pixels.unsqueeze(0), options, t_positions=None)  # (1, C, H, W)
-    item.info = {"size": [image.width, image.height]}
+        _load_media(item, options, io.BytesIO(fetched.data), fetched.name)
 
 
 def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
