@@ -15,6 +15,10 @@ from PIL import Image
 
 from hevc_vit import HEVCViTConfig, HEVCViTPackingModel
 
+# The tests expect dtype "auto" to mean float32 on the CPU, which a CPU with AMX would make bfloat16: pin it for
+# the suite and the processes it starts (torchrun). tests/test_devices.py checks the rule itself, both ways.
+os.environ.setdefault("HEVC_VIT_CPU_DTYPE", "float32")
+
 # the reference fixtures, carried by the repo (tests/fixtures/README.md says what each file is); read-only
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 FIXTURE_FOLDERS = ("onevision_encoder_tiny", "llava_vit_packing_tiny")

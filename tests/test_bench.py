@@ -12,8 +12,10 @@ import torch
 
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify_items
 from hevc_vit.bench import BenchSetup, make_workload, model_flops, run_benchmark, run_padded, run_per_item_loop
+from hevc_vit.bench_dtypes import compare_dtypes, format_dtype_report
 from hevc_vit.cli import build_parser, main
 from hevc_vit.cli.bench import format_report, run, run_setup, setup_from_args
+from hevc_vit.convert.verify import TOLERANCES
 
 from .conftest import assert_close_rel, tiny_config
 
@@ -57,7 +59,8 @@ def test_report_is_consistent(tmp_path):
     assert report["workload"]["tokens"] == 8 * (448 // 16) ** 2
     for r in methods.values():
         assert r["tokens_per_s"] == pytest.approx(report["workload"]["tokens"] / r["seconds"])
-        assert r["mfu"] is None  # CPU: no bf16 matmul peak to compare with
+        assert r["mfu"] == pytest.approx(report["model_flops"] / r["seconds"] / report["matmul_peak_flops"])
+    assert report["matmul_peak_flops"] == max(report["matmul_peak_flops_before_after"])  # measured in this run
     assert report["ratios"]["packing_vs_loop"] == pytest.approx(
         methods["per_item_loop"]["seconds"] / methods["packing"]["seconds"]
     )
@@ -102,3 +105,21 @@ def test_cli_reports_bad_options(capsys):
     assert "repeat=0; expected >= 1" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--device", "cpu"]) == 2
     assert "preset='tiny'" in capsys.readouterr().err
+
+
+def test_compare_dtypes_reports_each_dtype_against_its_own_peak(capsys):
+    small = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    setup = BenchSetup(workload="uniform", device="cpu", iters=2, warmup=1, config_overrides=small)
+    report = compare_dtypes(setup)
+    rows = report["dtypes"]
+    assert list(rows) == ["float32", "bfloat16"]
+    for r in rows.values():
+        assert r["mfu"] == pytest.approx(report["model_flops"] / r["seconds"] / r["matmul_peak_flops"])
+    speed = rows["float32"]["seconds"] / rows["bfloat16"]["seconds"]
+    assert rows["bfloat16"]["speed_vs_float32"] == pytest.approx(speed)
+    cosine, bound = report["cosine_bfloat16_vs_float32"], TOLERANCES[torch.bfloat16]  # convert's bf16 bounds
+    assert bound.min_cos <= cosine["min"] <= cosine["mean"] <= 1.0 + 1e-6 and cosine["mean"] >= bound.mean_cos
+    text = format_dtype_report(report)
+    assert "| bfloat16 |" in text and "per-token cosine" in text and report["auto_dtype"] in text
+    args = build_parser().parse_args(["bench", "--compare-dtypes"])
+    assert args.compare_dtypes and args.pipeline is None

@@ -67,8 +67,8 @@ def _reference(model: HEVCViTPackingModel, paths: list[str]) -> dict[str, dict[s
             p, g = patchify(PROC(video.frames)[None], 14)  # (1, C, T, H, W) -> (N, C·p·p)
             pos = video_patch_positions(tuple(g[0].tolist()), temporal_positions(len(video.frames), CONTEXT))
         else:
-            with Image.open(path) as image:
-                p, g = patchify(PROC(image)[None], 14)
+            with Image.open(path) as image:  # encode's default JPEG draft decode (test_pipeline checks it)
+                p, g = patchify(PROC(image, draft=True)[None], 14)
             pos = grid_positions(g)
         patches.append(p)
         grids.append(g)

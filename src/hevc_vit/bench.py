@@ -6,8 +6,10 @@ Three ways to encode the same items with the same weights:
     padded         the standard layers on one batch padded to the largest item, with a key mask.
 
 All three run the same layers, so they are first checked to give the same features; then each is timed
-(median of ``iters`` runs after warm-up), its peak memory taken, and, on CUDA, its model FLOPs
-utilisation computed against the bf16 matmul peak measured in the same run.
+(median of ``iters`` runs after warm-up), its peak memory taken, and its model FLOPs utilisation computed
+against the dense matmul peak of the device in the run's dtype, measured in the same run (before and after
+the timing; the higher counts). :mod:`.bench_dtypes` runs packing in float32 and bfloat16 side by side, and
+:mod:`.bench_pipeline` times the input pipeline.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .bench_measure import matmul_peak_flops, peak_memory, per_token_cosine, time_median
 from .configuration import HEVCViTConfig
-from .devices import resolve_device, resolve_dtype
+from .devices import describe_dtype_choice, resolve_device, resolve_dtype
 from .modeling import HEVCViTModel, HEVCViTPackingModel
 from .packing import PackingPlan, grid_positions, patchify_items, unpack
 from .towers import HEVCViTPackingVisionTower
@@ -139,91 +141,6 @@ def run_padded(model: HEVCViTModel, items: list[torch.Tensor]) -> tuple[list[tor
 # --------------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
-    """Median wall time of ``iters`` calls, the device drained before and after each."""
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-class _RssPeak:
-    """Peak resident memory above the level at entry, sampled every millisecond (Linux /proc)."""
-
-    def __enter__(self):
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory of one call above what was allocated before it (CUDA allocator; RSS on the CPU)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with _RssPeak() as rss:
-        fn()
-    return rss.growth
-
-
-def matmul_peak_flops(
-    device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, iters: int = 10
-) -> float:
-    """Measured dense matmul rate (FLOP/s) of this device in ``dtype``: an ``n³`` product, 3 warm-ups."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    seconds = _time(lambda: a @ b, device, iters)
-    return 2 * n**3 / seconds
-
-
-def per_token_cosine(actual: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
-    """Min and mean cosine similarity between matching token rows of two lists of ``(N_i, D)``."""
-    cos = F.cosine_similarity(torch.cat(actual).float(), torch.cat(reference).float(), dim=-1)
-    return {"min": cos.min().item(), "mean": cos.mean().item()}
-
-
 def _max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     x, y = torch.cat(a).float(), torch.cat(b).float()
     return ((x - y).abs().max() / y.abs().max()).item()
@@ -237,7 +154,7 @@ class BenchSetup:
     model_path: str | None = None
     workload: str = "mixed"
     device: str | None = None  # None: this rank's GPU when there is one, else the CPU
-    dtype: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
+    dtype: str | None = None  # None: "auto", devices.dtype_choice (bf16 on GPUs and on CPUs with AMX, else fp32)
     attn_implementation: str = "auto"
     repeat: int = 1
     iters: int = 5
@@ -268,6 +185,7 @@ def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None
     device = resolve_device(setup.device)
     dtype = resolve_dtype(setup.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
+    log(dtype_reason := _dtype_reason(setup.dtype, device, dtype_name))
     packing, standard, fp32_state = _load_models(setup, device, dtype)
     config = packing.config
     if setup.compile:
@@ -292,9 +210,10 @@ def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None
         agreement = {
             name: _max_rel_diff(outputs[name][0], outputs["packing"][0]) for name in ("per_item_loop", "padded")
         }
-        peak = matmul_peak_flops(device) if device.type == "cuda" else None
-        flops = model_flops(config, seqlens)
-        results = _time_methods(methods, device, setup.iters, tokens, flops, peak, log)
+        peaks, flops = [matmul_peak_flops(device, dtype)], model_flops(config, seqlens)
+        results = _time_methods(methods, device, setup.iters, tokens, log)
+        peaks.append(matmul_peak_flops(device, dtype))  # before and after the timing: the higher counts
+        results = {name: {**r, "mfu": flops / r["seconds"] / max(peaks)} for name, r in results.items()}
         conversion = _conversion_seconds(tower, items, device, setup.iters)
         accuracy = None
         if setup.accuracy if setup.accuracy is not None else dtype != torch.float32:
@@ -306,18 +225,24 @@ def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None
         "agreement_max_rel_diff_vs_packing": agreement,
         "accuracy_vs_fp32": accuracy,
         "model_flops": flops,
-        "matmul_peak_flops": peak,
+        "matmul_peak_flops": max(peaks),
+        "matmul_peak_flops_before_after": peaks,
         "workload": {"name": setup.workload, "repeat": setup.repeat, "items": len(items), "tokens": tokens},
         "model": {"preset": config.matching_preset(), "path": setup.model_path, **_model_size(config)},
         "backend": setup.attn_implementation,
         "compiled": setup.compile,
         "dtype": dtype_name,
+        "dtype_choice": dtype_reason,
         "device": str(device),
         "machine": _machine(device),
         "torch": torch.__version__,
         "iters": setup.iters,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def _dtype_reason(asked: str | None, device: torch.device, dtype_name: str) -> str:
+    return describe_dtype_choice(device) if asked in (None, "auto") else f"dtype: {dtype_name} (asked for)"
 
 
 def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -338,11 +263,9 @@ def _time_methods(
     device: torch.device,
     iters: int,
     tokens: int,
-    flops: float,
-    peak: float | None,
     log: Callable[[str], None],
 ) -> dict[str, dict[str, Any]]:
-    """Seconds (median of ``iters`` rounds), tokens/s, peak memory and MFU of each method.
+    """Seconds (median of ``iters`` rounds), tokens/s and peak memory of each method.
 
     Round-robin timing, the order rotated every round: on a shared machine a slow spell then hits every
     method alike, and no method always runs right after the same other one (on the CPU the padded batch
@@ -351,16 +274,15 @@ def _time_methods(
     names = list(methods)
     for round_ in range(iters):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            times[name].append(_time(methods[name], device, 1))
+            times[name].append(time_median(methods[name], device, 1))
     results: dict[str, dict[str, Any]] = {}
     for name, fn in methods.items():
         seconds = statistics.median(times[name])
-        memory = _peak_memory(fn, device)
+        memory = peak_memory(fn, device)
         results[name] = {
             "seconds": seconds,
             "tokens_per_s": tokens / seconds,
             "peak_mem_bytes": memory,
-            "mfu": flops / seconds / peak if peak else None,
         }
         log(f"{name:>14}: {seconds * 1e3:9.1f} ms  {tokens / seconds:12.0f} tokens/s  {memory / 2**20:9.1f} MiB")
     return results
@@ -370,8 +292,8 @@ def _conversion_seconds(tower: HEVCViTPackingVisionTower, items, device, iters) 
     """Time of the packing tower's input conversion (patchify + plan) plus output conversion (split)."""
     patches, plan = packing_input(tower, items)
     features = torch.empty(plan.total_tokens, tower.hidden_size, device=device)
-    into = _time(lambda: packing_input(tower, items), device, iters)
-    out = _time(lambda: unpack(features, plan), device, iters)
+    into = time_median(lambda: packing_input(tower, items), device, iters)
+    out = time_median(lambda: unpack(features, plan), device, iters)
     return into + out
 
 

@@ -27,6 +27,7 @@ examples:
   hevc-vit encode urls.parquet --path-column url --keep-columns caption --retries 3 --out feats
   hevc-vit encode --hf-dataset ./saved_ds --split train --image-column image --out feats --json
   torchrun --nproc-per-node 8 -m hevc_vit encode data/ --model ./ckpt --out feats
+  hevc-vit encode s3://bucket/images/ --model ./ckpt --out feats --engine ray --ray-address auto
 """
 _INTERRUPTED = "finished shards are kept: rerun with --resume to continue"
 

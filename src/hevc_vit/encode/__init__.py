@@ -4,8 +4,9 @@ The Python API is :func:`encode` with :class:`EncodeOptions`; the command line (
 only parses and calls it. Reading the features back: :func:`read_index`, :func:`iter_features`,
 :func:`load_features`.
 
-Pipeline, per rank (:mod:`.runner`): the inputs are expanded (:mod:`.sources`) and shared out
-deterministically; worker processes decode, preprocess and patchify them (:mod:`.loading`, :mod:`.video`,
+Pipeline, per rank (:mod:`.runner`): rank 0 expands the inputs to work units (:mod:`.sources`; a file, a tar
+shard, a parquet row group: :mod:`.units`), shared out deterministically, and each rank lists its units into
+items; worker processes decode, preprocess and patchify them (:mod:`.loading`, :mod:`.video`,
 :mod:`.processing`); the token-budget packer groups items into forwards of at most ``max_tokens`` patches
 (:mod:`.batching`); each group is one forward of the packing model (:mod:`.forward`, :mod:`.model`); the
 features go to safetensors shards and every input gets one index row (:mod:`.shards`, :mod:`.index`), in a

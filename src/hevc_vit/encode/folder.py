@@ -32,7 +32,8 @@ from .index import (
 from .lock import FolderLock
 from .options import DEFAULT_OUT, EncodeOptions, recorded_options
 from .shards import holds_features, shard_keys
-from .sources import InputSpec, SourceOptions, describe_error, expand_inputs, sample_inputs
+from .sources import SourceOptions, describe_error, expand_units, sample_inputs
+from .units import WorkUnit
 
 # encode_config.json fields that change the features: a resumed run must match them
 RESUME_FIELDS = ("weights", "architecture", *recorded_options("compare"))
@@ -110,11 +111,12 @@ def claim_out_dir(
 
 @dataclass
 class RunPlan:
-    """What rank 0 decides and every rank follows: the folder, the inputs, those already done, what was
-    repaired in the folder; or the error every rank raises (its kind's name and its message)."""
+    """What rank 0 decides and every rank follows: the folder, the work units (:mod:`.units`; unit ``u`` goes to
+    rank ``u % world``), the inputs already done, what was repaired in the folder; or the error every rank
+    raises (its kind's name and its message)."""
 
     out_dir: str
-    specs: list[InputSpec] = field(default_factory=list)
+    units: list[WorkUnit] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
     repairs: list[str] = field(default_factory=list)
     error: tuple[str, str] | None = None
@@ -142,13 +144,14 @@ def prepare_folder(
     say: Callable[[str], None],
     sources: SourceOptions | None = None,
 ) -> RunPlan:
-    """Rank 0, holding the folder's lock: the expanded inputs, the inputs already done (with resume), and the
-    folder made ready. The output folder itself is never an input, even inside an input folder. ``sources``:
-    how tables and URLs are read."""
-    specs = expand_inputs(inputs if inputs else sample_inputs(), exclude=[path], sources=sources)
-    if not specs:
+    """Rank 0, holding the folder's lock: the inputs expanded to work units (a tar shard or a table's row group
+    is one unit, listed by the rank that takes it), the inputs already done (with resume), and the folder made
+    ready. The output folder itself is never an input, even inside an input folder. ``sources``: how tables and
+    URLs are read."""
+    units = expand_units(inputs if inputs else sample_inputs(), exclude=[path], sources=sources)
+    if not units:
         raise ValueError(f"no inputs: {[os.fspath(i) for i in inputs or []]} name no files")
-    plan = RunPlan(str(path), specs)
+    plan = RunPlan(str(path), units)
     if resume and path.is_dir():
         check_resume_config(path, settings, say)
         plan.done = finished_inputs(path, plan.repairs)
@@ -171,7 +174,8 @@ def owned_outputs(out_dir: Path) -> list[Path]:
     return [p for p in paths if p.exists()] + owned_files(out_dir)
 
 
-OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EncodeOptions)}
+# what a run made before an option existed did: its default, or what the option declares (``before``)
+OPTION_DEFAULTS = {f.name: f.metadata.get("before", f.default) for f in dataclasses.fields(EncodeOptions)}
 
 
 def check_resume_config(out_dir: Path, settings: dict[str, Any], say: Callable[[str], None]) -> None:
@@ -183,7 +187,7 @@ def check_resume_config(out_dir: Path, settings: dict[str, Any], say: Callable[[
     if "weights" not in earlier:  # written before the weights were recorded: nothing to compare with
         say(f"note: {path} does not record the weights' checksum; --resume cannot check they are the same")
         earlier["weights"] = settings.get("weights")
-    for name, default in OPTION_DEFAULTS.items():  # options added since that run was made: it used their default
+    for name, default in OPTION_DEFAULTS.items():  # options added since that run was made: what it did
         if name in RESUME_FIELDS and name not in earlier:
             earlier[name] = default
     differ = [k for k in RESUME_FIELDS if earlier.get(k) != settings.get(k)]

@@ -5,7 +5,7 @@ Legend: ``T`` packed tokens, ``n`` items, ``N`` tokens of one item, ``D`` width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,13 +32,25 @@ class GroupEncoder:
         pooled_only: bool,
         writer: ShardWriter,
         on_done: Callable[[int, int, int], None],
+        keys: Sequence[str] | None = None,
+        extras: Sequence[dict[str, Any]] | None = None,
     ):
         """pool: ``"head"``, ``"mean"`` or ``"none"``; on_done: called with ``(encoded, failed, tokens)`` as each
-        group's rows are handed to ``writer``."""
+        group's rows are handed to ``writer``. keys: the shard key of item ``index`` (default
+        ``item_key(index)``); extras: its fields from the source, which a failed row is given too."""
         self.model, self.device, self.dtype = model, device, dtype
         self.pool, self.pooled_only = pool, pooled_only
         self.writer, self.on_done = writer, on_done
+        self.keys, self.extras = keys, extras
         self._pending = None
+
+    def key(self, item: LoadedItem) -> str:
+        return self.keys[item.index] if self.keys is not None else item_key(item.index)
+
+    def failure_row(self, item: LoadedItem, error: str | None = None) -> dict[str, Any]:
+        """The index row of an item that failed (by default, for the reason it failed to load)."""
+        extra = self.extras[item.index] if self.extras is not None else None
+        return failed_row(item.path, self.key(item), error or item.error, extra)
 
     def run(self, items: list[LoadedItem]) -> None:
         """Encode one group (a GPU out-of-memory error halves it until it fits, or fails the single item)."""
@@ -54,7 +66,9 @@ class GroupEncoder:
                 self.run(items[half:])
                 return
             item = items[0]
-            self.writer.add_failure(failure_row(item, f"out of memory on {self.device} ({item.num_tokens} patches)"))
+            self.writer.add_failure(
+                self.failure_row(item, f"out of memory on {self.device} ({item.num_tokens} patches)")
+            )
             self.on_done(0, 1, 0)
             return
         self._finish()
@@ -104,14 +118,14 @@ class GroupEncoder:
             bad = [name for name in ("patches", "pooled") if name in tensors and not tensors[name].isfinite().all()]
             if bad:  # NaN or inf features are never stored as ok
                 error = f"non-finite features: the {' and '.join(bad)} hold NaN or inf values (not stored)"
-                self.writer.add_failure(failure_row(item, error))
+                self.writer.add_failure(self.failure_row(item, error))
                 failed += 1
                 continue
             shape = list(tensors["patches"].shape) if features is not None else list(tensors["pooled"].shape)
             row = make_row(
                 item.path,
                 status="ok",
-                key=item_key(item.index),
+                key=self.key(item),
                 shape=shape,
                 grid_thw=list(item.grid_thw),
                 kind=item.kind,

@@ -51,9 +51,11 @@ def rank_index_name(rank: int) -> str:
     return f"index.rank{rank:05d}.jsonl"
 
 
-def item_key(index: int) -> str:
-    """The key of input ``index`` in its shard: its position among the run's inputs, zero-padded."""
-    return f"{index:08d}"
+def item_key(unit: int, item: int | None = None) -> str:
+    """The key of an item in its shard: ``UUUUUUUU``, the number of its work unit among the run's units, for a
+    unit of one item (a file); ``UUUUUUUU-IIIIIIII`` for item ``item`` of a unit of many (a tar shard, a table,
+    rows in memory). Unique in a run, the same at any world size (see :mod:`.units`)."""
+    return f"{unit:08d}" if item is None else f"{unit:08d}-{item:08d}"
 
 
 def make_row(
@@ -75,8 +77,12 @@ def make_row(
     return row
 
 
-def failed_row(path: str, index: int, error: str) -> dict[str, Any]:
-    return make_row(path, status="failed", error=error, key=item_key(index))
+def failed_row(path: str, key: int | str, error: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row of an input that failed; ``key``: its shard key (an int: :func:`item_key` of it); ``extra``: its
+    fields from the source (``id``, kept columns)."""
+    return make_row(
+        path, status="failed", error=error, key=item_key(key) if isinstance(key, int) else key, **(extra or {})
+    )
 
 
 def rows_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
@@ -154,16 +160,20 @@ def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def merge_index(
-    out_dir: Path, paths: list[str], errors: list[str], extras: list[dict[str, Any]] | None = None
+    out_dir: Path,
+    paths: list[str],
+    errors: list[str] | None = None,
+    extras: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rank 0 after every rank finished: one row per input (``paths[i]``; ``errors[i]`` non-empty for an input
-    that was never loaded), in input order, from the rank files and an earlier index; rows of an earlier run's
-    inputs that this run was not given are kept at the end. ``extras[i]``: fields every row of input ``i`` has
-    (``id``, kept columns), added where a row lacks them (a failed row). Writes ``index.jsonl``, then removes
-    the rank files."""
+    """Rank 0 after every rank finished: one row per input (``paths[i]``), in input order, from the rank files
+    and an earlier index; rows of an earlier run's inputs that this run was not given are kept at the end.
+    ``errors[i]`` (optional) non-empty: input ``i`` was never loaded and gets a failed row with that reason
+    (a run writes those rows in the rank files itself). ``extras[i]``: fields every row of input ``i`` has
+    (``id``, kept columns), added where a row lacks them. Writes ``index.jsonl``, then removes the rank files."""
     latest = read_rows(out_dir)
     rows, missing = [], []
-    for i, (path, error) in enumerate(zip(paths, errors)):
+    for i, path in enumerate(paths):
+        error = errors[i] if errors else ""
         if error:
             rows.append(failed_row(path, i, error))
         elif path in latest:

@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing  # registers the tensor reductions: patches travel through shared memory
 from PIL import Image, UnidentifiedImageError
 
-from ..packing import grid_positions, patchify
+from ..packing import grid_positions
 from .items import Fetched, InputSpec, fetch, spec_path
 from .processing import ImageProcessor
 from .sources import describe_error
@@ -81,6 +81,9 @@ class LoadOptions:
     preview_dir: str | os.PathLike | None = None
     memory: list = field(default_factory=list)  # the run's in-memory inputs (objects, datasets), by number
     retries: int = 2  # URLs: attempts after a failed read before the input fails
+    jpeg_draft: bool = False  # JPEGs larger than the target decode at a reduced DCT scale (encode's jpeg_draft)
+    keys: Sequence[str] = ()  # the shard key of item ``index`` (names a codec preview); empty: item_key(index)
+    video_backend: str = "pyav"  # decoder of the sampled frames: pyav or torchcodec (.video.read_video)
 
 
 def load_item(index: int, path: str | InputSpec, options: LoadOptions) -> LoadedItem:
@@ -128,16 +131,17 @@ def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesI
 
 
 def _load_image(item: LoadedItem, options: LoadOptions, image: Image.Image) -> None:
-    pixels = options.processor(image)  # (C, H, W)
-    _set_patches(item, "image", pixels.unsqueeze(0), options, t_positions=None)  # (1, C, H, W)
-    item.info = {"size": [image.width, image.height]}
+    size = [image.width, image.height]  # as stored: a draft decode makes the image object smaller
+    patches, grid = options.processor.patchify(image, options.patch_size, draft=options.jpeg_draft)
+    _set_patches(item, "image", patches, grid, options, t_positions=None)
+    item.info = {"size": size}
 
 
-def open_image(path: Path) -> Image.Image:
-    """The decoded image at ``path`` (a test seam: see the module's docstring)."""
-    with Image.open(path) as image:
-        image.load()  # decode now: a truncated or corrupt file fails here, inside the loader
-        return image.copy()
+def open_image(source: Path | io.BytesIO) -> Image.Image:
+    """The image at ``source``, opened but not decoded yet, so that a JPEG can be decoded at a reduced scale (a
+    test seam: see the module's docstring). A file's bytes are read first: no file stays open, and the decoded
+    pixels need no copy. A truncated or corrupt file fails when it is decoded, inside the loader."""
+    return Image.open(io.BytesIO(source.read_bytes()) if isinstance(source, Path) else source)
 
 
 def _load_unrecognised(item: LoadedItem, options: LoadOptions, image_error: Exception, source, name: str) -> None:
@@ -155,6 +159,10 @@ def _load_unrecognised(item: LoadedItem, options: LoadOptions, image_error: Exce
             f"is given as an input, matched by a glob, named in a list or found in a folder)"
         )
         return
+    # PIL's message names the object it read (a file's bytes in memory: an address that changes every run)
+    image_error = (
+        f"cannot identify image file {name!r}" if isinstance(image_error, UnidentifiedImageError) else image_error
+    )
     try:
         _load_video(item, options, source)
     except ImportError:
@@ -179,10 +187,10 @@ def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
     if options.codec is not None:
         load_codec_video(item, options, source)
         return
-    video = read_video(item.path if source is None else source, options.frames)
-    pixels = options.processor(video.frames)  # (C, T, H, W)
+    video = read_video(item.path if source is None else source, options.frames, options.video_backend)
+    patches, grid = options.processor.patchify(video.frames, options.patch_size)  # (T·h·w, C·p·p)
     t_positions = temporal_positions(len(video.frames), options.temporal_context)
-    _set_patches(item, "video", pixels.unsqueeze(0), options, t_positions)  # (1, C, T, H, W)
+    _set_patches(item, "video", patches, grid, options, t_positions)
     item.info = {
         "size": [video.frames[0].width, video.frames[0].height],
         "frames": video.indices,
@@ -191,16 +199,17 @@ def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
     }
 
 
-def _set_patches(item: LoadedItem, kind: str, batch: torch.Tensor, options: LoadOptions, t_positions) -> None:
-    if batch.shape[1] != options.num_channels:
-        raise ValueError(f"the processor gave {batch.shape[1]} channels; the model expects {options.num_channels}")
-    # patchify on an explicit (1, C, T, H, W) / (1, C, H, W) batch: no guessing between frames and channels
-    patches, grid = patchify(batch, options.patch_size)  # (N, C·p·p), (1, 3)
-    t, h, w = (int(v) for v in grid[0])
+def _set_patches(item: LoadedItem, kind: str, patches: torch.Tensor, grid, options: LoadOptions, t_positions) -> None:
+    """``patches (N, C·p·p)`` float32 of a ``grid = (t, h, w)`` item from the processor's ``patchify``."""
+    channels = patches.shape[1] // options.patch_size**2
+    if channels != options.num_channels:
+        raise ValueError(f"the processor gave {channels} channels; the model expects {options.num_channels}")
     item.kind = kind
-    item.patches = patches.contiguous()
-    item.grid_thw = (t, h, w)
-    item.positions = video_patch_positions((t, h, w), t_positions) if kind == "video" else grid_positions(grid)
+    item.patches = patches
+    item.grid_thw = grid
+    item.positions = (
+        video_patch_positions(grid, t_positions) if kind == "video" else grid_positions(torch.tensor([grid]))
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,10 +41,11 @@ class MemorySource:
     paths: list[str]
     extras: list[dict[str, Any]] = field(default_factory=list)
 
-    def specs(self) -> list[InputSpec]:
+    def specs(self, start: int = 0, stop: int | None = None) -> list[InputSpec]:
+        """The specs of rows ``start`` to ``stop`` (default: every row)."""
+        stop = len(self.paths) if stop is None else stop
         extras = self.extras or [{} for _ in self.paths]
-        rows = enumerate(zip(self.paths, extras))
-        return [InputSpec(path, ref=MemoryRow(self.number, r), extra=extra) for r, (path, extra) in rows]
+        return [InputSpec(self.paths[r], ref=MemoryRow(self.number, r), extra=extras[r]) for r in range(start, stop)]
 
 
 @dataclass

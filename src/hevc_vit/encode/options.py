@@ -24,11 +24,14 @@ from ..configuration import PRESETS
 from ..devices import DTYPES
 from .formats import OUTPUT_FORMATS, STORAGE_DTYPES
 from .processing import ImageProcessor, NativeResolutionProcessor
+from .video import VIDEO_BACKENDS
 
 DEFAULT_OUT = "hevc_vit_features"
 DEFAULT_MODEL = "small"
 POOL_MODES = ("head", "mean", "none")
 DEFAULT_FRAMES, CODEC_FRAMES = 8, 64
+ENGINES = ("local", "ray")
+RAY_OPTIONS = ("ray_address", "decode_cpus", "model_actors")  # options of engine="ray" alone
 DEFAULT_CODEC_BUDGET = 0.125  # 8 of 64 frames' worth of patches, the reference's LLaVA pipeline
 _NATIVE_DEFAULTS = {k: p.default for k, p in inspect.signature(NativeResolutionProcessor).parameters.items()}
 
@@ -43,15 +46,20 @@ def option(
     check: Callable[[Any], str] | None = None,
     record: str | None = None,
     cli: bool = True,
+    before: Any = dataclasses.MISSING,
 ) -> Any:
     """A field of :class:`EncodeOptions` with what the command line and the checks need.
 
     help: one line; ``{default}`` in it becomes the default. parse: the argparse ``type`` (None with a
     ``False`` default: a flag). check: ``value -> ""`` when valid, else what was expected. record:
     ``"compare"`` (saved in ``encode_config.json``, must match on ``--resume``), ``"note"`` (saved only) or None.
-    cli: False for options only Python callers can give (objects, callbacks).
+    cli: False for options only Python callers can give (objects, callbacks). before: what runs made before the
+    option existed did, when that is not its default (``--resume`` compares a folder that does not record it
+    with this).
     """
     meta = dict(help=help, parse=parse, metavar=metavar, choices=choices, check=check, record=record, cli=cli)
+    if before is not dataclasses.MISSING:
+        meta["before"] = before
     return field(default=default, metadata=meta)
 
 
@@ -93,6 +101,16 @@ def names(value: Any) -> str:
     values = (value,) if isinstance(value, str) else value
     valid = isinstance(values, (tuple, list)) and all(isinstance(v, str) and v for v in values)
     return "" if valid else "a column name or a list of column names"
+
+
+def on_off(text: str) -> bool:
+    """A switch that is on by default: ``on``/``off`` (or true/false, yes/no, 1/0)."""
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{text!r}; expected on or off")
 
 
 def shard_size(value: Any) -> str:
@@ -146,6 +164,16 @@ class EncodeOptions:
         metavar="N",
         check=optional(positive_int),
     )
+    jpeg_draft: bool = option(
+        True,
+        "JPEGs at least twice their target size: decode at 1/2, 1/4 or 1/8 scale, then resize (faster; pixels 1-2 "
+        "levels of 255 off a full decode on average, see hevc-vit bench --pipeline): on (default) or off",
+        parse=on_off,
+        metavar="on|off",
+        check=lambda value: "" if isinstance(value, bool) else "true or false",
+        record="compare",
+        before=False,  # runs made before the option decoded every JPEG in full
+    )
     pool: str | None = option(
         None,
         "pooled vector per item: head (default with a head), mean, none",
@@ -173,6 +201,14 @@ class EncodeOptions:
         metavar="N",
         record="compare",
     )
+    video_backend: str = option(
+        "pyav",
+        "decoder of the sampled video frames: pyav ({default}) or torchcodec (pip install torchcodec; needs FFmpeg)",
+        parse=str,
+        choices=VIDEO_BACKENDS,
+        check=one_of(VIDEO_BACKENDS),
+        record="compare",
+    )
     codec_sparse: bool = option(
         False, "videos: encode only the patches that change (hevc_vit.codec), at their true (t, h, w)", record="compare"
     )
@@ -192,7 +228,7 @@ class EncodeOptions:
     )
     dtype: str | torch.dtype | None = option(
         "auto",
-        "compute and storage dtype (auto: bfloat16 on GPU, float32 on CPU)",
+        "compute and storage dtype (auto: bfloat16 on GPUs and CPUs with AMX, else float32; the run says which)",
         parse=str,
         choices=("auto", *DTYPES),
         record="compare",
@@ -205,6 +241,33 @@ class EncodeOptions:
     )
     workers: int | None = option(
         None, "processes for decoding (default: up to 4)", parse=int, metavar="N", check=optional(non_negative_int)
+    )
+    engine: str = option(
+        "local",
+        "local: this machine (torchrun for several GPUs); ray: a Ray cluster, decoding and the model scaled apart",
+        parse=str,
+        choices=ENGINES,
+        check=one_of(ENGINES),
+    )
+    ray_address: str | None = option(
+        None,
+        "--engine ray: the cluster to join (auto: the one `ray start` made here; default: start a local one)",
+        parse=str,
+        metavar="ADDRESS",
+    )
+    decode_cpus: int | None = option(
+        None,
+        "--engine ray: decoding tasks at once, a CPU each (default: as many as the cluster has room for)",
+        parse=int,
+        metavar="N",
+        check=optional(positive_int),
+    )
+    model_actors: int | None = option(
+        None,
+        "--engine ray: model replicas, a GPU each (default: one per GPU of the cluster; without GPUs, one)",
+        parse=int,
+        metavar="N",
+        check=optional(positive_int),
     )
     shard_size_mb: float = option(1024, "features per shard ({default})", parse=float, metavar="MB", check=shard_size)
     path_column: str | None = option(
@@ -259,8 +322,20 @@ class EncodeOptions:
             raise ValueError(f"temporal_context={context!r}; expected an integer of at least frames={frames}")
         if self.codec_preview_dir is not None and not self.codec_sparse:
             raise ValueError("codec_preview_dir was given without codec_sparse; the preview draws a codec selection")
+        ray_only = [name for name in RAY_OPTIONS if getattr(self, name) is not None]
+        if ray_only and self.engine != "ray":
+            raise ValueError(f"{ray_only[0]} was given with engine={self.engine!r}; it applies to engine='ray'")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite were both given; --resume continues a run, --overwrite replaces it")
+        if self.video_backend == "torchcodec" and self.codec_sparse:
+            raise ValueError(
+                "video_backend='torchcodec' with codec_sparse; the codec selection reads the stream through PyAV: "
+                "use video_backend='pyav' (the default) with codec_sparse"
+            )
+        if self.video_backend == "torchcodec":  # missing or unloadable: refused before anything is created
+            from .video_torchcodec import require_torchcodec
+
+            require_torchcodec()
         if self.output_format == "npy-parquet" and self.pool == "none":
             raise ValueError(
                 "output_format='npy-parquet' with pool='none'; it stores pooled embeddings: pool head or mean"

@@ -87,3 +87,87 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
         return canvas[max(crop_top, 0) : crop_top + height, max(crop_left, 0) : crop_left + width]
     top, left = (H - height) // 2, (W - width) // 2
     return pixels[top : top + height, left : left + width]
+
+
+def draft_jpeg(image: Image.Image, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """Ask a JPEG that is not decoded yet to decode at the smallest DCT scale (1/2, 1/4 or 1/8) that still
+    gives at least ``size = (H, W)`` pixels, which costs a fraction of a full decode and of the resize after
+    it. Returns the box of the reduced image that covers the whole picture (for ``Image.resize(box=...)``: the
+    reduced sides are rounded up), or None when the image decodes as it is (not a JPEG, already decoded,
+    or not larger than twice ``size``)."""
+    if image.format != "JPEG" or getattr(image, "tile", None) is None or len(image.tile) != 1:
+        return None
+    H, W = size
+    width, height = image.size
+    if width < 2 * W or height < 2 * H:
+        return None
+    drafted = image.draft(image.mode, (W, H))  # keeps the mode: colour conversion stays as in a full decode
+    if drafted is None or drafted[1][2] == width:
+        return None
+    return drafted[1]
+
+
+class Normalizer:
+    """Rescale and normalisation of 8-bit samples, by table lookup: ``(..., C)`` -> float32 with exactly the
+    values of :func:`normalize_reference` (the arithmetic of transformers' image processors), or straight into
+    patch order (:meth:`patches`). Samples that are not 8-bit go through :func:`normalize_reference`."""
+
+    def __init__(self, mean, std, rescale_factor: float, do_rescale: bool, do_normalize: bool):
+        self.settings = (list(mean), list(std), rescale_factor, do_rescale, do_normalize)
+        self._tables: dict[tuple[int, bool], np.ndarray] = {}
+
+    def table(self, channels: int, pairs: bool = False) -> np.ndarray:
+        """``(C, 256)`` float32: what each sample value of each channel becomes. ``pairs``: ``(C, 65536)`` 8-byte
+        words, each the two floats of two consecutive samples (index: their bytes read as a little-endian
+        16-bit number)."""
+        if (channels, pairs) not in self._tables:
+            values = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, channels))  # (256, C)
+            table = np.ascontiguousarray(normalize_reference(values, *self.settings).T)  # (C, 256)
+            if pairs:
+                index = np.arange(65536)
+                table = np.stack([table[:, index & 255], table[:, index >> 8]], axis=-1).view(np.uint64)[..., 0]
+            self._tables[channels, pairs] = table
+        return self._tables[channels, pairs]
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if pixels.dtype != np.uint8:
+            return normalize_reference(pixels, *self.settings)
+        return self._lookup(pixels, (1,) * (pixels.ndim - 1) + (-1,), self.table(pixels.shape[-1]))
+
+    def patches(self, pixels: np.ndarray, patch_size: int) -> np.ndarray:
+        """``(T, H, W, C)`` frames of one size -> ``(T·h·w, C·p·p)`` float32 patches in the order and layout of
+        :func:`hevc_vit.packing.patchify`: the samples are put in patch order as bytes, then each lookup writes
+        two floats (one for odd ``p``)."""
+        T, H, W, C = pixels.shape
+        p, h, w = patch_size, H // patch_size, W // patch_size
+        if pixels.dtype != np.uint8:
+            pixels = normalize_reference(pixels, *self.settings)
+        order = pixels.reshape(T, h, p, w, p, C).transpose(0, 1, 3, 5, 2, 4).reshape(T * h * w, C, p * p)
+        if order.dtype != np.uint8:
+            return order.reshape(T * h * w, C * p * p)
+        if p % 2:
+            return self._lookup(order, (1, -1, 1), self.table(C)).reshape(T * h * w, C * p * p)
+        pairs = np.ascontiguousarray(order).view("<u2")  # (T·h·w, C, p·p/2): two samples of one channel each
+        return self._lookup(pairs, (1, -1, 1), self.table(C, pairs=True)).view(np.float32).reshape(T * h * w, -1)
+
+    @staticmethod
+    def _lookup(samples: np.ndarray, channel_shape: tuple[int, ...], table: np.ndarray) -> np.ndarray:
+        index = samples.astype(np.intp)
+        index += (np.arange(table.shape[0], dtype=np.intp) * table.shape[1]).reshape(channel_shape)  # flat row
+        return np.take(table.reshape(-1), index)
+
+
+def normalize_reference(
+    pixels: np.ndarray, mean: list[float], std: list[float], rescale_factor: float, do_rescale: bool, do_normalize: bool
+) -> np.ndarray:
+    """``(..., C)`` samples -> float32 ``(..., C)``: rescale in float64, then float32, then normalise in float32 —
+    the arithmetic of transformers' image processors (the specification; the table lookup reproduces it)."""
+    x = pixels.astype(np.float64)
+    if do_rescale:
+        x = x * rescale_factor
+    x = x.astype(np.float32)
+    if do_normalize:
+        if x.shape[-1] != len(mean):
+            raise ValueError(f"image has {x.shape[-1]} channels; image_mean/image_std have {len(mean)} entries")
+        x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return x

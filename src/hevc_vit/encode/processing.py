@@ -8,9 +8,8 @@ Two processors, both saved and loaded as ``preprocessor_config.json``:
     NativeResolutionProcessor   the packing model's own: keep the aspect ratio, both sides multiples of the
                                 patch size, the patch count of an image between ``min_tokens`` and ``max_tokens``.
 
-Both return float32 ``(C, H, W)`` for one image and ``(C, T, H, W)`` for a list of ``T`` frames (all frames
-of a clip get one size); the pixel steps and size rules themselves are pure
-functions in :mod:`.pixels`.
+Both return float32 ``(C, H, W)`` for one image and ``(C, T, H, W)`` for a list of ``T`` frames (all frames of a
+clip get one size), or patches straight away (``patchify``); the pixel steps are pure functions in :mod:`.pixels`.
 Legend: ``p`` patch size, ``h``/``w`` sides in patches, ``T`` frames.
 """
 
@@ -29,7 +28,8 @@ import torch
 from PIL import Image
 
 from ..files import PREPROCESSOR_NAME, write_json_atomic
-from .pixels import center_crop, native_grid_size, short_side_size, to_8bit, to_rgb
+from ..packing import check_sides
+from .pixels import Normalizer, center_crop, draft_jpeg, native_grid_size, short_side_size, to_8bit, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -82,15 +82,56 @@ class ImageProcessor(abc.ABC):
         """``(H, W)`` in pixels of the processed image (or of every frame of a ``num_frames`` clip)."""
 
     @abc.abstractmethod
-    def _resize(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-        """``image`` at ``size = output_size(...)``, as ``(H, W, C)`` uint8."""
+    def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+        """``(H, W)`` a ``height x width`` image is resized to on its way to ``size = output_size(...)``."""
+
+    def _crop(self, pixels: np.ndarray) -> np.ndarray:  # the resized (H, W, C) pixels to output_size
+        return pixels
 
     # -- processing ------------------------------------------------------------------------------------
 
-    def __call__(self, images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
-        """One PIL image -> ``(C, H, W)`` float32; a list of ``T`` frames -> ``(C, T, H, W)`` float32."""
+    def __call__(self, images: Image.Image | Sequence[Image.Image], draft: bool = False) -> torch.Tensor:
+        """One PIL image -> ``(C, H, W)`` float32; ``T`` frames -> ``(C, T, H, W)``; ``draft``: see :meth:`pixels`."""
+        x = self._tensor(self._frame_pixels(images, draft))  # (C, T, H, W)
+        return x[:, 0] if isinstance(images, Image.Image) else x
+
+    def process(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """One image (e.g. a video frame sized for its whole clip) at ``size = (H, W)``: ``(C, H, W)`` float32."""
+        return self._tensor(self.pixels(image, size)[None])[:, 0]  # (C, H, W)
+
+    def patchify(
+        self, images: Image.Image | Sequence[Image.Image], patch_size: int, draft: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """An image or a clip's frames straight to ``(t·h·w, C·p·p)`` float32 patches and ``(t, h, w)``: the same
+        values as ``patchify(self(images))`` (:func:`hevc_vit.packing.patchify`), without the float image in
+        between. ``draft``: as in :meth:`pixels`."""
+        pixels = self._frame_pixels(images, draft)  # (T, H, W, C)
+        T, H, W, C = pixels.shape
+        check_sides("the processed image", H, W, patch_size)
+        patches = self._normalizer().patches(pixels, patch_size)  # (T·h·w, C·p·p)
+        return torch.from_numpy(patches), (T, H // patch_size, W // patch_size)
+
+    def pixels(self, image: Image.Image, size: tuple[int, int], draft: bool = False) -> np.ndarray:
+        """``image`` resized (and cropped) to ``size = output_size(...)``, before normalisation: ``(H, W, C)``.
+        draft: a JPEG not decoded yet decodes at a reduced DCT scale (:func:`~.pixels.draft_jpeg`), then is resized
+        the rest of the way: a fraction of the work, pixels slightly off a full decode's (``hevc-vit bench --pipeline``
+        measures by how much)."""
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"image is {image.width}x{image.height}; expected at least 1x1 pixels")
+        H, W = self._resize_target(image.height, image.width, size)
+        box = draft_jpeg(image, (H, W)) if draft else None
+        image = to_8bit(image)  # a 16-bit PNG is scaled, not clipped at 255 (white)
+        if self.do_convert_rgb:
+            image = to_rgb(image)
+        if box is not None or (H, W) != (image.height, image.width):
+            image = image.resize((W, H), resample=self.resample, box=box)
+        pixels = np.asarray(image)
+        return self._crop(pixels[:, :, None] if pixels.ndim == 2 else pixels)
+
+    def _frame_pixels(self, images: Image.Image | Sequence[Image.Image], draft: bool) -> np.ndarray:
+        """``(T, H, W, C)``: one image (``T = 1``) or the frames of a clip, all at the clip's size."""
         if isinstance(images, Image.Image):
-            return self._process(images, self.output_size(images.height, images.width))
+            return self.pixels(images, self.output_size(images.height, images.width), draft)[None]
         frames = list(images)
         if not frames:
             raise ValueError("images is an empty list; expected a PIL image or a list of video frames")
@@ -99,34 +140,18 @@ class ImageProcessor(abc.ABC):
             if frame.size != first.size:
                 raise ValueError(f"frame {i} is {frame.width}x{frame.height}; frame 0 is {first.width}x{first.height}")
         size = self.output_size(first.height, first.width, num_frames=len(frames))
-        return torch.stack([self._process(frame, size) for frame in frames], dim=1)  # (C, T, H, W)
+        return np.stack([self.pixels(frame, size, draft) for frame in frames])
 
-    def process(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-        """One image (e.g. a video frame sized for its whole clip) at ``size = (H, W)``: ``(C, H, W)`` float32."""
-        return self._process(image, size)
+    def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """``(T, H, W, C)`` samples -> normalised ``(C, T, H, W)`` float32."""
+        return torch.from_numpy(self._normalizer()(pixels)).permute(3, 0, 1, 2).contiguous()
 
-    def _process(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-        if image.width < 1 or image.height < 1:
-            raise ValueError(f"image is {image.width}x{image.height}; expected at least 1x1 pixels")
-        image = to_8bit(image)  # a 16-bit PNG is scaled, not clipped at 255 (white)
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        pixels = self._resize(image, size)  # (H, W, C) uint8
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        # Rescale in float64, then float32, then normalise in float32: the arithmetic of transformers'
-        # image processors, so the fixed-size processor reproduces CLIPImageProcessor bit for bit.
-        x = pixels.astype(np.float64)
-        if self.do_rescale:
-            x = x * self.rescale_factor
-        x = x.astype(np.float32)
-        if self.do_normalize:
-            if x.shape[-1] != len(self.image_mean):
-                raise ValueError(
-                    f"image has {x.shape[-1]} channels; image_mean/image_std have {len(self.image_mean)} entries"
-                )
-            x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (C, H, W)
+    def _normalizer(self) -> Normalizer:
+        """Normalisation by table lookup (bit for bit transformers' arithmetic), built once per settings."""
+        settings = (self.image_mean, self.image_std, self.rescale_factor, self.do_rescale, self.do_normalize)
+        if self.__dict__.get("_normalizer_of") != repr(settings):
+            self._normalizer_of, self._normalizer_value = repr(settings), Normalizer(*settings)
+        return self._normalizer_value
 
     # -- serialisation ---------------------------------------------------------------------------------
 
@@ -201,14 +226,11 @@ class FixedSizeProcessor(ImageProcessor):
     def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
         return self.crop_size if self.do_center_crop else self._resized_size(height, width)
 
-    def _resize(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-        H, W = self._resized_size(image.height, image.width)
-        if (H, W) != (image.height, image.width):
-            image = image.resize((W, H), resample=self.resample)
-        pixels = np.asarray(image)
-        if self.do_center_crop:
-            pixels = center_crop(pixels, *self.crop_size)
-        return pixels
+    def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+        return self._resized_size(height, width)
+
+    def _crop(self, pixels: np.ndarray) -> np.ndarray:
+        return center_crop(pixels, *self.crop_size) if self.do_center_crop else pixels
 
     def to_dict(self) -> dict[str, Any]:
         h, w = self.crop_size
@@ -290,11 +312,8 @@ class NativeResolutionProcessor(ImageProcessor):
         h, w = self.grid_size(height, width, num_frames)
         return h * self.patch_size, w * self.patch_size
 
-    def _resize(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-        H, W = size
-        if (H, W) != (image.height, image.width):
-            image = image.resize((W, H), resample=self.resample)
-        return np.asarray(image)
+    def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+        return size
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,10 +1,11 @@
 """One ``hevc-vit encode`` run, per rank: claim the output folder, load the model, agree on the plan, encode
 this rank's share, then gather the totals and merge the index.
 
-Under ``torchrun`` (or with ``torch.distributed`` initialised) input ``i`` goes to rank ``i % world_size``;
-every rank writes its own shards and index rows, and rank 0 merges the index after a barrier. Rank 0 alone
-holds the folder's lock and decides the plan; an error it meets reaches every rank with the plan, so no rank
-waits forever.
+Under ``torchrun`` (or with ``torch.distributed`` initialised) rank 0 expands the inputs to work units (a file,
+a tar shard, a parquet row group, ...: :mod:`.units`) and unit ``u`` goes to rank ``u % world_size``, which lists
+it into items; every rank writes its own shards and index rows, and rank 0 merges the index after a barrier.
+Rank 0 alone holds the folder's lock and decides the plan; an error it meets reaches every rank with the plan,
+so no rank waits forever.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from typing import Any
 import torch
 
 from ..codec.config import CodecSparseConfig
-from ..devices import resolve_device, resolve_dtype
+from ..devices import describe_dtype_choice, resolve_device, resolve_dtype
 from .batching import TokenBudgetPacker
 from .distributed import Ranks
 from .folder import RunPlan, claim_out_dir, prepare_folder, reporting_full_disk
 from .formats import storage_dtype
-from .forward import GroupEncoder, failure_row
-from .index import merge_index
+from .forward import GroupEncoder
+from .index import failed_row, merge_index
 from .loading import LoadedItem, LoadOptions, default_workers, load_items
 from .model import Encoder, prepare_encoder, run_settings
-from .objects import collect_memory
+from .objects import MemorySource, collect_memory
 from .options import EncodeOptions
 from .result import EncodeResult
 from .shards import ShardWriter
 from .sources import SourceOptions
+from .units import Share, list_share, ordered_paths
 
 
 def encode(
@@ -59,12 +61,17 @@ def encode(
     returns. A full disk raises an ``OSError`` naming the folder and its free space; what finished is kept.
     """
     options = _options(options, overrides)
+    if options.engine == "ray":  # the same run as a Ray Data pipeline (the ray extra)
+        from ..ray import encode_folder
+
+        return encode_folder(inputs, out_dir, options)
     # one path or object is one input; objects and datasets stay in this process's memory, read by row
     inputs, memory = collect_memory(inputs, options.image_column, SourceOptions.of(options).keep_columns)
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     run = Run(options, device, resolve_dtype(options.dtype, device), Ranks.setup(device), memory)
+    run.sources = {m.number: m for m in inputs or [] if isinstance(m, MemorySource)}
     try:
         return _encode_claimed(run, inputs, out_dir)
     finally:
@@ -88,6 +95,7 @@ class Run:
     dtype: torch.dtype
     ranks: Ranks
     memory: list = field(default_factory=list)  # in-memory inputs (objects, datasets), by number: every rank's own
+    sources: dict[int, MemorySource] = field(default_factory=dict)  # their rows' names, by number
 
     def say(self, message: str) -> None:
         """A notice for people: rank 0 only, to ``options.log`` (default: stderr)."""
@@ -118,12 +126,14 @@ def _encode_claimed(run: Run, inputs: Sequence[str | os.PathLike] | None, out_di
 
 
 def _encode_in(run: Run, inputs, folder: Path | None, refusal: RunPlan | None) -> EncodeResult:
+    if run.options.dtype in (None, "auto"):
+        run.say(describe_dtype_choice(run.device))  # which dtype "auto" took on this machine, and why
     encoder = prepare_encoder(run.options, run.device, run.dtype, run.say)
     settings = run_settings(run.options, encoder, run.dtype, run.ranks.world, with_weights=run.ranks.rank == 0)
     plan = _agree_on_plan(run, inputs, folder, settings, refusal)
     with reporting_full_disk(Path(plan.out_dir)):
-        tally, shards = _encode_share(run, encoder, plan)
-        return _gather(run, plan, tally, shards)
+        tally, shards, share = _encode_share(run, encoder, plan)
+        return _gather(run, plan, tally, shards, share)
 
 
 def _agree_on_plan(run: Run, inputs, folder: Path | None, settings: dict[str, Any], refusal: RunPlan | None):
@@ -170,40 +180,25 @@ class Tally:
         self.bar.close()
 
 
-def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int]:
-    """This rank's inputs loaded (in worker processes), grouped to the token budget, encoded and written;
-    returns the tally and the number of shards written. After an error what finished is kept."""
+def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int, Share]:
+    """This rank's units listed into items, which are loaded (in worker processes), grouped to the token budget,
+    encoded and written; returns the tally, the number of shards written and the listing. After an error what
+    finished is kept."""
     rank, world, options = run.ranks.rank, run.ranks.world, run.options
-    share = [
-        (i, spec)  # the spec: a path, or where the content is (tar member, URL, row in memory)
-        for i, spec in enumerate(plan.specs)
-        if i % world == rank and not spec.error and spec.path not in plan.done
-    ]
+    sources = SourceOptions.of(options)
+    share = list_share(plan.units, rank, world, sources.path_column, sources.keep_columns, sources.retries, run.sources)
+    todo = [(i, spec) for i, spec in enumerate(share.specs) if not spec.error and spec.path not in plan.done]
     show = (sys.stderr.isatty() if options.progress is None else options.progress) and rank == 0
-    tally = Tally(len(share), show, "encode" if world == 1 else f"encode rank 0/{world}")
-    fmt = options.output_format
-    stored = storage_dtype(fmt, options.storage_dtype, run.dtype)
-    writer = ShardWriter(Path(plan.out_dir), rank, int(options.shard_size_mb * 2**20), True, fmt, stored)
-    pooled_only = options.pooled_only or fmt == "npy-parquet"  # it stores the pooled embeddings alone
-    forward = GroupEncoder(encoder.model, run.device, run.dtype, encoder.pool, pooled_only, writer, tally.add)
-    config = encoder.model.config
-    codec = (
-        CodecSparseConfig(frames=options.video_frames, budget=options.codec_budget) if options.codec_sparse else None
-    )
-    load = LoadOptions(
-        encoder.processor,
-        config.patch_size,
-        config.num_channels,
-        options.video_frames,
-        options.temporal_context,
-        codec=codec,
-        preview_dir=options.codec_preview_dir,
-        memory=run.memory,
-        retries=options.retries,
-    )
-    loader = load_items(share, load, default_workers() if options.workers is None else options.workers)
+    failed = sum(1 for spec in share.specs if spec.error)
+    tally = Tally(len(todo) + failed, show, "encode" if world == 1 else f"encode rank 0/{world}")
+    writer, forward = _writer_and_forward(run, encoder, plan, share, tally)
+    loader = load_items(todo, load_options(options, encoder, run.memory, share.keys), _workers(options))
     try:
-        _feed(loader, forward, writer, tally, options.max_tokens)
+        for key, spec in zip(share.keys, share.specs):
+            if spec.error:  # found while listing (a missing file, a damaged tar, an unreadable row group)
+                writer.add_failure(failed_row(spec.path, key, spec.error, spec.extra))
+                tally.add(0, 1, 0)
+        feed_groups(loader, forward, writer, tally, options.max_tokens)
         forward.close()
         writer.close()
     except BaseException:
@@ -216,14 +211,57 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
         raise
     finally:
         tally.close()
-    return tally, writer.shards_written
+    return tally, writer.shards_written, share
 
 
-def _feed(loader: Iterator[LoadedItem], forward: GroupEncoder, writer: ShardWriter, tally: Tally, budget: int):
+def _workers(options: EncodeOptions) -> int:
+    return default_workers() if options.workers is None else options.workers
+
+
+def _writer_and_forward(
+    run: Run, encoder: Encoder, plan: RunPlan, share: Share, tally: Tally
+) -> tuple[ShardWriter, GroupEncoder]:
+    options, fmt = run.options, run.options.output_format
+    stored = storage_dtype(fmt, options.storage_dtype, run.dtype)
+    shard_bytes = int(options.shard_size_mb * 2**20)
+    writer = ShardWriter(Path(plan.out_dir), run.ranks.rank, shard_bytes, True, fmt, stored)
+    pooled_only = options.pooled_only or fmt == "npy-parquet"  # it stores the pooled embeddings alone
+    extras = [spec.extra for spec in share.specs]
+    forward = GroupEncoder(
+        encoder.model, run.device, run.dtype, encoder.pool, pooled_only, writer, tally.add, share.keys, extras
+    )
+    return writer, forward
+
+
+def load_options(options: EncodeOptions, encoder: Encoder, memory: list, keys: list[str]) -> LoadOptions:
+    """How the loaders (local worker processes, or Ray's decode stage) read and prepare the inputs of a run:
+    ``memory`` holds its in-memory inputs, ``keys`` the shard keys of the items in the order they are loaded."""
+    config = encoder.model.config
+    codec = (
+        CodecSparseConfig(frames=options.video_frames, budget=options.codec_budget) if options.codec_sparse else None
+    )
+    return LoadOptions(
+        encoder.processor,
+        config.patch_size,
+        config.num_channels,
+        options.video_frames,
+        options.temporal_context,
+        codec=codec,
+        preview_dir=options.codec_preview_dir,
+        memory=memory,
+        retries=options.retries,
+        jpeg_draft=options.jpeg_draft,
+        keys=keys,
+        video_backend=options.video_backend,
+    )
+
+
+def feed_groups(loader: Iterator[LoadedItem], forward: GroupEncoder, writer: ShardWriter, tally: Tally, budget: int):
+    """Loaded items (in order) into forwards of at most ``budget`` patches; a failed item is a failed row."""
     packer: TokenBudgetPacker[LoadedItem] = TokenBudgetPacker(budget)
     for item in loader:  # in input order; a worker that dies fails only its input
         if item.error:
-            writer.add_failure(failure_row(item))
+            writer.add_failure(forward.failure_row(item))
             tally.add(0, 1, 0)
             continue
         for group in packer.add(item, item.num_tokens):
@@ -232,23 +270,23 @@ def _feed(loader: Iterator[LoadedItem], forward: GroupEncoder, writer: ShardWrit
         forward.run(group)
 
 
-def _gather(run: Run, plan: RunPlan, tally: Tally, shards: int) -> EncodeResult:
-    """Every rank's totals on rank 0, which merges the index once every rank's rows are on disk."""
-    totals = run.ranks.gather((tally.counts(), shards))
+def _gather(run: Run, plan: RunPlan, tally: Tally, shards: int, share: Share) -> EncodeResult:
+    """Every rank's totals and the items its units held on rank 0, which merges the index in input order once
+    every rank's rows are on disk."""
+    totals = run.ranks.gather((tally.counts(), shards, share.listed))
     run.ranks.barrier()  # every rank's shards and index rows are on disk
     out_dir = Path(plan.out_dir)
     result = EncodeResult(out_dir=out_dir.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
     result.output_format = run.options.output_format
     if run.ranks.rank == 0:
-        for (encoded, failed, tokens), rank_shards in totals:
+        listed: dict[int, list[str]] = {}
+        for (encoded, failed, tokens), rank_shards, rank_listed in totals:
             result.encoded += encoded
             result.failed += failed
             result.tokens += tokens
             result.shards += rank_shards
-        specs = plan.specs
-        paths, errors, extras = [s.path for s in specs], [s.error for s in specs], [s.extra for s in specs]
-        result.rows = merge_index(out_dir, paths, errors, extras)
-        result.failed += sum(1 for spec in specs if spec.error)
+            listed.update(rank_listed)
+        result.rows = merge_index(out_dir, ordered_paths(plan.units, listed))
     result.seconds = time.perf_counter() - tally.start
     run.ranks.barrier()  # the merged index exists before any rank returns
     return result

@@ -17,13 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .items import InputSpec, RemoteFile
+from .items import InputSpec
 from .objects import MemorySource
 from .remote import is_url, list_url
-from .sources_tar import is_tar_shard, list_tar
-from .tables import TableColumnError, is_table, table_specs
+from .sources_tar import is_tar_shard
+from .tables import is_table
+from .units import WorkUnit, list_unit, memory_units, remote_item, table_units
 
-__all__ = ["InputSpec", "SourceOptions", "describe_error", "expand_braces", "expand_inputs", "sample_inputs"]
+__all__ = [
+    "InputSpec",
+    "SourceOptions",
+    "describe_error",
+    "expand_braces",
+    "expand_inputs",
+    "expand_units",
+    "sample_inputs",
+]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
@@ -48,9 +57,12 @@ class SourceOptions:
 
 @dataclass
 class _Expansion:
-    add: Callable[[InputSpec], None]
+    add_unit: Callable[[WorkUnit], None]
     skip: frozenset[str]  # real paths of folders never searched (the output folder)
     sources: SourceOptions
+
+    def add(self, spec: InputSpec) -> None:
+        self.add_unit(WorkUnit.item(spec))
 
 
 def expand_inputs(
@@ -59,7 +71,33 @@ def expand_inputs(
     sources: SourceOptions | None = None,
 ) -> list[InputSpec]:
     """Files, folders (recursive), globs, brace ranges, list files, tar shards, tables, URLs and in-memory sources
-    -> one ``InputSpec`` per item, without duplicates.
+    -> one ``InputSpec`` per item, without duplicates: :func:`expand_units`, every unit listed here.
+    """
+    sources = sources or SourceOptions()
+    units = expand_units(inputs, exclude, sources)
+    memory = {m.number: m for m in _as_list(inputs) if isinstance(m, MemorySource)}
+    seen: set[str] = set()
+    out: list[InputSpec] = []
+    for unit in units:
+        for spec in list_unit(unit, sources.path_column, sources.keep_columns, sources.retries, memory):
+            if spec.path not in seen:
+                seen.add(spec.path)
+                out.append(spec)
+    return out
+
+
+def _as_list(inputs: Any) -> list[Any]:
+    return [inputs] if isinstance(inputs, (str, os.PathLike, MemorySource)) else list(inputs)
+
+
+def expand_units(
+    inputs: str | os.PathLike | Sequence[Any],
+    exclude: Sequence[str | os.PathLike] = (),
+    sources: SourceOptions | None = None,
+) -> list[WorkUnit]:
+    """Files, folders (recursive), globs, brace ranges, list files, tar shards, tables, URLs and in-memory sources
+    -> the run's work units (:mod:`.units`), without duplicates: a file is a unit of one item, a tar shard, a
+    csv/tsv/jsonl table, a parquet row group and a slice of an in-memory source are listed into items later.
 
     A folder contributes every file under it in sorted order, hidden names (a leading ``.``) excepted.
     Symlinked folders are followed, each real folder at most once per input (so a link loop ends); a ``.txt``/
@@ -70,25 +108,23 @@ def expand_inputs(
     (a table inside a searched folder is an input like any other file). A URL (``s3://``, ``memory://``, ...)
     is listed or globbed through fsspec. Nothing given is dropped silently: a path that does not exist, a glob
     that matches nothing, a folder or list that yields no file, a folder that cannot be read and a link that is
-    not followed each become an ``InputSpec`` with its error. Folders in ``exclude`` (the output folder) are not
+    not followed each become a unit of one item with its error. Folders in ``exclude`` (the output folder) are not
     searched. One path (``str`` or ``Path``) is one input. A table without its path column raises ``ValueError``.
     """
-    if isinstance(inputs, (str, os.PathLike, MemorySource)):
-        inputs = [inputs]
-    out: list[InputSpec] = []
+    out: list[WorkUnit] = []
     seen: set[str] = set()
 
-    def add(spec: InputSpec) -> None:
-        if spec.path not in seen:
-            seen.add(spec.path)
-            out.append(spec)
+    def add(unit: WorkUnit) -> None:
+        if unit.name not in seen:
+            seen.add(unit.name)
+            out.append(unit)
 
     skip = frozenset(os.path.realpath(e) for e in exclude)
     ctx = _Expansion(add, skip, sources or SourceOptions())
-    for raw in inputs:
+    for raw in _as_list(inputs):
         if isinstance(raw, MemorySource):
-            for spec in raw.specs():
-                add(spec)
+            for unit in memory_units(raw):
+                add(unit)
         else:
             _expand_one(os.fspath(raw), ctx, from_list=False)
     return out
@@ -159,22 +195,16 @@ def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
 
 
 def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:
-    """A file found (local or a URL): a tar shard's samples, a table's rows (``tables``), or the file itself."""
+    """A file found (local or a URL): a tar shard (listed later), a table (``tables``: its units, its columns
+    checked now), or the file itself."""
     if is_tar_shard(location):
-        for spec in list_tar(location, ctx.sources.retries):
-            ctx.add(spec)
+        ctx.add_unit(WorkUnit("tar", location))
     elif tables and is_table(location):
         options = ctx.sources
-        try:
-            specs = table_specs(location, options.path_column, options.keep_columns, options.retries)
-        except (TableColumnError, ImportError):
-            raise  # the caller's mistake or a missing extra: the run stops before it starts
-        except Exception as e:  # an unreadable or damaged table: one failed row
-            specs = [InputSpec(location, f"cannot read this table: {describe_error(e)}")]
-        for spec in specs:
-            ctx.add(spec)
+        for unit in table_units(location, options.path_column, options.keep_columns, options.retries):
+            ctx.add_unit(unit)
     else:
-        ctx.add(InputSpec(location, ref=RemoteFile(location) if is_url(location) else None))
+        ctx.add_unit(remote_item(location))
 
 
 def _expand_url(url: str, ctx: _Expansion) -> None:

@@ -84,6 +84,8 @@ def _list(location: str) -> list[InputSpec]:
             if f.read(tarfile.BLOCKSIZE).strip(b"\0"):  # a header tarfile could not read: the shard is cut in one
                 damage = f"an unreadable header at byte {end} (the shard may be truncated)"
     specs = [_sample_spec(location, key, members, total) for key, members in samples]
+    if not samples and not damage:
+        return [InputSpec(location, "the tar shard holds no samples (no file member named KEY.EXTENSION)")]
     if damage:
         specs.append(InputSpec(location, f"the tar shard is damaged after {len(samples)} samples: {damage}"))
     return specs

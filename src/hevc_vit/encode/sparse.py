@@ -72,4 +72,5 @@ def _load_codec_file(item: LoadedItem, options: LoadOptions, path: str) -> None:
     if options.preview_dir is not None:
         folder = Path(options.preview_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        render_preview(path, selection, folder / f"{item_key(item.index)}.png")
+        key = options.keys[item.index] if options.keys else item_key(item.index)
+        render_preview(path, selection, folder / f"{key}.png")

@@ -5,7 +5,9 @@ Each row is one input: the value of the path column (``--path-column``; by defau
 ``url``, ``image`` that the table has), a local path (relative ones are taken from the table's folder) or a URL.
 The columns named by ``--keep-columns`` are copied into the row's index entry. A table without the path column
 or a kept column is a caller's error (:class:`TableColumnError`, a ``ValueError``, naming the columns it has);
-a row whose path is empty is a failed row.
+a row whose path is empty is a failed row. The columns are checked before the run starts, from a parquet file's
+footer or a csv/tsv file's header line; the rows are read by the rank that takes the table (:mod:`.units`): a
+parquet file one row group at a time, each its own work unit.
 """
 
 from __future__ import annotations
@@ -33,25 +35,58 @@ def is_table(location: str) -> bool:
     return location.lower().endswith(TABLE_EXTENSIONS)
 
 
-def read_table(location: str, retries: int):
-    """The table at ``location`` as a ``pyarrow.Table`` (a URL is read with ``retries`` retries)."""
+def _import_pyarrow(location: str) -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError:
         raise ImportError(f"reading {location} needs pyarrow, which is not installed; {INSTALL_HINT}") from None
 
+
+def read_table(location: str, retries: int, row_group: int | None = None):
+    """The table at ``location`` as a ``pyarrow.Table`` (a URL is read with ``retries`` retries); with
+    ``row_group``, that row group of a parquet file alone."""
+    _import_pyarrow(location)
+
     def read():
         with open_location(location) as f:
-            return _read(f, location.lower())
+            return _read(f, location.lower(), row_group)
 
     return with_retries(read, retries, f"reading {location}") if is_url(location) else read()
 
 
-def _read(f, lower: str):
+def table_layout(location: str, retries: int) -> tuple[list[str], list[int] | None]:
+    """``(columns, row counts of the row groups)`` of the table at ``location``, read cheaply: a parquet
+    file's footer, a csv/tsv file's header line; a jsonl file is read whole (its columns come from its rows).
+    The row counts are None for a table that is not parquet."""
+    _import_pyarrow(location)
+
+    def read():
+        lower = location.lower()
+        with open_location(location) as f:
+            if lower.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                meta = pq.ParquetFile(f).metadata
+                return meta.schema.to_arrow_schema().names, [
+                    meta.row_group(g).num_rows for g in range(meta.num_row_groups)
+                ]
+            if lower.endswith(".jsonl"):
+                return _read(f, lower, None).column_names, None
+            return _csv_header(f, lower), None
+
+    return with_retries(read, retries, f"reading {location}") if is_url(location) else read()
+
+
+def _csv_header(f, lower: str) -> list[str]:
+    delimiter = "\t" if lower.endswith(".tsv") else ","
+    return next(csv.reader([f.readline().decode("utf-8-sig")], delimiter=delimiter), [])
+
+
+def _read(f, lower: str, row_group: int | None):
     if lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return pq.read_table(f)
+        return pq.read_table(f) if row_group is None else pq.ParquetFile(f).read_row_group(row_group)
     if lower.endswith(".jsonl"):
         import pyarrow.json as pj
 
@@ -60,7 +95,7 @@ def _read(f, lower: str):
 
     delimiter = "\t" if lower.endswith(".tsv") else ","
     # every column as text: a column of ids like 000123 keeps its zeros, and a path stays a path
-    names = next(csv.reader([f.readline().decode("utf-8-sig")], delimiter=delimiter), [])
+    names = _csv_header(f, lower)
     f.seek(0)
     convert = pc.ConvertOptions(column_types=dict.fromkeys(names, "string"))
     return pc.read_csv(f, parse_options=pc.ParseOptions(delimiter=delimiter), convert_options=convert)
@@ -81,14 +116,28 @@ def path_column(location: str, columns: Sequence[str], asked: str | None) -> str
     )
 
 
-def table_specs(location: str, asked_column: str | None, keep_columns: Sequence[str], retries: int) -> list[InputSpec]:
-    """One spec per row of the table at ``location``. Raises ``ValueError`` for a missing path or kept column."""
-    table = read_table(location, retries)
-    columns = table.column_names
+def check_columns(location: str, columns: Sequence[str], asked_column: str | None, keep_columns: Sequence[str]) -> str:
+    """The path column of a table with ``columns``; raises :class:`TableColumnError` for a missing path or kept
+    column."""
     column = path_column(location, columns, asked_column)
     missing = [name for name in keep_columns if name not in columns]
     if missing:
         raise TableColumnError(f"{location}: keep_columns {missing} are not columns; the table has {list(columns)}")
+    return column
+
+
+def table_specs(
+    location: str,
+    asked_column: str | None,
+    keep_columns: Sequence[str],
+    retries: int,
+    row_group: int | None = None,
+    first_row: int = 0,
+) -> list[InputSpec]:
+    """One spec per row of the table at ``location`` (of its row group ``row_group``, whose first row is row
+    ``first_row`` of the table). Raises ``ValueError`` for a missing path or kept column."""
+    table = read_table(location, retries, row_group)
+    column = check_columns(location, table.column_names, asked_column, keep_columns)
     values = table.column(column).to_pylist()
     kept = {name: table.column(name).to_pylist() for name in keep_columns}
     folder = posixpath.dirname(location) if is_url(location) else os.path.dirname(location)
@@ -97,7 +146,8 @@ def table_specs(location: str, asked_column: str | None, keep_columns: Sequence[
         extra = {name: json_value(kept[name][i]) for name in keep_columns}
         if not isinstance(value, str) or not value.strip():
             what = "empty" if value in (None, "") else f"a {type(value).__name__}, not a path or URL"
-            specs.append(InputSpec(f"{location}#row{i}", f"row {i}: the {column} column is {what}", extra=extra))
+            row = first_row + i
+            specs.append(InputSpec(f"{location}#row{row}", f"row {row}: the {column} column is {what}", extra=extra))
             continue
         path = _resolve(value.strip(), folder, is_url(location))
         specs.append(InputSpec(path, ref=RemoteFile(path) if is_url(path) else None, extra=extra))

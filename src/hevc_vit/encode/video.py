@@ -1,5 +1,5 @@
-"""Video input through PyAV (the optional ``video`` extra): uniform frame sampling, decoding, and the
-temporal RoPE positions of the sampled frames.
+"""Video input through PyAV (the optional ``video`` extra; or torchcodec, :mod:`.video_torchcodec`): uniform frame
+sampling, decoding, and the temporal RoPE positions of the sampled frames.
 
 Legend: ``T`` sampled frames, ``h``/``w`` sides in patches.
 """
@@ -18,6 +18,7 @@ from ..packing import grid_positions
 VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv".split())
 SEEK_MIN_GAP = 120  # frames: a sampled frame further ahead is reached by a seek, not by decoding up to it
 INSTALL_HINT = "PyAV is not installed; install the video extra: pip install 'hevc-vit[video]'"
+VIDEO_BACKENDS = ("pyav", "torchcodec")  # --video-backend: the decoder of the sampled frames
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
@@ -83,8 +84,9 @@ def _import_av():
     return av
 
 
-def read_video(path: str | os.PathLike | IO[bytes], num_frames: int) -> DecodedVideo:
-    """Decode ``num_frames`` uniformly sampled frames of the first video stream of ``path``.
+def read_video(path: str | os.PathLike | IO[bytes], num_frames: int, backend: str = "pyav") -> DecodedVideo:
+    """Decode ``num_frames`` uniformly sampled frames of the first video stream of ``path``; ``backend``
+    ``"torchcodec"``: the same frames decoded by torchcodec (:func:`.video_torchcodec.read_video_torchcodec`).
 
     The clip is decoded once from the start, keeping only the sampled frames; sampled frames more than
     ``SEEK_MIN_GAP`` frames apart are reached by seeking instead (an hour sampled at 8 frames decodes a few
@@ -94,6 +96,12 @@ def read_video(path: str | os.PathLike | IO[bytes], num_frames: int) -> DecodedV
     delay drop a frame or two) draws the sample again over the frames that decode; a larger one means the file
     is truncated or damaged and raises ``ValueError`` — its clip would be another clip than the stream states.
     """
+    if backend != "pyav":
+        if backend not in VIDEO_BACKENDS:
+            raise ValueError(f"backend={backend!r}; expected one of {VIDEO_BACKENDS}")
+        from .video_torchcodec import read_video_torchcodec
+
+        return read_video_torchcodec(path, num_frames)
     av = _import_av()
     total = _stated_frame_count(av, path)
     if total is None:

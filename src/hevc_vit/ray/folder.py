@@ -1,0 +1,148 @@
+"""``encode(..., engine="ray")``: the output folder of ``hevc-vit encode``, written by a Ray Data pipeline.
+
+On the driver, as the local engine's rank 0 does: the folder is claimed (its lock held until the run returns)
+and prepared (``--resume``/``--overwrite`` rules, ``encode_config.json``), the model loaded once (its settings
+recorded; the actors receive it through Ray's object store, so the checkpoint need not be on every node) and
+the inputs listed. The inputs not done yet become a dataset that is decoded, encoded and written by the stages
+of :mod:`.stages` (the inputs are read where the decoding runs: local paths must be on a filesystem every node
+sees, or be URLs; the parts are written on the driver's node); each block's rows land in an index file of its
+own, and the driver merges them into ``index.jsonl`` once, in input order, one row per input. Parts left by an
+attempt that Ray retried differently (no row names them) are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..encode.folder import claim_out_dir, prepare_folder, reporting_full_disk
+from ..encode.formats import owned_files, storage_dtype
+from ..encode.index import merge_index
+from ..encode.model import run_settings
+from ..encode.objects import MemorySource, collect_memory
+from ..encode.options import EncodeOptions
+from ..encode.result import EncodeResult
+from ..encode.runner import Tally
+from ..encode.sources import SourceOptions
+from ..encode.units import Share, list_share, ordered_paths
+from .cluster import connect, import_ray, quiet_data
+from .dataset import DECODE_ROWS, Stages, prepare
+from .stages import FAULT_ENV, load_specs, write_block
+
+
+def encode_folder(
+    inputs: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    options: EncodeOptions | None = None,
+    *,
+    batch_size: int | None = None,
+) -> EncodeResult:
+    """What ``encode(inputs, out_dir, options)`` does, on Ray (``options.ray_address``: the cluster; None: the
+    Ray instance this process has, else a local one). batch_size: items per model call, packed into forwards
+    of at most ``max_tokens`` patches (default: 4 forwards' worth of the largest item the processor makes)."""
+    options = (options or EncodeOptions()).replace(engine="ray")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("engine='ray' was started under torchrun; start it once, with Ray spreading the work")
+    import_ray()
+    sources = SourceOptions.of(options)
+    inputs, memory = collect_memory(inputs, options.image_column, sources.keep_columns)
+    say = _say(options)
+    lock = claim_out_dir(out_dir, options.resume, options.overwrite, say)
+    started = False
+    try:
+        started = connect(options.ray_address)
+        return _encode_claimed(lock.folder, inputs, memory, options, say, batch_size)
+    finally:
+        lock.release()
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _say(options: EncodeOptions):
+    if options.log is not None:
+        return options.log
+    return lambda message: print(message, file=sys.stderr, flush=True)
+
+
+def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, say, batch_size) -> EncodeResult:
+    encoder, device, dtype = prepare(options, say)
+    settings = run_settings(options, encoder, dtype, 1, with_weights=True)
+    sources = SourceOptions.of(options)
+    with reporting_full_disk(folder):
+        plan = prepare_folder(inputs, folder, options.resume, options.overwrite, settings, say, sources)
+    start = time.perf_counter()
+    memory_sources = {m.number: m for m in inputs or [] if isinstance(m, MemorySource)}
+    share = list_share(plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.retries, memory_sources)
+    todo = _todo(share, plan.done)
+    before = set(owned_files(folder))
+    result = EncodeResult(out_dir=folder.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
+    result.output_format = options.output_format
+    show = sys.stderr.isatty() if options.progress is None else options.progress
+    tally = Tally(len(todo), show, "encode (ray)")
+    try:
+        with reporting_full_disk(folder):
+            if todo:
+                stages = Stages(options, encoder, device, dtype, memory, batch_size)
+                storage = storage_dtype(options.output_format, options.storage_dtype, dtype)
+                quiet_data(show)
+                for counts in _pipeline(todo, folder, stages, storage).iter_rows():
+                    tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
+                    result.shards += int(counts["parts"])
+            result.rows = merge_index(folder, ordered_paths(plan.units, share.listed))
+            _remove_unnamed_parts(folder, before, result.rows)
+    finally:
+        tally.close()
+    result.encoded, result.failed, result.tokens = tally.counts()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _todo(share: Share, done: set[str]) -> list[dict[str, Any]]:
+    """A dataset row per input not done yet (first listing of a path only): its shard key, its source fields and
+    its spec."""
+    rows, seen = [], set()
+    for spec, key in zip(share.specs, share.keys):
+        if spec.path in seen or spec.path in done:
+            continue
+        seen.add(spec.path)
+        rows.append({"key": key, "extra": json.dumps(spec.extra), "spec": pickle.dumps(spec)})
+    return rows
+
+
+def _pipeline(todo: list[dict[str, Any]], folder: Path, stages: Stages, storage: torch.dtype):
+    """Rows of the inputs to do -> decoded -> encoded -> written: one row of counts per block written."""
+    import ray
+
+    options = stages.options
+    blocks = max(1, -(-len(todo) // DECODE_ROWS))
+    rows = ray.data.from_items(todo, override_num_blocks=blocks)
+    decoded = stages.decode(rows, load_specs, {"load": stages.load, "cwd": os.getcwd()})
+    write = {"out_dir": str(folder.resolve()), "output_format": options.output_format, "storage": storage}
+    fault = os.environ.get(FAULT_ENV)
+    # the writes run on this node, the folder's: it need not be on a filesystem the other nodes share
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return stages.model(decoded).map_batches(
+        write_block, fn_kwargs={**write, "fault": fault}, num_cpus=1, label_selector=here
+    )
+
+
+def _remove_unnamed_parts(folder: Path, before: set[Path], rows: list[dict[str, Any]]) -> None:
+    """Remove the parts this run wrote that no index row names (an attempt Ray retried with other rows)."""
+    named = set()
+    for row in rows:
+        shard = row.get("shard") or ""
+        if shard:
+            named.add(folder / shard)
+            if shard.startswith("metadata/"):  # npy-parquet: its embeddings beside the metadata
+                named.add(folder / "embeddings" / (Path(shard).stem + ".npy"))
+    for path in set(owned_files(folder)) - before - named:
+        path.unlink(missing_ok=True)
