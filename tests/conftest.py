@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -135,3 +137,13 @@ def ckpt(model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(folder)
     return folder
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A webdataset-style tar shard at ``path`` holding ``members`` (name, bytes) in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

@@ -20,7 +20,7 @@ from hevc_vit.encode import encode, iter_features, read_index
 from hevc_vit.encode.processing import NativeResolutionProcessor
 from hevc_vit.encode.sources import expand_braces
 
-from .conftest import FIXTURES, crash_on_forward
+from .conftest import FIXTURES, crash_on_forward, write_tar
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 fsspec = pytest.importorskip("fsspec", reason="fsspec (the 'data' extra) is not installed")
@@ -38,15 +38,6 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture(scope="module")

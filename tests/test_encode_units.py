@@ -4,12 +4,10 @@ resumed (at world 1 or 3) equals an uninterrupted run, features and index rows."
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from hevc_vit.encode.index import INDEX_NAME, rank_index_files, read_jsonl
 from hevc_vit.encode.sources import SourceOptions, expand_inputs, expand_units
 from hevc_vit.encode.units import list_share, ordered_paths
 
-from .conftest import assert_close_rel, cli_args, write_image
+from .conftest import assert_close_rel, cli_args, write_image, write_tar
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the 'data' extra) is not installed")
@@ -30,15 +28,6 @@ pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the 'data' extra) i
 SIZES = [(70, 42), (100, 30), (56, 56), (41, 97), (30, 30), (90, 60), (45, 45), (60, 33)]
 # every run of this file: one shard per forward of at most 60 patches (a few items), failures allowed
 COMMON = ("--max-tokens", "60", "--shard-size-mb", "0", "--allow-failures")
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _corrupt_row_group(path: Path, group: int) -> None:
@@ -63,8 +52,8 @@ def inputs(tmp_path_factory) -> list[Path]:
     blob = [p.read_bytes() for p in images]
     members = [(f"s{i:03d}.png", blob[i]) for i in range(4)] + [("s004.txt", b"a caption, no image")]
     members += [(f"s{i:03d}.png", blob[i]) for i in range(5, 7)]
-    _tar(root / "shard-000.tar", members)
-    cut = _tar(root / "shard-001.tar", [(f"t{i:03d}.png", blob[i]) for i in range(7, 11)])
+    write_tar(root / "shard-000.tar", members)
+    cut = write_tar(root / "shard-001.tar", [(f"t{i:03d}.png", blob[i]) for i in range(7, 11)])
     cut.write_bytes(cut.read_bytes()[: 512 * 3 + len(blob[7]) + 600])  # the second member ends past the end
     paths = [f"pool/{i:02d}.png" for i in range(11, 21)]
     paths[4] = ""  # a row without a path: a failed row
@@ -108,7 +97,7 @@ def _assert_same_run(got: Path, want: Path) -> None:
 
 
 def test_rank0_plan_holds_units_not_items(inputs, tmp_path):
-    many = _tar(tmp_path / "many.tar", [(f"{i:04d}.png", inputs[-1].read_bytes()) for i in range(40)])
+    many = write_tar(tmp_path / "many.tar", [(f"{i:04d}.png", inputs[-1].read_bytes()) for i in range(40)])
     sources = SourceOptions(keep_columns=("caption",))
     plan = prepare_folder([many, *inputs], tmp_path / "out", False, False, {}, lambda m: None, sources)
     kinds = [(unit.kind, Path(unit.location).name) for unit in plan.units]
@@ -279,7 +268,7 @@ def test_a_path_named_by_two_units_gets_one_row_where_it_is_first_met(inputs, ck
 
 
 def test_a_tar_without_samples_and_a_table_without_rows_are_failed_rows(tmp_path):
-    empty_tar = _tar(tmp_path / "empty.tar", [("README", b"no key, no extension")])
+    empty_tar = write_tar(tmp_path / "empty.tar", [("README", b"no key, no extension")])
     pq.write_table(pa.table({"path": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     (tmp_path / "empty.csv").write_text("path\n")
     specs = expand_inputs([empty_tar, tmp_path / "empty.parquet", tmp_path / "empty.csv"])
