@@ -18,7 +18,7 @@ from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import EncodeOptions, encode, iter_features, read_index
 from hevc_vit.encode.index import rank_index_files
 
-from .conftest import assert_close_rel, cli_args
+from .conftest import assert_close_rel, cli_args, write_tar
 from .test_encode_formats import _read_npy_parquet
 
 # Ray takes the node's address from these before it is imported: every server it starts binds 127.0.0.1
@@ -130,6 +130,40 @@ def test_lost_actor_or_writer_is_retried_without_duplicates(
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_tar_parquet_and_url_sources_match_local(local_ray, mixed, ckpt, tmp_path):
+    """The Ray engine takes the same sources as encode: a tar shard (with a member that is no image), a parquet
+    list in several row groups (with a missing path, and a kept column) and a folder behind a ``file://`` URL (read
+    through fsspec by the decoding tasks). A ``memory://`` URL, which lives in this process alone, is refused."""
+    pytest.importorskip("fsspec")
+    pq, pa = pytest.importorskip("pyarrow.parquet"), pytest.importorskip("pyarrow")
+    good = sorted(p for p in mixed.iterdir() if p.suffix in (".jpg", ".png") and p.name != "corrupt.jpg")
+    members = [(f"k{i:03d}{p.suffix}", p.read_bytes()) for i, p in enumerate(good)] + [("k999.jpg", b"junk")]
+    shard = write_tar(tmp_path / "s-000.tar", members)
+    paths = [str(p) for p in good] + [str(tmp_path / "missing.jpg")]
+    table = pa.table({"path": paths, "caption": [f"c{i}" for i in range(len(paths))]})
+    pq.write_table(table, tmp_path / "list.parquet", row_group_size=2)
+    (tmp_path / "remote").mkdir()
+    for p in good[:2]:
+        shutil.copy(p, tmp_path / "remote" / p.name)
+    inputs = [shard, tmp_path / "list.parquet", (tmp_path / "remote").as_uri() + "/"]
+    options = dict(model=ckpt, keep_columns="caption", **TOKENS, **QUIET)
+    encode(inputs, tmp_path / "local", workers=0, **options)
+    encode(inputs, tmp_path / "ray", engine="ray", **options)
+    rows = _rows(tmp_path / "local")
+    assert _rows(tmp_path / "ray") == rows
+    assert [row["status"] for row in rows].count("failed") == 2 and any(row.get("caption") for row in rows)
+    expected = {row["path"]: tensors for row, tensors in iter_features(tmp_path / "local")}
+    got = {row["path"]: tensors for row, tensors in iter_features(tmp_path / "ray")}
+    assert sorted(got) == sorted(expected) and len(got) == 2 * len(good) + 2
+    for path, tensors in expected.items():
+        assert_close_rel(got[path]["patches"], tensors["patches"], what=path)
+    with pytest.raises(ValueError, match="memory://"):
+        encode(["memory://ray-test/"], tmp_path / "refused", engine="ray", **options)
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_encode_dataset_matches_local(local_ray, mixed, ckpt, local_runs):
     from hevc_vit.ray import encode_dataset
 
@@ -166,3 +200,24 @@ def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'hevc-vit\[ray\]'"):
         import_ray()
+
+
+def test_actors_use_the_dtype_the_driver_resolved(ckpt, monkeypatch):
+    """``auto`` is resolved once, on the driver, and handed to every model actor: an actor on a node of another CPU
+    kind (here: the rule changed after the driver chose) must not choose for itself."""
+    pytest.importorskip("ray.data")
+    from hevc_vit.ray import dataset
+    from hevc_vit.ray.stages import ModelStage
+
+    monkeypatch.setattr(dataset, "cluster_has_gpus", lambda: False)
+    monkeypatch.setenv("HEVC_VIT_CPU_DTYPE", "bfloat16")  # the driver's CPU takes bf16
+    said = []
+    options = EncodeOptions(model=ckpt, dtype="auto", progress=False, log=said.append)
+    encoder, device, dtype = dataset.prepare(options, said.append)
+    assert (device.type, dtype) == ("cpu", torch.bfloat16)
+    assert any(line.startswith("auto dtype: bfloat16") for line in said), said
+    stages = dataset.Stages(options, encoder, device, dtype, [], None)
+    monkeypatch.setenv("HEVC_VIT_CPU_DTYPE", "float32")  # an actor's CPU would take fp32
+    actor = ModelStage(stages.actor_options, "cpu")
+    assert actor.dtype == torch.bfloat16
+    assert next(actor.encoder.model.parameters()).dtype == torch.bfloat16

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..devices import resolve_dtype
+from ..devices import describe_dtype_choice, resolve_dtype
 from ..encode.items import InputSpec, MemoryRow
 from ..encode.loading import LoadOptions
 from ..encode.model import Encoder, largest_item, prepare_encoder
@@ -58,6 +58,8 @@ def prepare(options: EncodeOptions, say: Callable[[str], None]) -> tuple[Encoder
     the cluster has one), with its processor and pooling checked."""
     device = torch.device(options.device or ("cuda" if cluster_has_gpus() else "cpu"))
     dtype = resolve_dtype(options.dtype, device)
+    if options.dtype in (None, "auto"):
+        say(describe_dtype_choice(device))  # the driver's choice, which every actor then uses
     return prepare_encoder(options, torch.device("cpu"), dtype, say), device, dtype
 
 
@@ -71,7 +73,9 @@ class Stages:
         if self.load.preview_dir is not None:  # written by the decoding workers, whose folder may differ
             self.load = dataclasses.replace(self.load, preview_dir=os.path.abspath(self.load.preview_dir))
         # the actors get the loaded model and the resolved processor: no node needs the checkpoint's files
-        self.actor_options = options.replace(model=encoder.model, processor=encoder.processor)
+        # and the dtype the driver resolved: an actor on a node of another CPU kind must not pick its own
+        dtype_name = str(dtype).removeprefix("torch.")
+        self.actor_options = options.replace(model=encoder.model, processor=encoder.processor, dtype=dtype_name)
         largest = largest_item(encoder.processor, options.video_frames, config.patch_size)
         self.batch_size = batch_size or max(1, 4 * options.max_tokens // max(1, largest))
 

@@ -51,6 +51,7 @@ def encode_folder(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("engine='ray' was started under torchrun; start it once, with Ray spreading the work")
     import_ray()
+    _refuse_process_local(inputs)
     sources = SourceOptions.of(options)
     inputs, memory = collect_memory(inputs, options.image_column, sources.keep_columns)
     say = _say(options)
@@ -65,6 +66,18 @@ def encode_folder(
             import ray
 
             ray.shutdown()
+
+
+def _refuse_process_local(inputs: Any) -> None:
+    """A ``memory://`` file lives in this process alone: Ray's decoding tasks, in other processes, cannot read it."""
+    given = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs or [])
+    local = [str(i) for i in given if isinstance(i, (str, os.PathLike)) and str(i).startswith("memory://")]
+    if local:
+        raise ValueError(
+            f"engine='ray' with {local[:3]}: a memory:// file exists only in this process, and Ray decodes in other "
+            f"processes; write the files where every node can read them (a path, s3://, gs://, ...) or use the "
+            f"local engine"
+        )
 
 
 def _say(options: EncodeOptions):
