@@ -203,7 +203,7 @@ class EncodeOptions:
     )
     video_backend: str = option(
         "pyav",
-        "decoder of the sampled video frames: pyav ({default}) or torchcodec (pip install torchcodec; needs FFmpeg)",
+        "decoder of the sampled video frames: pyav (default) or torchcodec (pip install torchcodec; needs FFmpeg)",
         parse=str,
         choices=VIDEO_BACKENDS,
         check=one_of(VIDEO_BACKENDS),
@@ -264,7 +264,7 @@ class EncodeOptions:
     )
     model_actors: int | None = option(
         None,
-        "--engine ray: model replicas, a GPU each (default: one per GPU of the cluster; without GPUs, one)",
+        "--engine ray: model replicas, a GPU each (default: one per GPU; without GPUs, one CPU actor of one thread)",
         parse=int,
         metavar="N",
         check=optional(positive_int),

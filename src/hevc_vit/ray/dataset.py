@@ -63,6 +63,9 @@ def prepare(options: EncodeOptions, say: Callable[[str], None]) -> tuple[Encoder
     return prepare_encoder(options, torch.device("cpu"), dtype, say), device, dtype
 
 
+MAX_PART_ROWS = 4096  # items per written part at most (pooled vectors are small: a part per ~4k items)
+
+
 class Stages:
     """The decode and model stages of a run, configured from its options (and the run's in-memory inputs)."""
 
@@ -78,6 +81,17 @@ class Stages:
         self.actor_options = options.replace(model=encoder.model, processor=encoder.processor, dtype=dtype_name)
         largest = largest_item(encoder.processor, options.video_frames, config.patch_size)
         self.batch_size = batch_size or max(1, 4 * options.max_tokens // max(1, largest))
+        self.part_rows = self._part_rows(config.hidden_size, largest)
+
+    def _part_rows(self, width: int, largest: int) -> int:
+        """Items per written part: as many as fill ``shard_size_mb`` when every item is the largest the processor
+        makes (at least one model call's worth, at most ``MAX_PART_ROWS``), so a large run is not a part per model
+        call; ``shard_size_mb`` 0: a part per model call."""
+        options = self.options
+        pooled_only = options.pooled_only or options.output_format == "npy-parquet"
+        item_bytes = width * 4 * (1 if pooled_only else largest + 1)  # float32: an upper bound for every storage
+        rows = int(options.shard_size_mb * 2**20) // item_bytes
+        return self.batch_size if rows <= self.batch_size else min(rows, MAX_PART_ROWS)
 
     def decode(self, ds, fn: Callable[..., Batch], fn_kwargs: dict[str, Any]):
         """CPU tasks, ``decode_cpus`` at once (default: as many as the cluster has room for)."""

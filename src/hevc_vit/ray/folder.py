@@ -109,9 +109,11 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
                 quiet_data(show)
                 for counts in _pipeline(todo, folder, stages, storage).iter_rows():
                     tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
-                    result.shards += int(counts["parts"])
             result.rows = merge_index(folder, ordered_paths(plan.units, share.listed))
             _remove_unnamed_parts(folder, before, result.rows)
+            # the parts this run's rows name (a write retried after it published counts once)
+            new_rows = [row for row in result.rows if row.get("shard") and row["path"] not in plan.done]
+            result.shards = len({row["shard"] for row in new_rows})
     finally:
         tally.close()
     result.encoded, result.failed, result.tokens = tally.counts()
@@ -143,8 +145,13 @@ def _pipeline(todo: list[dict[str, Any]], folder: Path, stages: Stages, storage:
     fault = os.environ.get(FAULT_ENV)
     # the writes run on this node, the folder's: it need not be on a filesystem the other nodes share
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    # a part holds up to shard_size_mb of features (many model calls' results), not one model call's
     return stages.model(decoded).map_batches(
-        write_block, fn_kwargs={**write, "fault": fault}, num_cpus=1, label_selector=here
+        write_block,
+        fn_kwargs={**write, "fault": fault},
+        batch_size=stages.part_rows,
+        num_cpus=1,
+        label_selector=here,
     )
 
 
