@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -147,3 +149,21 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def launch_command(world: int, entry: Sequence[str]) -> list[str]:
+    """``python ENTRY...`` in one process (``world`` 1) or under ``torchrun --standalone`` with ``world`` ranks."""
+    if world == 1:
+        return [sys.executable, *entry]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *entry]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of the processes a test starts: one thread each (ranks share the machine's cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_encode_cli(world: int, args: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``hevc-vit ARGS`` in ``world`` processes (see :func:`launch_command`), its output captured."""
+    command = launch_command(world, ["-m", "hevc_vit", *args])
+    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)

@@ -5,9 +5,6 @@ torchrun against one process; the packer and input expansion on their own; the C
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ from hevc_vit.encode.sources import expand_inputs
 from hevc_vit.encode.video import read_video, temporal_positions, video_patch_positions
 from hevc_vit.packing import grid_positions, unpack
 
-from .conftest import FIXTURES, assert_close_rel, cli_args, crash_on_forward, write_image
+from .conftest import FIXTURES, assert_close_rel, cli_args, crash_on_forward, run_encode_cli, write_image
 from .test_video import write_clip
 
 PROC = NativeResolutionProcessor(patch_size=14, min_tokens=4, max_tokens=48, max_video_tokens=96)
@@ -226,16 +223,7 @@ def test_torchrun_two_processes_equal_one_process(model, data, tmp_path):
     model.save_pretrained(ckpt)
     PROC.save_pretrained(ckpt)  # the folder's own native processor: picked up by --processor native
     single = encode([data], tmp_path / "single", model=str(ckpt), max_tokens=40, **OPTIONS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "hevc_vit",
+    args = [
         "encode",
         str(data),
         "--out",
@@ -254,7 +242,7 @@ def test_torchrun_two_processes_equal_one_process(model, data, tmp_path):
         "cpu",
         "-q",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_encode_cli(2, args, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "encoded 7 of 7 inputs" in proc.stdout
     rows_multi, rows_single = read_index(tmp_path / "multi"), read_index(tmp_path / "single")

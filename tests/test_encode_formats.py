@@ -7,19 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from hevc_vit import HEVCViTPackingModel
 from hevc_vit.encode import encode, iter_features, read_index
 
-from .conftest import FIXTURES, assert_close_rel, crash_on_forward
+from .conftest import assert_close_rel, crash_on_forward
 from .test_encode_sources import OPTIONS, SIZES, _source, jpeg
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 import pyarrow.parquet as pq  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model() -> HEVCViTPackingModel:
-    return HEVCViTPackingModel.from_pretrained(FIXTURES / "llava_vit_packing_tiny")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from hevc_vit.encode import encode, iter_features, load_features, read_index
 from hevc_vit.encode.lock import FolderLock
 from hevc_vit.encode.sources import expand_inputs
 
-from .conftest import assert_close_rel, cli_args, write_image
+from .conftest import assert_close_rel, cli_args, run_encode_cli, write_image
 from .test_encode import OPTIONS, PROC, features_by_path, without_shard
 
 # --------------------------------------------------------------------------------------------------
@@ -402,24 +402,9 @@ def test_torchrun_ranks_share_the_folder_and_a_held_folder_stops_every_rank(imag
     """Rank 0 holds the lock for its run (the other ranks write their own files under it); a run whose rank 0
     is refused stops on every rank, none waiting forever, and writes nothing."""
     import subprocess
-    import sys
 
     def torchrun(out: Path) -> subprocess.CompletedProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "hevc_vit",
-            *cli_args(images, out, ckpt),
-            "--device",
-            "cpu",
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        return run_encode_cli(2, [*cli_args(images, out, ckpt), "--device", "cpu"], timeout=180)
 
     with FolderLock.acquire(tmp_path / "held"):
         refused = torchrun(tmp_path / "held")

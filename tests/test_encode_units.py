@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,15 @@ from hevc_vit.encode.index import INDEX_NAME, rank_index_files, read_jsonl
 from hevc_vit.encode.sources import SourceOptions, expand_inputs, expand_units
 from hevc_vit.encode.units import list_share, ordered_paths
 
-from .conftest import assert_close_rel, cli_args, write_image, write_tar
+from .conftest import (
+    assert_close_rel,
+    cli_args,
+    launch_command,
+    run_encode_cli,
+    subprocess_env,
+    write_image,
+    write_tar,
+)
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the 'data' extra) is not installed")
@@ -162,20 +169,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _command(world: int, entry: list[str]) -> list[str]:
-    if world == 1:
-        return [sys.executable, *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), *entry]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
 def _run(world: int, args: list[str]) -> None:
-    proc = subprocess.run(
-        _command(world, ["-m", "hevc_vit", *args]), env=_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = run_encode_cli(world, args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -200,8 +195,10 @@ def _kill_after_first_shard(world: int, args: list[str], tmp_path: Path) -> tupl
     pids = tmp_path / "pids"
     pids.mkdir()
     (tmp_path / "wrapper.py").write_text(WRAPPER)
-    cmd = _command(world, [str(tmp_path / "wrapper.py"), str(pids), *args])
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = launch_command(world, [str(tmp_path / "wrapper.py"), str(pids), *args])
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     out = Path(args[args.index("--out") + 1])
     deadline = time.monotonic() + 120
     try:
