@@ -55,7 +55,7 @@ def model_only(model, out_dir: Path, processor, max_tokens: int, device, dtype) 
     from hevc_vit.packing import PackingPlan
 
     rows = [r for r in read_index(out_dir) if r["status"] == "ok"][:400]
-    options = LoadOptions(processor, model.config.patch_size)
+    options = LoadOptions(processor, model.config.patch_size, jpeg_draft=True)  # as encode loads them (its default)
     items = [load_item(i, r["path"], options) for i, r in enumerate(rows)]
     groups = first_fit_decreasing([it.num_tokens for it in items], max_tokens)
     batches = []
