@@ -51,6 +51,7 @@ def model_only(model, out_dir: Path, processor, max_tokens: int, device, dtype) 
     """The packing model alone on the groups encode would form, items preprocessed beforehand."""
     from hevc_vit.encode import read_index
     from hevc_vit.encode.batching import first_fit_decreasing
+    from hevc_vit.encode.forward import model_input
     from hevc_vit.encode.loading import LoadOptions, load_item
     from hevc_vit.packing import PackingPlan
 
@@ -60,7 +61,7 @@ def model_only(model, out_dir: Path, processor, max_tokens: int, device, dtype) 
     groups = first_fit_decreasing([it.num_tokens for it in items], max_tokens)
     batches = []
     for group in groups:
-        patches = torch.cat([items[i].patches for i in group]).to(device, dtype)
+        patches = model_input([items[i] for i in group], device, dtype)  # normalised on the device, untimed
         grid = torch.tensor([items[i].grid_thw for i in group])
         batches.append((patches, PackingPlan.from_grid_thw(grid, device=device)))
     with torch.inference_mode():

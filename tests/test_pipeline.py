@@ -23,8 +23,9 @@ from hevc_vit.bench_pipeline import (
 )
 from hevc_vit.cli import build_parser
 from hevc_vit.encode import encode
-from hevc_vit.encode.loading import LoadOptions, load_item
-from hevc_vit.encode.pixels import Normalizer, normalize_reference
+from hevc_vit.encode.forward import model_input
+from hevc_vit.encode.loading import LoadedItem, LoadOptions, load_item
+from hevc_vit.encode.pixels import Normalizer, normalize_patches, normalize_reference
 from hevc_vit.encode.processing import CLIP_MEAN, CLIP_STD, FixedSizeProcessor, NativeResolutionProcessor
 from hevc_vit.packing import patchify
 
@@ -97,6 +98,45 @@ def test_table_lookup_reproduces_the_float64_arithmetic_bit_for_bit():
             assert np.array_equal(normalizer.patches(frames, p), reference.numpy())
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize(
+    "rescale, do_rescale, do_normalize",
+    [(1 / 255, True, True), (1 / 256, True, True), (1 / 255, False, True), (1 / 255, True, False)],
+)
+def test_normalising_8_bit_patches_where_they_are_used_equals_the_float64_arithmetic(
+    channels, rescale, do_rescale, do_normalize
+):
+    """The loader's uint8 patches, normalised by torch (as on the model's device), against the specification: every
+    value of every channel, bit for bit, and the same layout as the float patches."""
+    frames = np.random.default_rng(1).integers(0, 256, (2, 448, 434, channels), dtype=np.uint8)  # CPU: in chunks
+    frames.reshape(-1, channels)[:256] = np.arange(256)[:, None]
+    settings = ([0.48, 0.46, 0.41][:channels], [0.27, 0.26, 0.28][:channels], rescale, do_rescale, do_normalize)
+    normalizer = Normalizer(*settings)
+    for p in (14, 7):
+        samples = normalizer.patches(frames, p, normalize=False)
+        assert samples.dtype == np.uint8 and samples.shape == (2 * (448 // p) * (434 // p), channels * p * p)
+        expected = normalizer.patches(frames, p)  # the table lookup, itself tested against the float64 arithmetic
+        assert torch.equal(normalize_patches(torch.from_numpy(samples), *settings), torch.from_numpy(expected))
+
+
+def test_patches_for_the_model_equal_the_float_patches_in_any_mix(tmp_path):
+    """A forward's input from 8-bit items (normalised after the move) equals the concatenated float patches, also
+    when one item carries float patches (a codec-sparse clip does) or another normalisation."""
+    processor = PROCESSORS["native"]
+    paths = [_jpeg(_textured(w, h, i), tmp_path / f"{i}.jpg") for i, (w, h) in enumerate([(200, 150), (90, 120)])]
+    items = [load_item(i, str(path), LoadOptions(processor, 14)) for i, path in enumerate(paths)]
+    expected = torch.cat([processor.patchify(Image.open(path), 14, draft=True)[0] for path in paths])
+    assert all(it.patches.dtype == torch.uint8 for it in items)
+    assert torch.equal(model_input(items, torch.device("cpu"), torch.float32), expected)
+    float_item = LoadedItem(2, "x", "video", items[1].float_patches(), items[1].grid_thw, items[1].positions)
+    assert torch.equal(model_input([items[0], float_item], torch.device("cpu"), torch.float32), expected)
+    other = ([0.5] * 3, [0.5] * 3, 1 / 255, True, True)
+    shifted = LoadedItem(3, "y", "image", items[1].patches, items[1].grid_thw, items[1].positions, normalization=other)
+    assert not torch.equal(shifted.float_patches(), items[1].float_patches())
+    mixed = model_input([items[0], shifted], torch.device("cpu"), torch.bfloat16)
+    assert torch.equal(mixed, torch.cat([items[0].float_patches(), shifted.float_patches()]).bfloat16())
+
+
 def test_new_loader_equals_the_old_one_on_full_decodes(tmp_path):
     processor = PROCESSORS["native"]
     for i, (w, h) in enumerate([(400, 300), (64, 90), (1000, 500)]):
@@ -105,7 +145,8 @@ def test_new_loader_equals_the_old_one_on_full_decodes(tmp_path):
     options = LoadOptions(processor, 14, jpeg_draft=False)
     for path in sorted(tmp_path.iterdir()):
         new, old = load_item(0, str(path), options), load_baseline(0, path, options)
-        assert torch.equal(new.patches, old.patches) and new.grid_thw == old.grid_thw
+        assert new.patches.dtype == torch.uint8 and new.normalization == processor.normalization
+        assert torch.equal(new.float_patches(), old.patches) and new.grid_thw == old.grid_thw
         assert torch.equal(new.positions, old.positions)
 
 
@@ -124,7 +165,7 @@ def test_draft_decode_applies_to_large_jpegs_only(tmp_path):
         full, drafted = items[name, False], items[name, True]
         assert drafted.info["size"] == full.info["size"] == list(cases[name][1].size)  # the stored size
         assert drafted.grid_thw == full.grid_thw
-        assert torch.equal(drafted.patches, full.patches) == (name != "large.jpg")
+        assert torch.equal(drafted.float_patches(), full.float_patches()) == (name != "large.jpg")
     opened = Image.open(tmp_path / "large.jpg")
     processor.pixels(opened, processor.output_size(450, 600), draft=True)
     assert opened.size == (150, 113)  # decoded at 1/4 scale: the smallest at least the 112 x 84 target

@@ -1,15 +1,17 @@
 """``hevc-vit bench --pipeline``: how fast one loader worker turns files into patches, old path against new.
 
 What one worker of ``hevc-vit encode`` does per input — read, decode, resize, normalise, patchify, i.e.
-:func:`hevc_vit.encode.loading.load_item` — is timed on one process and one thread, per file, in three
-variants taken round-robin on every file (so a slow spell of a shared machine hits all three alike):
+:func:`hevc_vit.encode.loading.load_item` — is timed on one process and one thread, per file, in four
+variants taken round-robin on every file (so a slow spell of a shared machine hits all four alike):
 
     baseline     the path before the pipeline work: a full decode and a copy of the image, the float64
                  rescale and float32 normalisation of the (C, H, W) image, then a separate patchify.
-    full_decode  ``load_item`` with ``jpeg_draft=False``: same pixels as the baseline, the new
-                 normalise+patchify (one table lookup per sample straight into patch order).
+    full_decode  ``load_item`` with ``jpeg_draft=False``: same pixels as the baseline, put in patch order as
+                 8-bit samples; they are normalised where the model runs (``LoadedItem.float_patches``).
     draft        ``load_item`` as ``encode`` runs it by default: JPEGs decoded at a reduced DCT scale
                  (1/2, 1/4, 1/8) no smaller than the resize target, then resized the rest of the way.
+    draft_norm   ``draft`` and the normalisation after it, in the same thread: the whole preprocessing of an
+                 item when the model's device is this CPU (on a GPU the normalisation runs there instead).
 
 Reported: items/s and tokens/s per variant (images, videos, all), their ratio to the baseline, and how far
 the draft path moves the input: patch differences in 8-bit pixel levels and, through a model, the
@@ -38,7 +40,7 @@ from .encode.loading import LoadedItem, LoadOptions, load_item
 from .encode.sources_tar import MEDIA_EXTENSIONS
 from .encode.video import VIDEO_EXTENSIONS
 
-VARIANTS = ("baseline", "full_decode", "draft")
+VARIANTS = ("baseline", "full_decode", "draft", "draft_norm")
 _ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1), (3, 2), (9, 16), (2, 1), (5, 4))
 
 
@@ -136,7 +138,14 @@ def _loaders(options: LoadOptions) -> dict[str, Callable[[int, str], LoadedItem]
         "baseline": lambda i, path: load_baseline(i, path, options),
         "full_decode": lambda i, path: load_item(i, path, full),
         "draft": lambda i, path: load_item(i, path, draft),
+        "draft_norm": lambda i, path: _normalised(load_item(i, path, draft)),
     }
+
+
+def _normalised(item: LoadedItem) -> LoadedItem:
+    if not item.error:
+        item.patches, item.normalization = item.float_patches(), None
+    return item
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +192,7 @@ def time_loading(
 
 
 def run_pipeline_benchmark(setup: PipelineSetup, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Time the three loaders on the folder (or a synthetic set) and measure the draft decode's deviation."""
+    """Time the loaders (:data:`VARIANTS`) on the folder (or a synthetic set); measure the draft decode's deviation."""
     from .encode.model import build_processor, load_model
 
     with tempfile.TemporaryDirectory(prefix="hevc_vit_pipeline_") as tmp:

@@ -13,6 +13,7 @@ import torch
 from ..packing import PackingPlan
 from .index import failed_row, item_key, make_row
 from .loading import LoadedItem
+from .pixels import normalize_patches
 from .shards import ShardWriter
 
 
@@ -75,12 +76,12 @@ class GroupEncoder:
         self._pending = (items, outputs)
 
     def _forward(self, items: list[LoadedItem]):
-        patches = torch.cat([it.patches for it in items]) if len(items) > 1 else items[0].patches  # (T, C·p·p)
+        patches = model_input(items, self.device, self.dtype)  # (T, C·p·p)
         positions = torch.cat([it.positions for it in items]) if len(items) > 1 else items[0].positions  # (T, 3)
         # token counts of the items (a codec-sparse clip runs only its kept patches, not its whole grid)
         plan = PackingPlan.from_seqlens([it.num_tokens for it in items], positions, device=self.device)
         with torch.inference_mode():
-            out = self.model(patches.to(self.device, self.dtype, non_blocking=True), plan=plan, return_dict=True)
+            out = self.model(patches, plan=plan, return_dict=True)
             last = out.last_hidden_state  # (T, D)
             pooled = None
             if self.pool == "head":
@@ -138,6 +139,17 @@ class GroupEncoder:
 
     def close(self) -> None:
         self._finish()
+
+
+def model_input(items: Sequence[LoadedItem], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The items' patches, concatenated, ``(T, C·p·p)`` on ``device`` in ``dtype``. 8-bit patches that share one
+    normalisation travel as bytes and are normalised on the device; any other mix is normalised here first."""
+    first = items[0].normalization
+    if first is not None and all(it.normalization == first for it in items):
+        samples = torch.cat([it.patches for it in items]) if len(items) > 1 else items[0].patches  # (T, C·p·p) uint8
+        return normalize_patches(samples.to(device, non_blocking=True), *first).to(dtype)
+    patches = torch.cat([it.float_patches() for it in items]) if len(items) > 1 else items[0].float_patches()
+    return patches.to(device, dtype, non_blocking=True)
 
 
 def failure_row(item: LoadedItem, error: str | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..packing import grid_positions
 from .items import Fetched, InputSpec, fetch, spec_path
+from .pixels import normalize_patches
 from .processing import ImageProcessor
 from .sources import describe_error
 from .sources_tar import archive_kind
@@ -46,8 +47,11 @@ if TYPE_CHECKING:
 class LoadedItem:
     """One input ready for the encoder, or the reason it is not.
 
-    patches: ``(N, C·p·p)`` float32; grid_thw: ``(t, h, w)`` in patches; positions: ``(N, 3)`` int64
-    ``(t, h, w)`` RoPE positions (explicit for videos spread over a temporal context, else the grid's own).
+    patches: ``(N, C·p·p)``, float32, or uint8 when ``normalization`` is set: 8-bit samples, normalised where they
+    are used (:meth:`float_patches`, or on the model's device) — a quarter of the bytes between processes and to
+    the device, and none of the float work in the loader; grid_thw: ``(t, h, w)`` in patches; positions: ``(N, 3)``
+    int64 ``(t, h, w)`` RoPE positions (explicit for videos spread over a temporal context, else the grid's own).
+    normalization: the processor's ``(mean, std, rescale_factor, do_rescale, do_normalize)`` for uint8 patches.
     """
 
     index: int
@@ -58,6 +62,7 @@ class LoadedItem:
     positions: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
     error: str = ""
+    normalization: tuple | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +71,12 @@ class LoadedItem:
             return self.patches.shape[0]
         t, h, w = self.grid_thw
         return t * h * w
+
+    def float_patches(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``patches`` as float32 ``(N, C·p·p)`` on ``device`` (default: where they are): uint8 samples are
+        moved first, then normalised there, with exactly the processor's values."""
+        patches = self.patches if device is None else self.patches.to(device, non_blocking=True)
+        return patches if self.normalization is None else normalize_patches(patches, *self.normalization)
 
 
 @dataclass
@@ -81,7 +92,7 @@ class LoadOptions:
     preview_dir: str | os.PathLike | None = None
     memory: list = field(default_factory=list)  # the run's in-memory inputs (objects, datasets), by number
     retries: int = 2  # URLs: attempts after a failed read before the input fails
-    jpeg_draft: bool = False  # JPEGs larger than the target decode at a reduced DCT scale (encode's jpeg_draft)
+    jpeg_draft: bool = True  # JPEGs at least twice the target decode at a reduced DCT scale (as encode does by default)
     keys: Sequence[str] = ()  # the shard key of item ``index`` (names a codec preview); empty: item_key(index)
     video_backend: str = "pyav"  # decoder of the sampled frames: pyav or torchcodec (.video.read_video)
 
@@ -103,7 +114,7 @@ def load_item(index: int, path: str | InputSpec, options: LoadOptions) -> Loaded
     except Exception as e:  # a bad file may fail anywhere in a decoder; the reason goes to the index
         item.error = describe_error(e)
     if item.error:
-        item.patches = item.positions = None
+        item.patches = item.positions = item.normalization = None
     return item
 
 
@@ -132,7 +143,7 @@ def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesI
 
 def _load_image(item: LoadedItem, options: LoadOptions, image: Image.Image) -> None:
     size = [image.width, image.height]  # as stored: a draft decode makes the image object smaller
-    patches, grid = options.processor.patchify(image, options.patch_size, draft=options.jpeg_draft)
+    patches, grid = options.processor.patchify(image, options.patch_size, options.jpeg_draft, normalize=False)
     _set_patches(item, "image", patches, grid, options, t_positions=None)
     item.info = {"size": size}
 
@@ -188,7 +199,7 @@ def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
         load_codec_video(item, options, source)
         return
     video = read_video(item.path if source is None else source, options.frames, options.video_backend)
-    patches, grid = options.processor.patchify(video.frames, options.patch_size)  # (T·h·w, C·p·p)
+    patches, grid = options.processor.patchify(video.frames, options.patch_size, normalize=False)  # (T·h·w, C·p·p)
     t_positions = temporal_positions(len(video.frames), options.temporal_context)
     _set_patches(item, "video", patches, grid, options, t_positions)
     item.info = {
@@ -200,12 +211,14 @@ def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
 
 
 def _set_patches(item: LoadedItem, kind: str, patches: torch.Tensor, grid, options: LoadOptions, t_positions) -> None:
-    """``patches (N, C·p·p)`` float32 of a ``grid = (t, h, w)`` item from the processor's ``patchify``."""
+    """``patches (N, C·p·p)`` of a ``grid = (t, h, w)`` item from the processor's ``patchify``: float32, or uint8
+    8-bit samples that the processor's normalisation goes with."""
     channels = patches.shape[1] // options.patch_size**2
     if channels != options.num_channels:
         raise ValueError(f"the processor gave {channels} channels; the model expects {options.num_channels}")
     item.kind = kind
     item.patches = patches
+    item.normalization = options.processor.normalization if patches.dtype == torch.uint8 else None
     item.grid_thw = grid
     item.positions = (
         video_patch_positions(grid, t_positions) if kind == "video" else grid_positions(torch.tensor([grid]))

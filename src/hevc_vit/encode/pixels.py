@@ -6,9 +6,11 @@ Legend: ``p`` patch size, ``h``/``w`` sides in patches, ``H``/``W`` sides in pix
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
+import torch
 from PIL import Image
 
 # modes whose samples go past 8 bits: PIL's convert("RGB") clips them at 255 rather than scaling them
@@ -134,10 +136,11 @@ class Normalizer:
             return normalize_reference(pixels, *self.settings)
         return self._lookup(pixels, (1,) * (pixels.ndim - 1) + (-1,), self.table(pixels.shape[-1]))
 
-    def patches(self, pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    def patches(self, pixels: np.ndarray, patch_size: int, normalize: bool = True) -> np.ndarray:
         """``(T, H, W, C)`` frames of one size -> ``(T·h·w, C·p·p)`` float32 patches in the order and layout of
         :func:`hevc_vit.packing.patchify`: the samples are put in patch order as bytes, then each lookup writes
-        two floats (one for odd ``p``)."""
+        two floats (one for odd ``p``). ``normalize=False``: 8-bit samples stay uint8 in that layout, for
+        :func:`normalize_patches` where they are used (a quarter of the bytes to move); others are normalised."""
         T, H, W, C = pixels.shape
         p, h, w = patch_size, H // patch_size, W // patch_size
         if pixels.dtype != np.uint8:
@@ -145,6 +148,9 @@ class Normalizer:
         order = pixels.reshape(T, h, p, w, p, C).transpose(0, 1, 3, 5, 2, 4).reshape(T * h * w, C, p * p)
         if order.dtype != np.uint8:
             return order.reshape(T * h * w, C * p * p)
+        if not normalize:
+            _check_channels(C, self.settings)
+            return np.ascontiguousarray(order).reshape(T * h * w, C * p * p)
         if p % 2:
             return self._lookup(order, (1, -1, 1), self.table(C)).reshape(T * h * w, C * p * p)
         pairs = np.ascontiguousarray(order).view("<u2")  # (T·h·w, C, p·p/2): two samples of one channel each
@@ -167,7 +173,51 @@ def normalize_reference(
         x = x * rescale_factor
     x = x.astype(np.float32)
     if do_normalize:
-        if x.shape[-1] != len(mean):
-            raise ValueError(f"image has {x.shape[-1]} channels; image_mean/image_std have {len(mean)} entries")
+        _check_channels(x.shape[-1], (mean, std, rescale_factor, do_rescale, do_normalize))
         x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
     return x
+
+
+def normalize_patches(
+    samples: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    rescale_factor: float,
+    do_rescale: bool,
+    do_normalize: bool,
+) -> torch.Tensor:
+    """``(N, C·p·p)`` 8-bit patches (uint8, from ``Normalizer.patches(..., normalize=False)``, on any device) ->
+    float32 patches with the values of :func:`normalize_reference`, bit for bit: the same IEEE operations in the
+    same order (rescale in float64, round to float32, subtract and divide in float32), run where the samples are."""
+    N = samples.shape[0]
+    out = torch.empty(samples.shape, dtype=torch.float32, device=samples.device)
+    mean_, std_ = (torch.tensor(v, dtype=torch.float32, device=samples.device)[:, None] for v in (mean, std))
+    # on the CPU in chunks that stay in cache: whole-tensor float64 temporaries cost twice the time (page faults)
+    rows = N if samples.device.type != "cpu" else max(1, 2**18 // max(samples.shape[1], 1))
+    for start in range(0, N, rows):
+        x = samples[start : start + rows].to(torch.float64)
+        if do_rescale:
+            x.mul_(rescale_factor)
+        chunk = out[start : start + rows]
+        chunk.copy_(x)  # rounded to float32
+        if do_normalize:
+            chunk.view(chunk.shape[0], len(mean), -1).sub_(mean_).div_(std_)  # (n, C, p·p) against (C, 1)
+    return out
+
+
+def _check_channels(channels: int, settings: tuple) -> None:
+    mean, do_normalize = settings[0], settings[4]
+    if do_normalize and channels != len(mean):
+        raise ValueError(f"image has {channels} channels; image_mean/image_std have {len(mean)} entries")
+
+
+def normalizer_for(
+    mean: list[float], std: list[float], rescale_factor: float, do_rescale: bool, do_normalize: bool
+) -> Normalizer:
+    """The :class:`Normalizer` of these settings, built once (its lookup tables are kept with it)."""
+    return _normalizer_of(tuple(mean), tuple(std), float(rescale_factor), bool(do_rescale), bool(do_normalize))
+
+
+@functools.lru_cache(maxsize=16)
+def _normalizer_of(*settings) -> Normalizer:
+    return Normalizer(*settings)

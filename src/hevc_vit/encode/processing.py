@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..files import PREPROCESSOR_NAME, write_json_atomic
 from ..packing import check_sides
-from .pixels import Normalizer, center_crop, draft_jpeg, native_grid_size, short_side_size, to_8bit, to_rgb
+from .pixels import center_crop, draft_jpeg, native_grid_size, normalizer_for, short_side_size, to_8bit, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,15 +100,16 @@ class ImageProcessor(abc.ABC):
         return self._tensor(self.pixels(image, size)[None])[:, 0]  # (C, H, W)
 
     def patchify(
-        self, images: Image.Image | Sequence[Image.Image], patch_size: int, draft: bool = False
+        self, images: Image.Image | Sequence[Image.Image], patch_size: int, draft: bool = False, normalize: bool = True
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """An image or a clip's frames straight to ``(t·h·w, C·p·p)`` float32 patches and ``(t, h, w)``: the same
         values as ``patchify(self(images))`` (:func:`hevc_vit.packing.patchify`), without the float image in
-        between. ``draft``: as in :meth:`pixels`."""
+        between. ``draft``: as in :meth:`pixels`. ``normalize=False``: 8-bit samples come back as uint8 patches,
+        for :func:`~.pixels.normalize_patches` with :attr:`normalization` where they are used."""
         pixels = self._frame_pixels(images, draft)  # (T, H, W, C)
         T, H, W, C = pixels.shape
         check_sides("the processed image", H, W, patch_size)
-        patches = self._normalizer().patches(pixels, patch_size)  # (T·h·w, C·p·p)
+        patches = normalizer_for(*self.normalization).patches(pixels, patch_size, normalize)  # (T·h·w, C·p·p)
         return torch.from_numpy(patches), (T, H // patch_size, W // patch_size)
 
     def pixels(self, image: Image.Image, size: tuple[int, int], draft: bool = False) -> np.ndarray:
@@ -144,14 +145,13 @@ class ImageProcessor(abc.ABC):
 
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """``(T, H, W, C)`` samples -> normalised ``(C, T, H, W)`` float32."""
-        return torch.from_numpy(self._normalizer()(pixels)).permute(3, 0, 1, 2).contiguous()
+        return torch.from_numpy(normalizer_for(*self.normalization)(pixels)).permute(3, 0, 1, 2).contiguous()
 
-    def _normalizer(self) -> Normalizer:
-        """Normalisation by table lookup (bit for bit transformers' arithmetic), built once per settings."""
-        settings = (self.image_mean, self.image_std, self.rescale_factor, self.do_rescale, self.do_normalize)
-        if self.__dict__.get("_normalizer_of") != repr(settings):
-            self._normalizer_of, self._normalizer_value = repr(settings), Normalizer(*settings)
-        return self._normalizer_value
+    @property
+    def normalization(self) -> tuple[list[float], list[float], float, bool, bool]:
+        """``(image_mean, image_std, rescale_factor, do_rescale, do_normalize)``: the arguments of the normalisation
+        functions of :mod:`.pixels`."""
+        return self.image_mean, self.image_std, self.rescale_factor, self.do_rescale, self.do_normalize
 
     # -- serialisation ---------------------------------------------------------------------------------
 
