@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hevc_vit.encode.processing import (
-    CLIP_MEAN,
-    CLIP_STD,
-    FixedSizeProcessor,
-    NativeResolutionProcessor,
-    load_processor,
-    processor_from_dict,
-)
+from hevc_vit.encode.processing import CLIP_MEAN, CLIP_STD, FixedSizeProcessor, NativeResolutionProcessor
+from hevc_vit.encode.processor_files import load_processor, processor_from_dict
 
 from .conftest import FIXTURES
 

@@ -17,7 +17,8 @@ shards and rank 0 merges the index after a barrier (:mod:`.distributed`).
 from .folder import DiskFullError
 from .index import INDEX_NAME, DamagedFolderError, read_index
 from .options import DEFAULT_OUT, EncodeOptions
-from .processing import FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor, load_processor
+from .processing import FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor
+from .processor_files import load_processor
 from .result import EncodeResult
 from .runner import encode
 from .shards import MissingFeaturesError, iter_features, load_features

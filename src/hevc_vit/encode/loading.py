@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..packing import grid_positions
 from .items import Fetched, InputSpec, fetch, spec_path
-from .pixels import normalize_patches
+from .pixels import exif_orientation, normalize_patches, upright_size
 from .processing import ImageProcessor
 from .sources import describe_error
 from .sources_tar import archive_kind
@@ -93,6 +93,7 @@ class LoadOptions:
     memory: list = field(default_factory=list)  # the run's in-memory inputs (objects, datasets), by number
     retries: int = 2  # URLs: attempts after a failed read before the input fails
     jpeg_draft: bool = True  # JPEGs at least twice the target decode at a reduced DCT scale (as encode does by default)
+    exif_transpose: bool = True  # images turned upright as their EXIF orientation says (transformers' load_image does)
     keys: Sequence[str] = ()  # the shard key of item ``index`` (names a codec preview); empty: item_key(index)
     video_backend: str = "pyav"  # decoder of the sampled frames: pyav or torchcodec (.video.read_video)
 
@@ -142,10 +143,12 @@ def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesI
 
 
 def _load_image(item: LoadedItem, options: LoadOptions, image: Image.Image) -> None:
-    size = [image.width, image.height]  # as stored: a draft decode makes the image object smaller
-    patches, grid = options.processor.patchify(image, options.patch_size, options.jpeg_draft, normalize=False)
+    turn = exif_orientation(image) if options.exif_transpose else 1
+    height, width = upright_size(image.height, image.width, turn)  # before a draft decode makes the image smaller
+    upright = options.exif_transpose
+    patches, grid = options.processor.patchify(image, options.patch_size, options.jpeg_draft, False, upright)
     _set_patches(item, "image", patches, grid, options, t_positions=None)
-    item.info = {"size": size}
+    item.info = {"size": [width, height], **({"exif_orientation": turn} if turn != 1 else {})}
 
 
 def open_image(source: Path | io.BytesIO) -> Image.Image:

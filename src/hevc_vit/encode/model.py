@@ -18,13 +18,8 @@ import torch
 from ..configuration import PRESETS, HEVCViTConfig
 from ..files import PREPROCESSOR_NAME
 from .options import DEFAULT_MODEL, EncodeOptions, recorded_options
-from .processing import (
-    FixedSizeProcessor,
-    ImageProcessor,
-    NativeResolutionProcessor,
-    default_processor,
-    load_processor,
-)
+from .processing import FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor
+from .processor_files import default_processor, load_processor
 
 if TYPE_CHECKING:
     from ..modeling import HEVCViTPackingModel

@@ -71,6 +71,10 @@ def non_negative_int(value: Any) -> str:
     return "" if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "an integer >= 0"
 
 
+def boolean(value: Any) -> str:
+    return "" if isinstance(value, bool) else "true or false"
+
+
 def optional(check: Callable[[Any], str]) -> Callable[[Any], str]:
     """``check``, with None also valid."""
     return lambda value: "" if value is None else check(value)
@@ -170,9 +174,19 @@ class EncodeOptions:
         "levels of 255 off a full decode on average, see hevc-vit bench --pipeline): on (default) or off",
         parse=on_off,
         metavar="on|off",
-        check=lambda value: "" if isinstance(value, bool) else "true or false",
+        check=boolean,
         record="compare",
         before=False,  # runs made before the option decoded every JPEG in full
+    )
+    exif_transpose: bool = option(
+        True,
+        "images whose EXIF orientation says they are stored sideways or mirrored (phone photos) are turned upright "
+        "first, as transformers' load_image and datasets do: on (default) or off (the pixels as stored)",
+        parse=on_off,
+        metavar="on|off",
+        check=boolean,
+        record="compare",
+        before=False,  # runs made before the option used the pixels as stored
     )
     pool: str | None = option(
         None,

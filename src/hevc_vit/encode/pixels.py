@@ -109,6 +109,48 @@ def draft_jpeg(image: Image.Image, size: tuple[int, int]) -> tuple[float, float,
     return drafted[1]
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+_T = Image.Transpose
+# EXIF orientation -> the transposition that turns the stored pixels upright, as in PIL.ImageOps.exif_transpose,
+# and where a point (x, y) of a W x H image lands
+_UPRIGHT = {
+    2: (_T.FLIP_LEFT_RIGHT, lambda x, y, W, H: (W - x, y)),
+    3: (_T.ROTATE_180, lambda x, y, W, H: (W - x, H - y)),
+    4: (_T.FLIP_TOP_BOTTOM, lambda x, y, W, H: (x, H - y)),
+    5: (_T.TRANSPOSE, lambda x, y, W, H: (y, x)),
+    6: (_T.ROTATE_270, lambda x, y, W, H: (H - y, x)),
+    7: (_T.TRANSVERSE, lambda x, y, W, H: (H - y, W - x)),
+    8: (_T.ROTATE_90, lambda x, y, W, H: (y, W - x)),
+}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """``image``'s EXIF orientation, read without decoding its pixels: 2..8 when the stored pixels must be
+    flipped or turned to show it upright (a phone photo taken sideways: 6 or 8), else 1."""
+    value = image.getexif().get(ORIENTATION_TAG, 1)
+    return value if value in _UPRIGHT else 1
+
+
+def upright_size(height: int, width: int, orientation: int) -> tuple[int, int]:
+    """``(H, W)`` of an image stored as ``height x width`` once turned upright."""
+    return (width, height) if orientation >= 5 else (height, width)
+
+
+def turn_upright(
+    image: Image.Image, orientation: int, box: tuple[float, float, float, float] | None = None
+) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    """``image`` turned upright for its EXIF ``orientation``, and ``box`` (the part of a draft decode that covers
+    the picture, see :func:`draft_jpeg`) turned with it."""
+    if orientation not in _UPRIGHT:
+        return image, box
+    method, move = _UPRIGHT[orientation]
+    turned = image.transpose(method)
+    if box is None:
+        return turned, None
+    (x0, y0), (x1, y1) = (move(x, y, image.width, image.height) for x, y in ((box[0], box[1]), (box[2], box[3])))
+    return turned, (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
 class Normalizer:
     """Rescale and normalisation of 8-bit samples, by table lookup: ``(..., C)`` -> float32 with exactly the
     values of :func:`normalize_reference` (the arithmetic of transformers' image processors), or straight into

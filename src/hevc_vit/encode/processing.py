@@ -9,14 +9,14 @@ Two processors, both saved and loaded as ``preprocessor_config.json``:
                                 patch size, the patch count of an image between ``min_tokens`` and ``max_tokens``.
 
 Both return float32 ``(C, H, W)`` for one image and ``(C, T, H, W)`` for a list of ``T`` frames (all frames of a
-clip get one size), or patches straight away (``patchify``); the pixel steps are pure functions in :mod:`.pixels`.
+clip get one size), or patches straight away (``patchify``); the pixel steps are pure functions in :mod:`.pixels`;
+reading a processor from a file or choosing one for a model: :mod:`.processor_files`.
 Legend: ``p`` patch size, ``h``/``w`` sides in patches, ``T`` frames.
 """
 
 from __future__ import annotations
 
 import abc
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -29,7 +29,18 @@ from PIL import Image
 
 from ..files import PREPROCESSOR_NAME, write_json_atomic
 from ..packing import check_sides
-from .pixels import center_crop, draft_jpeg, native_grid_size, normalizer_for, short_side_size, to_8bit, to_rgb
+from .pixels import (
+    center_crop,
+    draft_jpeg,
+    exif_orientation,
+    native_grid_size,
+    normalizer_for,
+    short_side_size,
+    to_8bit,
+    to_rgb,
+    turn_upright,
+    upright_size,
+)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,39 +111,51 @@ class ImageProcessor(abc.ABC):
         return self._tensor(self.pixels(image, size)[None])[:, 0]  # (C, H, W)
 
     def patchify(
-        self, images: Image.Image | Sequence[Image.Image], patch_size: int, draft: bool = False, normalize: bool = True
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        patch_size: int,
+        draft: bool = False,
+        normalize: bool = True,
+        upright: bool = False,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """An image or a clip's frames straight to ``(t·h·w, C·p·p)`` float32 patches and ``(t, h, w)``: the same
         values as ``patchify(self(images))`` (:func:`hevc_vit.packing.patchify`), without the float image in
         between. ``draft``: as in :meth:`pixels`. ``normalize=False``: 8-bit samples come back as uint8 patches,
-        for :func:`~.pixels.normalize_patches` with :attr:`normalization` where they are used."""
-        pixels = self._frame_pixels(images, draft)  # (T, H, W, C)
+        for :func:`~.pixels.normalize_patches` with :attr:`normalization` where they are used. ``upright``: an
+        image is first turned as its EXIF orientation says (as transformers' ``load_image`` does)."""
+        pixels = self._frame_pixels(images, draft, upright)  # (T, H, W, C)
         T, H, W, C = pixels.shape
         check_sides("the processed image", H, W, patch_size)
         patches = normalizer_for(*self.normalization).patches(pixels, patch_size, normalize)  # (T·h·w, C·p·p)
         return torch.from_numpy(patches), (T, H // patch_size, W // patch_size)
 
-    def pixels(self, image: Image.Image, size: tuple[int, int], draft: bool = False) -> np.ndarray:
+    def pixels(
+        self, image: Image.Image, size: tuple[int, int], draft: bool = False, orientation: int = 1
+    ) -> np.ndarray:
         """``image`` resized (and cropped) to ``size = output_size(...)``, before normalisation: ``(H, W, C)``.
         draft: a JPEG not decoded yet decodes at a reduced DCT scale (:func:`~.pixels.draft_jpeg`), then is resized
         the rest of the way: a fraction of the work, pixels slightly off a full decode's (``hevc-vit bench --pipeline``
-        measures by how much)."""
+        measures by how much). orientation: EXIF's; 2..8 turn the image upright before the resize (``size`` is
+        the upright image's)."""
         if image.width < 1 or image.height < 1:
             raise ValueError(f"image is {image.width}x{image.height}; expected at least 1x1 pixels")
-        H, W = self._resize_target(image.height, image.width, size)
-        box = draft_jpeg(image, (H, W)) if draft else None
+        H, W = self._resize_target(*upright_size(image.height, image.width, orientation), size)
+        box = draft_jpeg(image, upright_size(H, W, orientation)) if draft else None  # the target as stored
         image = to_8bit(image)  # a 16-bit PNG is scaled, not clipped at 255 (white)
         if self.do_convert_rgb:
             image = to_rgb(image)
+        image, box = turn_upright(image, orientation, box)
         if box is not None or (H, W) != (image.height, image.width):
             image = image.resize((W, H), resample=self.resample, box=box)
         pixels = np.asarray(image)
         return self._crop(pixels[:, :, None] if pixels.ndim == 2 else pixels)
 
-    def _frame_pixels(self, images: Image.Image | Sequence[Image.Image], draft: bool) -> np.ndarray:
+    def _frame_pixels(self, images: Image.Image | Sequence[Image.Image], draft: bool, upright: bool = False):
         """``(T, H, W, C)``: one image (``T = 1``) or the frames of a clip, all at the clip's size."""
         if isinstance(images, Image.Image):
-            return self.pixels(images, self.output_size(images.height, images.width), draft)[None]
+            turn = exif_orientation(images) if upright else 1
+            size = self.output_size(*upright_size(images.height, images.width, turn))
+            return self.pixels(images, size, draft, turn)[None]
         frames = list(images)
         if not frames:
             raise ValueError("images is an empty list; expected a PIL image or a list of video frames")
@@ -177,6 +200,8 @@ class ImageProcessor(abc.ABC):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ImageProcessor:
         """Load a ``preprocessor_config.json`` (or a folder holding one); the file's type picks the class."""
+        from .processor_files import load_processor
+
         return load_processor(path)
 
     def __eq__(self, other: object) -> bool:
@@ -343,58 +368,9 @@ def _finite_list(name: str, values: Any) -> list[float]:
     return [float(v) for v in values]
 
 
-_COMMON = ("image_mean", "image_std", "resample", "rescale_factor", "do_rescale", "do_normalize", "do_convert_rgb")
-PROCESSOR_TYPES: dict[str, type[ImageProcessor]] = {
-    "CLIPImageProcessor": FixedSizeProcessor,
-    "CLIPImageProcessorFast": FixedSizeProcessor,
-    "CLIPImageProcessorPil": FixedSizeProcessor,
-    "CLIPFeatureExtractor": FixedSizeProcessor,
-    NativeResolutionProcessor.processor_type: NativeResolutionProcessor,
-}
+# the settings every processor has, under the names of preprocessor_config.json
+COMMON_KEYS = ("image_mean", "image_std", "resample", "rescale_factor", "do_rescale", "do_normalize", "do_convert_rgb")
 
 
 def _common_kwargs(config: dict[str, Any], extra: Sequence[str]) -> dict[str, Any]:
-    return {k: config[k] for k in (*_COMMON, *extra) if k in config}
-
-
-def processor_from_dict(config: dict[str, Any]) -> ImageProcessor:
-    """The processor a ``preprocessor_config.json`` dict describes (its ``image_processor_type`` decides)."""
-    kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-    if kind not in PROCESSOR_TYPES:
-        raise ValueError(f"image_processor_type={kind!r}; expected one of {sorted(PROCESSOR_TYPES)}")
-    return PROCESSOR_TYPES[kind].from_dict(config)
-
-
-def load_processor(path: str | os.PathLike) -> ImageProcessor:
-    """Load a processor from a ``preprocessor_config.json`` file or a folder that holds one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PREPROCESSOR_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected a {PREPROCESSOR_NAME} file or a folder holding one")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return processor_from_dict(config)
-
-
-def default_processor(
-    kind: str,
-    patch_size: int,
-    image_size: int,
-    base: ImageProcessor | None = None,
-    **native_kwargs: Any,
-) -> ImageProcessor:
-    """A ``"native"`` or ``"clip"`` processor for a model; normalisation (mean, std, resampling) is taken
-    from ``base`` — e.g. the checkpoint's own ``preprocessor_config.json`` — when given."""
-    common = {k: v for k, v in base.to_dict().items() if k in _COMMON} if base is not None else {}
-    if kind == "native":
-        return NativeResolutionProcessor(patch_size=patch_size, **native_kwargs, **common)
-    if kind == "clip":
-        if native_kwargs:
-            raise ValueError(f"{sorted(native_kwargs)} only apply to the native processor; got processor='clip'")
-        if isinstance(base, FixedSizeProcessor):
-            return base
-        return FixedSizeProcessor(shortest_edge=image_size, crop_size=image_size, **common)
-    raise ValueError(f"processor={kind!r}; expected 'native', 'clip' or a path to a {PREPROCESSOR_NAME}")
+    return {k: config[k] for k in (*COMMON_KEYS, *extra) if k in config}

@@ -251,6 +251,7 @@ def load_options(options: EncodeOptions, encoder: Encoder, memory: list, keys: l
         memory=memory,
         retries=options.retries,
         jpeg_draft=options.jpeg_draft,
+        exif_transpose=options.exif_transpose,
         keys=keys,
         video_backend=options.video_backend,
     )
