@@ -71,6 +71,22 @@ def test_loader_turns_images_upright_as_exif_transpose_does(tmp_path, orientatio
     assert torch.equal(as_stored.float_patches(), item.float_patches()) == (orientation == 1)
 
 
+@pytest.mark.parametrize("orientation", [2, 6, 7, 8])
+@pytest.mark.parametrize(
+    "fmt, kwargs", [("TIFF", {}), ("TIFF", {"compression": "tiff_lzw"}), ("PNG", {}), ("WEBP", {"lossless": True})]
+)
+def test_other_formats_turn_as_exif_transpose_does(tmp_path, orientation, fmt, kwargs):
+    """Pillow turns a TIFF itself as it loads it (and drops the tag): turned once, not twice."""
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = orientation
+    path = tmp_path / f"o.{fmt.lower()}"
+    _picture(101, 61).save(path, fmt, exif=exif, **kwargs)
+    item = load_item(0, str(path), LoadOptions(PROCESSOR, 14))
+    expected, grid = PROCESSOR.patchify(ImageOps.exif_transpose(Image.open(path)), 14)
+    assert torch.equal(item.float_patches(), expected) and item.grid_thw == grid
+    assert item.info["size"] == ([61, 101] if orientation >= 5 else [101, 61])
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_draft_decode_of_a_turned_jpeg_keeps_the_picture_in_place(tmp_path, orientation):
     """Against the draft decode resized as stored, then turned: flips give the same pixels; turns resize in the

@@ -117,6 +117,9 @@ def test_normalising_8_bit_patches_where_they_are_used_equals_the_float64_arithm
         assert samples.dtype == np.uint8 and samples.shape == (2 * (448 // p) * (434 // p), channels * p * p)
         expected = normalizer.patches(frames, p)  # the table lookup, itself tested against the float64 arithmetic
         assert torch.equal(normalize_patches(torch.from_numpy(samples), *settings), torch.from_numpy(expected))
+    for device in ("cpu", "meta"):  # no rows: one empty chunk, also where chunks are the whole tensor
+        empty = normalize_patches(torch.zeros(0, channels * 49, dtype=torch.uint8, device=device), *settings)
+        assert empty.shape == (0, channels * 49) and empty.dtype == torch.float32
 
 
 def test_patches_for_the_model_equal_the_float_patches_in_any_mix(tmp_path):

@@ -142,14 +142,14 @@ class GroupEncoder:
 
 
 def model_input(items: Sequence[LoadedItem], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The items' patches, concatenated, ``(T, C·p·p)`` on ``device`` in ``dtype``. 8-bit patches that share one
-    normalisation travel as bytes and are normalised on the device; any other mix is normalised here first."""
+    """The items' patches, concatenated, ``(T, C·p·p)`` on ``device`` in ``dtype``. 8-bit patches travel as bytes
+    and are normalised on the device: all at once when they share one normalisation, else item by item (a group
+    with float patches, e.g. a codec-sparse clip's, or with items of other processors)."""
     first = items[0].normalization
     if first is not None and all(it.normalization == first for it in items):
         samples = torch.cat([it.patches for it in items]) if len(items) > 1 else items[0].patches  # (T, C·p·p) uint8
         return normalize_patches(samples.to(device, non_blocking=True), *first).to(dtype)
-    patches = torch.cat([it.float_patches() for it in items]) if len(items) > 1 else items[0].float_patches()
-    return patches.to(device, dtype, non_blocking=True)
+    return torch.cat([it.float_patches(device) for it in items]).to(dtype)
 
 
 def failure_row(item: LoadedItem, error: str | None = None) -> dict[str, Any]:

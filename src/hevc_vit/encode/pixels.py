@@ -125,8 +125,12 @@ _UPRIGHT = {
 
 
 def exif_orientation(image: Image.Image) -> int:
-    """``image``'s EXIF orientation, read without decoding its pixels: 2..8 when the stored pixels must be
-    flipped or turned to show it upright (a phone photo taken sideways: 6 or 8), else 1."""
+    """``image``'s EXIF orientation as ``PIL.ImageOps.exif_transpose`` reads it: 2..8 when the pixels must be
+    flipped or turned to show it upright (a phone photo taken sideways: 6 or 8), else 1. It is read after loading
+    (a TIFF is turned by Pillow as it loads, and loses the tag), except from a JPEG, whose loading leaves the tag
+    as it is: that one stays undecoded, to be decoded at draft scale."""
+    if image.format != "JPEG":
+        image.load()
     value = image.getexif().get(ORIENTATION_TAG, 1)
     return value if value in _UPRIGHT else 1
 
@@ -235,7 +239,7 @@ def normalize_patches(
     out = torch.empty(samples.shape, dtype=torch.float32, device=samples.device)
     mean_, std_ = (torch.tensor(v, dtype=torch.float32, device=samples.device)[:, None] for v in (mean, std))
     # on the CPU in chunks that stay in cache: whole-tensor float64 temporaries cost twice the time (page faults)
-    rows = N if samples.device.type != "cpu" else max(1, 2**18 // max(samples.shape[1], 1))
+    rows = max(N, 1) if samples.device.type != "cpu" else max(1, 2**18 // max(samples.shape[1], 1))
     for start in range(0, N, rows):
         x = samples[start : start + rows].to(torch.float64)
         if do_rescale:
