@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from hevc_vit import HEVCViTConfig, HEVCViTPackingModel
+from hevc_vit.encode import iter_features, read_index
 
 # The tests expect dtype "auto" to mean float32 on the CPU, which a CPU with AMX would make bfloat16: pin it for
 # the suite and the processes it starts (torchrun). tests/test_devices.py checks the rule itself, both ways.
@@ -38,6 +39,25 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     err = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert err <= RTOL[dtype] * scale, f"{what}: max abs diff {err:.3e} > {RTOL[dtype]:.0e} x {scale:.3e}"
+
+
+def features_by_path(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """An encode output folder's tensors, by input path."""
+    return {row["path"]: tensors for row, tensors in iter_features(out_dir)}
+
+
+def without_shard(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "shard"} for row in rows]
+
+
+def assert_same_output(got: Path, want: Path) -> None:
+    """Two encode output folders hold the same index rows (but the shard names) and the same features."""
+    assert without_shard(read_index(got)) == without_shard(read_index(want))
+    a, b = features_by_path(got), features_by_path(want)
+    assert a.keys() == b.keys()
+    for path in b:
+        for name in ("patches", "pooled", "grid_thw"):
+            assert_close_rel(a[path][name].float(), b[path][name].float(), what=f"{path} {name}")
 
 
 def tiny_config(**overrides) -> HEVCViTConfig:

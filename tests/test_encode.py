@@ -24,7 +24,17 @@ from hevc_vit.encode.sources import expand_inputs
 from hevc_vit.encode.video import read_video, temporal_positions, video_patch_positions
 from hevc_vit.packing import grid_positions, unpack
 
-from .conftest import FIXTURES, assert_close_rel, cli_args, crash_on_forward, run_encode_cli, write_image
+from .conftest import (
+    FIXTURES,
+    assert_close_rel,
+    assert_same_output,
+    cli_args,
+    crash_on_forward,
+    features_by_path,
+    run_encode_cli,
+    without_shard,
+    write_image,
+)
 from .test_video import write_clip
 
 PROC = NativeResolutionProcessor(patch_size=14, min_tokens=4, max_tokens=48, max_video_tokens=96)
@@ -78,14 +88,6 @@ def _reference(model: HEVCViTPackingModel, paths: list[str]) -> dict[str, dict[s
         path: {"patches": f, "pooled": out.pooler_output[i], "grid_thw": grid[i]}
         for i, (path, f) in enumerate(zip(paths, per_item))
     }
-
-
-def features_by_path(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {row["path"]: tensors for row, tensors in iter_features(out_dir)}
-
-
-def without_shard(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "shard"} for row in rows]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,12 +193,7 @@ def test_interrupted_run_resumed_equals_uninterrupted(model, data, tmp_path):
 
     whole = encode([data], tmp_path / "whole", **options)
     assert whole.skipped == 0
-    assert without_shard(read_index(run)) == without_shard(read_index(tmp_path / "whole"))
-    a, b = features_by_path(run), features_by_path(tmp_path / "whole")
-    assert a.keys() == b.keys()
-    for path in a:
-        for name in ("patches", "pooled", "grid_thw"):
-            assert_close_rel(a[path][name].float(), b[path][name].float(), what=f"{path} {name}")
+    assert_same_output(run, tmp_path / "whole")
     assert not rank_index_files(run)  # merged, then removed
 
 

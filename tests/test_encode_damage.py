@@ -24,8 +24,8 @@ from hevc_vit.encode import index as index_files
 from hevc_vit.encode import shards as shard_files
 from hevc_vit.encode.index import rank_index_files
 
-from .conftest import assert_close_rel, cli_args, crash_on_forward
-from .test_encode import OPTIONS, features_by_path, without_shard
+from .conftest import assert_close_rel, assert_same_output, cli_args, crash_on_forward, features_by_path
+from .test_encode import OPTIONS
 
 SEVERAL_SHARDS = ("--shard-size-mb", "0", "--max-tokens", "40")  # one shard per forward, several forwards
 
@@ -40,15 +40,6 @@ def uninterrupted(images, ckpt, tmp_path_factory) -> Path:
 def _error_lines(capsys) -> list[str]:
     """The command's own lines on stderr (transformers prints a loading bar there too)."""
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("hevc-vit encode")]
-
-
-def _assert_equal_to(out: Path, reference: Path) -> None:
-    assert without_shard(read_index(out)) == without_shard(read_index(reference))
-    got, want = features_by_path(out), features_by_path(reference)
-    assert got.keys() == want.keys()
-    for path in want:
-        for name in ("patches", "pooled", "grid_thw"):
-            assert_close_rel(got[path][name].float(), want[path][name].float(), what=f"{path} {name}")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -119,7 +110,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_resume_continues(
 
     monkeypatch.undo()  # space was freed
     assert cli_main(cli_args(images, out, ckpt, *SEVERAL_SHARDS, "--resume")) == 0
-    _assert_equal_to(out, uninterrupted)
+    assert_same_output(out, uninterrupted)
 
 
 def test_a_full_disk_raises_an_oserror_from_the_python_api(model, images, tmp_path, monkeypatch):
@@ -181,7 +172,7 @@ def test_resume_on_a_damaged_folder_says_what_and_what_to_do(images, ckpt, unint
     assert _snapshot(out) == before  # refused before anything was written
 
     assert cli_main(cli_args(images, out, ckpt, *SEVERAL_SHARDS, *_follow_the_advice(out, what, damaged))) == 0
-    _assert_equal_to(out, uninterrupted)
+    assert_same_output(out, uninterrupted)
     if what.startswith("shard"):  # the deleted shard's inputs were encoded again, and the summary says so
         assert f"repaired: {damaged}: missing" in capsys.readouterr().out
 

@@ -9,7 +9,7 @@ import torch
 
 from hevc_vit.encode import encode, iter_features, read_index
 
-from .conftest import assert_close_rel, crash_on_forward
+from .conftest import assert_close_rel, crash_on_forward, features_by_path, without_shard
 from .test_encode_sources import OPTIONS, SIZES, _source, jpeg
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
@@ -33,7 +33,7 @@ def inputs(tmp_path_factory) -> list:
 def safetensors_run(model, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("st") / "out"
     encode(inputs, out, model=model, **OPTIONS)
-    return {row["path"]: tensors for row, tensors in iter_features(out)}
+    return features_by_path(out)
 
 
 def _read_npy_parquet(out):
@@ -111,8 +111,7 @@ def test_resume_and_overwrite_with_parts(model, inputs, tmp_path, output_format)
     resumed = encode(inputs, tmp_path / "run", resume=True, **options)
     assert 0 < resumed.skipped < 7 and resumed.encoded == 7 - resumed.skipped
     whole = encode(inputs, tmp_path / "whole", **options)
-    strip = [{k: v for k, v in r.items() if k != "shard"} for r in read_index(tmp_path / "run")]
-    assert strip == [{k: v for k, v in r.items() if k != "shard"} for r in read_index(tmp_path / "whole")]
+    assert without_shard(read_index(tmp_path / "run")) == without_shard(read_index(tmp_path / "whole"))
     if output_format == "npy-parquet":
         (a, meta_a), (b, meta_b) = _read_npy_parquet(tmp_path / "run"), _read_npy_parquet(tmp_path / "whole")
         assert [m["path"] for m in meta_a] == [m["path"] for m in meta_b]

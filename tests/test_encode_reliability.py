@@ -20,8 +20,8 @@ from hevc_vit.encode import encode, iter_features, load_features, read_index
 from hevc_vit.encode.lock import FolderLock
 from hevc_vit.encode.sources import expand_inputs
 
-from .conftest import assert_close_rel, cli_args, run_encode_cli, write_image
-from .test_encode import OPTIONS, PROC, features_by_path, without_shard
+from .conftest import assert_close_rel, cli_args, features_by_path, run_encode_cli, without_shard, write_image
+from .test_encode import OPTIONS, PROC
 
 # --------------------------------------------------------------------------------------------------
 # one folder, one run

@@ -18,9 +18,10 @@ from hevc_vit import HEVCViTPackingModel
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, iter_features, read_index
 from hevc_vit.encode.processing import NativeResolutionProcessor
+from hevc_vit.encode.remote import with_retries
 from hevc_vit.encode.sources import expand_braces
 
-from .conftest import FIXTURES, crash_on_forward, write_tar
+from .conftest import FIXTURES, crash_on_forward, without_shard, write_tar
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 fsspec = pytest.importorskip("fsspec", reason="fsspec (the 'data' extra) is not installed")
@@ -323,8 +324,7 @@ def test_resume_with_tar_and_parquet_inputs_equals_an_uninterrupted_run(model, l
     resumed = encode(inputs, tmp_path / "run", resume=True, **options)
     whole = encode(inputs, tmp_path / "whole", **options)
     assert 0 < resumed.skipped < 8 and resumed.encoded + resumed.skipped == whole.encoded == 8
-    strip = [{k: v for k, v in r.items() if k != "shard"} for r in read_index(tmp_path / "run")]
-    assert strip == [{k: v for k, v in r.items() if k != "shard"} for r in read_index(tmp_path / "whole")]
+    assert without_shard(read_index(tmp_path / "run")) == without_shard(read_index(tmp_path / "whole"))
     for (row, a), (_, b) in zip(iter_features(tmp_path / "run"), iter_features(tmp_path / "whole")):
         assert torch.equal(a["patches"], b["patches"]), row["path"]
 
@@ -348,3 +348,36 @@ def test_a_clip_in_a_tar_equals_the_loose_clip(model, tmp_path):
     (a_row, a), (b_row, b) = next(iter_features(tmp_path / "loose")), next(iter_features(tmp_path / "tar"))
     assert b_row["kind"] == "video" and b_row["frames"] == a_row["frames"] and b_row["id"] == "000"
     assert torch.equal(a["patches"], b["patches"]) and torch.equal(a["pooled"], b["pooled"])
+
+
+@pytest.mark.parametrize(
+    "error", [FileNotFoundError("gone"), PermissionError("no"), ValueError("bad url"), NotImplementedError("no ls")]
+)
+def test_errors_another_attempt_cannot_cure_are_not_retried(monkeypatch, error):
+    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        with_retries(fail, retries=3, what="reading x")
+    assert len(calls) == 1
+
+
+def test_other_errors_are_retried_then_named_with_the_attempts(monkeypatch):
+    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset by peer")
+        return "data"
+
+    assert with_retries(flaky, retries=3, what="reading x") == "data" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(OSError, match=r"reading x failed after 2 attempts: ConnectionError: reset by peer"):
+        with_retries(flaky, retries=1, what="reading x")
+    assert len(calls) == 2

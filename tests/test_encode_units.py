@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from hevc_vit.cli import main as cli_main
-from hevc_vit.encode import iter_features, read_index
+from hevc_vit.encode import read_index
 from hevc_vit.encode.folder import prepare_folder
 from hevc_vit.encode.index import INDEX_NAME, rank_index_files, read_jsonl
 from hevc_vit.encode.sources import SourceOptions, expand_inputs, expand_units
 from hevc_vit.encode.units import list_share, ordered_paths
 
 from .conftest import (
-    assert_close_rel,
+    assert_same_output,
     cli_args,
+    features_by_path,
     launch_command,
     run_encode_cli,
     subprocess_env,
@@ -82,19 +83,9 @@ def uninterrupted(inputs, ckpt, tmp_path_factory) -> Path:
     return out
 
 
-def _features(out: Path) -> dict:
-    return {row["path"]: tensors for row, tensors in iter_features(out)}
-
-
 def _assert_same_run(got: Path, want: Path) -> None:
-    """Index rows equal (but the shard names) and features equal, in input order."""
-    strip = lambda rows: [{k: v for k, v in row.items() if k != "shard"} for row in rows]  # noqa: E731
-    assert strip(read_index(got)) == strip(read_index(want))
-    a, b = _features(got), _features(want)
-    assert a.keys() == b.keys()
-    for path in a:
-        for name in ("patches", "pooled", "grid_thw"):
-            assert_close_rel(a[path][name].float(), b[path][name].float(), what=f"{path} {name}")
+    """The same output as an uninterrupted run, merged (no rank index files left)."""
+    assert_same_output(got, want)
     assert not rank_index_files(got)
 
 
@@ -261,7 +252,7 @@ def test_a_path_named_by_two_units_gets_one_row_where_it_is_first_met(inputs, ck
     assert cli_main(cli_args([pool / "01.png", tmp_path / "again.csv"], out, ckpt)) == 0
     rows = read_index(out)
     assert [Path(row["path"]).name for row in rows] == ["01.png", "23.png"]
-    assert all(row["status"] == "ok" for row in rows) and len(_features(out)) == 2
+    assert all(row["status"] == "ok" for row in rows) and len(features_by_path(out)) == 2
 
 
 def test_a_tar_without_samples_and_a_table_without_rows_are_failed_rows(tmp_path):

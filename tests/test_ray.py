@@ -18,7 +18,7 @@ from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import EncodeOptions, encode, iter_features, read_index
 from hevc_vit.encode.index import rank_index_files
 
-from .conftest import assert_close_rel, cli_args, write_tar
+from .conftest import assert_close_rel, cli_args, without_shard, write_tar
 from .test_encode_formats import _read_npy_parquet
 
 # Ray takes the node's address from these before it is imported: every server it starts binds 127.0.0.1
@@ -64,7 +64,7 @@ def local_runs(mixed, ckpt, tmp_path_factory):
 
 def _rows(out) -> list[dict]:
     """The index rows without the part's name (the engines name parts differently)."""
-    return [{k: v for k, v in row.items() if k != "shard"} for row in read_index(out)]
+    return without_shard(read_index(out))
 
 
 def _assert_same_safetensors(local, ray_out):

@@ -145,8 +145,8 @@ def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesI
 def _load_image(item: LoadedItem, options: LoadOptions, image: Image.Image) -> None:
     turn = exif_orientation(image) if options.exif_transpose else 1
     height, width = upright_size(image.height, image.width, turn)  # before a draft decode makes the image smaller
-    upright = options.exif_transpose
-    patches, grid = options.processor.patchify(image, options.patch_size, options.jpeg_draft, False, upright)
+    draft = options.jpeg_draft
+    patches, grid = options.processor.patchify(image, options.patch_size, draft, normalize=False, orientation=turn)
     _set_patches(item, "image", patches, grid, options, t_positions=None)
     item.info = {"size": [width, height], **({"exif_orientation": turn} if turn != 1 else {})}
 

@@ -32,7 +32,6 @@ from ..packing import check_sides
 from .pixels import (
     center_crop,
     draft_jpeg,
-    exif_orientation,
     native_grid_size,
     normalizer_for,
     short_side_size,
@@ -116,14 +115,15 @@ class ImageProcessor(abc.ABC):
         patch_size: int,
         draft: bool = False,
         normalize: bool = True,
-        upright: bool = False,
+        orientation: int = 1,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """An image or a clip's frames straight to ``(t·h·w, C·p·p)`` float32 patches and ``(t, h, w)``: the same
         values as ``patchify(self(images))`` (:func:`hevc_vit.packing.patchify`), without the float image in
         between. ``draft``: as in :meth:`pixels`. ``normalize=False``: 8-bit samples come back as uint8 patches,
-        for :func:`~.pixels.normalize_patches` with :attr:`normalization` where they are used. ``upright``: an
-        image is first turned as its EXIF orientation says (as transformers' ``load_image`` does)."""
-        pixels = self._frame_pixels(images, draft, upright)  # (T, H, W, C)
+        for :func:`~.pixels.normalize_patches` with :attr:`normalization` where they are used. ``orientation``: an
+        image's EXIF orientation (:func:`~.pixels.exif_orientation`); 2..8 turn it upright first, as transformers'
+        ``load_image`` does."""
+        pixels = self._frame_pixels(images, draft, orientation)  # (T, H, W, C)
         T, H, W, C = pixels.shape
         check_sides("the processed image", H, W, patch_size)
         patches = normalizer_for(*self.normalization).patches(pixels, patch_size, normalize)  # (T·h·w, C·p·p)
@@ -150,12 +150,11 @@ class ImageProcessor(abc.ABC):
         pixels = np.asarray(image)
         return self._crop(pixels[:, :, None] if pixels.ndim == 2 else pixels)
 
-    def _frame_pixels(self, images: Image.Image | Sequence[Image.Image], draft: bool, upright: bool = False):
+    def _frame_pixels(self, images: Image.Image | Sequence[Image.Image], draft: bool, orientation: int = 1):
         """``(T, H, W, C)``: one image (``T = 1``) or the frames of a clip, all at the clip's size."""
         if isinstance(images, Image.Image):
-            turn = exif_orientation(images) if upright else 1
-            size = self.output_size(*upright_size(images.height, images.width, turn))
-            return self.pixels(images, size, draft, turn)[None]
+            size = self.output_size(*upright_size(images.height, images.width, orientation))
+            return self.pixels(images, size, draft, orientation)[None]
         frames = list(images)
         if not frames:
             raise ValueError("images is an empty list; expected a PIL image or a list of video frames")

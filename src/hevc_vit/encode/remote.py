@@ -25,7 +25,7 @@ _FINAL_ERRORS = (
     NotADirectoryError,
     ValueError,
     TypeError,
-    NotImplementedError,
+    NotImplementedError,  # fsspec: the filesystem has no such operation (e.g. listing over plain HTTP)
 )
 # a URL ending in one of these names a file: it is read when its turn comes, not looked up while listing
 FILE_SUFFIX = re.compile(r"\.(jpe?g|png|webp|bmp|gif|tiff?|avif|mp4|webm|mkv|mov|avi|tar|parquet|csv|tsv|jsonl)$", re.I)
