@@ -74,3 +74,18 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["convert"])  # SRC and DST missing
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--jpeg-draft", "maybe"], "argument --jpeg-draft: 'maybe'; expected on or off"),
+        (["--exif-transpose", "sometimes"], "argument --exif-transpose: 'sometimes'; expected on or off"),
+        (["--codec-budget", "lots"], "argument --codec-budget: 'lots'; expected a patch count K >= 1 or a ratio"),
+        (["--workers", "two"], "argument --workers: invalid literal for int() with base 10: 'two'"),
+    ],
+)
+def test_encode_option_values_that_do_not_parse_are_named_with_what_was_expected(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["encode", "x", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -381,3 +381,16 @@ def test_other_errors_are_retried_then_named_with_the_attempts(monkeypatch):
     with pytest.raises(OSError, match=r"reading x failed after 2 attempts: ConnectionError: reset by peer"):
         with_retries(flaky, retries=1, what="reading x")
     assert len(calls) == 2
+
+
+def test_a_saved_dataset_of_several_splits_and_no_train_split_names_them(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from hevc_vit.encode.objects import open_hf_dataset
+
+    one = datasets.Dataset.from_dict({"x": [1]})
+    datasets.DatasetDict({"val": one, "test": one}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"no --split given and no 'train' split: .* has the splits \['val', 'test'\]"):
+        open_hf_dataset(str(tmp_path / "dd"), None)
+    with pytest.raises(ValueError, match=r"--split 'dev': .* has the splits"):
+        open_hf_dataset(str(tmp_path / "dd"), "dev")
+    assert open_hf_dataset(str(tmp_path / "dd"), "test").name.endswith(":test")

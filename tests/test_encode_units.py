@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import read_index
@@ -253,6 +254,8 @@ def test_a_path_named_by_two_units_gets_one_row_where_it_is_first_met(inputs, ck
     rows = read_index(out)
     assert [Path(row["path"]).name for row in rows] == ["01.png", "23.png"]
     assert all(row["status"] == "ok" for row in rows) and len(features_by_path(out)) == 2
+    stored = [key for shard in (out / "shards").iterdir() for key in safe_open(shard, "pt").keys()]
+    assert sorted(k for k in stored if k.endswith(".grid_thw")) == sorted(f"{r['key']}.grid_thw" for r in rows)  # once
 
 
 def test_a_tar_without_samples_and_a_table_without_rows_are_failed_rows(tmp_path):

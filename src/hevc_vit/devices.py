@@ -35,9 +35,10 @@ def dtype_choice(device: torch.device) -> tuple[torch.dtype, str]:
         return torch.bfloat16, "GPU"
     override = os.environ.get(CPU_DTYPE_VARIABLE)
     if override:
-        if override.removeprefix("torch.") not in DTYPES:
-            raise ValueError(f"{CPU_DTYPE_VARIABLE}={override!r}; expected one of {list(DTYPES)}")
-        return DTYPES[override.removeprefix("torch.")], f"set by {CPU_DTYPE_VARIABLE}"
+        try:
+            return parse_dtype(override), f"set by {CPU_DTYPE_VARIABLE}"
+        except ValueError:
+            raise ValueError(f"{CPU_DTYPE_VARIABLE}={override!r}; expected one of {list(DTYPES)}") from None
     if _cpu_supports("_is_amx_tile_supported"):
         return torch.bfloat16, "CPU has AMX: bf16 matmul is several times faster than fp32 here"
     if _cpu_supports("_is_avx512_bf16_supported"):

@@ -82,12 +82,24 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(
             flag,
-            type=meta["parse"],
+            type=_argument_type(meta["parse"]),
             choices=meta["choices"],
             metavar=meta["metavar"],
             default=argparse.SUPPRESS,
             help=help_text,
         )
+
+
+def _argument_type(parse):
+    """``parse`` whose ``ValueError`` argparse shows as it is (it would print only ``invalid <name> value``)."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
 
 
 def options_from_args(args: argparse.Namespace) -> EncodeOptions:

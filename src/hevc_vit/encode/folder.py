@@ -31,8 +31,9 @@ from .index import (
 )
 from .lock import FolderLock
 from .options import DEFAULT_OUT, EncodeOptions, recorded_options
+from .remote import describe_error
 from .shards import holds_features, shard_keys
-from .sources import SourceOptions, describe_error, expand_units, sample_inputs
+from .sources import SourceOptions, expand_units, sample_inputs
 from .units import WorkUnit
 
 # encode_config.json fields that change the features: a resumed run must match them

@@ -119,8 +119,8 @@ def part_keys(path: Path) -> set[str]:
     """The tensor names a parquet part holds, as a safetensors shard would name them (``KEY.grid_thw``,
     ``KEY.pooled``, ``KEY.patches``), for ``--resume``; an npy-parquet part also needs its whole ``.npy``."""
     pa, pq = _import_arrow()
-    table = pq.read_table(path)
-    keys = table.column("key").to_pylist()
+    names = pq.read_schema(path).names
+    keys = pq.read_table(path, columns=["key"]).column("key").to_pylist()  # not the features: a resume reads no data
     if path.parent.name == "metadata":
         npy = path.parent.parent / "embeddings" / (path.stem + ".npy")
         rows = np.load(npy, mmap_mode="r").shape[0]
@@ -128,7 +128,7 @@ def part_keys(path: Path) -> set[str]:
             raise ValueError(f"{npy} holds {rows} embeddings; its metadata has {len(keys)} rows")
         columns = ["pooled"]
     else:
-        columns = [c for c in ("patches", "pooled") if c in table.column_names]
+        columns = [c for c in ("patches", "pooled") if c in names]
     return {f"{key}.{c}" for key in keys for c in ("grid_thw", *columns)}
 
 

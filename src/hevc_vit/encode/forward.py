@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..packing import PackingPlan
-from .index import failed_row, item_key, make_row
+from .index import failed_row, make_row
 from .loading import LoadedItem
 from .pixels import normalize_patches
 from .shards import ShardWriter
@@ -33,12 +33,12 @@ class GroupEncoder:
         pooled_only: bool,
         writer: ShardWriter,
         on_done: Callable[[int, int, int], None],
-        keys: Sequence[str] | None = None,
+        keys: Sequence[str],
         extras: Sequence[dict[str, Any]] | None = None,
     ):
         """pool: ``"head"``, ``"mean"`` or ``"none"``; on_done: called with ``(encoded, failed, tokens)`` as each
-        group's rows are handed to ``writer``. keys: the shard key of item ``index`` (default
-        ``item_key(index)``); extras: its fields from the source, which a failed row is given too."""
+        group's rows are handed to ``writer``. keys: the shard key of item ``index``; extras: its fields from the
+        source, which a failed row is given too."""
         self.model, self.device, self.dtype = model, device, dtype
         self.pool, self.pooled_only = pool, pooled_only
         self.writer, self.on_done = writer, on_done
@@ -46,7 +46,7 @@ class GroupEncoder:
         self._pending = None
 
     def key(self, item: LoadedItem) -> str:
-        return self.keys[item.index] if self.keys is not None else item_key(item.index)
+        return self.keys[item.index]
 
     def failure_row(self, item: LoadedItem, error: str | None = None) -> dict[str, Any]:
         """The index row of an item that failed (by default, for the reason it failed to load)."""
@@ -150,8 +150,3 @@ def model_input(items: Sequence[LoadedItem], device: torch.device, dtype: torch.
         samples = torch.cat([it.patches for it in items]) if len(items) > 1 else items[0].patches  # (T, C·p·p) uint8
         return normalize_patches(samples.to(device, non_blocking=True), *first).to(dtype)
     return torch.cat([it.float_patches(device) for it in items]).to(dtype)
-
-
-def failure_row(item: LoadedItem, error: str | None = None) -> dict[str, Any]:
-    """The index row of an item that failed (by default, for the reason it failed to load)."""
-    return failed_row(item.path, item.index, error or item.error)

@@ -77,12 +77,10 @@ def make_row(
     return row
 
 
-def failed_row(path: str, key: int | str, error: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The row of an input that failed; ``key``: its shard key (an int: :func:`item_key` of it); ``extra``: its
-    fields from the source (``id``, kept columns)."""
-    return make_row(
-        path, status="failed", error=error, key=item_key(key) if isinstance(key, int) else key, **(extra or {})
-    )
+def failed_row(path: str, key: str, error: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row of an input that failed; ``key``: its shard key; ``extra``: its fields from the source (``id``,
+    kept columns)."""
+    return make_row(path, status="failed", error=error, key=key, **(extra or {}))
 
 
 def rows_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
@@ -159,30 +157,17 @@ def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-def merge_index(
-    out_dir: Path,
-    paths: list[str],
-    errors: list[str] | None = None,
-    extras: list[dict[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
+def merge_index(out_dir: Path, paths: list[str]) -> list[dict[str, Any]]:
     """Rank 0 after every rank finished: one row per input (``paths[i]``), in input order, from the rank files
-    and an earlier index; rows of an earlier run's inputs that this run was not given are kept at the end.
-    ``errors[i]`` (optional) non-empty: input ``i`` was never loaded and gets a failed row with that reason
-    (a run writes those rows in the rank files itself). ``extras[i]``: fields every row of input ``i`` has
-    (``id``, kept columns), added where a row lacks them. Writes ``index.jsonl``, then removes the rank files."""
+    and an earlier index (every input has a row there: failures too); rows of an earlier run's inputs that this
+    run was not given are kept at the end. Writes ``index.jsonl``, then removes the rank files."""
     latest = read_rows(out_dir)
     rows, missing = [], []
-    for i, path in enumerate(paths):
-        error = errors[i] if errors else ""
-        if error:
-            rows.append(failed_row(path, i, error))
-        elif path in latest:
+    for path in paths:
+        if path in latest:
             rows.append(latest.pop(path))
         else:
             missing.append(path)
-            continue
-        for name, value in (extras[i] if extras else {}).items():
-            rows[-1].setdefault(name, value)
     if missing:
         raise RuntimeError(f"{len(missing)} inputs have no index row after every rank finished, e.g. {missing[:3]}")
     rows.extend(latest.values())

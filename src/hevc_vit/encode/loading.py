@@ -30,7 +30,7 @@ from ..packing import grid_positions
 from .items import Fetched, InputSpec, fetch, spec_path
 from .pixels import exif_orientation, normalize_patches, upright_size
 from .processing import ImageProcessor
-from .sources import describe_error
+from .remote import describe_error
 from .sources_tar import archive_kind
 from .sparse import load_codec_video
 from .video import VIDEO_EXTENSIONS, read_video, temporal_positions, video_patch_positions

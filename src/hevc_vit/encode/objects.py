@@ -143,7 +143,8 @@ def open_hf_dataset(name_or_path: str, split: str | None) -> DatasetInput:
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         chosen = split or ("train" if "train" in loaded else None)
         if chosen not in loaded:
-            raise ValueError(f"--split {split!r}: {name_or_path} has the splits {list(loaded)}; choose one")
+            asked = f"--split {split!r}" if split else "no --split given and no 'train' split"
+            raise ValueError(f"{asked}: {name_or_path} has the splits {list(loaded)}; choose one with --split")
         loaded, split = loaded[chosen], chosen
     return DatasetInput(loaded, f"{name_or_path}:{split}" if split else name_or_path)
 

@@ -86,7 +86,10 @@ def one_of(choices: tuple[Any, ...]) -> Callable[[Any], str]:
 
 def parse_budget(text: str) -> float | int:
     """``--codec-budget``: ``"2048"`` -> 2048 patches, ``"0.125"`` -> a ratio."""
-    return int(text) if text.strip().isdigit() else float(text)
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise ValueError(f"{text!r}; expected a patch count K >= 1 or a ratio in (0, 1]") from None
 
 
 def codec_budget(value: Any) -> str:
@@ -359,6 +362,11 @@ class EncodeOptions:
                 f"storage_dtype='bfloat16' with output_format={self.output_format!r}; numpy and Arrow cannot hold "
                 f"bfloat16: expected float16 or float32 (or output_format='safetensors')"
             )
+
+    @property
+    def stores_pooled_only(self) -> bool:
+        """Only pooled vectors are stored: asked for, or the npy-parquet format (it stores the pooled embeddings)."""
+        return self.pooled_only or self.output_format == "npy-parquet"
 
     @property
     def video_frames(self) -> int:

@@ -9,6 +9,8 @@ doubles) before the error is returned to the caller, who records it as a failed 
 
 from __future__ import annotations
 
+import functools
+import posixpath
 import re
 import time
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from typing import IO, Any, TypeVar
 
 INSTALL_HINT = "pip install 'hevc-vit[data]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_GLOB_CHARS = frozenset("*?[")
+GLOB_CHARS = frozenset("*?[")  # a path holding one of these is a pattern
 # errors that another attempt cannot cure: the file is not there, may not be read, or the call was wrong
 _FINAL_ERRORS = (
     FileNotFoundError,
@@ -27,8 +29,6 @@ _FINAL_ERRORS = (
     TypeError,
     NotImplementedError,  # fsspec: the filesystem has no such operation (e.g. listing over plain HTTP)
 )
-# a URL ending in one of these names a file: it is read when its turn comes, not looked up while listing
-FILE_SUFFIX = re.compile(r"\.(jpe?g|png|webp|bmp|gif|tiff?|avif|mp4|webm|mkv|mov|avi|tar|parquet|csv|tsv|jsonl)$", re.I)
 RETRY_PAUSE = 0.25  # seconds before the first retry; doubled after each (tests set it to 0)
 
 T = TypeVar("T")
@@ -68,13 +68,14 @@ def with_retries(call: Callable[[], T], retries: int, what: str) -> T:
         except Exception as e:
             if attempt == retries:
                 tries = f"after {retries + 1} attempts" if retries else "(no retries: --retries 0)"
-                raise OSError(f"{what} failed {tries}: {describe(e)}") from e
+                raise OSError(f"{what} failed {tries}: {describe_error(e)}") from e
             time.sleep(pause)
             pause *= 2
     raise AssertionError("unreachable")
 
 
-def describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """``"TypeName: message"`` (the message alone when it already starts with the type's name)."""
     message = str(e).strip() or type(e).__name__
     return message if message.startswith(type(e).__name__) else f"{type(e).__name__}: {message}"
 
@@ -103,15 +104,29 @@ def read_location(location: str, retries: int, start: int | None = None, size: i
     return data
 
 
+@functools.cache
+def _file_suffixes() -> frozenset[str]:
+    from .sources_tar import MEDIA_EXTENSIONS  # imported here: that module imports this one
+    from .tables import TABLE_EXTENSIONS
+
+    return frozenset({f".{e}" for e in MEDIA_EXTENSIONS} | set(TABLE_EXTENSIONS) | {".tar"})
+
+
+def _names_a_file(path: str) -> bool:
+    """A path ending in a media, table or tar extension names a file: it is read when its turn comes, not looked up
+    while listing."""
+    return posixpath.splitext(path)[1].lower() in _file_suffixes()
+
+
 def list_url(url: str, retries: int) -> tuple[list[str], str]:
     """The files a URL names, sorted: a glob's matches, every file under a folder (names starting with ``.``
     skipped), or the URL itself. Returns ``(urls, reason)``; ``reason`` says why there are none."""
     fs, path = url_filesystem(url)
-    if _GLOB_CHARS & set(path):
+    if GLOB_CHARS & set(path):
         matches = with_retries(lambda: sorted(fs.glob(path)), retries, f"listing {url}")
         files = [fs.unstrip_protocol(m) for m in matches if not _hidden(m)]
         return files, "" if files else "no file matches this pattern"
-    if FILE_SUFFIX.search(path) or (url.startswith(("http://", "https://")) and not url.endswith("/")):
+    if _names_a_file(path) or (url.startswith(("http://", "https://")) and not url.endswith("/")):
         return [url], ""  # a file (or a web page): read when its turn comes, one request instead of two
     try:
         info: dict[str, Any] = with_retries(lambda: fs.info(path), retries, f"listing {url}")

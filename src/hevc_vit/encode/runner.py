@@ -35,7 +35,7 @@ from .options import EncodeOptions
 from .result import EncodeResult
 from .shards import ShardWriter
 from .sources import SourceOptions
-from .units import Share, list_share, ordered_paths
+from .units import Share, items_to_encode, list_share, ordered_paths
 
 
 def encode(
@@ -187,7 +187,7 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
     rank, world, options = run.ranks.rank, run.ranks.world, run.options
     sources = SourceOptions.of(options)
     share = list_share(plan.units, rank, world, sources.path_column, sources.keep_columns, sources.retries, run.sources)
-    todo = [(i, spec) for i, spec in enumerate(share.specs) if not spec.error and spec.path not in plan.done]
+    todo = [(j, share.specs[j]) for j in items_to_encode(share, plan.done)]
     show = (sys.stderr.isatty() if options.progress is None else options.progress) and rank == 0
     failed = sum(1 for spec in share.specs if spec.error)
     tally = Tally(len(todo) + failed, show, "encode" if world == 1 else f"encode rank 0/{world}")
@@ -225,7 +225,7 @@ def _writer_and_forward(
     stored = storage_dtype(fmt, options.storage_dtype, run.dtype)
     shard_bytes = int(options.shard_size_mb * 2**20)
     writer = ShardWriter(Path(plan.out_dir), run.ranks.rank, shard_bytes, True, fmt, stored)
-    pooled_only = options.pooled_only or fmt == "npy-parquet"  # it stores the pooled embeddings alone
+    pooled_only = options.stores_pooled_only
     extras = [spec.extra for spec in share.specs]
     forward = GroupEncoder(
         encoder.model, run.device, run.dtype, encoder.pool, pooled_only, writer, tally.add, share.keys, extras

@@ -19,7 +19,7 @@ from typing import Any
 
 from .items import InputSpec
 from .objects import MemorySource
-from .remote import is_url, list_url
+from .remote import GLOB_CHARS, describe_error, is_url, list_url
 from .sources_tar import is_tar_shard
 from .tables import is_table
 from .units import WorkUnit, list_unit, memory_units, remote_item, table_units
@@ -36,7 +36,6 @@ __all__ = [
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
-_GLOB_CHARS = frozenset("*?[")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -179,7 +178,7 @@ def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
                 _expand_one(line, ctx, from_list=True)
         else:
             _add_file(str(path), ctx, tables=True)
-    elif _GLOB_CHARS & set(arg):
+    elif GLOB_CHARS & set(arg):
         matches = sorted(glob.glob(arg, recursive=True))
         if not matches:
             add(InputSpec(arg, "no file matches this pattern"))
@@ -216,7 +215,7 @@ def _expand_url(url: str, ctx: _Expansion) -> None:
     if not urls:
         ctx.add(InputSpec(url, reason))
     for found in urls:
-        _add_file(found, ctx, tables=urls == [url] or _GLOB_CHARS & set(url) != set())
+        _add_file(found, ctx, tables=urls == [url] or GLOB_CHARS & set(url) != set())
 
 
 def _is_inside(path: str, folder: str) -> bool:
@@ -289,9 +288,3 @@ def sample_inputs() -> list[Path]:
     """The sample images and the short clip shipped with the package (what ``hevc-vit encode`` encodes
     when given no input)."""
     return sorted(p for p in ASSETS.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
-
-
-def describe_error(e: BaseException) -> str:
-    """``"TypeName: message"`` (the message alone when it already starts with the type's name)."""
-    message = str(e).strip() or type(e).__name__
-    return message if message.startswith(type(e).__name__) else f"{type(e).__name__}: {message}"

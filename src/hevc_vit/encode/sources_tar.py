@@ -16,7 +16,7 @@ import re
 import tarfile
 
 from .items import InputSpec, TarMember
-from .remote import describe, is_url, open_location, url_filesystem, with_retries
+from .remote import describe_error, is_url, open_location, url_filesystem, with_retries
 from .video import VIDEO_EXTENSIONS
 
 IMAGE_EXTENSIONS = frozenset("jpg jpeg png webp bmp gif tif tiff ppm pgm pbm pnm jp2 j2k avif".split())
@@ -59,7 +59,7 @@ def list_tar(location: str, retries: int) -> list[InputSpec]:
             return with_retries(lambda: _list(location), retries, f"listing {location}")
         return _list(location)
     except (OSError, ValueError) as e:
-        return [InputSpec(location, f"cannot read this tar shard: {describe(e)}")]
+        return [InputSpec(location, f"cannot read this tar shard: {describe_error(e)}")]
 
 
 def _list(location: str) -> list[InputSpec]:
@@ -71,13 +71,13 @@ def _list(location: str) -> list[InputSpec]:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError as e:
-            return [InputSpec(location, f"not a readable tar shard (uncompressed .tar expected): {describe(e)}")]
+            return [InputSpec(location, f"not a readable tar shard (uncompressed .tar expected): {describe_error(e)}")]
         damage = ""
         try:
             while (member := tar.next()) is not None:
                 _add_member(samples, member)
         except tarfile.TarError as e:
-            damage = describe(e)
+            damage = describe_error(e)
         end = tar.offset
         if not damage and end < total:
             f.seek(end)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from .index import item_key
 from .items import InputSpec, RemoteFile
 from .objects import MemorySource
-from .remote import describe, is_url
+from .remote import describe_error, is_url
 from .sources_tar import list_tar
 from .tables import TableColumnError, check_columns, table_layout, table_specs
 
@@ -74,7 +74,7 @@ def table_units(location: str, path_column: str | None, keep_columns: Sequence[s
     except (TableColumnError, ImportError):
         raise  # the caller's mistake or a missing extra: the run stops before it starts
     except Exception as e:  # an unreadable or damaged table: one failed row
-        return [WorkUnit.item(InputSpec(location, f"cannot read this table: {describe(e)}"))]
+        return [WorkUnit.item(InputSpec(location, f"cannot read this table: {describe_error(e)}"))]
     if groups is None:
         return [WorkUnit("table", location)]
     if sum(groups) == 0:
@@ -137,18 +137,26 @@ def list_unit(
             specs = table_specs(unit.location, path_column, keep_columns, retries, group, unit.start)
         except Exception as e:  # damaged since rank 0 read its layout, or a row group that cannot be read
             what = f"row group {unit.group} of this table" if group is not None else "this table"
-            return [InputSpec(unit.name, f"cannot read {what}: {describe(e)}")]
+            return [InputSpec(unit.name, f"cannot read {what}: {describe_error(e)}")]
         if not specs and group is None:
             return [InputSpec(unit.location, "the table has no rows")]
     else:
         raise AssertionError(f"unit kind {unit.kind!r}")
-    seen: set[str] = set()
-    unique = []
-    for spec in specs:
-        if spec.path not in seen:
-            seen.add(spec.path)
-            unique.append(spec)
-    return unique
+    return [specs[j] for j in first_listings(specs)]
+
+
+def first_listings(specs: Sequence[InputSpec]) -> list[int]:
+    """The positions of ``specs`` that name their path for the first time (a path is encoded once)."""
+    seen: dict[str, int] = {}
+    for j, spec in enumerate(specs):
+        seen.setdefault(spec.path, j)
+    return sorted(seen.values())
+
+
+def items_to_encode(share: Share, done: set[str]) -> list[int]:
+    """The positions of the share's items to encode: listed without an error, not done by an earlier run, and
+    the first listing of their path (two tables may name one file)."""
+    return [j for j in first_listings(share.specs) if not share.specs[j].error and share.specs[j].path not in done]
 
 
 def ordered_paths(units: Sequence[WorkUnit], listed: Mapping[int, list[str]]) -> list[str]:

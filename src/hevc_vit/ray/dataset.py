@@ -88,7 +88,7 @@ class Stages:
         makes (at least one model call's worth, at most ``MAX_PART_ROWS``), so a large run is not a part per model
         call; ``shard_size_mb`` 0: a part per model call."""
         options = self.options
-        pooled_only = options.pooled_only or options.output_format == "npy-parquet"
+        pooled_only = options.stores_pooled_only
         item_bytes = width * 4 * (1 if pooled_only else largest + 1)  # float32: an upper bound for every storage
         rows = int(options.shard_size_mb * 2**20) // item_bytes
         return self.batch_size if rows <= self.batch_size else min(rows, MAX_PART_ROWS)

@@ -31,7 +31,7 @@ from ..encode.options import EncodeOptions
 from ..encode.result import EncodeResult
 from ..encode.runner import Tally
 from ..encode.sources import SourceOptions
-from ..encode.units import Share, list_share, ordered_paths
+from ..encode.units import Share, first_listings, list_share, ordered_paths
 from .cluster import connect, import_ray, quiet_data
 from .dataset import DECODE_ROWS, Stages, prepare
 from .stages import FAULT_ENV, load_specs, write_block
@@ -124,13 +124,11 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
 def _todo(share: Share, done: set[str]) -> list[dict[str, Any]]:
     """A dataset row per input not done yet (first listing of a path only): its shard key, its source fields and
     its spec."""
-    rows, seen = [], set()
-    for spec, key in zip(share.specs, share.keys):
-        if spec.path in seen or spec.path in done:
-            continue
-        seen.add(spec.path)
-        rows.append({"key": key, "extra": json.dumps(spec.extra), "spec": pickle.dumps(spec)})
-    return rows
+    return [
+        {"key": share.keys[j], "extra": json.dumps(share.specs[j].extra), "spec": pickle.dumps(share.specs[j])}
+        for j in first_listings(share.specs)
+        if share.specs[j].path not in done  # failed listings too: the decode stage makes their rows
+    ]
 
 
 def _pipeline(todo: list[dict[str, Any]], folder: Path, stages: Stages, storage: torch.dtype):

@@ -144,7 +144,7 @@ class ModelStage:
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.encoder = prepare_encoder(options, self.device, self.dtype, lambda message: None)
         self.options, self.columns, self.fault = options, columns, fault
-        self.pooled_only = options.pooled_only or options.output_format == "npy-parquet"
+        self.pooled_only = options.stores_pooled_only
 
     def __call__(self, batch: Batch) -> Batch:
         fail_once(self.fault, "model")
