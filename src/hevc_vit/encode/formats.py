@@ -43,12 +43,17 @@ def storage_dtype(output_format: str, asked: str | None, compute: torch.dtype) -
         if output_format == "npy-parquet":
             return torch.float16
         return torch.float32 if output_format == "parquet" and compute == torch.bfloat16 else compute
+    check_storage_dtype(output_format, asked)
+    return getattr(torch, asked)
+
+
+def check_storage_dtype(output_format: str, asked: str | None) -> None:
+    """Refuse a storage dtype the format cannot hold."""
     if asked == "bfloat16" and output_format != "safetensors":
         raise ValueError(
             f"storage_dtype='bfloat16' with output_format={output_format!r}; numpy and Arrow cannot hold bfloat16: "
             f"expected float16 or float32 (or output_format='safetensors')"
         )
-    return getattr(torch, asked)
 
 
 def part_name(output_format: str, rank: int, number: int) -> str:

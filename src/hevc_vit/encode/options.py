@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 
 from ..configuration import PRESETS
 from ..devices import DTYPES
-from .formats import OUTPUT_FORMATS, STORAGE_DTYPES
+from .formats import OUTPUT_FORMATS, STORAGE_DTYPES, check_storage_dtype
 from .processing import ImageProcessor, NativeResolutionProcessor
 from .video import VIDEO_BACKENDS
 
@@ -357,11 +358,14 @@ class EncodeOptions:
             raise ValueError(
                 "output_format='npy-parquet' with pool='none'; it stores pooled embeddings: pool head or mean"
             )
-        if self.storage_dtype == "bfloat16" and self.output_format != "safetensors":
-            raise ValueError(
-                f"storage_dtype='bfloat16' with output_format={self.output_format!r}; numpy and Arrow cannot hold "
-                f"bfloat16: expected float16 or float32 (or output_format='safetensors')"
-            )
+        check_storage_dtype(self.output_format, self.storage_dtype)
+
+    def say(self, message: str) -> None:
+        """A notice for people: to ``log``, else to stderr."""
+        if self.log is not None:
+            self.log(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     @property
     def stores_pooled_only(self) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .formats import FOLDERS
 from .index import INDEX_NAME, SHARD_DIR
 
 
@@ -53,8 +54,7 @@ class EncodeResult:
                 f"and the reason in {_printable(str(self.index_path))}"
             )
         out_dir = _printable(str(self.out_dir))
-        folders = {"npy-parquet": "embeddings/ + metadata/", "parquet": "parts/"}
-        where = f"{out_dir}/{folders.get(self.output_format, SHARD_DIR + '/')}"
+        where = " + ".join(f"{out_dir}/{folder}/" for folder in FOLDERS.get(self.output_format, (SHARD_DIR,)))
         lines.append(f"features: {where} ({self.shards} new shards); index: {out_dir}/{INDEX_NAME}")
         return "\n".join(lines)
 

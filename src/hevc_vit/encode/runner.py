@@ -99,12 +99,8 @@ class Run:
 
     def say(self, message: str) -> None:
         """A notice for people: rank 0 only, to ``options.log`` (default: stderr)."""
-        if self.ranks.rank != 0:
-            return
-        if self.options.log is not None:
-            self.options.log(message)
-        else:
-            print(message, file=sys.stderr, flush=True)
+        if self.ranks.rank == 0:
+            self.options.say(message)
 
 
 def _encode_claimed(run: Run, inputs: Sequence[str | os.PathLike] | None, out_dir) -> EncodeResult:

@@ -54,7 +54,7 @@ def encode_folder(
     _refuse_process_local(inputs)
     sources = SourceOptions.of(options)
     inputs, memory = collect_memory(inputs, options.image_column, sources.keep_columns)
-    say = _say(options)
+    say = options.say
     lock = claim_out_dir(out_dir, options.resume, options.overwrite, say)
     started = False
     try:
@@ -78,12 +78,6 @@ def _refuse_process_local(inputs: Any) -> None:
             f"processes; write the files where every node can read them (a path, s3://, gs://, ...) or use the "
             f"local engine"
         )
-
-
-def _say(options: EncodeOptions):
-    if options.log is not None:
-        return options.log
-    return lambda message: print(message, file=sys.stderr, flush=True)
 
 
 def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, say, batch_size) -> EncodeResult:
