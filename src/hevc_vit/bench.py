@@ -154,7 +154,7 @@ class BenchSetup:
     model_path: str | None = None
     workload: str = "mixed"
     device: str | None = None  # None: this rank's GPU when there is one, else the CPU
-    dtype: str | None = None  # None: "auto", devices.dtype_choice (bf16 on GPUs and on CPUs with AMX, else fp32)
+    dtype: str | None = None  # None: "auto", devices.dtype_choice (bf16 on GPUs; on CPUs, what a measurement picks)
     attn_implementation: str = "auto"
     repeat: int = 1
     iters: int = 5

@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
-        help="default auto: bfloat16 on GPUs and on CPUs with AMX, else float32 (the run says which and why)",
+        help="default auto: bfloat16 on GPUs; on CPUs bfloat16 where a one-time matmul measurement finds it "
+        ">= 1.2x float32, else float32 (the run says which and why)",
     )
     p.add_argument(
         "--attn-implementation",
