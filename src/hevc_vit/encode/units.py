@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from .index import item_key
 from .items import InputSpec, RemoteFile
 from .objects import MemorySource
-from .remote import describe_error, is_url
+from .remote import Network, describe_error, is_url
 from .sources_tar import list_tar
 from .tables import TableColumnError, check_columns, table_layout, table_specs
 
+DEFAULT_NETWORK = Network()
 MEMORY_UNIT_ROWS = 1024  # rows of an in-memory source (a dataset) per unit
 
 
@@ -64,12 +65,14 @@ def memory_units(source: MemorySource) -> list[WorkUnit]:
     ]
 
 
-def table_units(location: str, path_column: str | None, keep_columns: Sequence[str], retries: int) -> list[WorkUnit]:
+def table_units(
+    location: str, path_column: str | None, keep_columns: Sequence[str], network: Network
+) -> list[WorkUnit]:
     """The units of a table: its columns are checked here (a missing path or kept column raises
     :class:`TableColumnError` before the run starts); a parquet file gives one unit per row group, another table
     one unit. A table that cannot be read is one failed item."""
     try:
-        columns, groups = table_layout(location, retries)
+        columns, groups = table_layout(location, network)
         check_columns(location, columns, path_column, keep_columns)
     except (TableColumnError, ImportError):
         raise  # the caller's mistake or a missing extra: the run stops before it starts
@@ -99,7 +102,7 @@ def list_share(
     world: int,
     path_column: str | None = None,
     keep_columns: Sequence[str] = (),
-    retries: int = 2,
+    network: Network = DEFAULT_NETWORK,
     memory: Mapping[int, MemorySource] | None = None,
 ) -> Share:
     """The items of the units that rank ``rank`` of ``world`` takes (unit ``u`` when ``u % world == rank``)."""
@@ -110,7 +113,7 @@ def list_share(
             share.specs.append(unit.spec)
             share.keys.append(item_key(u))
             continue
-        specs = list_unit(unit, path_column, keep_columns, retries, memory or {})
+        specs = list_unit(unit, path_column, keep_columns, network, memory or {})
         share.specs.extend(specs)
         share.keys.extend(item_key(u, j) for j in range(len(specs)))
         share.listed[u] = [spec.path for spec in specs]
@@ -121,20 +124,20 @@ def list_unit(
     unit: WorkUnit,
     path_column: str | None,
     keep_columns: Sequence[str],
-    retries: int,
+    network: Network,
     memory: Mapping[int, MemorySource],
 ) -> list[InputSpec]:
     """The items of one unit, in order, without duplicates; what cannot be read is a failed item."""
     if unit.kind == "item":
         return [unit.spec]
     if unit.kind == "tar":
-        specs = list_tar(unit.location, retries)
+        specs = list_tar(unit.location, network)
     elif unit.kind == "memory":
         specs = memory[unit.source].specs(unit.start, unit.stop)
     elif unit.kind in ("table", "row_group"):
         group = unit.group if unit.kind == "row_group" else None
         try:
-            specs = table_specs(unit.location, path_column, keep_columns, retries, group, unit.start)
+            specs = table_specs(unit.location, path_column, keep_columns, network, group, unit.start)
         except Exception as e:  # damaged since rank 0 read its layout, or a row group that cannot be read
             what = f"row group {unit.group} of this table" if group is not None else "this table"
             return [InputSpec(unit.name, f"cannot read {what}: {describe_error(e)}")]
