@@ -364,17 +364,26 @@ def without_aiohttp(monkeypatch):
             monkeypatch.delitem(loaded, protocol)
 
 
-@pytest.mark.parametrize("given", ["url", "list"])
-def test_a_missing_package_stops_the_run_before_it_starts(given, server, tmp_path, capsys, without_aiohttp):
-    url = f"{server.base}/img/{NAMES[0]}"
-    (tmp_path / "urls.txt").write_text(f"{url}\n")
+@pytest.mark.parametrize("given", ["url", "txt", "csv", "parquet", "csv-later-row"])
+def test_a_missing_package_stops_the_run_named_once(given, server, root, tmp_path, capsys, without_aiohttp):
+    import pyarrow.parquet as pq
+
+    urls = [f"{server.base}/img/{n}" for n in NAMES]
+    (tmp_path / "urls.txt").write_text("".join(f"{u}\n" for u in urls))
+    (tmp_path / "urls.csv").write_text("url\n" + "".join(f"{u}\n" for u in urls))
+    pq.write_table(pa.table({"url": urls}), tmp_path / "urls.parquet")
+    (tmp_path / "urls.csv-later-row").write_text(f"url\n{root / 'img' / NAMES[0]}\n{urls[1]}\n")
+    inputs = urls if given == "url" else [str(tmp_path / f"urls.{given}")]
+    if given == "csv-later-row":  # the first row a local path: the URL is met when the rows are read
+        inputs = [str((tmp_path / "urls.csv-later-row").rename(tmp_path / "later.csv"))]
     ckpt = str(FIXTURES / "llava_vit_packing_tiny")
-    inputs = [url] if given == "url" else [str(tmp_path / "urls.txt")]
     args = ["encode", *inputs, "--model", ckpt, "--workers", "0", "--out", str(tmp_path / "out"), "-q"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert err.count("hevc-vit[data]") == 1 and "aiohttp" in err and "http://" in err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "index.jsonl").exists()  # nothing encoded, no row
+    if given != "csv-later-row":  # found before the output folder is made
+        assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -77,6 +77,31 @@ def table_layout(location: str, network: Network) -> tuple[list[str], list[int] 
     return with_retries(read, network.retries, f"reading {location}") if is_url(location) else read()
 
 
+def first_value(location: str, column: str, network: Network) -> Any:
+    """The value of ``column`` in the table's first row (None when it has no rows), read cheaply: a parquet
+    file's first row group (that column alone), a csv/tsv file's first two lines; a jsonl file whole."""
+
+    def read():
+        lower = location.lower()
+        with open_location(location, network) as f:
+            if lower.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                parquet = pq.ParquetFile(f)
+                values = parquet.read_row_group(0, columns=[column]).column(0) if parquet.num_row_groups else []
+            elif lower.endswith(".jsonl"):
+                values = _read(f, lower, None).column(column)
+            else:
+                delimiter = "\t" if lower.endswith(".tsv") else ","
+                head = [f.readline().decode("utf-8-sig"), f.readline().decode("utf-8")]
+                rows = list(csv.reader(head, delimiter=delimiter))
+                values = [dict(zip(rows[0], rows[1])).get(column)] if len(rows) > 1 else []
+        return values[0] if len(values) else None
+
+    value = with_retries(read, network.retries, f"reading {location}") if is_url(location) else read()
+    return value.as_py() if hasattr(value, "as_py") else value
+
+
 def _csv_header(f, lower: str) -> list[str]:
     delimiter = "\t" if lower.endswith(".tsv") else ","
     return next(csv.reader([f.readline().decode("utf-8-sig")], delimiter=delimiter), [])

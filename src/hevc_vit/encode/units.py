@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from .index import item_key
 from .items import InputSpec, RemoteFile
 from .objects import MemorySource
-from .remote import Network, describe_error, is_url
+from .remote import Network, check_url_packages, describe_error, is_url
 from .sources_tar import list_tar
-from .tables import TableColumnError, check_columns, table_layout, table_specs
+from .tables import TableColumnError, check_columns, first_value, table_layout, table_specs
 
 DEFAULT_NETWORK = Network()
 MEMORY_UNIT_ROWS = 1024  # rows of an in-memory source (a dataset) per unit
@@ -73,7 +73,10 @@ def table_units(
     one unit. A table that cannot be read is one failed item."""
     try:
         columns, groups = table_layout(location, network)
-        check_columns(location, columns, path_column, keep_columns)
+        column = check_columns(location, columns, path_column, keep_columns)
+        first = first_value(location, column, network)
+        if isinstance(first, str) and is_url(first.strip()):  # a package its URLs need: named before the run
+            check_url_packages([first.strip()])
     except (TableColumnError, ImportError):
         raise  # the caller's mistake or a missing extra: the run stops before it starts
     except Exception as e:  # an unreadable or damaged table: one failed row
@@ -127,7 +130,8 @@ def list_unit(
     network: Network,
     memory: Mapping[int, MemorySource],
 ) -> list[InputSpec]:
-    """The items of one unit, in order, without duplicates; what cannot be read is a failed item."""
+    """The items of one unit, in order, without duplicates; what cannot be read is a failed item. A table whose
+    URLs need a package that is not installed raises ``ImportError``."""
     if unit.kind == "item":
         return [unit.spec]
     if unit.kind == "tar":
@@ -143,6 +147,8 @@ def list_unit(
             return [InputSpec(unit.name, f"cannot read {what}: {describe_error(e)}")]
         if not specs and group is None:
             return [InputSpec(unit.location, "the table has no rows")]
+        # a package its URLs need and that is missing stops the run here, named once, not once per row
+        check_url_packages(spec.path for spec in specs if isinstance(spec.ref, RemoteFile))
     else:
         raise AssertionError(f"unit kind {unit.kind!r}")
     return [specs[j] for j in first_listings(specs)]
