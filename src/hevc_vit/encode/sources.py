@@ -102,8 +102,9 @@ def expand_units(
 
     A folder contributes every file under it in sorted order, hidden names (a leading ``.``) excepted.
     Symlinked folders are followed, each real folder at most once per input (so a link loop ends); a ``.txt``/
-    ``.lst``/``.list`` file given directly lists one path per line (blank lines and ``#`` comments skipped,
-    relative paths taken from the list's folder). ``{000000..000009}`` and ``{a,b}`` expand as in the shell
+    ``.lst``/``.list`` file given directly (or by URL) lists one path or URL per line (blank lines and ``#``
+    comments skipped, a URL as it is, relative paths from the list's folder or URL). ``{000000..000009}`` and
+    ``{a,b}`` expand as in the shell
     (webdataset's shard ranges). A ``.tar`` contributes one item per webdataset sample, wherever it is found; a
     ``.parquet``/``.csv``/``.tsv``/``.jsonl`` given directly, by a glob or in a list contributes one item per row
     (a table inside a searched folder is an input like any other file). A URL (``s3://``, ``memory://``, ...)
