@@ -133,7 +133,7 @@ class RunPlan:
             raise {k.__name__: k for k in _ERROR_KINDS}[kind](message)
 
 
-_ERROR_KINDS = (FileExistsError, FileNotFoundError, ValueError, OSError)  # the first match names an error
+_ERROR_KINDS = (FileExistsError, FileNotFoundError, ValueError, OSError, ImportError)  # the first match names an error
 
 
 def prepare_folder(

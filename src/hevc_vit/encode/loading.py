@@ -30,7 +30,7 @@ from ..packing import grid_positions
 from .items import Fetched, InputSpec, fetch, spec_path
 from .pixels import exif_orientation, normalize_patches, upright_size
 from .processing import ImageProcessor
-from .remote import describe_error
+from .remote import Network, describe_error
 from .sources_tar import archive_kind
 from .sparse import load_codec_video
 from .video import VIDEO_EXTENSIONS, read_video, temporal_positions, video_patch_positions
@@ -91,7 +91,7 @@ class LoadOptions:
     codec: CodecSparseConfig | None = None  # videos: encode only the selected patches
     preview_dir: str | os.PathLike | None = None
     memory: list = field(default_factory=list)  # the run's in-memory inputs (objects, datasets), by number
-    retries: int = 2  # URLs: attempts after a failed read before the input fails
+    network: Network = Network()  # URLs: timeouts, and attempts after a failed read before the input fails
     jpeg_draft: bool = True  # JPEGs at least twice the target decode at a reduced DCT scale (as encode does by default)
     exif_transpose: bool = True  # images turned upright as their EXIF orientation says (transformers' load_image does)
     keys: Sequence[str] = ()  # the shard key of item ``index`` (names a codec preview); empty: item_key(index)
@@ -108,7 +108,7 @@ def load_item(index: int, path: str | InputSpec, options: LoadOptions) -> Loaded
         if spec.ref is None:
             _load_into(item, options)
         else:
-            _load_fetched(item, fetch(spec.ref, options.memory, options.retries), options)
+            _load_fetched(item, fetch(spec.ref, options.memory, options.network), options)
         item.info = {**spec.extra, **item.info}
     except MemoryError:
         item.error = "out of memory while decoding"

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .items import Fetched, InputSpec, MemoryRow
-from .remote import INSTALL_HINT, read_location
+from .remote import INSTALL_HINT, Network, read_location
 
 
 @dataclass
@@ -149,7 +149,7 @@ def open_hf_dataset(name_or_path: str, split: str | None) -> DatasetInput:
     return DatasetInput(loaded, f"{name_or_path}:{split}" if split else name_or_path)
 
 
-def fetch_memory_row(entry: Any, row: int, retries: int) -> Fetched:
+def fetch_memory_row(entry: Any, row: int, network: Network) -> Fetched:
     """The content of row ``row`` of a memory entry (a list of objects, or a dataset's image column)."""
     if isinstance(entry, list):
         return Fetched(f"object {row}", image=to_pil(entry[row]))
@@ -161,7 +161,7 @@ def fetch_memory_row(entry: Any, row: int, retries: int) -> Fetched:
             return Fetched(value.get("path") or "", data=value["bytes"])
         value = value["path"]
     if isinstance(value, str):  # a path or URL
-        return Fetched(value, data=read_location(value, retries))
+        return Fetched(value, data=read_location(value, network))
     if isinstance(value, bytes):
         return Fetched("", data=value)
     return Fetched(f"row {row}", image=to_pil(value))

@@ -25,6 +25,7 @@ from ..configuration import PRESETS
 from ..devices import DTYPES
 from .formats import OUTPUT_FORMATS, STORAGE_DTYPES, check_storage_dtype
 from .processing import ImageProcessor, NativeResolutionProcessor
+from .remote import DEFAULT_TIMEOUT
 from .video import VIDEO_BACKENDS
 
 DEFAULT_OUT = "hevc_vit_features"
@@ -119,6 +120,11 @@ def on_off(text: str) -> bool:
     if value in ("off", "false", "no", "0"):
         return False
     raise ValueError(f"{text!r}; expected on or off")
+
+
+def positive_number(value: Any) -> str:
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return "" if valid else "a finite number > 0"
 
 
 def shard_size(value: Any) -> str:
@@ -308,6 +314,13 @@ class EncodeOptions:
         parse=int,
         metavar="N",
         check=non_negative_int,
+    )
+    timeout: float = option(
+        DEFAULT_TIMEOUT,
+        "URLs (http(s), s3): seconds a connection, and each read, may wait before the attempt fails ({default})",
+        parse=float,
+        metavar="SECONDS",
+        check=positive_number,
     )
     output_format: str = option(
         "safetensors",

@@ -32,6 +32,7 @@ from .loading import LoadedItem, LoadOptions, default_workers, load_items
 from .model import Encoder, prepare_encoder, run_settings
 from .objects import MemorySource, collect_memory
 from .options import EncodeOptions
+from .remote import Network, check_url_packages
 from .result import EncodeResult
 from .shards import ShardWriter
 from .sources import SourceOptions
@@ -61,6 +62,7 @@ def encode(
     returns. A full disk raises an ``OSError`` naming the folder and its free space; what finished is kept.
     """
     options = _options(options, overrides)
+    check_url_packages(_as_locations(inputs))  # a missing package stops the run before anything is made
     if options.engine == "ray":  # the same run as a Ray Data pipeline (the ray extra)
         from ..ray import encode_folder
 
@@ -76,6 +78,15 @@ def encode(
         return _encode_claimed(run, inputs, out_dir)
     finally:
         run.ranks.close()
+
+
+def _as_locations(inputs: Any) -> list[Any]:
+    """The inputs given as paths or URLs (strings), of one input or a sequence."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    if isinstance(inputs, (list, tuple)):
+        return [os.fspath(i) for i in inputs if isinstance(i, (str, os.PathLike))]
+    return []
 
 
 def _options(options: EncodeOptions | None, overrides: dict[str, Any]) -> EncodeOptions:
@@ -142,7 +153,7 @@ def _agree_on_plan(run: Run, inputs, folder: Path | None, settings: dict[str, An
                 plan = prepare_folder(
                     inputs, folder, options.resume, options.overwrite, settings, run.say, SourceOptions.of(options)
                 )
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, ImportError) as e:  # ImportError: a URL in a list needs a missing package
             if not run.ranks.active:
                 raise
             plan = RunPlan.refused(e)
@@ -182,7 +193,7 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
     finished is kept."""
     rank, world, options = run.ranks.rank, run.ranks.world, run.options
     sources = SourceOptions.of(options)
-    share = list_share(plan.units, rank, world, sources.path_column, sources.keep_columns, sources.retries, run.sources)
+    share = list_share(plan.units, rank, world, sources.path_column, sources.keep_columns, sources.network, run.sources)
     todo = [(j, share.specs[j]) for j in items_to_encode(share, plan.done)]
     show = (sys.stderr.isatty() if options.progress is None else options.progress) and rank == 0
     failed = sum(1 for spec in share.specs if spec.error)
@@ -245,7 +256,7 @@ def load_options(options: EncodeOptions, encoder: Encoder, memory: list, keys: l
         codec=codec,
         preview_dir=options.codec_preview_dir,
         memory=memory,
-        retries=options.retries,
+        network=Network(options.retries, options.timeout),
         jpeg_draft=options.jpeg_draft,
         exif_transpose=options.exif_transpose,
         keys=keys,

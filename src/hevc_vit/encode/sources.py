@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from .items import InputSpec
 from .objects import MemorySource
-from .remote import GLOB_CHARS, describe_error, is_url, list_url
+from .remote import GLOB_CHARS, Network, describe_error, is_url, list_url, read_location
 from .sources_tar import is_tar_shard
 from .tables import is_table
 from .units import WorkUnit, list_unit, memory_units, remote_item, table_units
@@ -41,17 +42,18 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """How inputs are read while they are expanded: the path and kept columns of tables, retries for URLs."""
+    """How inputs are read while they are expanded: the path and kept columns of tables, how URLs are read."""
 
     path_column: str | None = None
     keep_columns: tuple[str, ...] = ()
-    retries: int = 2
+    network: Network = Network()
 
     @classmethod
     def of(cls, options: Any) -> SourceOptions:
         """The source options of an ``EncodeOptions`` (``keep_columns`` may be one name or a sequence)."""
         keep = options.keep_columns
-        return cls(options.path_column, (keep,) if isinstance(keep, str) else tuple(keep), options.retries)
+        keep = (keep,) if isinstance(keep, str) else tuple(keep)
+        return cls(options.path_column, keep, Network(options.retries, options.timeout))
 
 
 @dataclass
@@ -78,7 +80,7 @@ def expand_inputs(
     seen: set[str] = set()
     out: list[InputSpec] = []
     for unit in units:
-        for spec in list_unit(unit, sources.path_column, sources.keep_columns, sources.retries, memory):
+        for spec in list_unit(unit, sources.path_column, sources.keep_columns, sources.network, memory):
             if spec.path not in seen:
                 seen.add(spec.path)
                 out.append(spec)
@@ -100,8 +102,9 @@ def expand_units(
 
     A folder contributes every file under it in sorted order, hidden names (a leading ``.``) excepted.
     Symlinked folders are followed, each real folder at most once per input (so a link loop ends); a ``.txt``/
-    ``.lst``/``.list`` file given directly lists one path per line (blank lines and ``#`` comments skipped,
-    relative paths taken from the list's folder). ``{000000..000009}`` and ``{a,b}`` expand as in the shell
+    ``.lst``/``.list`` file given directly (or by URL) lists one path or URL per line (blank lines and ``#``
+    comments skipped, a URL as it is, relative paths from the list's folder or URL). ``{000000..000009}`` and
+    ``{a,b}`` expand as in the shell
     (webdataset's shard ranges). A ``.tar`` contributes one item per webdataset sample, wherever it is found; a
     ``.parquet``/``.csv``/``.tsv``/``.jsonl`` given directly, by a glob or in a list contributes one item per row
     (a table inside a searched folder is an input like any other file). A URL (``s3://``, ``memory://``, ...)
@@ -200,7 +203,7 @@ def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:
         ctx.add_unit(WorkUnit("tar", location))
     elif tables and is_table(location):
         options = ctx.sources
-        for unit in table_units(location, options.path_column, options.keep_columns, options.retries):
+        for unit in table_units(location, options.path_column, options.keep_columns, options.network):
             ctx.add_unit(unit)
     else:
         ctx.add_unit(remote_item(location))
@@ -208,14 +211,32 @@ def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:
 
 def _expand_url(url: str, ctx: _Expansion) -> None:
     try:
-        urls, reason = list_url(url, ctx.sources.retries)
+        urls, reason = list_url(url, ctx.sources.network)
     except OSError as e:
         ctx.add(InputSpec(url, describe_error(e)))
         return
     if not urls:
         ctx.add(InputSpec(url, reason))
+    if urls == [url] and posixpath.splitext(url.split("?")[0])[1].lower() in LIST_EXTENSIONS:
+        _expand_remote_list(url, ctx)
+        return
     for found in urls:
         _add_file(found, ctx, tables=urls == [url] or GLOB_CHARS & set(url) != set())
+
+
+def _expand_remote_list(url: str, ctx: _Expansion) -> None:
+    """A list file behind a URL: its lines as a local list's (relative ones taken from the URL's folder)."""
+    try:
+        text = read_location(url, ctx.sources.network).decode("utf-8")
+    except (OSError, ValueError) as e:  # unreadable, or not UTF-8
+        ctx.add(InputSpec(url, f"cannot read this list file: {describe_error(e)}"))
+        return
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        ctx.add(InputSpec(url, "the list file names no paths (blank lines and # comments are skipped)"))
+    folder = posixpath.dirname(url)
+    for line in lines:
+        _expand_one(line if is_url(line) or line.startswith("/") else f"{folder}/{line}", ctx, from_list=True)
 
 
 def _is_inside(path: str, folder: str) -> bool:
@@ -280,7 +301,7 @@ def _read_list(path: Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        lines.append(line if os.path.isabs(line) else str(path.parent / line))
+        lines.append(line if is_url(line) or os.path.isabs(line) else str(path.parent / line))  # a URL as it is
     return lines
 
 

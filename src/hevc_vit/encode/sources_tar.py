@@ -3,10 +3,10 @@
 A member ``dir/000123.jpg`` has the key ``dir/000123`` and the extension ``jpg`` (the key ends at the first dot
 of the file name, as webdataset splits it); consecutive members with one key form a sample. A sample's input is
 its first member whose extension (or the extension's last part, ``left.jpg`` -> ``jpg``) is an image or a video
-one; its index row has ``id`` = the key and ``path`` = ``tar://MEMBER::SHARD``. The shard is listed once, by its
-headers (the data is skipped, not read); a member is read later with one seek. Nothing is dropped silently: a
-sample without an image or video member, a member that ends past the end of the shard (a truncated shard) and a
-shard damaged inside a header each give a failed row.
+one; its index row has ``id`` = the key and ``path`` = ``tar://MEMBER::SHARD`` (:func:`.items.tar_path`). The
+shard is listed once, by its headers (the data is skipped, not read); a member is read later with one seek.
+Nothing is dropped silently: a sample without an image or video member, a member that ends past the end of the
+shard (a truncated shard) and a shard damaged inside a header each give a failed row.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ import os
 import re
 import tarfile
 
-from .items import InputSpec, TarMember
-from .remote import describe_error, is_url, open_location, url_filesystem, with_retries
+from .items import InputSpec, TarMember, tar_path
+from .remote import Network, describe_error, is_url, open_location, url_filesystem, with_retries
 from .video import VIDEO_EXTENSIONS
 
 IMAGE_EXTENSIONS = frozenset("jpg jpeg png webp bmp gif tif tiff ppm pgm pbm pnm jp2 j2k avif".split())
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | {e.lstrip(".") for e in VIDEO_EXTENSIONS}
 # archives are listed (a .tar) or refused, never handed to an image or video decoder
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".zip", ".7z", ".rar")
-_KEY = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # "dir/000123.seg.png" -> ("dir/000123", "seg.png")
+# "dir/000123.seg.png" -> ("dir/000123", "seg.png"); a newline is a character of a name like any other
+_KEY = re.compile(r"\A((?:.*/|)[^./][^/]*?)\.([^/]*)\Z", re.DOTALL)
 
 
 def is_tar_shard(location: str) -> bool:
@@ -52,22 +53,22 @@ def media_extension(ext: str) -> bool:
     return ext in MEDIA_EXTENSIONS or ext.rsplit(".", 1)[-1] in MEDIA_EXTENSIONS
 
 
-def list_tar(location: str, retries: int) -> list[InputSpec]:
+def list_tar(location: str, network: Network) -> list[InputSpec]:
     """One spec per sample of the shard at ``location`` (a local path or a URL), in the shard's order."""
     try:
         if is_url(location):
-            return with_retries(lambda: _list(location), retries, f"listing {location}")
-        return _list(location)
+            return with_retries(lambda: _list(location, network), network.retries, f"listing {location}")
+        return _list(location, network)
     except (OSError, ValueError) as e:
         return [InputSpec(location, f"cannot read this tar shard: {describe_error(e)}")]
 
 
-def _list(location: str) -> list[InputSpec]:
-    total = _size(location)
+def _list(location: str, network: Network) -> list[InputSpec]:
+    total = _size(location, network)
     if total == 0:
         return [InputSpec(location, "empty file (0 bytes): not a tar shard")]
     samples: list[tuple[str, list[tarfile.TarInfo]]] = []
-    with open_location(location) as f:
+    with open_location(location, network) as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError as e:
@@ -91,10 +92,10 @@ def _list(location: str) -> list[InputSpec]:
     return specs
 
 
-def _size(location: str) -> int:
+def _size(location: str, network: Network) -> int:
     if not is_url(location):
         return os.path.getsize(location)
-    fs, path = url_filesystem(location)
+    fs, path = url_filesystem(location, network)
     return int(fs.size(path))
 
 
@@ -116,8 +117,8 @@ def _sample_spec(location: str, key: str, members: list[tarfile.TarInfo], total:
     if chosen is None:
         names = ", ".join(m.name for m in members)
         error = f"sample {key!r} has no image or video member (members: {names})"
-        return InputSpec(f"tar://{members[0].name}::{location}", error, extra={"id": key})
-    path = f"tar://{chosen.name}::{location}"
+        return InputSpec(tar_path(members[0].name, location), error, extra={"id": key})
+    path = tar_path(chosen.name, location)
     end = chosen.offset_data + chosen.size
     if end > total:
         error = f"the member ends at byte {end}, past the end of the shard ({total} bytes): the shard is truncated"

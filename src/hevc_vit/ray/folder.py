@@ -88,7 +88,7 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
         plan = prepare_folder(inputs, folder, options.resume, options.overwrite, settings, say, sources)
     start = time.perf_counter()
     memory_sources = {m.number: m for m in inputs or [] if isinstance(m, MemorySource)}
-    share = list_share(plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.retries, memory_sources)
+    share = list_share(plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.network, memory_sources)
     todo = _todo(share, plan.done)
     before = set(owned_files(folder))
     result = EncodeResult(out_dir=folder.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
