@@ -98,6 +98,10 @@ class ImageProcessor(abc.ABC):
     def _crop(self, pixels: np.ndarray) -> np.ndarray:  # the resized (H, W, C) pixels to output_size
         return pixels
 
+    def frames_that_fit(self, num_frames: int) -> int:
+        """The most frames, up to ``num_frames``, that one clip can hold (a fixed size: all of them)."""
+        return num_frames
+
     # -- processing ------------------------------------------------------------------------------------
 
     def __call__(self, images: Image.Image | Sequence[Image.Image], draft: bool = False) -> torch.Tensor:
@@ -288,10 +292,13 @@ class NativeResolutionProcessor(ImageProcessor):
     the nearest multiple of the patch size; a smaller one is enlarged, a larger one shrunk).
 
     A video frame gets the same rule with its maximum lowered to ``max_video_tokens // T``, so a clip of ``T``
-    frames holds at most ``max(max_video_tokens, T · min_tokens)`` patches (the minimum holds per frame).
+    frames holds at most ``max_video_tokens`` patches, and its minimum kept at ``min_tokens``: a clip holds at most
+    ``max_video_tokens // min_tokens`` frames (:meth:`frames_that_fit`; more raise ``ValueError``, and
+    ``hevc-vit encode`` samples that many instead).
 
-    Aspect ratio: each side is within one patch of the ideal scaled side (one scale for both), unless the
-    image is so elongated that its short side would fall under one patch at the token maximum.
+    Aspect ratio: each side is within one patch of the ideal side at one scale for both (a side under one patch
+    at that scale becomes one patch). Bounds so close that no such grid falls between them (a frame at exactly
+    the minimum) give the largest such grid under the maximum, a few patches under the minimum.
     """
 
     processor_type = "HEVCViTNativeImageProcessor"
@@ -321,11 +328,23 @@ class NativeResolutionProcessor(ImageProcessor):
         self.max_video_tokens = max_video_tokens
 
     def token_bounds(self, num_frames: int = 1) -> tuple[int, int]:
-        """``(min, max)`` patches per image or per frame of a ``num_frames`` clip."""
+        """``(min, max)`` patches per image or per frame of a ``num_frames`` clip; ``ValueError`` when the clip's
+        budget cannot give each frame ``min_tokens`` (more frames than :meth:`frames_that_fit`)."""
         if num_frames <= 1:
             return self.min_tokens, self.max_tokens
-        hi = min(self.max_tokens, max(self.max_video_tokens // num_frames, 1))
-        return min(self.min_tokens, hi), hi
+        fit = self.frames_that_fit(num_frames)
+        if fit < num_frames:
+            raise ValueError(
+                f"a clip of {num_frames} frames needs at least {num_frames} x min_tokens={self.min_tokens} = "
+                f"{num_frames * self.min_tokens} patches, more than max_video_tokens={self.max_video_tokens}; "
+                f"expected at most {fit} frames (or a larger max_video_tokens, or a smaller min_tokens)"
+            )
+        return self.min_tokens, min(self.max_tokens, self.max_video_tokens // num_frames)
+
+    def frames_that_fit(self, num_frames: int) -> int:
+        """The most frames, up to ``num_frames``, that a clip holds with ``min_tokens`` patches per frame within
+        ``max_video_tokens`` (at least 1: a single frame is sized as an image)."""
+        return max(1, min(num_frames, self.max_video_tokens // self.min_tokens))
 
     def grid_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
         """``(h, w)`` in patches for an image (or every frame of a clip) of ``height x width`` pixels."""
