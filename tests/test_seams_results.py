@@ -61,11 +61,13 @@ def test_native_grid_keeps_the_aspect_ratio_at_any_bounds(bounds):
         _check_grid(H, W, proc.grid_size(H, W), lo, hi)
 
 
-@pytest.mark.parametrize("min_tokens, max_video_tokens", [(256, 8192), (4, 256), (16, 1000), (1, 50), (64, 64)])
+@pytest.mark.parametrize(
+    "min_tokens, max_video_tokens", [(256, 8192), (4, 256), (16, 1000), (1, 50), (64, 64), (300, 200), (256, 1000)]
+)
 def test_video_frames_keep_the_aspect_ratio_within_the_clip_budget(min_tokens, max_video_tokens):
     proc = NativeResolutionProcessor(patch_size=P, min_tokens=min_tokens, max_video_tokens=max_video_tokens)
-    fit = max(1, max_video_tokens // min_tokens)
-    for frames in (2, 3, 8, 31, 32, 33, 48, 64, 500, 5000):
+    fit = max_video_tokens // min_tokens
+    for frames in (1, 2, 3, 8, 31, 32, 33, 48, 64, 500, 5000):  # a list of one frame is a clip too
         if frames > fit:
             with pytest.raises(ValueError, match=f"a clip of {frames} frames .*expected at most {fit} frames"):
                 proc.grid_size(240, 320, num_frames=frames)
@@ -125,6 +127,11 @@ def test_encode_samples_as_many_frames_as_the_clip_budget_holds(model, tmp_path,
     assert row["status"] == "ok" and t == 4 and _aspect_kept(h, w, 84, 112) and 4 * h * w <= 64
     assert row["frames"] == sample_frame_indices(12, 4)
     assert row["temporal_positions"] == temporal_positions(4, 16)
+
+    none_fit = NativeResolutionProcessor(patch_size=P, min_tokens=16, max_tokens=64, max_video_tokens=15)
+    encode([clip], tmp_path / "none", frames=10, **{**options, "processor": none_fit})
+    (row,) = read_index(tmp_path / "none")
+    assert row["status"] == "failed" and "more than max_video_tokens=15" in row["error"], row
 
 
 @pytest.mark.video

@@ -88,8 +88,9 @@ class ImageProcessor(abc.ABC):
     # -- the size rule, per subclass -------------------------------------------------------------------
 
     @abc.abstractmethod
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
-        """``(H, W)`` in pixels of the processed image (or of every frame of a ``num_frames`` clip)."""
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
+        """``(H, W)`` in pixels of the processed image (``num_frames=None``) or of every frame of a ``num_frames``
+        clip (a list of frames, even of one, is a clip)."""
 
     @abc.abstractmethod
     def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -251,7 +252,7 @@ class FixedSizeProcessor(ImageProcessor):
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
         return short_side_size(height, width, self.shortest_edge) if self.do_resize else (height, width)
 
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         return self.crop_size if self.do_center_crop else self._resized_size(height, width)
 
     def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -327,11 +328,14 @@ class NativeResolutionProcessor(ImageProcessor):
         self.max_tokens = max_tokens
         self.max_video_tokens = max_video_tokens
 
-    def token_bounds(self, num_frames: int = 1) -> tuple[int, int]:
-        """``(min, max)`` patches per image or per frame of a ``num_frames`` clip; ``ValueError`` when the clip's
-        budget cannot give each frame ``min_tokens`` (more frames than :meth:`frames_that_fit`)."""
-        if num_frames <= 1:
+    def token_bounds(self, num_frames: int | None = None) -> tuple[int, int]:
+        """``(min, max)`` patches of an image (``num_frames=None``) or of each frame of a ``num_frames`` clip;
+        ``ValueError`` when the clip's budget cannot give each frame ``min_tokens`` (more frames than
+        :meth:`frames_that_fit`)."""
+        if num_frames is None:
             return self.min_tokens, self.max_tokens
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames!r}; expected None (an image) or a positive frame count")
         fit = self.frames_that_fit(num_frames)
         if fit < num_frames:
             raise ValueError(
@@ -343,15 +347,15 @@ class NativeResolutionProcessor(ImageProcessor):
 
     def frames_that_fit(self, num_frames: int) -> int:
         """The most frames, up to ``num_frames``, that a clip holds with ``min_tokens`` patches per frame within
-        ``max_video_tokens`` (at least 1: a single frame is sized as an image)."""
-        return max(1, min(num_frames, self.max_video_tokens // self.min_tokens))
+        ``max_video_tokens`` (0 when ``max_video_tokens < min_tokens``)."""
+        return min(num_frames, self.max_video_tokens // self.min_tokens)
 
-    def grid_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def grid_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         """``(h, w)`` in patches for an image (or every frame of a clip) of ``height x width`` pixels."""
         lo, hi = self.token_bounds(num_frames)
         return native_grid_size(height, width, self.patch_size, lo, hi)
 
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         h, w = self.grid_size(height, width, num_frames)
         return h * self.patch_size, w * self.patch_size
 

@@ -52,7 +52,7 @@ def _load_codec_file(item: LoadedItem, options: LoadOptions, path: str) -> None:
         stream = container.streams.video[0].codec_context
         width, height = stream.width, stream.height
     equivalent = max(1, round(config.budget * config.frames)) if isinstance(config.budget, float) else config.frames
-    equivalent = processor.frames_that_fit(equivalent)  # never under the processor's minimum per frame
+    equivalent = max(processor.frames_that_fit(equivalent), 1)  # never under the processor's minimum per frame
     size = processor.output_size(height, width, num_frames=equivalent)  # (H, W), multiples of p
     selection = select_patches(path, p, dataclasses.replace(config, size=tuple(size)))
     patches, _ = gather_selected_patches(
