@@ -148,6 +148,30 @@ def test_codec_sparse_frames_keep_the_aspect_ratio(model, tmp_path, one_thread):
     assert row["codec"]["tokens"] == 40 and row["codec"]["dense_tokens"] == 16 * h * w
 
 
+@pytest.mark.video
+def test_codec_frame_cap_keeps_the_aspect_ratio_and_the_cap(tmp_path):
+    from hevc_vit.codec import CodecSparseConfig
+    from hevc_vit.codec.decode import probe
+
+    for W, H in ((448, 28), (28, 448), (320, 240), (224, 224), (1008, 42)):
+        clip = _write_clip(tmp_path / f"{W}x{H}.mp4", 2, W, H)
+        for cap in (1, 3, 10, 50, 200):
+            _, _, (out_h, out_w) = probe(clip, P, CodecSparseConfig(max_tokens_per_frame=cap))
+            h, w = out_h // P, out_w // P
+            assert h * w <= cap and h >= 1 and w >= 1, (W, H, cap, (h, w))
+            assert _aspect_kept(h, w, H, W), (W, H, cap, (h, w))
+
+
+def test_tower_image_processor_keeps_the_aspect_ratio_at_tight_bounds():
+    from hevc_vit.image_processing import HEVCViTImageProcessor
+
+    for lo, hi in ((256, 4096), (256, 256), (64, 70)):
+        processor = HEVCViTImageProcessor(min_tokens=lo, max_tokens=hi)
+        for W, H in ((10000, 14), (14, 10000), (320, 240), (100000, 14), (1000, 20), (3, 7)):
+            (grid,) = processor(np.zeros((H, W, 3), np.uint8))["image_grid_thw"].tolist()
+            _check_grid(H, W, (grid[1], grid[2]), lo, hi)
+
+
 # --------------------------------------------------------------------------------------------------
 # float and 32-bit TIFFs
 # --------------------------------------------------------------------------------------------------
