@@ -329,9 +329,8 @@ class NativeResolutionProcessor(ImageProcessor):
         self.max_video_tokens = max_video_tokens
 
     def token_bounds(self, num_frames: int | None = None) -> tuple[int, int]:
-        """``(min, max)`` patches of an image (``num_frames=None``) or of each frame of a ``num_frames`` clip;
-        ``ValueError`` when the clip's budget cannot give each frame ``min_tokens`` (more frames than
-        :meth:`frames_that_fit`)."""
+        """``(min, max)`` patches of an image (``num_frames=None``) or of each frame of a ``num_frames`` clip
+        (``ValueError`` for more frames than :meth:`frames_that_fit`)."""
         if num_frames is None:
             return self.min_tokens, self.max_tokens
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
@@ -346,8 +345,7 @@ class NativeResolutionProcessor(ImageProcessor):
         return self.min_tokens, min(self.max_tokens, self.max_video_tokens // num_frames)
 
     def frames_that_fit(self, num_frames: int) -> int:
-        """The most frames, up to ``num_frames``, that a clip holds with ``min_tokens`` patches per frame within
-        ``max_video_tokens`` (0 when ``max_video_tokens < min_tokens``)."""
+        """The most frames, up to ``num_frames``, that ``max_video_tokens`` holds at ``min_tokens`` each (maybe 0)."""
         return min(num_frames, self.max_video_tokens // self.min_tokens)
 
     def grid_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
