@@ -18,12 +18,16 @@ index) are looked up when called, so a test may replace them to simulate a full 
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..files import write_atomic
 
@@ -83,8 +87,37 @@ def failed_row(path: str, key: str, error: str, extra: dict[str, Any] | None = N
     return make_row(path, status="failed", error=error, key=key, **(extra or {}))
 
 
+def json_value(value: Any) -> Any:
+    """``value`` as a value that strict JSON holds: NaN and ±inf become null (``json.dumps`` would write the
+    non-JSON tokens ``NaN`` / ``Infinity``), numpy scalars and arrays their Python numbers and lists, dates, times
+    and decimals their text (ISO 8601), bytes ``"<N bytes>"``, sets sorted lists, mapping keys text; anything
+    else its ``str``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.generic, np.ndarray)):
+        return json_value(value.tolist())  # numpy scalar -> Python number, array -> nested lists
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((json_value(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(value))} bytes>"
+    return str(value)  # decimals (exact text), timedeltas, UUIDs, paths, ...
+
+
+def row_json(row: dict[str, Any]) -> str:
+    """One index row as one line of strict JSON (see :func:`json_value`; never ``NaN``)."""
+    return json.dumps(json_value(row), allow_nan=False)
+
+
 def rows_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+    return "".join(row_json(row) + "\n" for row in rows).encode("utf-8")
 
 
 def write_index(path: Path, rows: Iterable[dict[str, Any]]) -> None:

@@ -201,7 +201,8 @@ def _load_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
     if options.codec is not None:
         load_codec_video(item, options, source)
         return
-    video = read_video(item.path if source is None else source, options.frames, options.video_backend)
+    frames = max(options.processor.frames_that_fit(options.frames), 1)  # fewer when the clip budget says so
+    video = read_video(item.path if source is None else source, frames, options.video_backend)
     patches, grid = options.processor.patchify(video.frames, options.patch_size, normalize=False)  # (T·h·w, C·p·p)
     t_positions = temporal_positions(len(video.frames), options.temporal_context)
     _set_patches(item, "video", patches, grid, options, t_positions)

@@ -66,6 +66,13 @@ def prepare_encoder(
         raise ValueError("pool='head' but the model has no pooling head (use_head=False); use 'mean' or 'none'")
     if options.pooled_only and pool == "none":
         raise ValueError("pooled_only=True with pool='none' would save nothing; choose pool 'head' or 'mean'")
+    fit = processor.frames_that_fit(options.video_frames)
+    if fit < options.video_frames and not options.codec_sparse:  # codec-sparse: frames sized as `fit`
+        instead = f"each video is sampled at {fit} frames instead" if fit else "videos fail"
+        say(
+            f"note: frames={options.video_frames} at {processor.min_tokens} patches per frame (min_image_tokens) "
+            f"exceed max_video_tokens={processor.max_video_tokens}; {instead}"
+        )
     largest = largest_item(processor, options.video_frames, config.patch_size)
     if largest > options.max_tokens:
         say(
@@ -197,8 +204,9 @@ def build_processor(
 
 def largest_item(processor: ImageProcessor, frames: int, patch_size: int) -> int:
     """Patches of the largest item the processor can produce (an image, or a clip of ``frames`` frames)."""
+    frames = processor.frames_that_fit(frames)
     if isinstance(processor, NativeResolutionProcessor):
-        return max(processor.max_tokens, frames * max(processor.token_bounds(frames)))
+        return max(processor.max_tokens, frames * max(processor.token_bounds(frames)) if frames else 0)
     if isinstance(processor, FixedSizeProcessor) and processor.do_center_crop:
         h, w = processor.crop_size
         return frames * (h // patch_size) * (w // patch_size)

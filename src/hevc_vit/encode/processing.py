@@ -88,8 +88,9 @@ class ImageProcessor(abc.ABC):
     # -- the size rule, per subclass -------------------------------------------------------------------
 
     @abc.abstractmethod
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
-        """``(H, W)`` in pixels of the processed image (or of every frame of a ``num_frames`` clip)."""
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
+        """``(H, W)`` in pixels of the processed image (``num_frames=None``) or of every frame of a ``num_frames``
+        clip (a list of frames, even of one, is a clip)."""
 
     @abc.abstractmethod
     def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -97,6 +98,10 @@ class ImageProcessor(abc.ABC):
 
     def _crop(self, pixels: np.ndarray) -> np.ndarray:  # the resized (H, W, C) pixels to output_size
         return pixels
+
+    def frames_that_fit(self, num_frames: int) -> int:
+        """The most frames, up to ``num_frames``, that one clip can hold (a fixed size: all of them)."""
+        return num_frames
 
     # -- processing ------------------------------------------------------------------------------------
 
@@ -247,7 +252,7 @@ class FixedSizeProcessor(ImageProcessor):
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
         return short_side_size(height, width, self.shortest_edge) if self.do_resize else (height, width)
 
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         return self.crop_size if self.do_center_crop else self._resized_size(height, width)
 
     def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -288,10 +293,13 @@ class NativeResolutionProcessor(ImageProcessor):
     the nearest multiple of the patch size; a smaller one is enlarged, a larger one shrunk).
 
     A video frame gets the same rule with its maximum lowered to ``max_video_tokens // T``, so a clip of ``T``
-    frames holds at most ``max(max_video_tokens, T · min_tokens)`` patches (the minimum holds per frame).
+    frames holds at most ``max_video_tokens`` patches, and its minimum kept at ``min_tokens``: a clip holds at most
+    ``max_video_tokens // min_tokens`` frames (:meth:`frames_that_fit`; more raise ``ValueError``, and
+    ``hevc-vit encode`` samples that many instead).
 
-    Aspect ratio: each side is within one patch of the ideal scaled side (one scale for both), unless the
-    image is so elongated that its short side would fall under one patch at the token maximum.
+    Aspect ratio: each side is within one patch of the ideal side at one scale for both (a side under one patch
+    at that scale becomes one patch). Bounds so close that no such grid falls between them (a frame at exactly
+    the minimum) give the largest such grid under the maximum, a few patches under the minimum.
     """
 
     processor_type = "HEVCViTNativeImageProcessor"
@@ -320,19 +328,32 @@ class NativeResolutionProcessor(ImageProcessor):
         self.max_tokens = max_tokens
         self.max_video_tokens = max_video_tokens
 
-    def token_bounds(self, num_frames: int = 1) -> tuple[int, int]:
-        """``(min, max)`` patches per image or per frame of a ``num_frames`` clip."""
-        if num_frames <= 1:
+    def token_bounds(self, num_frames: int | None = None) -> tuple[int, int]:
+        """``(min, max)`` patches of an image (``num_frames=None``) or of each frame of a ``num_frames`` clip
+        (``ValueError`` for more frames than :meth:`frames_that_fit`)."""
+        if num_frames is None:
             return self.min_tokens, self.max_tokens
-        hi = min(self.max_tokens, max(self.max_video_tokens // num_frames, 1))
-        return min(self.min_tokens, hi), hi
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames!r}; expected None (an image) or a positive frame count")
+        fit = self.frames_that_fit(num_frames)
+        if fit < num_frames:
+            raise ValueError(
+                f"a clip of {num_frames} frames needs at least {num_frames} x min_tokens={self.min_tokens} = "
+                f"{num_frames * self.min_tokens} patches, more than max_video_tokens={self.max_video_tokens}; "
+                f"expected at most {fit} frames (or a larger max_video_tokens, or a smaller min_tokens)"
+            )
+        return self.min_tokens, min(self.max_tokens, self.max_video_tokens // num_frames)
 
-    def grid_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def frames_that_fit(self, num_frames: int) -> int:
+        """The most frames, up to ``num_frames``, that ``max_video_tokens`` holds at ``min_tokens`` each (maybe 0)."""
+        return min(num_frames, self.max_video_tokens // self.min_tokens)
+
+    def grid_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         """``(h, w)`` in patches for an image (or every frame of a clip) of ``height x width`` pixels."""
         lo, hi = self.token_bounds(num_frames)
         return native_grid_size(height, width, self.patch_size, lo, hi)
 
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         h, w = self.grid_size(height, width, num_frames)
         return h * self.patch_size, w * self.patch_size
 

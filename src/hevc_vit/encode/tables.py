@@ -13,13 +13,11 @@ parquet file one row group at a time, each its own work unit.
 from __future__ import annotations
 
 import csv
-import datetime
-import decimal
 import os
 import posixpath
 from collections.abc import Sequence
-from typing import Any
 
+from .index import json_value
 from .items import InputSpec, RemoteFile
 from .remote import INSTALL_HINT, Network, is_url, open_location, with_retries
 
@@ -183,18 +181,3 @@ def _resolve(value: str, folder: str, table_is_url: bool) -> str:
     if is_url(value) or os.path.isabs(value) or not folder:
         return value
     return posixpath.join(folder, value) if table_is_url else os.path.join(folder, value)
-
-
-def json_value(value: Any) -> Any:
-    """A table cell as a JSON value for the index row (dates and decimals as text, bytes as their length)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, (datetime.date, datetime.time, decimal.Decimal)):
-        return str(value)
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    return str(value)
