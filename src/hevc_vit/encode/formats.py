@@ -9,13 +9,15 @@
 
 A part is written whole or not at all, like a shard: every file to a temporary name, synced, then published
 under a name that must not exist (the ``.npy`` before its metadata, which the index rows name); only then are
-its rows appended to the index. ``--resume`` reads a part's ``key`` column to know what it holds.
+its rows appended to the index, which commit it: ``--resume`` removes part files no row names (:mod:`.recovery`)
+and reads a part's ``key`` column to know what it holds.
 
 numpy and Arrow have no bfloat16: those formats take float16 (npy-parquet's default) or float32.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -86,35 +88,59 @@ def owned_files(out_dir: Path, temporary_only: bool = False) -> list[Path]:
     return paths
 
 
+def part_files(out_dir: Path, name: str) -> list[Path]:
+    """The files of the part whose index rows name ``name``: the file itself, and for npy-parquet the ``.npy``
+    beside its metadata (listed first: it is published first)."""
+    final = out_dir / name
+    if final.suffix == ".parquet" and final.parent.name == "metadata":
+        return [out_dir / "embeddings" / (final.stem + ".npy"), final]
+    return [final]
+
+
+def write_file(path: Path, data: Any, mode: int) -> None:
+    """Write ``data`` (bytes, or a function that writes into a binary file) as the new file ``path`` with
+    permissions ``mode``, synced. Every part file of every format but safetensors is written here (a test seam:
+    looked up when called, so a test may replace it to simulate a full disk)."""
+    with open(path, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
+        os.fchmod(f.fileno(), mode)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_part(output_format: str, out_dir: Path, name: str, tensors: dict[str, torch.Tensor], rows, mode: int):
     """Write one npy-parquet or parquet part: ``tensors`` are ``KEY.patches``/``KEY.pooled``; ``rows`` the
-    index rows of its items, in order."""
+    index rows of its items, in order. Written whole or not at all: on an error no file of the part is left."""
     pa, pq = _import_arrow()
-    final = out_dir / name
-    final.parent.mkdir(parents=True, exist_ok=True)
+    paths = part_files(out_dir, name)
     table = pa.Table.from_pylist([_metadata(row) for row in rows])
-    files: list[tuple[Path, Any]] = []
     if output_format == "npy-parquet":
         vectors = np.stack([_numpy(tensors[f"{row['key']}.pooled"]) for row in rows])  # (n, D)
-        npy = out_dir / "embeddings" / (final.stem + ".npy")
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        files.append((npy, lambda f: np.save(f, vectors)))
+        npy = io.BytesIO()  # numpy writes a real file with fwrite, whose errors lose their errno (a full disk)
+        np.save(npy, vectors)
+        contents: list[Any] = [npy.getbuffer(), lambda f: pq.write_table(table, f)]
     else:
         for column in ("patches", "pooled"):
             if any(f"{row['key']}.{column}" in tensors for row in rows):
                 values = [_numpy(tensors[f"{row['key']}.{column}"]) for row in rows]  # (N, D) or (D,) each
                 table = table.append_column(column, _vectors(pa, values))
-    files.append((final, lambda f: pq.write_table(table, f)))
-    tmps = [temporary_sibling(path) for path, _ in files]
+        contents = [lambda f: pq.write_table(table, f)]
+    tmps = [temporary_sibling(path) for path in paths]
+    published: list[Path] = []
     try:
-        for (_, write), tmp in zip(files, tmps):
-            with open(tmp, "wb") as f:
-                write(f)
-                os.fchmod(f.fileno(), mode)
-                f.flush()
-                os.fsync(f.fileno())
-        for (path, _), tmp in zip(files, tmps):
+        for path, tmp, data in zip(paths, tmps, contents):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_file(tmp, data, mode)
+        for path, tmp in zip(paths, tmps):
             publish_new(tmp, path)
+            published.append(path)
+    except BaseException:
+        for path in published:  # an .npy whose metadata could not be published
+            path.unlink(missing_ok=True)
+        raise
     finally:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)

@@ -24,6 +24,8 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,36 @@ def item_key(unit: int, item: int | None = None) -> str:
     unit of one item (a file); ``UUUUUUUU-IIIIIIII`` for item ``item`` of a unit of many (a tar shard, a table,
     rows in memory). Unique in a run, the same at any world size (see :mod:`.units`)."""
     return f"{unit:08d}" if item is None else f"{unit:08d}-{item:08d}"
+
+
+@dataclass
+class KeyBook:
+    """The keys of an output folder: a key names one input for as long as the folder exists (retrieval joins on
+    it), across runs and ``--resume`` with other inputs. An input that has a row keeps that row's key; a new input
+    takes its natural key (:func:`item_key` of its unit and place) unless another input holds it, and else the
+    same key with ``base`` added to the unit's number: past every unit number of the folder and of this run, so
+    never a key in use, nor one that this run gives as a natural key."""
+
+    earlier: dict[str, str] = field(default_factory=dict)  # path -> key, every row of the folder
+    base: int = 0
+
+    @classmethod
+    def of(cls, rows: Iterable[dict[str, Any]], units: int) -> KeyBook:
+        """The book of a folder whose rows are ``rows``, for a run of ``units`` work units."""
+        earlier = {row["path"]: row["key"] for row in rows if isinstance(row.get("key"), str) and row["key"]}
+        numbers = [int(head) for head in (key.split("-")[0] for key in earlier.values()) if head.isdigit()]
+        return cls(earlier, max([units, *(n + 1 for n in numbers)]))
+
+    @cached_property
+    def _held(self) -> set[str]:
+        return set(self.earlier.values())
+
+    def key(self, path: str, unit: int, item: int | None = None) -> str:
+        """The key of the input ``path``, item ``item`` of unit ``unit`` (None: a unit of one item)."""
+        if path in self.earlier:
+            return self.earlier[path]
+        natural = item_key(unit, item)
+        return natural if natural not in self._held else item_key(self.base + unit, item)
 
 
 def make_row(

@@ -193,7 +193,9 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
     finished is kept."""
     rank, world, options = run.ranks.rank, run.ranks.world, run.options
     sources = SourceOptions.of(options)
-    share = list_share(plan.units, rank, world, sources.path_column, sources.keep_columns, sources.network, run.sources)
+    share = list_share(
+        plan.units, rank, world, sources.path_column, sources.keep_columns, sources.network, run.sources, plan.keys
+    )
     todo = [(j, share.specs[j]) for j in items_to_encode(share, plan.done)]
     show = (sys.stderr.isatty() if options.progress is None else options.progress) and rank == 0
     failed = sum(1 for spec in share.specs if spec.error)
@@ -288,13 +290,12 @@ def _gather(run: Run, plan: RunPlan, tally: Tally, shards: int, share: Share) ->
     result.output_format = run.options.output_format
     if run.ranks.rank == 0:
         listed: dict[int, list[str]] = {}
-        for (encoded, failed, tokens), rank_shards, rank_listed in totals:
-            result.encoded += encoded
-            result.failed += failed
+        for (_, _, tokens), rank_shards, rank_listed in totals:  # encoded and failed: counted in the index
             result.tokens += tokens
             result.shards += rank_shards
             listed.update(rank_listed)
-        result.rows = merge_index(out_dir, ordered_paths(plan.units, listed))
+        paths = ordered_paths(plan.units, listed)
+        result.count(merge_index(out_dir, paths), paths, plan.done)  # the counts the index holds
     result.seconds = time.perf_counter() - tally.start
     run.ranks.barrier()  # the merged index exists before any rank returns
     return result

@@ -61,6 +61,7 @@ class _Expansion:
     add_unit: Callable[[WorkUnit], None]
     skip: frozenset[str]  # real paths of folders never searched (the output folder)
     sources: SourceOptions
+    given: set[str]  # every name expanded: as given, from a list, a brace range or a glob (see expand_units)
 
     def add(self, spec: InputSpec) -> None:
         self.add_unit(WorkUnit.item(spec))
@@ -95,6 +96,7 @@ def expand_units(
     inputs: str | os.PathLike | Sequence[Any],
     exclude: Sequence[str | os.PathLike] = (),
     sources: SourceOptions | None = None,
+    given: set[str] | None = None,
 ) -> list[WorkUnit]:
     """Files, folders (recursive), globs, brace ranges, list files, tar shards, tables, URLs and in-memory sources
     -> the run's work units (:mod:`.units`), without duplicates: a file is a unit of one item, a tar shard, a
@@ -112,6 +114,8 @@ def expand_units(
     that matches nothing, a folder or list that yields no file, a folder that cannot be read and a link that is
     not followed each become a unit of one item with its error. Folders in ``exclude`` (the output folder) are not
     searched. One path (``str`` or ``Path``) is one input. A table without its path column raises ``ValueError``.
+    ``given``: filled with every name expanded (as given and normalised), so ``--resume`` knows which earlier
+    failed rows (a glob that matched nothing, an empty folder) this run's inputs stand for now.
     """
     out: list[WorkUnit] = []
     seen: set[str] = set()
@@ -122,7 +126,7 @@ def expand_units(
             out.append(unit)
 
     skip = frozenset(os.path.realpath(e) for e in exclude)
-    ctx = _Expansion(add, skip, sources or SourceOptions())
+    ctx = _Expansion(add, skip, sources or SourceOptions(), given if given is not None else set())
     for raw in _as_list(inputs):
         if isinstance(raw, MemorySource):
             for unit in memory_units(raw):
@@ -152,6 +156,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
+    ctx.given.update((arg,) if is_url(arg) else (arg, str(Path(arg))))
     if "{" in arg and not os.path.exists(arg):
         names = expand_braces(arg)
         if names != [arg]:
@@ -188,12 +193,12 @@ def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
         for match in matches:
             if not any(_is_inside(match, folder) for folder in skip):
                 _expand_one(match, ctx, from_list=True)
-    elif path.exists():
-        add(InputSpec(arg, "not a regular file or folder"))
+    elif path.exists():  # named as the file would be (``./a.jpg`` is ``a.jpg``): one row once it is fixed
+        add(InputSpec(str(path), "not a regular file or folder"))
     elif path.is_symlink():
-        add(InputSpec(arg, "a broken symbolic link: its target does not exist"))
+        add(InputSpec(str(path), "a broken symbolic link: its target does not exist"))
     else:
-        add(InputSpec(arg, "no such file or folder"))
+        add(InputSpec(str(path), "no such file or folder"))
 
 
 def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:

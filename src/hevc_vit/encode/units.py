@@ -9,7 +9,9 @@ which lists it into items (:func:`list_share`).
 An item's name (its ``path``) does not depend on the unit it came in, so ``--resume`` (keyed by path) works
 whatever the world size of the earlier run. Its shard key is the unit's number, ``UUUUUUUU`` for a unit of one
 item and ``UUUUUUUU-IIIIIIII`` (``I``: the item's place in its unit) for the items of a tar, a table or a
-memory source (:func:`.index.item_key`): unique in the run, the same at any world size, and in input order.
+memory source (:func:`.index.item_key`): unique in the run, the same at any world size, and in input order. In a
+folder that holds rows already (``--resume``), an input keeps the key of its row and a new input never takes a key
+another input holds (:class:`.index.KeyBook`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .index import item_key
+from .index import KeyBook
 from .items import InputSpec, RemoteFile
 from .objects import MemorySource
 from .remote import Network, check_url_packages, describe_error, is_url
@@ -107,18 +109,20 @@ def list_share(
     keep_columns: Sequence[str] = (),
     network: Network = DEFAULT_NETWORK,
     memory: Mapping[int, MemorySource] | None = None,
+    keys: KeyBook | None = None,
 ) -> Share:
-    """The items of the units that rank ``rank`` of ``world`` takes (unit ``u`` when ``u % world == rank``)."""
-    share = Share()
+    """The items of the units that rank ``rank`` of ``world`` takes (unit ``u`` when ``u % world == rank``);
+    ``keys``: the keys the output folder holds already (None: a new folder)."""
+    share, keys = Share(), keys or KeyBook()
     for u in range(rank, len(units), world):
         unit = units[u]
         if unit.kind == "item":
             share.specs.append(unit.spec)
-            share.keys.append(item_key(u))
+            share.keys.append(keys.key(unit.spec.path, u))
             continue
         specs = list_unit(unit, path_column, keep_columns, network, memory or {})
         share.specs.extend(specs)
-        share.keys.extend(item_key(u, j) for j in range(len(specs)))
+        share.keys.extend(keys.key(spec.path, u, j) for j, spec in enumerate(specs))
         share.listed[u] = [spec.path for spec in specs]
     return share
 

@@ -88,7 +88,9 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
         plan = prepare_folder(inputs, folder, options.resume, options.overwrite, settings, say, sources)
     start = time.perf_counter()
     memory_sources = {m.number: m for m in inputs or [] if isinstance(m, MemorySource)}
-    share = list_share(plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.network, memory_sources)
+    share = list_share(
+        plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.network, memory_sources, plan.keys
+    )
     todo = _todo(share, plan.done)
     before = set(owned_files(folder))
     result = EncodeResult(out_dir=folder.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
@@ -103,14 +105,15 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
                 quiet_data(show)
                 for counts in _pipeline(todo, folder, stages, storage).iter_rows():
                     tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
-            result.rows = merge_index(folder, ordered_paths(plan.units, share.listed))
+            paths = ordered_paths(plan.units, share.listed)
+            result.count(merge_index(folder, paths), paths, plan.done)  # the counts the index holds
             _remove_unnamed_parts(folder, before, result.rows)
             # the parts this run's rows name (a write retried after it published counts once)
             new_rows = [row for row in result.rows if row.get("shard") and row["path"] not in plan.done]
             result.shards = len({row["shard"] for row in new_rows})
     finally:
         tally.close()
-    result.encoded, result.failed, result.tokens = tally.counts()
+    result.tokens = tally.counts()[2]
     result.seconds = time.perf_counter() - start
     return result
 
