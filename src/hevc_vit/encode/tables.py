@@ -16,6 +16,7 @@ import csv
 import os
 import posixpath
 from collections.abc import Sequence
+from typing import Any
 
 from .index import json_value
 from .items import InputSpec, RemoteFile
