@@ -20,6 +20,7 @@ from typing import Any
 from .items import InputSpec
 from .objects import MemorySource
 from .remote import GLOB_CHARS, describe_error, is_url, list_url
+from .sidecars import folder_inputs
 from .sources_tar import is_tar_shard
 from .tables import is_table
 from .units import WorkUnit, list_unit, memory_units, remote_item, table_units
@@ -164,7 +165,8 @@ def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
         if os.path.realpath(path) in skip:
             return
         if not _walk(path, ctx):
-            add(InputSpec(arg, "no files in this folder (names starting with '.' are skipped)"))
+            why = "names starting with '.' are skipped; sidecars and tables beside images are not inputs"
+            add(InputSpec(arg, f"no files in this folder ({why})"))
     elif path.is_file():
         if not from_list and path.suffix.lower() in LIST_EXTENSIONS:
             try:
@@ -227,7 +229,9 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
     """Add the files under ``folder`` (sorted, depth first, hidden names skipped); returns how many specs were
     added. Symlinked folders are followed, but a real folder is searched at most once (``visited``), so a link
     loop or a second link to one folder adds a failed row for the link instead of running forever. A folder
-    that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample)."""
+    that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample); a
+    sidecar (``KEY.txt`` beside ``KEY.jpg``) and a dataset's metadata file (``.parquet``, ``.json``) are not
+    inputs (:mod:`.sidecars`)."""
     add, skip = ctx.add, ctx.skip
     visited = {os.path.realpath(folder)}
     count = 0
@@ -241,15 +245,14 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
             add(InputSpec(str(current), f"cannot read this folder: {describe_error(e)}"))
             count += 1
             continue
-        folders = []
+        folders, files = [], []
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows symbolic links
             except OSError:
                 is_dir = False  # a file then; opening it records the reason it cannot be read
             if not is_dir:
-                _add_file(str(current / entry.name), ctx, tables=False)
-                count += 1
+                files.append(entry.name)
                 continue
             sub = current / entry.name
             real = os.path.realpath(sub)
@@ -261,8 +264,23 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
                 continue
             visited.add(real)
             folders.append(sub)
+        count += _add_folder_files(current, files, ctx)
         stack.extend(reversed(folders))
     return count
+
+
+def _add_folder_files(folder: Path, names: list[str], ctx: _Expansion) -> int:
+    """The files of one folder, less sidecars and metadata (:func:`.sidecars.folder_inputs`), the kept sidecars of
+    each in its spec; returns how many were added (a folder of sidecars alone yields none)."""
+    inputs = folder_inputs(names, ctx.sources.keep_columns)
+    for name, sidecars in inputs:
+        path = str(folder / name)
+        if is_tar_shard(path):
+            ctx.add_unit(WorkUnit("tar", path))
+        else:
+            found = {column: str(folder / sidecar) for column, sidecar in sidecars.items()}
+            ctx.add(InputSpec(path, sidecars=found))
+    return len(inputs)
 
 
 def _read_list(path: Path) -> list[str]:
