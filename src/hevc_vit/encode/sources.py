@@ -37,6 +37,7 @@ __all__ = [
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+MAX_BRACE_NAMES = 1_000_000  # names one brace pattern may expand to (webdataset's largest shard ranges are smaller)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -132,7 +133,34 @@ def expand_units(
 
 def expand_braces(pattern: str) -> list[str]:
     """``data-{000..002}.tar`` -> ``data-000.tar``, ``data-001.tar``, ``data-002.tar`` (zero padding kept);
-    ``{a,b}`` -> each; a pattern without braces -> itself."""
+    ``{a,b}`` -> each; a pattern without braces -> itself. A pattern of more than ``MAX_BRACE_NAMES`` names
+    raises ``ValueError`` (counted before anything is expanded)."""
+    count = count_braces(pattern)
+    if count > MAX_BRACE_NAMES:
+        raise ValueError(
+            f"the pattern {pattern!r} expands to {count:,} names; at most {MAX_BRACE_NAMES:,} are expanded "
+            f"(MAX_BRACE_NAMES): split it into smaller ranges, or use a glob or a list file"
+        )
+    return _expand_braces(pattern)
+
+
+def count_braces(pattern: str) -> int:
+    """How many names :func:`expand_braces` makes of ``pattern``, computed without making them."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return 1
+    body, tail = match.group(1), pattern[match.end() :]
+    lo, sep, hi = body.partition("..")
+    if sep and lo.isdigit() and hi.isdigit():
+        options = abs(int(hi) - int(lo)) + 1
+    elif "," in body:
+        options = body.count(",") + 1
+    else:
+        options = 1
+    return options * count_braces(tail)
+
+
+def _expand_braces(pattern: str) -> list[str]:
     match = _BRACE.search(pattern)
     if match is None:
         return [pattern]
@@ -145,8 +173,8 @@ def expand_braces(pattern: str) -> list[str]:
     elif "," in body:
         options = body.split(",")
     else:  # not a range or a list: the braces are part of the name
-        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
-    return [head + option + rest for option in options for rest in expand_braces(tail)]
+        return [head + "{" + body + "}" + rest for rest in _expand_braces(tail)]
+    return [head + option + rest for option in options for rest in _expand_braces(tail)]
 
 
 def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:

@@ -81,7 +81,11 @@ def _list(location: str, keep: Sequence[str]) -> list[InputSpec]:
                 damage = f"an unreadable header at byte {end} (the shard may be truncated)"
     specs = _specs(location, _entries(members), total, keep)
     if not specs and not damage:
-        return [InputSpec(location, "the tar shard holds no samples (no file member, folder entries and hidden names aside)")]
+        return [
+            InputSpec(
+                location, "the tar shard holds no samples (no file member, folder entries and hidden names aside)"
+            )
+        ]
     if damage:
         specs.append(InputSpec(location, f"the tar shard is damaged after {len(specs)} samples: {damage}"))
     return specs
