@@ -142,6 +142,17 @@ def test_the_content_decides_what_an_input_is_not_its_name(model, tmp_path):
     assert by_name["text.jpg"]["status"] == "failed" and "its content is text" in by_name["text.jpg"]["error"]
 
 
+def test_content_without_a_magic_number_goes_by_pillow_then_the_video_decoder(model, tmp_path):
+    pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
+    png = _jpeg(36, 28, 9, "PNG")
+    (tmp_path / "a.png").write_bytes(png)
+    Image.open(io.BytesIO(png)).save(tmp_path / "a.dat", "TGA")  # TGA has no magic number: Pillow decides
+    (tmp_path / "zeros.mp4").write_bytes(bytes(10_000))  # a video name, no video inside
+    _, rows = _encode([tmp_path / "a.png", tmp_path / "a.dat", tmp_path / "zeros.mp4"], tmp_path / "out", model)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"] and "PyAV" in rows[2]["error"], rows
+    assert torch.equal(_features(tmp_path / "out", rows[1]["path"]), _features(tmp_path / "out", rows[0]["path"]))
+
+
 def test_sniff_names_the_usual_formats_from_their_first_bytes(tmp_path):
     for fmt, kind in (("JPEG", "image"), ("PNG", "image"), ("GIF", "image"), ("WEBP", "image"), ("TIFF", "image")):
         assert sniff(_jpeg(8, 8, 0, fmt)[:4096]).kind == kind, fmt
@@ -153,6 +164,7 @@ def test_sniff_names_the_usual_formats_from_their_first_bytes(tmp_path):
     assert sniff(b"RIFF\x00\x00\x00\x00AVI LIST").kind == "video"
     assert sniff(bytes([0x47] + [0] * 187) * 3).kind == "video"  # MPEG-TS: a sync byte every 188
     assert sniff(b"hello\n").what == "text" and sniff(bytes(4096)).kind == ""
+    assert sniff(b"BMW and MZ are text here\n").what == "text" and sniff(b"%PDF-1.7\n\x00").kind == "other"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,7 +182,8 @@ def test_a_2gb_stray_file_is_a_failed_row_read_by_its_first_bytes(ckpt, tmp_path
     args = cli_args(folder, tmp_path / "out", ckpt)
     code = (
         "import resource, subprocess, sys; "
-        f"rc = subprocess.run([sys.executable, '-m', 'hevc_vit', *{args!r}], stdout=sys.stderr, timeout=600).returncode; "
+        f"rc = subprocess.run([sys.executable, '-m', 'hevc_vit', *{args!r}], stdout=sys.stderr, timeout=600)"
+        ".returncode; "
         "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     done = subprocess.run(
@@ -180,7 +193,7 @@ def test_a_2gb_stray_file_is_a_failed_row_read_by_its_first_bytes(ckpt, tmp_path
     rows = {Path(r["path"]).name: r for r in read_index(tmp_path / "out")}
     assert rc == 1 and rows["a.jpg"]["status"] == "ok" and rows["backup.iso"]["status"] == "failed", done.stderr
     assert "not an image or a video" in rows["backup.iso"]["error"]
-    assert peak_kib < 600 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert peak_kib < 600 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB"  # 2.4 GiB when the file was read whole
 
 
 # ---------------------------------------------------------------------------------------------------------------

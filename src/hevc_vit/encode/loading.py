@@ -32,7 +32,7 @@ from .pixels import exif_orientation, normalize_patches, upright_size
 from .processing import ImageProcessor
 from .remote import describe_error
 from .sidecars import read_sidecars
-from .sniff import HEAD_BYTES, sniff
+from .sniff import read_head, refusal, sniff
 from .sparse import load_codec_video
 from .video import VIDEO_EXTENSIONS, read_video, temporal_positions, video_patch_positions
 
@@ -133,39 +133,20 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
 def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesIO, name: str) -> None:
     """A local file or in-memory bytes, decoded as its first bytes say (:mod:`.sniff`); the name's extension
     decides only for content no magic number names (:func:`_load_unrecognised`)."""
-    found = sniff(_head(source))
-    suffix = Path(name).suffix.lower()
+    found = sniff(read_head(source))
     if found.kind == "image":
         try:
             image = open_image(source)
         except UnidentifiedImageError:
-            item.error = f"a {found.what} image (by its content{_named(suffix)}) that Pillow cannot open"
+            item.error = refusal(found, name)
             return
         _load_image(item, options, image)
     elif found.kind == "video":
         _load_video(item, options, None if isinstance(source, Path) else source)
-    elif found.kind == "archive":
-        item.error = (
-            f"a {found.what} archive, not an image or a video (by its content{_named(suffix)}); a webdataset shard "
-            f"is listed, one input per sample, when its name ends in .tar"
-        )
-    elif found.kind == "other":
-        item.error = f"not an image or a video: its content is {found.what}" + (
-            f" ({_named(suffix)[2:]})" if suffix else ""
-        )
+    elif found.kind:
+        item.error = refusal(found, name)
     else:
         _load_unrecognised(item, options, source, name)
-
-
-def _head(source: Path | io.BytesIO) -> bytes:
-    if isinstance(source, io.BytesIO):
-        return source.getbuffer()[:HEAD_BYTES].tobytes()
-    with open(source, "rb") as f:
-        return f.read(HEAD_BYTES)
-
-
-def _named(suffix: str) -> str:
-    return f", whatever its name's {suffix} says" if suffix else ""
 
 
 def _load_image(item: LoadedItem, options: LoadOptions, image: Image.Image) -> None:
@@ -188,21 +169,15 @@ def _load_unrecognised(item: LoadedItem, options: LoadOptions, source: Path | io
     """Content whose first bytes name no format: a video extension sends it to the video decoder; anything else
     is offered to Pillow (which knows formats without a magic number, e.g. TGA; it reads only the header to
     decide, so a stray large file is never read whole), then to the video decoder, which streams a file."""
+    image_error = "not tried (a video extension)"
     if Path(name).suffix.lower() not in VIDEO_EXTENSIONS:
-        if isinstance(source, io.BytesIO):
-            source.seek(0)
         try:
-            with Image.open(source) as probe:  # identifies the format from the header alone
-                probe.size  # noqa: B018
+            Image.open(source).close()  # identifies the format from the header alone (Image.open seeks to 0)
         except UnidentifiedImageError:
             image_error = f"cannot identify image file {name!r}"  # PIL names the object it read: not stable
         else:
-            if isinstance(source, io.BytesIO):
-                source.seek(0)
             _load_image(item, options, open_image(source))
             return
-    else:
-        image_error = "not tried (a video extension)"
     try:
         _load_video(item, options, None if isinstance(source, Path) else source)
     except ImportError:

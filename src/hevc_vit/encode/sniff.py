@@ -9,6 +9,8 @@ Only ``HEAD_BYTES`` are read to decide, so a stray 2 GB file costs a few kilobyt
 
 from __future__ import annotations
 
+import io
+import os
 import tarfile
 from dataclasses import dataclass
 
@@ -21,7 +23,6 @@ _IMAGE_MAGIC = (
     (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
-    (b"BM", "BMP"),
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
     (b"\xffO\xffQ", "JPEG 2000"),
 )
@@ -43,7 +44,8 @@ _ARCHIVE_MAGIC = (
     (b"7z\xbc\xaf\x27\x1c", "7z"),
     (b"Rar!", "rar"),
 )
-_OTHER_MAGIC = ((b"%PDF", "a PDF document"), (b"\x7fELF", "an ELF executable"), (b"MZ", "a Windows executable"))
+_OTHER_MAGIC = ((b"%PDF", "a PDF document"), (b"\x7fELF", "an ELF executable"))
+_BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}  # the DIB header's size, right after the 14-byte file header
 _HEIF_BRANDS = {b"avif", b"avis", b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1"}
 _QUICKTIME_ATOMS = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 _TS_PACKET = 188
@@ -71,6 +73,8 @@ def sniff(head: bytes) -> Sniffed:
         if form in (b"AVI ", b"AVIX"):
             return Sniffed("video", "AVI")
         return Sniffed("other", f"a RIFF {form.decode('latin-1').strip()} file (audio or other data)")
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
+        return Sniffed("image", "BMP")
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         return Sniffed("image", "HEIF/AVIF") if brand in _HEIF_BRANDS else Sniffed("video", "MP4/MOV")
@@ -117,3 +121,29 @@ def _is_text(head: bytes) -> bool:
     except UnicodeDecodeError as e:
         return e.start >= len(head) - 3 and e.reason == "unexpected end of data"  # a character cut by the prefix
     return True
+
+
+def read_head(source: str | os.PathLike | io.BytesIO) -> bytes:
+    """The first ``HEAD_BYTES`` of a file, or of in-memory bytes (without copying the rest)."""
+    if isinstance(source, io.BytesIO):
+        with source.getbuffer() as view:
+            head = view[:HEAD_BYTES]
+            data = head.tobytes()
+            head.release()
+        return data
+    with open(source, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def refusal(found: Sniffed, name: str) -> str:
+    """Why content sniffed as ``found`` (an archive, text, ..., or an image Pillow cannot open) is not encoded."""
+    suffix = os.path.splitext(name)[1].lower()
+    named = f", whatever its name's {suffix} says" if suffix else ""
+    if found.kind == "image":
+        return f"a {found.what} image (by its content{named}) that Pillow cannot open"
+    if found.kind == "archive":
+        return (
+            f"a {found.what} archive, not an image or a video (by its content{named}); a webdataset shard is "
+            f"listed, one input per sample, when its name ends in .tar"
+        )
+    return f"not an image or a video: its content is {found.what}" + (f" ({named[2:]})" if named else "")
