@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -22,7 +21,14 @@ from PIL import Image
 from hevc_vit.encode import encode, read_index
 from hevc_vit.encode.processing import NativeResolutionProcessor
 from hevc_vit.encode.sniff import sniff
-from hevc_vit.encode.sources import MAX_BRACE_NAMES, count_braces, expand_braces, expand_inputs, sample_inputs
+from hevc_vit.encode.sources import (
+    MAX_BRACE_NAMES,
+    SourceOptions,
+    count_braces,
+    expand_braces,
+    expand_inputs,
+    sample_inputs,
+)
 
 from .conftest import assert_close_rel, cli_args, features_by_path, subprocess_env, write_tar
 
@@ -78,6 +84,7 @@ def test_every_tar_member_has_a_row_links_read_inside_the_shard(model, tmp_path)
         _add(tar, "011.jpg", kind=tarfile.FIFOTYPE)
         _add(tar, "012.jpg", kind=tarfile.CHRTYPE)
         _add(tar, "013.jpg", kind=tarfile.LNKTYPE, link="nothing.jpg")  # a hard link to no member
+        _add(tar, "._014.jpg", a)  # a hidden name (macOS writes these): skipped, as in folders
     (tmp_path / "outside.jpg").write_bytes(c)  # exists on the disk: must never be read through the shard
     loose = tmp_path / "loose"
     loose.mkdir()
@@ -261,7 +268,7 @@ def test_a_csv_header_with_a_quoted_newline_and_blank_paths(model, tmp_path):
 
 
 def test_brace_counts_match_the_expansion():
-    for pattern in ("a{0..9}b{x,y,z}", "{09..11}/{1..3}.tar", "{a}{b,c}", "plain", "{5..1}{,,}"):
+    for pattern in ("a{0..9}b{x,y,z}", "{09..11}/{1..3}.tar", "{a}{b,c}", "plain", "{5..1}{,,}", "{a,{b,c}}{1..2}"):
         assert count_braces(pattern) == len(expand_braces(pattern)), pattern
 
 
@@ -333,6 +340,11 @@ def test_folder_sidecars_and_metadata_are_not_inputs_but_a_stray_text_file_is(tm
     (tmp_path / "a.jpg").write_bytes(b"x")
     for name in ("a.txt", "a.json", "a.cls", "meta.parquet", "stats.json", "notes.txt", "b.iso"):
         (tmp_path / name).write_text("1")
-    specs = expand_inputs([tmp_path], sources=None)
-    assert sorted(Path(s.path).name for s in specs) == ["a.jpg", "b.iso", "notes.txt"]
-    assert os.path.basename(specs[0].path) == "a.jpg" and specs[0].sidecars == {}
+    (tmp_path / "a.caption").write_text("named by --keep-columns")
+    specs = expand_inputs([tmp_path])
+    assert sorted(Path(s.path).name for s in specs) == ["a.caption", "a.jpg", "b.iso", "notes.txt"]
+    assert [s.sidecars for s in specs if s.path.endswith("a.jpg")] == [{}]
+    kept = expand_inputs([tmp_path], sources=SourceOptions(keep_columns=("caption", "txt")))
+    assert sorted(Path(s.path).name for s in kept) == ["a.jpg", "b.iso", "notes.txt"]
+    (jpg,) = [s for s in kept if s.path.endswith("a.jpg")]
+    assert jpg.sidecars == {"caption": str(tmp_path / "a.caption"), "txt": str(tmp_path / "a.txt")}

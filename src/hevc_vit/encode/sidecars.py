@@ -3,7 +3,8 @@
 (``00000.parquet``, ``00000_stats.json``).
 
 A file's key is its name up to the first dot and its extension the rest, as webdataset splits them. In a folder,
-a ``txt``/``json``/``cls`` file whose key is also a media file's key is that file's sidecar, and a table or JSON
+a ``txt``/``json``/``cls`` file (or one whose extension ``--keep-columns`` names) whose key is also a media file's
+key is that file's sidecar, and a table or JSON
 file that is no media file's sidecar is the dataset's metadata: neither is an input. ``--keep-columns txt,json``
 copies sidecars into the row of their image (:func:`sidecar_value`: ``txt`` as its text, ``json`` parsed,
 ``cls`` as an integer); a kept extension that an item lacks is left out of its row. Other files (a stray ``notes.txt``
@@ -38,13 +39,14 @@ def folder_inputs(names: Sequence[str], keep: Sequence[str]) -> list[tuple[str, 
     """The inputs among the file ``names`` of one folder: ``(name, {column: sidecar name})`` for each, in order;
     sidecars and metadata files are left out (see the module's docstring)."""
     split = {name: split_name(name) for name in names}
-    media_keys = {key for key, ext in split.values() if _last(ext) not in SIDECAR_EXTENSIONS | METADATA_EXTENSIONS}
+    sidecar = SIDECAR_EXTENSIONS | {_last(column) for column in keep}  # a kept "caption" is a sidecar too
+    media_keys = {key for key, ext in split.values() if _last(ext) not in sidecar | METADATA_EXTENSIONS}
     by_key: dict[tuple[str, str], str] = {(key, ext): name for name, (key, ext) in split.items()}
     out = []
     for name in names:
         key, ext = split[name]
         last = _last(ext)
-        if last in SIDECAR_EXTENSIONS and key in media_keys:
+        if last in sidecar and key in media_keys:
             continue  # a sidecar: a column of the media file(s) of its key
         if last in METADATA_EXTENSIONS:
             continue  # a table or JSON file of the dataset, not an image or a video

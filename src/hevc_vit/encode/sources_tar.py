@@ -141,6 +141,8 @@ def _follow(name: str, member: tarfile.TarInfo, by_name: dict[str, tarfile.TarIn
     shard (a symbolic link is resolved from its own folder and never leaves the shard)."""
     current, where = member, name
     for _ in range(MAX_LINK_HOPS + 1):
+        if current.isfile() and current.sparse is not None:  # its data is not one run of `size` bytes
+            return _Entry(name, error="a GNU sparse member: its bytes are not stored in one piece; not supported")
         if current.isfile():
             return _Entry(name, current)
         if current.islnk():
