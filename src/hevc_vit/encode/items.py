@@ -84,13 +84,16 @@ class InputSpec:
     """One input after expansion: its path as given (its name in the index), or why it could not be found.
 
     ref: where its bytes come from when it is not a local file (None: the local file ``path``). extra: fields
-    copied into its index row (``id``, a table's ``--keep-columns``).
+    copied into its index row (``id``, a table's ``--keep-columns``). sidecars: kept columns read from files
+    beside the input (a webdataset sample's ``txt``/``json`` members, a folder's ``KEY.txt``): column -> a local
+    path or where the bytes are, read by the loader (:mod:`.sidecars`).
     """
 
     path: str
     error: str = ""
     ref: ItemRef | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sidecars: dict[str, ItemRef | str] = field(default_factory=dict)
 
 
 def spec_path(source: str | InputSpec) -> str:

@@ -31,7 +31,8 @@ from .items import Fetched, InputSpec, fetch, spec_path
 from .pixels import exif_orientation, normalize_patches, upright_size
 from .processing import ImageProcessor
 from .remote import Network, describe_error
-from .sources_tar import archive_kind
+from .sidecars import read_sidecars
+from .sniff import read_head, refusal, sniff
 from .sparse import load_codec_video
 from .video import VIDEO_EXTENSIONS, read_video, temporal_positions, video_patch_positions
 
@@ -105,11 +106,12 @@ def load_item(index: int, path: str | InputSpec, options: LoadOptions) -> Loaded
     spec = path if isinstance(path, InputSpec) else InputSpec(path)
     item = LoadedItem(index=index, path=spec.path)
     try:
+        columns = read_sidecars(spec.sidecars, options.memory, options.network)
         if spec.ref is None:
             _load_into(item, options)
         else:
             _load_fetched(item, fetch(spec.ref, options.memory, options.network), options)
-        item.info = {**spec.extra, **item.info}
+        item.info = {**spec.extra, **columns, **item.info}
     except MemoryError:
         item.error = "out of memory while decoding"
     except Exception as e:  # a bad file may fail anywhere in a decoder; the reason goes to the index
@@ -129,17 +131,22 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
 
 
 def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesIO, name: str) -> None:
-    """A local file or in-memory bytes: a video by its name's extension, else an image, else whatever
-    :func:`_load_unrecognised` makes of it."""
-    if Path(name).suffix.lower() in VIDEO_EXTENSIONS:
+    """A local file or in-memory bytes, decoded as its first bytes say (:mod:`.sniff`); the name's extension
+    decides only for content no magic number names (:func:`_load_unrecognised`)."""
+    found = sniff(read_head(source))
+    if found.kind == "image":
+        try:
+            image = open_image(source)
+        except UnidentifiedImageError:
+            item.error = refusal(found, name)
+            return
+        _load_image(item, options, image)
+    elif found.kind == "video":
         _load_video(item, options, None if isinstance(source, Path) else source)
-        return
-    try:
-        image = open_image(source)
-    except UnidentifiedImageError as image_error:
-        _load_unrecognised(item, options, image_error, source, name)
-        return
-    _load_image(item, options, image)
+    elif found.kind:
+        item.error = refusal(found, name)
+    else:
+        _load_unrecognised(item, options, source, name)
 
 
 def _load_image(item: LoadedItem, options: LoadOptions, image: Image.Image) -> None:
@@ -158,27 +165,21 @@ def open_image(source: Path | io.BytesIO) -> Image.Image:
     return Image.open(io.BytesIO(source.read_bytes()) if isinstance(source, Path) else source)
 
 
-def _load_unrecognised(item: LoadedItem, options: LoadOptions, image_error: Exception, source, name: str) -> None:
-    """Not an image to PIL: an archive is refused (never handed to the video decoder, which would take a tar of
-    same-size JPEGs for a clip); anything else may be a video without a usual extension, else neither."""
-    if isinstance(source, io.BytesIO):
-        head = source.getvalue()[:512]
-    else:
-        with open(source, "rb") as f:
-            head = f.read(512)
-    kind = archive_kind(name, head)
-    if kind:
-        item.error = (
-            f"a {kind} archive, not an image or a video (a webdataset .tar is listed, one input per sample, when it "
-            f"is given as an input, matched by a glob, named in a list or found in a folder)"
-        )
-        return
-    # PIL's message names the object it read (a file's bytes in memory: an address that changes every run)
-    image_error = (
-        f"cannot identify image file {name!r}" if isinstance(image_error, UnidentifiedImageError) else image_error
-    )
+def _load_unrecognised(item: LoadedItem, options: LoadOptions, source: Path | io.BytesIO, name: str) -> None:
+    """Content whose first bytes name no format: a video extension sends it to the video decoder; anything else
+    is offered to Pillow (which knows formats without a magic number, e.g. TGA; it reads only the header to
+    decide, so a stray large file is never read whole), then to the video decoder, which streams a file."""
+    image_error = "not tried (a video extension)"
+    if Path(name).suffix.lower() not in VIDEO_EXTENSIONS:
+        try:
+            Image.open(source).close()  # identifies the format from the header alone (Image.open seeks to 0)
+        except UnidentifiedImageError:
+            image_error = f"cannot identify image file {name!r}"  # PIL names the object it read: not stable
+        else:
+            _load_image(item, options, open_image(source))
+            return
     try:
-        _load_video(item, options, source)
+        _load_video(item, options, None if isinstance(source, Path) else source)
     except ImportError:
         item.error = f"not a readable image ({image_error}); video decoding needs PyAV, which is not installed"
     except Exception as video_error:

@@ -21,6 +21,7 @@ from typing import Any
 from .items import InputSpec
 from .objects import MemorySource
 from .remote import GLOB_CHARS, Network, describe_error, is_url, list_url, read_location
+from .sidecars import folder_inputs
 from .sources_tar import is_tar_shard
 from .tables import is_table
 from .units import WorkUnit, list_unit, memory_units, remote_item, table_units
@@ -37,6 +38,7 @@ __all__ = [
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+MAX_BRACE_NAMES = 1_000_000  # names one brace pattern may expand to (webdataset's largest shard ranges are smaller)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -138,7 +140,34 @@ def expand_units(
 
 def expand_braces(pattern: str) -> list[str]:
     """``data-{000..002}.tar`` -> ``data-000.tar``, ``data-001.tar``, ``data-002.tar`` (zero padding kept);
-    ``{a,b}`` -> each; a pattern without braces -> itself."""
+    ``{a,b}`` -> each; a pattern without braces -> itself. A pattern of more than ``MAX_BRACE_NAMES`` names
+    raises ``ValueError`` (counted before anything is expanded)."""
+    count = count_braces(pattern)
+    if count > MAX_BRACE_NAMES:
+        raise ValueError(
+            f"the pattern {pattern!r} expands to {count:,} names; at most {MAX_BRACE_NAMES:,} are expanded "
+            f"(MAX_BRACE_NAMES): split it into smaller ranges, or use a glob or a list file"
+        )
+    return _expand_braces(pattern)
+
+
+def count_braces(pattern: str) -> int:
+    """How many names :func:`expand_braces` makes of ``pattern``, computed without making them."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return 1
+    body, tail = match.group(1), pattern[match.end() :]
+    lo, sep, hi = body.partition("..")
+    if sep and lo.isdigit() and hi.isdigit():
+        options = abs(int(hi) - int(lo)) + 1
+    elif "," in body:
+        options = body.count(",") + 1
+    else:
+        options = 1
+    return options * count_braces(tail)
+
+
+def _expand_braces(pattern: str) -> list[str]:
     match = _BRACE.search(pattern)
     if match is None:
         return [pattern]
@@ -151,8 +180,8 @@ def expand_braces(pattern: str) -> list[str]:
     elif "," in body:
         options = body.split(",")
     else:  # not a range or a list: the braces are part of the name
-        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
-    return [head + option + rest for option in options for rest in expand_braces(tail)]
+        return [head + "{" + body + "}" + rest for rest in _expand_braces(tail)]
+    return [head + option + rest for option in options for rest in _expand_braces(tail)]
 
 
 def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
@@ -172,7 +201,8 @@ def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
         if os.path.realpath(path) in skip:
             return
         if not _walk(path, ctx):
-            add(InputSpec(arg, "no files in this folder (names starting with '.' are skipped)"))
+            why = "names starting with '.' are skipped; sidecars and tables beside images are not inputs"
+            add(InputSpec(arg, f"no files in this folder ({why})"))
     elif path.is_file():
         if not from_list and path.suffix.lower() in LIST_EXTENSIONS:
             try:
@@ -253,7 +283,9 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
     """Add the files under ``folder`` (sorted, depth first, hidden names skipped); returns how many specs were
     added. Symlinked folders are followed, but a real folder is searched at most once (``visited``), so a link
     loop or a second link to one folder adds a failed row for the link instead of running forever. A folder
-    that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample)."""
+    that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample); a
+    sidecar (``KEY.txt`` beside ``KEY.jpg``) and a dataset's metadata file (``.parquet``, ``.json``) are not
+    inputs (:mod:`.sidecars`)."""
     add, skip = ctx.add, ctx.skip
     visited = {os.path.realpath(folder)}
     count = 0
@@ -267,15 +299,14 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
             add(InputSpec(str(current), f"cannot read this folder: {describe_error(e)}"))
             count += 1
             continue
-        folders = []
+        folders, files = [], []
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows symbolic links
             except OSError:
                 is_dir = False  # a file then; opening it records the reason it cannot be read
             if not is_dir:
-                _add_file(str(current / entry.name), ctx, tables=False)
-                count += 1
+                files.append(entry.name)
                 continue
             sub = current / entry.name
             real = os.path.realpath(sub)
@@ -287,8 +318,23 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
                 continue
             visited.add(real)
             folders.append(sub)
+        count += _add_folder_files(current, files, ctx)
         stack.extend(reversed(folders))
     return count
+
+
+def _add_folder_files(folder: Path, names: list[str], ctx: _Expansion) -> int:
+    """The files of one folder, less sidecars and metadata (:func:`.sidecars.folder_inputs`), the kept sidecars of
+    each in its spec; returns how many were added (a folder of sidecars alone yields none)."""
+    inputs = folder_inputs(names, ctx.sources.keep_columns)
+    for name, sidecars in inputs:
+        path = str(folder / name)
+        if is_tar_shard(path):
+            ctx.add_unit(WorkUnit("tar", path))
+        else:
+            found = {column: str(folder / sidecar) for column, sidecar in sidecars.items()}
+            ctx.add(InputSpec(path, sidecars=found))
+    return len(inputs)
 
 
 def _read_list(path: Path) -> list[str]:

@@ -13,6 +13,7 @@ parquet file one row group at a time, each its own work unit.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import posixpath
 from collections.abc import Sequence
@@ -102,8 +103,14 @@ def first_value(location: str, column: str, network: Network) -> Any:
 
 
 def _csv_header(f, lower: str) -> list[str]:
+    """The column names of a csv/tsv file: its first record, which may span lines (a quoted name holding a
+    newline), as the csv module and pyarrow read it."""
     delimiter = "\t" if lower.endswith(".tsv") else ","
-    return next(csv.reader([f.readline().decode("utf-8-sig")], delimiter=delimiter), [])
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+    try:
+        return next(csv.reader(text, delimiter=delimiter), [])
+    finally:
+        text.detach()  # f stays open: the caller reads it again
 
 
 def _read(f, lower: str, row_group: int | None):
@@ -122,7 +129,8 @@ def _read(f, lower: str, row_group: int | None):
     names = _csv_header(f, lower)
     f.seek(0)
     convert = pc.ConvertOptions(column_types=dict.fromkeys(names, "string"))
-    return pc.read_csv(f, parse_options=pc.ParseOptions(delimiter=delimiter), convert_options=convert)
+    parse = pc.ParseOptions(delimiter=delimiter, newlines_in_values=True)  # a quoted caption may span lines
+    return pc.read_csv(f, parse_options=parse, convert_options=convert)
 
 
 def path_column(location: str, columns: Sequence[str], asked: str | None) -> str:
@@ -169,7 +177,12 @@ def table_specs(
     for i, value in enumerate(values):
         extra = {name: json_value(kept[name][i]) for name in keep_columns}
         if not isinstance(value, str) or not value.strip():
-            what = "empty" if value in (None, "") else f"a {type(value).__name__}, not a path or URL"
+            if value in (None, ""):
+                what = "empty"
+            elif isinstance(value, str):
+                what = f"{value!r}, only whitespace, not a path or URL"
+            else:
+                what = f"a {type(value).__name__}, not a path or URL"
             row = first_row + i
             specs.append(InputSpec(f"{location}#row{row}", f"row {row}: the {column} column is {what}", extra=extra))
             continue

@@ -139,7 +139,7 @@ def list_unit(
     if unit.kind == "item":
         return [unit.spec]
     if unit.kind == "tar":
-        specs = list_tar(unit.location, network)
+        specs = list_tar(unit.location, network, keep_columns)
     elif unit.kind == "memory":
         specs = memory[unit.source].specs(unit.start, unit.stop)
     elif unit.kind in ("table", "row_group"):
