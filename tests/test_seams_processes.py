@@ -182,7 +182,7 @@ def test_a_stop_signal_ends_the_run_with_its_status_a_line_and_no_worker_left(
     finally:
         survivors = wait_until_gone(proc.pid)
     assert proc.returncode == status, stderr
-    assert f"hevc-vit encode: interrupted" in stderr and "--resume" in stderr, stderr
+    assert "hevc-vit encode: interrupted" in stderr and "--resume" in stderr, stderr
     assert "Traceback" not in stderr, stderr
     assert survivors == []
     rows = read_index(out)  # the index of what was written, with every shard it names on disk

@@ -29,7 +29,6 @@ from .formats import storage_dtype
 from .forward import GroupEncoder
 from .index import failed_row, merge_index
 from .loading import LoadedItem, LoadOptions
-from .workers import default_workers, load_items
 from .model import Encoder, prepare_encoder, run_settings
 from .objects import MemorySource, collect_memory
 from .options import EncodeOptions
@@ -37,6 +36,7 @@ from .result import EncodeResult
 from .shards import ShardWriter
 from .sources import SourceOptions
 from .units import Share, items_to_encode, list_share, ordered_paths
+from .workers import default_workers, load_items
 
 
 def encode(

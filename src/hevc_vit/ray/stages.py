@@ -35,11 +35,11 @@ from ..encode.forward import GroupEncoder
 from ..encode.index import rank_index_name, read_jsonl
 from ..encode.items import InputSpec
 from ..encode.loading import LoadedItem, LoadOptions
-from ..encode.workers import load_items
 from ..encode.model import prepare_encoder
 from ..encode.options import EncodeOptions
 from ..encode.runner import feed_groups
 from ..encode.shards import ShardWriter
+from ..encode.workers import load_items
 
 ITEM, RESULT = "item", "result"
 FAULT_ENV = "HEVC_VIT_RAY_FAULT"
