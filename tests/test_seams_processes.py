@@ -299,3 +299,73 @@ def test_whatever_stops_a_run_leaves_an_index_of_what_it_wrote(
     resumed = encode([many], out, model=model, resume=True, workers=workers, **OPTIONS)
     assert resumed.skipped == len(rows) and resumed.encoded == 40 - len(rows)
     assert_same_output(out, whole)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun: a rank that dies
+# --------------------------------------------------------------------------------------------------
+
+RUN_ENDS_WITHIN = 60.0  # seconds from a rank's death to the end of torchrun (a bound, not a timing measured)
+
+
+def descendants(root: int) -> set[int]:
+    """``root`` and every live process below it (torchrun's ranks run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    left = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.add(pid)
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_rank_killed_brings_the_run_down_and_resume_completes_it(many, ckpt, whole, tmp_path, killed):
+    out = tmp_path / "out"
+    args = encode_args(many, out, ckpt, "--workers", "1", "--device", "cpu")
+    proc, pids = start(2, args, tmp_path, slow=0.5)
+    wait_for_a_shard(proc, out)
+    run = descendants(proc.pid)  # torchrun, both ranks, their decoding workers
+    assert len(run) >= 5, f"expected torchrun, 2 ranks and their workers: {run}"
+    os.kill(int((pids / str(killed)).read_text()), signal.SIGKILL)
+    deadline = time.monotonic() + RUN_ENDS_WITHIN
+    while alive(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = alive(run)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not left, f"processes of the run were alive {RUN_ENDS_WITHIN} s after rank {killed} was killed"
+    assert proc.returncode != 0
+    resumed = subprocess.run(
+        launch_command(2, ["-m", "hevc_vit", *encode_args(many, out, ckpt, "--resume", "--device", "cpu")]),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_output(out, whole)
