@@ -152,8 +152,11 @@ def test_kill_9_of_the_main_process_takes_its_workers_and_resume_completes_the_r
     wait_for_a_shard(proc, out)
     assert len(group_members(proc.pid)) == 3, "expected the main process and its 2 workers"
     os.kill(int((pids / "0").read_text()), signal.SIGKILL)  # the main process alone, as the OOM killer does
+    killed = time.monotonic()
     proc.communicate(timeout=60)
-    assert wait_until_gone(proc.pid) == [], f"processes of the run were alive {GONE_WITHIN} s after kill -9"
+    survivors = wait_until_gone(proc.pid)
+    print(f"kill -9: every process of the run gone {time.monotonic() - killed:.1f} s later")
+    assert survivors == [], f"processes of the run were alive {GONE_WITHIN} s after kill -9"
     resume_and_compare(many, out, ckpt, whole)
 
 
@@ -345,16 +348,17 @@ def alive(pids: set[int]) -> set[int]:
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_rank_killed_brings_the_run_down_and_resume_completes_it(many, ckpt, whole, tmp_path, killed):
     out = tmp_path / "out"
-    args = encode_args(many, out, ckpt, "--workers", "1", "--device", "cpu")
+    args = encode_args(many, out, ckpt, "--workers", "2", "--device", "cpu")
     proc, pids = start(2, args, tmp_path, slow=0.5)
     wait_for_a_shard(proc, out)
     run = descendants(proc.pid)  # torchrun, both ranks, their decoding workers
-    assert len(run) >= 5, f"expected torchrun, 2 ranks and their workers: {run}"
+    assert len(run) >= 3, f"expected torchrun and 2 ranks (and their workers): {run}"
     os.kill(int((pids / str(killed)).read_text()), signal.SIGKILL)
     deadline = time.monotonic() + RUN_ENDS_WITHIN
     while alive(run) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = alive(run)
+    print(f"rank {killed} killed: the run ended {time.monotonic() - deadline + RUN_ENDS_WITHIN:.1f} s later")
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
