@@ -153,8 +153,10 @@ def test_kill_9_of_the_main_process_takes_its_workers_and_resume_completes_the_r
     assert len(group_members(proc.pid)) == 3, "expected the main process and its 2 workers"
     os.kill(int((pids / "0").read_text()), signal.SIGKILL)  # the main process alone, as the OOM killer does
     killed = time.monotonic()
-    proc.communicate(timeout=60)
-    survivors = wait_until_gone(proc.pid)
+    try:
+        proc.communicate(timeout=60)  # the workers hold its stdout and stderr while they live
+    finally:
+        survivors = wait_until_gone(proc.pid)
     print(f"kill -9: every process of the run gone {time.monotonic() - killed:.1f} s later")
     assert survivors == [], f"processes of the run were alive {GONE_WITHIN} s after kill -9"
     resume_and_compare(many, out, ckpt, whole)
