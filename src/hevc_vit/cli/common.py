@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,11 +94,13 @@ def run_guarded(
       ``hevc-vit COMMAND: interrupted; NOTE`` — ``interrupted`` gives the note (or makes it from the
       exception), e.g. what was kept.
 
-    Anything else propagates (a bug: the traceback is wanted). ``warnings_as_lines``: warnings are printed
+    SIGTERM (what ``timeout``, Slurm and Kubernetes send) and SIGHUP stop the body as Ctrl-C does
+    (:func:`stop_signals_interrupt`), so its clean-up runs. Anything else propagates (a bug: the traceback is
+    wanted). ``warnings_as_lines``: warnings are printed
     as one line each while ``body`` runs (:func:`plain_warnings`).
     """
     try:
-        with plain_warnings(command) if warnings_as_lines else _nothing():
+        with plain_warnings(command) if warnings_as_lines else _nothing(), stop_signals_interrupt():
             status = body()
     except KeyboardInterrupt as e:
         note = interrupted(e) if callable(interrupted) else interrupted
@@ -109,6 +112,39 @@ def run_guarded(
     except failed_errors as e:
         return print_error(command, str(e), EXIT_FAILED)
     return EXIT_OK if status is None else int(status)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised in the main thread wherever it was, as Ctrl-C raises KeyboardInterrupt,
+    so the command's clean-up runs; ``signum`` gives the exit status."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Interrupted` inside the block (once: a repeat while the clean-up runs is
+    ignored; SIGKILL remains for a caller that will not wait). Nothing is installed outside the main thread or
+    for a signal that is ignored (``nohup``); the previous handlers come back after."""
+    previous: dict[int, object] = {}
+    raised: list[int] = []
+
+    def handle(signum: int, frame) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager

@@ -222,10 +222,11 @@ def read_index(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return read_jsonl(path)
 
 
-def merge_index(out_dir: Path, paths: list[str]) -> list[dict[str, Any]]:
+def merge_index(out_dir: Path, paths: list[str], complete: bool = True) -> list[dict[str, Any]]:
     """Rank 0 after every rank finished: one row per input (``paths[i]``), in input order, from the rank files
     and an earlier index (every input has a row there: failures too); rows of an earlier run's inputs that this
-    run was not given are kept at the end. Writes ``index.jsonl``, then removes the rank files."""
+    run was not given are kept at the end. Writes ``index.jsonl``, then removes the rank files.
+    ``complete=False`` (a run stopped by an error or a signal): inputs without a row are left out."""
     latest = read_rows(out_dir)
     rows, missing = [], []
     for path in paths:
@@ -233,7 +234,7 @@ def merge_index(out_dir: Path, paths: list[str]) -> list[dict[str, Any]]:
             rows.append(latest.pop(path))
         else:
             missing.append(path)
-    if missing:
+    if missing and complete:
         raise RuntimeError(f"{len(missing)} inputs have no index row after every rank finished, e.g. {missing[:3]}")
     rows.extend(latest.values())
     write_index(out_dir / INDEX_NAME, rows)

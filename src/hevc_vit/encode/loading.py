@@ -1,6 +1,6 @@
-"""Loading inputs for ``hevc-vit encode``: decode, preprocess and patchify one input (:func:`load_item`), or
-many in worker processes (:func:`load_items`). Loading never raises on a bad file: the reason is returned
-with the item, so the run can record it and go on; a worker that dies costs only the input it was on.
+"""Loading inputs for ``hevc-vit encode``: decode, preprocess and patchify one input (:func:`load_item`); many
+are loaded in worker processes by :func:`hevc_vit.encode.workers.load_items`. Loading never raises on a bad file:
+the reason is returned with the item, so the run can record it and go on.
 
 Test seam: :func:`open_image` is looked up when each image is opened, so a test may replace it
 (``monkeypatch.setattr(hevc_vit.encode.loading, "open_image", ...)``); forked workers see the replacement.
@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
-import signal
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait as wait_for
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.multiprocessing  # registers the tensor reductions: patches travel through shared memory
 from PIL import Image, UnidentifiedImageError
 
 from ..packing import grid_positions
-from .items import Fetched, InputSpec, fetch, spec_path
+from .items import Fetched, InputSpec, fetch
 from .pixels import exif_orientation, normalize_patches, upright_size
 from .processing import ImageProcessor
 from .remote import Network, describe_error
@@ -228,171 +222,3 @@ def _set_patches(item: LoadedItem, kind: str, patches: torch.Tensor, grid, optio
     item.positions = (
         video_patch_positions(grid, t_positions) if kind == "video" else grid_positions(torch.tensor([grid]))
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# loading many inputs in worker processes
-# --------------------------------------------------------------------------------------------------
-
-
-def default_workers() -> int:
-    """Decoding processes when none are asked for: up to 4, leaving a core to the model (per local rank)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return min(4, max(0, (os.cpu_count() or 1) // local_world - 1))
-
-
-def load_items(
-    work: Sequence[tuple[int, str]], options: LoadOptions, workers: int, prefetch: int = 4
-) -> Iterator[LoadedItem]:
-    """``load_item(index, path, options)`` for every ``(index, path)`` of ``work``, yielded in order.
-
-    workers: processes that decode and preprocess (0: here, one at a time). Each gets up to ``prefetch`` inputs
-    at a time, and at most ``workers * prefetch`` loaded items wait to be yielded. A worker that dies (killed
-    for memory, a decoder that crashes the process) costs only the input it was loading: that input is yielded
-    with the reason as its error, the inputs queued behind it go to the other workers, and a new worker takes
-    its place. (A ``DataLoader`` ends the whole run instead, from whatever line the main process is on.)
-    """
-    if workers == 0:
-        for index, path in work:
-            yield load_item(index, path, options)
-        return
-    pool = _WorkerPool(options, workers, prefetch)
-    try:
-        yield from pool.run(list(work))
-    finally:
-        pool.close()
-
-
-@dataclass
-class _Worker:
-    process: object
-    conn: object  # the main process's end of a duplex pipe
-    current: object  # shared int64: the position the worker is loading (-1: none)
-    assigned: deque = field(default_factory=deque)  # positions sent, in order, not yet returned
-
-
-class _WorkerPool:
-    def __init__(self, options: LoadOptions, size: int, prefetch: int):
-        self.ctx = torch.multiprocessing.get_context()
-        self.options, self.prefetch = options, prefetch
-        self.workers = [self._start() for _ in range(size)]
-        self._lost: dict[int, int] = {}  # position -> results that could not be received
-
-    def _start(self) -> _Worker:
-        conn, child = self.ctx.Pipe(duplex=True)
-        current = self.ctx.Value("q", -1, lock=False)
-        process = self.ctx.Process(target=_worker_main, args=(child, self.options, current), daemon=True)
-        process.start()
-        child.close()
-        return _Worker(process, conn, current)
-
-    def run(self, work: list[tuple[int, str]]) -> Iterator[LoadedItem]:
-        window = len(self.workers) * self.prefetch
-        todo = deque(range(len(work)))  # positions not yet sent; those of a dead worker go back to the front
-        done: dict[int, LoadedItem] = {}
-        next_out = 0
-        deaths_without_progress = 0
-        while next_out < len(work):
-            if next_out in done:
-                yield done.pop(next_out)
-                next_out += 1
-                deaths_without_progress = 0
-                continue
-            while todo and todo[0] < next_out + window:
-                worker = min(self.workers, key=lambda w: len(w.assigned))
-                if len(worker.assigned) >= self.prefetch:
-                    break
-                pos = todo.popleft()
-                worker.assigned.append(pos)
-                try:
-                    worker.conn.send((pos, *work[pos]))
-                except OSError:  # it has just died: noticed below, and pos goes to another worker
-                    break
-            ready = set(wait_for([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers]))
-            for slot, worker in enumerate(self.workers):
-                if worker.conn not in ready and worker.process.sentinel not in ready:
-                    continue
-                alive = self._receive(worker, work, todo, done)
-                if alive and worker.process.sentinel not in ready:
-                    continue
-                # the worker is gone: whatever it sent is in; the input it was on is its cause
-                worker.process.join(timeout=10)
-                culprit = worker.current.value
-                if culprit in worker.assigned:
-                    worker.assigned.remove(culprit)
-                    index, path = work[culprit]
-                    done[culprit] = LoadedItem(index, spec_path(path), error=_death_reason(worker.process.exitcode))
-                else:
-                    deaths_without_progress += 1
-                    if deaths_without_progress > 3 * len(self.workers):
-                        raise RuntimeError(
-                            f"decoding worker processes keep dying before they load anything (exit code "
-                            f"{worker.process.exitcode}); run with workers=0 to see the error"
-                        )
-                todo.extendleft(reversed(worker.assigned))
-                worker.conn.close()
-                self.workers[slot] = self._start()
-
-    def _receive(self, worker: _Worker, work, todo: deque, done: dict[int, LoadedItem]) -> bool:
-        """Take every result ``worker`` has sent; False when its pipe has closed (the worker is gone)."""
-        try:
-            while worker.conn.poll():
-                pos, payload = worker.conn.recv()
-                worker.assigned.remove(pos)
-                try:
-                    done[pos] = pickle.loads(payload)
-                except Exception as e:  # its shared memory went with a worker that died since: load it again
-                    self._lost[pos] = self._lost.get(pos, 0) + 1
-                    if self._lost[pos] < 3:
-                        todo.appendleft(pos)
-                    else:
-                        index, path = work[pos]
-                        error = f"loaded, but not received from its worker: {describe_error(e)}"
-                        done[pos] = LoadedItem(index, spec_path(path), error=error)
-        except (EOFError, OSError):
-            return False
-        return True
-
-    def close(self) -> None:
-        for worker in self.workers:
-            try:
-                worker.conn.send(None)
-            except OSError:
-                pass
-        for worker in self.workers:
-            worker.process.join(timeout=5)
-            if worker.process.is_alive():
-                worker.process.terminate()
-                worker.process.join(timeout=5)
-            worker.conn.close()
-
-
-def _death_reason(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            how = f"was killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            how = f"was killed by signal {-exitcode}"
-        if -exitcode == signal.SIGKILL:
-            how += " (often: out of memory)"
-    else:
-        how = f"exited with code {exitcode}"
-    return f"the decoding worker process {how} while loading this input; it was skipped and the run went on"
-
-
-def _worker_main(conn, options: LoadOptions, current) -> None:
-    """One worker: load the inputs it is sent until it is sent None (or the main process goes away)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it closes the pool
-    torch.set_num_threads(1)  # many workers decode side by side; the model has the cores
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        pos, index, path = task
-        current.value = pos
-        item = load_item(index, path, options)
-        conn.send((pos, bytes(ForkingPickler.dumps(item))))
-        current.value = -1

@@ -28,7 +28,7 @@ from .folder import RunPlan, claim_out_dir, prepare_folder, reporting_full_disk
 from .formats import storage_dtype
 from .forward import GroupEncoder
 from .index import failed_row, merge_index
-from .loading import LoadedItem, LoadOptions, default_workers, load_items
+from .loading import LoadedItem, LoadOptions
 from .model import Encoder, prepare_encoder, run_settings
 from .objects import MemorySource, collect_memory
 from .options import EncodeOptions
@@ -37,6 +37,7 @@ from .result import EncodeResult
 from .shards import ShardWriter
 from .sources import SourceOptions
 from .units import Share, items_to_encode, list_share, ordered_paths
+from .workers import default_workers, load_items
 
 
 def encode(
@@ -212,15 +213,27 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
         writer.close()
     except BaseException:
         loader.close()  # stop the workers first
-        try:  # keep what finished: its inputs are skipped by --resume
-            forward.close()
-            writer.close()
-        except BaseException:
-            writer.abandon()
+        _keep_what_finished(run, plan, share, forward, writer)
         raise
     finally:
         tally.close()
     return tally, writer.shards_written, share
+
+
+def _keep_what_finished(run: Run, plan: RunPlan, share: Share, forward: GroupEncoder, writer: ShardWriter) -> None:
+    """After an error or an interrupt (SIGINT, SIGTERM): write what was encoded, then (one process) index it in
+    ``index.jsonl``, so the folder says what it holds whatever stopped the run; ``--resume`` encodes the rest.
+    Under torchrun the other ranks may still be writing: each rank's rows stay in its rank file for --resume."""
+    try:
+        forward.close()
+        writer.close()
+    except BaseException:
+        writer.abandon()
+    if not run.ranks.active:
+        try:
+            merge_index(Path(plan.out_dir), ordered_paths(plan.units, share.listed), complete=False)
+        except Exception:  # a full disk, say: the rank file stays, and the error that stopped the run is raised
+            pass
 
 
 def _workers(options: EncodeOptions) -> int:
