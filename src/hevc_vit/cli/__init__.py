@@ -11,6 +11,8 @@ import argparse
 import importlib
 import importlib.util
 
+from .common import ArgumentParser, unknown_arguments_message
+
 COMMANDS = (
     "hevc_vit.cli.encode",
     "hevc_vit.cli.convert",  # convert and info
@@ -22,7 +24,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # no abbreviations; its subparsers are ArgumentParsers too
         prog="hevc-vit",
         description="HEVC ViT (OneVision) encoder in packing mode: native-resolution features for images and videos.",
     )
@@ -36,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns its exit status."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns its exit status. An option the
+    command does not have exits with status 2 and the closest one it has."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _subparsers(parser).choices[args.command]
+        command.error(unknown_arguments_message(command, unknown))
     return int(args.run(args) or 0)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
