@@ -11,7 +11,7 @@ import argparse
 import importlib
 import importlib.util
 
-from .common import ArgumentParser, unknown_arguments_message
+from .common import ArgumentParser
 
 COMMANDS = (
     "hevc_vit.cli.encode",
@@ -40,13 +40,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns its exit status. An option the
     command does not have exits with status 2 and the closest one it has."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        command = _subparsers(parser).choices[args.command]
-        command.error(unknown_arguments_message(command, unknown))
+    args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

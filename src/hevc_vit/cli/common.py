@@ -132,6 +132,23 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option exits 2 naming the closest option of the command it was given to."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            command.error(unknown_arguments_message(command, unknown))
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the subcommand ``parsed`` chose (this one when it has none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = getattr(parsed, action.dest, None)
+                if chosen in action.choices:
+                    return action.choices[chosen]
+        return self
+
 
 def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
     """``unrecognized arguments: ...``, with the closest option of ``parser`` for each mistyped one."""
