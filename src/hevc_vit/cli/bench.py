@@ -11,12 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..bench import WORKLOADS, BenchSetup, run_benchmark
+from ..bench import BENCH_COUNTS, WORKLOADS, BenchSetup, run_benchmark
 from ..bench_dtypes import compare_dtypes, format_dtype_report
 from ..bench_pipeline import PipelineSetup, format_pipeline_report, run_pipeline_benchmark
 from ..devices import DTYPES
 from ..files import write_atomic
-from .common import EXIT_OK, run_guarded
+from .common import EXIT_OK, integer_in, run_guarded
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,9 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attention backend of the packing and per-item runs; the padded batch always uses masked SDPA "
         "(default: auto)",
     )
-    p.add_argument("--repeat", type=int, default=1, help="copies of the workload in one run (default: 1)")
-    p.add_argument("--iters", type=int, default=5, help="timed runs per method; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per method first (default: 2)")
+    counts = {name: integer_in(low, high) for name, low, high in BENCH_COUNTS}  # the ranges BenchSetup checks
+    p.add_argument("--repeat", type=counts["repeat"], default=1, help="copies of the workload in one run (default: 1)")
+    p.add_argument(
+        "--iters", type=counts["iters"], default=5, help="timed runs per method; the median is reported (default: 5)"
+    )
+    p.add_argument("--warmup", type=counts["warmup"], default=2, help="untimed runs per method first (default: 2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the dense parts of every block")
     p.add_argument("--json", dest="json_path", help="also write the report as JSON to this file")
     mode = p.add_mutually_exclusive_group()

@@ -15,11 +15,14 @@ A command's ``run(args)`` wraps its work in :func:`run_guarded`::
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import math
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 EXIT_OK = 0
@@ -150,3 +153,77 @@ def stop_signals_interrupt() -> Iterator[None]:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+# --------------------------------------------------------------------------------------------------
+# parsing: no abbreviations, a suggestion for a mistyped option, numbers checked against their range
+# --------------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every ``hevc-vit`` command: an option is spelled in full (``allow_abbrev=False``, so
+    ``--max-token`` is not silently taken as ``--max-tokens``); subparsers are made of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option exits 2 naming the closest option of the command it was given to."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            command.error(unknown_arguments_message(command, unknown))
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the subcommand ``parsed`` chose (this one when it has none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = getattr(parsed, action.dest, None)
+                if chosen in action.choices:
+                    return action.choices[chosen]
+        return self
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """``unrecognized arguments: ...``, with the closest option of ``parser`` for each mistyped one."""
+    options = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    parts = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6) if name.startswith("-") else []
+        parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return "unrecognized arguments: " + " ".join(parts)
+
+
+def integer_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high``, else an error naming the value and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}; expected an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def number_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value > low if low_open else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text!r}; expected a number in {interval}")
+        return value
+
+    return parse

@@ -154,6 +154,7 @@ def prepare_folder(
     units = expand_units(inputs if inputs else sample_inputs(), exclude=[path], sources=sources, given=given)
     if not units:
         raise ValueError(f"no inputs: {[os.fspath(i) for i in inputs or []]} name no files")
+    refuse_nothing_to_encode(units)
     plan = RunPlan(str(path), units)
     if resume and path.is_dir():
         check_resume_config(path, settings, say)
@@ -164,6 +165,19 @@ def prepare_folder(
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path / ENCODE_CONFIG_NAME, settings)
     return plan
+
+
+def refuse_nothing_to_encode(units: list[WorkUnit]) -> None:
+    """``ValueError`` when no input names anything to encode: every unit is an input that failed while it was
+    expanded (a path that does not exist, a glob that matches nothing, an empty folder or list, an unreadable
+    folder). Refused before the folder is prepared, so a typo leaves no folder with failed rows behind. Inputs
+    that are found but fail later (a file that is no image, a damaged tar or table row) are a run like any other:
+    their rows say why."""
+    if any(unit.kind != "item" or not unit.spec.error for unit in units):
+        return
+    shown = "; ".join(f"{unit.spec.path!r}: {unit.spec.error}" for unit in units[:5])
+    more = f"; and {len(units) - 5} more" if len(units) > 5 else ""
+    raise ValueError(f"nothing to encode: {shown}{more}; expected files, folders, globs or URLs that exist")
 
 
 def owned_outputs(out_dir: Path) -> list[Path]:

@@ -93,6 +93,7 @@ def run_settings(
         "pool": encoder.pool,
         "dtype": str(dtype).removeprefix("torch."),
         "frames": options.video_frames,
+        "normalize": options.normalizes,  # on with the clip-retrieval layout even when not asked for
     }
     settings = {name: resolved.get(name, getattr(options, name)) for name in recorded_options()}
     config = encoder.model.config

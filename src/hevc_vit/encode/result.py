@@ -53,11 +53,11 @@ class EncodeResult:
     def summary(self) -> str:
         secs = max(self.seconds, 1e-9)
         done = self.encoded + self.failed
+        speed = f": {done / secs:.2f} items/s, {self.tokens / secs:,.0f} tokens/s" if self.encoded else ""  # no work
         lines = [
             f"encoded {self.encoded} of {done} inputs ({self.failed} failed"
             + (f", {self.skipped} already done before --resume" if self.skipped else "")
-            + f"); {self.tokens:,} patches in {self.seconds:.1f} s: {done / secs:.2f} items/s, "
-            f"{self.tokens / secs:,.0f} tokens/s",
+            + f"); {self.tokens:,} patches in {self.seconds:.1f} s{speed}",
         ]
         failures = self.failures
         for row in failures[:10]:

@@ -169,7 +169,7 @@ class Tally:
     def __init__(self, total: int, show: bool, desc: str):
         from tqdm import tqdm
 
-        self.encoded = self.failed = self.tokens = 0
+        self.encoded = self.failed = self.tokens = self.loaded = 0
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, desc=desc, unit="item", disable=not show, file=sys.stderr, dynamic_ncols=True)
 
@@ -178,8 +178,16 @@ class Tally:
         self.failed += failed
         self.tokens += tokens
         self.bar.update(encoded + failed)
+        self._postfix()
+
+    def item_loaded(self) -> None:
+        """An item was decoded and prepared; it counts as done once its features are written (or it failed)."""
+        self.loaded += 1
+        self._postfix(refresh=True)
+
+    def _postfix(self, refresh: bool = False) -> None:
         secs = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens / secs:,.0f} tokens/s", refresh=False)
+        self.bar.set_postfix_str(f"{self.loaded} loaded, {self.tokens / secs:,.0f} tokens/s", refresh=refresh)
 
     def counts(self) -> tuple[int, int, int]:
         return self.encoded, self.failed, self.tokens
@@ -250,7 +258,16 @@ def _writer_and_forward(
     pooled_only = options.stores_pooled_only
     extras = [spec.extra for spec in share.specs]
     forward = GroupEncoder(
-        encoder.model, run.device, run.dtype, encoder.pool, pooled_only, writer, tally.add, share.keys, extras
+        encoder.model,
+        run.device,
+        run.dtype,
+        encoder.pool,
+        pooled_only,
+        writer,
+        tally.add,
+        share.keys,
+        extras,
+        normalize=options.normalizes,
     )
     return writer, forward
 
@@ -282,7 +299,10 @@ def load_options(options: EncodeOptions, encoder: Encoder, memory: list, keys: l
 def feed_groups(loader: Iterator[LoadedItem], forward: GroupEncoder, writer: ShardWriter, tally: Tally, budget: int):
     """Loaded items (in order) into forwards of at most ``budget`` patches; a failed item is a failed row."""
     packer: TokenBudgetPacker[LoadedItem] = TokenBudgetPacker(budget)
+    loaded = getattr(tally, "item_loaded", None)  # the progress bar's count of prepared items (local engine)
     for item in loader:  # in input order; a worker that dies fails only its input
+        if loaded is not None:
+            loaded()
         if item.error:
             writer.add_failure(forward.failure_row(item))
             tally.add(0, 1, 0)

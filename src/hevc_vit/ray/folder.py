@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..encode.folder import claim_out_dir, prepare_folder, reporting_full_disk
-from ..encode.formats import owned_files, storage_dtype
+from ..encode.formats import embeddings_file, owned_files, storage_dtype
 from ..encode.index import merge_index
 from ..encode.model import run_settings
 from ..encode.objects import MemorySource, collect_memory
@@ -157,7 +157,8 @@ def _remove_unnamed_parts(folder: Path, before: set[Path], rows: list[dict[str, 
         shard = row.get("shard") or ""
         if shard:
             named.add(folder / shard)
-            if shard.startswith("metadata/"):  # npy-parquet: its embeddings beside the metadata
-                named.add(folder / "embeddings" / (Path(shard).stem + ".npy"))
+            npy = embeddings_file(folder, shard)  # npy-parquet, clip-retrieval: the embeddings of the metadata
+            if npy is not None:
+                named.add(npy)
     for path in set(owned_files(folder)) - before - named:
         path.unlink(missing_ok=True)

@@ -170,7 +170,16 @@ class ModelStage:
             item.index = j  # the forward finds its key and extras by index
         results, uncounted, encoder = _Results(), _Uncounted(), self.encoder
         forward = GroupEncoder(
-            encoder.model, self.device, self.dtype, encoder.pool, self.pooled_only, results, uncounted.add, keys, extras
+            encoder.model,
+            self.device,
+            self.dtype,
+            encoder.pool,
+            self.pooled_only,
+            results,
+            uncounted.add,
+            keys,
+            extras,
+            normalize=self.options.normalizes,
         )
         feed_groups(iter(items), forward, results, uncounted, self.options.max_tokens)
         forward.close()
