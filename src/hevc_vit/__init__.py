@@ -30,7 +30,10 @@ def _register_reference_model_types() -> None:
         ("llava_vit", HEVCViTModel),
         ("llava_vit_packing", HEVCViTPackingModel),
     ):
-        config_cls = type(f"HEVCViTConfig_{model_type}", (HEVCViTConfig,), {"model_type": model_type})
+        # its own __init__ (ours): transformers 5 gives a config subclass without one a generated dataclass
+        # __init__, which would skip our validation and drop attention_backend / attn_implementation
+        namespace = {"model_type": model_type, "__init__": HEVCViTConfig.__init__}
+        config_cls = type(f"HEVCViTConfig_{model_type}", (HEVCViTConfig,), namespace)
         alias = type(model_cls.__name__, (model_cls,), {"config_class": config_cls, "__module__": model_cls.__module__})
         AutoConfig.register(model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, alias, exist_ok=True)
