@@ -5,6 +5,7 @@ helpers, ``flash_attention_2`` without flash-attn, and a quiet ``encode``."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,3 +119,91 @@ def test_encode_quiet_prints_no_transformers_progress_bars(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "Loading weights" not in err and "it/s" not in err, err
     assert transformers.utils.logging.is_progress_bar_enabled() == bars_before  # put back as it was
+
+
+# --------------------------------------------------------------------------------------------------
+# the feature-extraction pipeline, batched against single calls
+# --------------------------------------------------------------------------------------------------
+
+
+def _pil_images() -> list[Image.Image]:
+    """Six images: five sizes (so batches mix token counts) and one size twice (a batch of equal counts)."""
+    rng = np.random.default_rng(5)
+    sizes = [(60, 40), (100, 30), (56, 56), (41, 97), (56, 56), (200, 20)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    """A model folder of this library (model_type hevc_vit: AutoModel builds HEVCViTModel) with our processor."""
+    folder = tmp_path_factory.mktemp("pipe")
+    HEVCViTModel(tiny_config()).save_pretrained(folder)
+    HEVCViTImageProcessor(min_tokens=4, max_tokens=64).save_pretrained(folder)
+    return folder
+
+
+def _as_tensor(feature) -> torch.Tensor:
+    return feature if isinstance(feature, torch.Tensor) else torch.tensor(feature)
+
+
+# every batch size, return_tensors and pool for the packing folder; a few for the standard one (same code path)
+PIPELINE_CASES = {
+    HEVCViTPackingModel: [(b, t, p) for b in (1, 2, 3, 8) for t in (True, False) for p in (False, True)],
+    HEVCViTModel: [(1, True, False), (3, True, False), (2, False, True), (8, True, True)],
+}
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+@pytest.mark.parametrize("model_cls", [HEVCViTPackingModel, HEVCViTModel])
+def test_pipeline_batches_equal_single_calls(pipeline_folder, tmp_path, model_cls):
+    """Every batch size gives each image what one call per image gives, and that is the model on that image alone
+    (packed with others vs alone: the same operations per image; the matmuls' row counts differ, so float32
+    rounding may too — the tolerance table's float32 entry)."""
+    folder = pipeline_folder
+    if model_cls is HEVCViTPackingModel:  # a packing folder (model_type llava_vit_packing): AutoModel's packing model
+        folder = tmp_path / "packing"
+        shutil.copytree(PACKING_DIR, folder)
+        HEVCViTImageProcessor.from_pretrained(pipeline_folder).save_pretrained(folder)
+    images = _pil_images()
+    extractor = pipeline("image-feature-extraction", model=str(folder))
+    assert isinstance(extractor.model, model_cls)
+    processor, model = extractor.image_processor, extractor.model
+    for pool in (False, True):
+        alone = []
+        for image in images:
+            with torch.no_grad():
+                out = model(**processor(image))
+            alone.append(out.pooler_output if pool else out.last_hidden_state)  # (1, D) / (1, N, D)
+        single = [_as_tensor(extractor(image, return_tensors=True, pool=pool)) for image in images]
+        for i, (got, want) in enumerate(zip(single, alone)):
+            assert got.shape == want.shape, (i, got.shape, want.shape)
+            assert_close_rel(got, want, what=f"single call, image {i}")
+        for batch_size, return_tensors, _ in [case for case in PIPELINE_CASES[model_cls] if case[2] == pool]:
+            batched = extractor(images, batch_size=batch_size, return_tensors=return_tensors, pool=pool)
+            assert len(batched) == len(images)
+            for i, (got, want) in enumerate(zip(batched, single)):
+                assert isinstance(got, torch.Tensor) == return_tensors
+                got = _as_tensor(got).to(want.dtype)
+                what = f"batch_size={batch_size} return_tensors={return_tensors} pool={pool} image {i}"
+                assert got.shape == want.shape, (what, got.shape, want.shape)
+                assert_close_rel(got, want, what=what)
+
+
+def test_processor_inputs_give_per_image_outputs_and_packed_names_stay_packed(pipeline_folder):
+    model = HEVCViTPackingModel.from_pretrained(pipeline_folder)
+    processor = HEVCViTImageProcessor.from_pretrained(pipeline_folder)
+    images = _pil_images()
+    inputs = processor(images)
+    with torch.no_grad():
+        per_image = model(**inputs, output_hidden_states=True)
+        packed = model(inputs["pixel_values"], inputs["image_grid_thw"], output_hidden_states=True)
+    sizes = inputs["image_grid_thw"].prod(-1).tolist()
+    for got, want in zip(per_image.last_hidden_state.unbind(), packed.last_hidden_state.split(sizes)):
+        assert torch.equal(got, want)  # one forward: the same tensor, only split
+    for layer, layer_packed in zip(per_image.hidden_states, packed.hidden_states):
+        assert [t.shape[0] for t in layer.unbind()] == sizes
+        assert torch.equal(torch.cat(layer.unbind()), layer_packed)
+    same = processor([images[2], images[4]])  # equal token counts: a dense (n, N, D) batch
+    with torch.no_grad():
+        dense = model(**same).last_hidden_state
+    assert not dense.is_nested and dense.shape == (2, sizes[2], 64)
