@@ -15,9 +15,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
 from hevc_vit import HEVCViTConfig, HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, attention, patchify
 from hevc_vit.cli import main as cli_main
+from hevc_vit.encode.processing import FixedSizeProcessor, NativeResolutionProcessor
+from hevc_vit.encode.processor_files import load_processor
 from hevc_vit.towers import HEVCViTPackingVisionTower
 
-from .conftest import FIXTURES, assert_close_rel, cli_args, tiny_config, write_image
+from .conftest import FIXTURES, assert_close_rel, cli_args, features_by_path, tiny_config, write_image
 
 PACKING_DIR = FIXTURES / "llava_vit_packing_tiny"
 
@@ -207,3 +209,97 @@ def test_processor_inputs_give_per_image_outputs_and_packed_names_stay_packed(pi
     with torch.no_grad():
         dense = model(**same).last_hidden_state
     assert not dense.is_nested and dense.shape == (2, sizes[2], 64)
+
+
+# --------------------------------------------------------------------------------------------------
+# one processor file, read by transformers and by hevc-vit encode
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encode_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enc_images")
+    return [write_image(root / f"{i}.png", w, h, seed=i) for i, (w, h) in enumerate([(70, 42), (100, 30), (56, 56)])]
+
+
+def _encode(images, out, folder, *extra, native: bool = True) -> dict[str, torch.Tensor]:
+    args = cli_args(images, out, folder, *extra) if native else ["encode", *map(str, images), "--out", str(out),
+                                                                 "--model", str(folder), "--workers", "0", "-q", *extra]  # fmt: skip
+    assert cli_main(args) == 0
+    return {path: tensors["patches"].float() for path, tensors in features_by_path(out).items()}
+
+
+def _pipeline_features(folder, images) -> dict[str, torch.Tensor]:
+    extractor = pipeline("image-feature-extraction", model=str(folder))
+    features = extractor([Image.open(path) for path in images], batch_size=2, return_tensors=True)
+    return {str(path): feature[0] for path, feature in zip(images, features)}  # (N, D) each
+
+
+def _assert_same_features(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Two routes to the same features: the same pixels (8-bit, the same resize) through the same weights, one
+    packed with other images and one alone — float32 rounding apart (the tolerance table)."""
+    assert a.keys() == b.keys()
+    for path in a:
+        assert_close_rel(a[path], b[path], what=path)
+
+
+def _weights_folder(path, processor=None):
+    shutil.copytree(PACKING_DIR, path)
+    (path / "preprocessor_config.json").unlink()
+    if processor is not None:
+        processor.save_pretrained(path)
+    return path
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+def test_folder_saved_by_hevc_vit_image_processor_encodes_like_the_default(tmp_path, encode_images):
+    bare = _weights_folder(tmp_path / "bare")
+    saved = _weights_folder(tmp_path / "saved", HEVCViTImageProcessor(min_tokens=4, max_tokens=48))
+    default = _encode(encode_images, tmp_path / "a", bare)
+    with_file = _encode(encode_images, tmp_path / "b", saved)
+    assert default.keys() == with_file.keys()
+    assert all(torch.equal(default[k], with_file[k]) for k in default)  # same settings, same run
+    # settings in the file are used: other normalisation, read by encode as by the pipeline
+    custom = HEVCViTImageProcessor(min_tokens=4, max_tokens=48, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    other = _weights_folder(tmp_path / "other", custom)
+    encoded = _encode(encode_images, tmp_path / "c", other)
+    _assert_same_features(encoded, _pipeline_features(other, encode_images))
+    assert not torch.allclose(encoded[str(encode_images[0])], default[str(encode_images[0])])
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+@pytest.mark.parametrize("type_name", ["HEVCViTImageProcessor", "HEVCViTNativeImageProcessor"])
+def test_folder_saved_by_encodes_processor_opens_with_auto_image_processor_and_pipeline(
+    tmp_path, encode_images, type_name
+):
+    """encode's native processor saves the transformers format; round 2's type name still opens with both."""
+    native = NativeResolutionProcessor(min_tokens=4, max_tokens=48, image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    folder = _weights_folder(tmp_path / "m", native)
+    file = folder / "preprocessor_config.json"
+    config = json.loads(file.read_text())
+    assert config["image_processor_type"] == "HEVCViTImageProcessor"
+    file.write_text(json.dumps({**config, "image_processor_type": type_name}))
+    loaded = AutoImageProcessor.from_pretrained(folder)
+    assert isinstance(loaded, HEVCViTImageProcessor) and loaded.native_processor() == native
+    assert load_processor(folder) == native
+    _assert_same_features(_encode(encode_images, tmp_path / "out", folder), _pipeline_features(folder, encode_images))
+    loaded.save_pretrained(tmp_path / "again")  # saved again: the one type name
+    assert json.loads((tmp_path / "again" / "preprocessor_config.json").read_text())["image_processor_type"] == (
+        "HEVCViTImageProcessor"
+    )
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+@pytest.mark.parametrize("to", ["packing", "standard"])
+def test_convert_output_and_fixture_processor_read_by_both(tmp_path, encode_images, to):
+    """A CLIP-style preprocessor_config.json (the fixture's; what convert writes): transformers' CLIPImageProcessor
+    and encode's fixed-size processor read it, and the pipeline and ``encode --processor clip`` agree."""
+    from hevc_vit.convert import convert_checkpoint
+
+    for folder in (PACKING_DIR, tmp_path / "converted"):
+        if folder != PACKING_DIR:
+            convert_checkpoint(PACKING_DIR, folder, to=to, log=lambda message: None)
+        assert type(AutoImageProcessor.from_pretrained(folder)).__name__.startswith("CLIPImageProcessor")
+        assert isinstance(load_processor(folder), FixedSizeProcessor)
+        encoded = _encode(encode_images, tmp_path / f"out_{folder.name}", folder, "--processor", "clip", native=False)
+        _assert_same_features(encoded, _pipeline_features(folder, encode_images))

@@ -234,14 +234,35 @@ class HEVCViTPackingModel(HEVCViTCore):
         ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(T, D)`` when asked. With ``image_grid_thw`` the
         token outputs are ``(n, N, D)`` when every image has ``N`` tokens, else a jagged nested tensor whose
         ``[i]`` is image ``i``'s ``(N_i, D)`` — so ``pipeline("image-feature-extraction", batch_size=k)`` gives
-        every image ``(1, N_i, D)``, as one call per image does.
+        every image ``(1, N_i, D)``, as one call per image does. ``pixel_values`` images ``(B, C, H, W)`` or videos
+        ``(B, C, T, H, W)`` of one size (a fixed-size processor's, e.g. ``CLIPImageProcessor``) are patchified and
+        come back as the standard model's ``(B, N, D)``.
         """
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() in (4, 5):
+            return self._forward_images(pixel_values, hidden_states, grid_thw, image_grid_thw, patch_positions, plan,
+                                        output_hidden_states, return_dict)  # fmt: skip
         hidden_states = _one_of("hidden_states", hidden_states, "pixel_values", pixel_values)
         per_item = image_grid_thw is not None
         grid_thw = _one_of("grid_thw", grid_thw, "image_grid_thw", image_grid_thw, required=False)
         return self.forward_packed(
             hidden_states, grid_thw, patch_positions, plan, output_hidden_states, return_dict, per_item
         )
+
+    def _forward_images(
+        self, pixel_values, hidden_states, grid_thw, image_grid_thw, patch_positions, plan, output_hidden_states,
+        return_dict,
+    ) -> BaseModelOutputWithPooling | tuple:  # fmt: skip
+        given = {"hidden_states": hidden_states, "grid_thw": grid_thw, "image_grid_thw": image_grid_thw,
+                 "patch_positions": patch_positions, "plan": plan}  # fmt: skip
+        extra = sorted(name for name, value in given.items() if value is not None)
+        if extra:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} (images or videos of one size) and {extra} "
+                f"were given too; expected pixel_values alone, or packed patches (T, C·p·p) with image_grid_thw"
+            )
+        self._check_channels("pixel_values", tuple(pixel_values.shape), pixel_values.shape[1])
+        patches, grid = patchify(pixel_values, self.config.patch_size)  # (B·N, C·p·p), (B, 3)
+        return self.forward_packed(patches, grid, None, None, output_hidden_states, return_dict, per_item=True)
 
 
 class HEVCViTModel(HEVCViTCore):

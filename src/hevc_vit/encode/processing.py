@@ -7,6 +7,8 @@ Two processors, both saved and loaded as ``preprocessor_config.json``:
                                 ``CLIPImageProcessor`` (which loads the file too), and reads that class's files.
     NativeResolutionProcessor   the packing model's own: keep the aspect ratio, both sides multiples of the
                                 patch size, the patch count of an image between ``min_tokens`` and ``max_tokens``.
+                                Saved as ``HEVCViTImageProcessor`` (transformers' class of this library, which
+                                loads the file too); reads round 2's ``HEVCViTNativeImageProcessor`` files.
 
 Both return float32 ``(C, H, W)`` for one image and ``(C, T, H, W)`` for a list of ``T`` frames (all frames of a
 clip get one size), or patches straight away (``patchify``); the pixel steps are pure functions in :mod:`.pixels`;
@@ -294,7 +296,9 @@ class NativeResolutionProcessor(ImageProcessor):
     image is so elongated that its short side would fall under one patch at the token maximum.
     """
 
-    processor_type = "HEVCViTNativeImageProcessor"
+    # the file format of transformers' HEVCViTImageProcessor (hevc_vit.image_processing), which runs this class:
+    # one preprocessor_config.json that AutoImageProcessor, pipeline() and hevc-vit encode all read
+    processor_type = "HEVCViTImageProcessor"
 
     def __init__(
         self,

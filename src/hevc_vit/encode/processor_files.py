@@ -16,7 +16,8 @@ PROCESSOR_TYPES: dict[str, type[ImageProcessor]] = {
     "CLIPImageProcessorFast": FixedSizeProcessor,
     "CLIPImageProcessorPil": FixedSizeProcessor,
     "CLIPFeatureExtractor": FixedSizeProcessor,
-    NativeResolutionProcessor.processor_type: NativeResolutionProcessor,
+    NativeResolutionProcessor.processor_type: NativeResolutionProcessor,  # HEVCViTImageProcessor
+    "HEVCViTNativeImageProcessor": NativeResolutionProcessor,  # what round 2 saved
 }
 
 
