@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
-from hevc_vit import HEVCViTConfig, HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, attention, patchify
+from hevc_vit import HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, attention, patchify
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode.processing import FixedSizeProcessor, NativeResolutionProcessor
 from hevc_vit.encode.processor_files import load_processor
@@ -223,8 +223,9 @@ def encode_images(tmp_path_factory):
 
 
 def _encode(images, out, folder, *extra, native: bool = True) -> dict[str, torch.Tensor]:
-    args = cli_args(images, out, folder, *extra) if native else ["encode", *map(str, images), "--out", str(out),
-                                                                 "--model", str(folder), "--workers", "0", "-q", *extra]  # fmt: skip
+    args = cli_args(images, out, folder, *extra)
+    if not native:  # no token bounds (cli_args gives them): they apply to the native processor only
+        args = ["encode", *map(str, images), "--out", str(out), "--model", str(folder), "--workers", "0", "-q", *extra]
     assert cli_main(args) == 0
     return {path: tensors["patches"].float() for path, tensors in features_by_path(out).items()}
 
