@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
-from hevc_vit import HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, attention, patchify
+from hevc_vit import HEVCViTConfig, HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, attention, patchify
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode.processing import FixedSizeProcessor, NativeResolutionProcessor
 from hevc_vit.encode.processor_files import load_processor
@@ -304,3 +304,94 @@ def test_convert_output_and_fixture_processor_read_by_both(tmp_path, encode_imag
         assert isinstance(load_processor(folder), FixedSizeProcessor)
         encoded = _encode(encode_images, tmp_path / f"out_{folder.name}", folder, "--processor", "clip", native=False)
         _assert_same_features(encoded, _pipeline_features(folder, encode_images))
+
+
+# --------------------------------------------------------------------------------------------------
+# runaway sizes refused up front
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(min_tokens=10**9, max_tokens=10**9),
+            r"min_tokens=1000000000; expected a positive integer in \[1, 65,536\]",
+        ),
+        (dict(min_tokens=4, max_tokens=2 * 10**6), r"max_tokens=2000000; expected a positive integer in \[1, 65,536\]"),
+        (dict(max_video_tokens=10**7), r"max_video_tokens=10000000; expected a positive integer in \[1, 1,048,576\]"),
+        (dict(patch_size=10**5), r"patch_size=100000; expected a positive integer in \[1, 1,024\]"),
+        (dict(patch_size=512, max_tokens=4096), r"max_tokens=4096 with patch_size=512; expected max_tokens <= 512"),
+        (dict(max_tokens=64.0), r"max_tokens=64.0; expected a positive integer"),
+        (dict(max_tokens=True), r"max_tokens=True; expected a positive integer"),
+        (dict(min_tokens="4"), r"min_tokens='4'; expected a positive integer"),
+        (dict(min_tokens=-1), r"min_tokens=-1; expected a positive integer"),
+    ],
+)
+def test_native_processors_refuse_runaway_sizes_at_construction(kwargs, message):
+    for make in (NativeResolutionProcessor, HEVCViTImageProcessor):
+        with pytest.raises(ValueError, match=message):
+            make(**kwargs)
+
+
+def test_native_processor_sizes_from_numpy_are_plain_ints():
+    processor = NativeResolutionProcessor(min_tokens=np.int64(4), max_tokens=np.int32(48))
+    assert type(processor.max_tokens) is int and json.dumps(processor.to_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(shortest_edge=10**9), r"shortest_edge=1000000000; expected integers in \[1, 16,384\]"),
+        (
+            dict(shortest_edge=56, crop_size=(10**6, 56)),
+            r"crop_size=\(1000000, 56\); expected integers in \[1, 16,384\]",
+        ),
+        (dict(shortest_edge=56, crop_size=(16384, 16384)), r"crop_size=\(16384, 16384\) holds 268,435,456 pixels"),
+        (dict(shortest_edge=56, crop_size=()), r"crop_size=\(\); expected integers"),
+        (dict(shortest_edge=True), r"shortest_edge=True; expected integers"),
+    ],
+)
+def test_fixed_size_processor_refuses_runaway_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FixedSizeProcessor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            dict(mm_hidden_size=10**9, hidden_size=64),
+            r"mm_hidden_size=1000000000; the linear projector needs an int in",
+        ),
+        (dict(mm_projector_type="mlp2x_gelu", mm_hidden_size=64, hidden_size=10**6), r"hidden_size=1000000; the mlp2x"),
+        (dict(mm_projector_type="mlp100000x_gelu", mm_hidden_size=64, hidden_size=64), r"k in \[1, 64\]"),
+        (
+            dict(mm_projector_type="spatial_merge", mm_hidden_size=65536, hidden_size=64),
+            r"expected at most 1,000,000,000",
+        ),
+        (
+            dict(mm_projector_type="mlp64x_gelu", mm_hidden_size=64, hidden_size=65536),
+            r"expected at most 1,000,000,000",
+        ),
+        (dict(mm_hidden_size=64.0, hidden_size=64), r"mm_hidden_size=64.0; the linear projector needs an int"),
+    ],
+)
+def test_projector_builder_refuses_runaway_sizes(config, message):
+    from hevc_vit.projector import build_projector
+
+    with pytest.raises(ValueError, match=message):
+        build_projector(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=10**9), r"hidden_size=1000000000; expected a positive integer \(at most 65,536\)"),
+        (dict(patch_size=10**6), r"patch_size=1000000; expected a positive integer \(at most 1,024\)"),
+        (dict(num_hidden_layers=10**5), r"num_hidden_layers=100000; expected a positive integer"),
+    ],
+)
+def test_tower_configs_refuse_runaway_sizes(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        HEVCViTConfig(**{**dict(hidden_size=64, num_attention_heads=2, intermediate_size=128), **overrides})
