@@ -395,3 +395,16 @@ def test_projector_builder_refuses_runaway_sizes(config, message):
 def test_tower_configs_refuse_runaway_sizes(overrides, message):
     with pytest.raises(ValueError, match=message):
         HEVCViTConfig(**{**dict(hidden_size=64, num_attention_heads=2, intermediate_size=128), **overrides})
+
+
+@pytest.mark.usefixtures("quiet_transformers")
+def test_resume_of_a_run_recorded_with_the_old_processor_type_name(tmp_path, encode_images):
+    folder = _weights_folder(tmp_path / "m")
+    first = _encode(encode_images[:2], tmp_path / "out", folder)
+    config_file = tmp_path / "out" / "encode_config.json"
+    settings = json.loads(config_file.read_text())
+    assert settings["processor"]["image_processor_type"] == "HEVCViTImageProcessor"
+    settings["processor"]["image_processor_type"] = "HEVCViTNativeImageProcessor"  # as round 2 recorded it
+    config_file.write_text(json.dumps(settings))
+    resumed = _encode(encode_images, tmp_path / "out", folder, "--resume")
+    assert all(torch.equal(resumed[k], first[k]) for k in first) and len(resumed) == 3
