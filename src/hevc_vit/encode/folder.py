@@ -31,6 +31,7 @@ from .index import (
 )
 from .lock import FolderLock
 from .options import DEFAULT_OUT, EncodeOptions, recorded_options
+from .processor_files import current_processor_record
 from .recovery import resume_state
 from .sources import SourceOptions, expand_units, sample_inputs
 from .units import WorkUnit
@@ -202,6 +203,8 @@ def check_resume_config(out_dir: Path, settings: dict[str, Any], say: Callable[[
     if "weights" not in earlier:  # written before the weights were recorded: nothing to compare with
         say(f"note: {path} does not record the weights' checksum; --resume cannot check they are the same")
         earlier["weights"] = settings.get("weights")
+    if "processor" in earlier:  # recorded under an older type name: the same processor
+        earlier["processor"] = current_processor_record(earlier["processor"])
     for name, default in OPTION_DEFAULTS.items():  # options added since that run was made: what it did
         if name in RESUME_FIELDS and name not in earlier:
             earlier[name] = default
