@@ -272,13 +272,18 @@ def test_a_server_that_never_answers_gives_a_failed_row_and_the_run_goes_on(
     assert server.counts[f"/slow/w{workers}/img/{NAMES[1]}"] >= 2  # retried once
 
 
-def test_a_folder_url_that_never_answers_is_a_failed_row(model, server, silent_socket, tmp_path):
+def test_a_folder_url_that_never_answers_is_a_failed_row(model, server, silent_socket, root, tmp_path):
     folder = f"{server.base}/hang/folder/img/"
     (tmp_path / "list.txt").write_text(f"{silent_socket}/img/\n")
-    result = encode([folder, tmp_path / "list.txt"], tmp_path / "out", model=model, **QUICK, **OPTIONS)
+    good = root / "img" / NAMES[0]  # beside a file that works: a run, with the listings' failed rows
+    result = encode([folder, tmp_path / "list.txt", good], tmp_path / "out", model=model, **QUICK, **OPTIONS)
     rows = {r["path"]: r for r in read_index(tmp_path / "out")}
     assert rows[folder]["status"] == "failed" and "listing" in rows[folder]["error"]
-    assert rows[f"{silent_socket}/img/"]["status"] == "failed" and result.failed == 2
+    assert rows[f"{silent_socket}/img/"]["status"] == "failed" and result.failed == 2 and result.encoded == 1
+    # alone, nothing can be encoded: refused before a folder is made, each listing named with its timeout
+    with pytest.raises(ValueError, match=r"nothing to encode: .*hang/folder/img/.*no answer within the timeout"):
+        encode([folder], tmp_path / "alone", model=model, **QUICK, **OPTIONS)
+    assert not (tmp_path / "alone").exists()
 
 
 def test_cli_timeout_option(model, server, tmp_path, capsys):
@@ -288,12 +293,10 @@ def test_cli_timeout_option(model, server, tmp_path, capsys):
     args = [hung, "--timeout", "0.3", "--retries", "0", "--json", "--out", str(tmp_path / "a")]
     assert cli_main(base + args) == 1
     assert "no retries" in read_index(tmp_path / "a")[0]["error"]
-    for bad in ("0", "-1", "nan"):
-        assert cli_main(base + [hung, "--timeout", bad, "--out", str(tmp_path / "b")]) == 2
-        assert not (tmp_path / "b").exists()
-    with pytest.raises(SystemExit) as parse_error:  # argparse's own refusal
-        cli_main(base + [hung, "--timeout", "soon", "--out", str(tmp_path / "b")])
-    assert parse_error.value.code == 2 and not (tmp_path / "b").exists()
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit) as parse_error:  # refused while parsing, as every numeric option is
+            cli_main(base + [hung, "--timeout", bad, "--out", str(tmp_path / "b")])
+        assert parse_error.value.code == 2 and not (tmp_path / "b").exists()
     capsys.readouterr()
 
 
