@@ -34,7 +34,7 @@ pytestmark = pytest.mark.ray
 SRC = Path(__file__).resolve().parents[1] / "src"
 BOUND = 240  # seconds any process the tests start may take before the test fails (the old code hung here)
 HOLD_WAIT = 240
-TOKENS = ("--min-image-tokens", "4", "--max-image-tokens", "48", "--max-tokens", "64")
+TOKENS = ("--min-image-tokens", "4", "--max-image-tokens", "48", "--max-video-tokens", "48", "--max-tokens", "64")
 # the CLI with a terminal's defaults (a progress bar) while its stderr goes to a file
 CLI = "import sys; sys.stderr.isatty = lambda: True; from hevc_vit.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -137,6 +137,7 @@ def _images(tmp_path: Path, n: int) -> Path:
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["nothing", "silent", "http"])
 def test_an_address_that_is_no_ray_cluster_is_refused_in_time(server, ray_tmp, tmp_path):
     """Nothing listening (refused at once), a port that accepts and says nothing, one that answers HTTP/1: each
@@ -154,6 +155,7 @@ def test_an_address_that_is_no_ray_cluster_is_refused_in_time(server, ray_tmp, t
     assert expected[server] in text, text
 
 
+@pytest.mark.slow
 def test_auto_with_a_stale_ray_current_cluster_is_refused(ray_tmp, tmp_path):
     """``ray start`` left ``ray_current_cluster`` (in Ray's temporary folder, ``$RAY_TMPDIR/ray``) naming a cluster
     that is gone: ``--ray-address auto`` says so, naming that address."""

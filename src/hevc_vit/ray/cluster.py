@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..encode.options import RAY_TIMEOUT
+from . import watchdog
 
 INSTALL_HINT = "pip install 'hevc-vit[ray]'"
 LOOPBACK = "127.0.0.1"
@@ -30,6 +31,7 @@ _LOCAL_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # with a SETTINGS frame (type 4) of its own
 _H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 _H2_SETTINGS = 4
+_WATCHDOG: Any = None  # the watchdog of the local instance this process started (a subprocess.Popen)
 
 
 def import_ray() -> Any:
@@ -67,6 +69,7 @@ def ray_session(address: str | None, timeout: float | None = None) -> Iterator[b
 
                 with _ignoring_signals():  # a second Ctrl-C must not leave the shutdown half done
                     ray.shutdown()
+                    _stop_watchdog()
 
 
 def connect(address: str | None, timeout: float | None = None) -> bool:
@@ -90,8 +93,13 @@ def connect(address: str | None, timeout: float | None = None) -> bool:
 
 def _start_local(ray: Any) -> None:
     """A local instance (no dashboard) whose processes all listen on the loopback address; never the cluster a
-    ``ray_current_cluster`` file names (``address="local"``: a file left by a crashed ``ray start`` is ignored)."""
+    ``ray_current_cluster`` file names (``address="local"``: a file left by a crashed ``ray start`` is ignored).
+    A :mod:`.watchdog` stops its processes if this one dies without shutting Ray down."""
+    import psutil  # a Ray dependency
     from ray._private import ray_constants  # read by Ray when it chooses the node's address
+
+    global _WATCHDOG
+    before = {p.pid for p in psutil.Process().children()}
 
     saved_env, saved_flag = os.environ.get(_LOCAL_NODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_LOCAL_NODE_ENV] = "0"  # for the processes Ray starts (raylet, workers, agents)
@@ -104,10 +112,20 @@ def _start_local(ray: Any) -> None:
             os.environ.pop(_LOCAL_NODE_ENV, None)
         else:
             os.environ[_LOCAL_NODE_ENV] = saved_env
+    _stop_watchdog()
+    _WATCHDOG = watchdog.start([p.pid for p in psutil.Process().children() if p.pid not in before])
     node = ray.util.get_node_ip_address()
     if node != LOOPBACK:  # Ray changed how it chooses: never leave servers open to the network
         ray.shutdown()
+        _stop_watchdog()
         raise RuntimeError(f"the local Ray instance took the address {node}, expected {LOOPBACK}; it was stopped")
+
+
+def _stop_watchdog() -> None:
+    global _WATCHDOG
+    if _WATCHDOG is not None:
+        watchdog.stop(_WATCHDOG)
+        _WATCHDOG = None
 
 
 def _resolve(address: str) -> str:
