@@ -3,7 +3,7 @@ Ray down (``kill -9``), which Ray's own fate-sharing does not do for all of them
 agents outlive the raylet).
 
 ``python -m hevc_vit.ray.watchdog PID...``: the PIDs are the processes ``ray.init`` started (GCS, raylet, ...).
-Twice a second it notes them and their descendants (workers, agents); when its stdin, a pipe from the driver,
+Once a second it notes them and their descendants (workers, agents); when its stdin, a pipe from the driver,
 ends (the driver shut Ray down and closed it, or died), it sends SIGTERM to each noted process still running,
 then SIGKILL to those left after :data:`GRACE` seconds, and exits. psutil (a Ray dependency) guards against PIDs
 reused by other processes.
@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 GRACE = 3.0  # seconds between SIGTERM and SIGKILL
-POLL = 0.5
+POLL = 1.0  # seconds between looks at the process table (one pass each)
 
 
 def start(roots: list[int]) -> subprocess.Popen:
@@ -43,16 +43,33 @@ def stop(watchdog: subprocess.Popen, timeout: float = GRACE + 10) -> None:
         watchdog.wait(timeout=5)
 
 
-def _note(known: dict[int, Any], roots: list[Any]) -> None:
+def _note(known: dict[int, Any], roots: list[int]) -> None:
+    """Add the running descendants of ``roots`` (and the roots) to ``known``: one pass over the process table."""
     import psutil
 
-    for root in roots:
-        try:
-            if root.is_running():
-                for p in [root, *root.children(recursive=True)]:
-                    known.setdefault(p.pid, p)
-        except psutil.Error:
+    children: dict[int, list[Any]] = {}
+    for p in psutil.process_iter(["ppid"]):
+        children.setdefault(p.info["ppid"], []).append(p)
+        if p.pid in roots:
+            known.setdefault(p.pid, p)
+    stack = [pid for pid in roots if pid in known]
+    while stack:
+        pid = stack.pop()
+        if not _same(known[pid]):  # gone, and the PID maybe reused: its new children are not ours
             continue
+        for child in children.get(pid, []):
+            if child.pid not in known:
+                known[child.pid] = child
+                stack.append(child.pid)
+
+
+def _same(p: Any) -> bool:
+    import psutil
+
+    try:
+        return p.is_running()  # compares the creation time: False for a PID reused by another process
+    except psutil.Error:
+        return False
 
 
 def _stop_all(known: dict[int, Any]) -> None:
@@ -76,17 +93,10 @@ def _stop_all(known: dict[int, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    import psutil
-
     for sig in (signal.SIGINT, signal.SIGHUP):  # Ctrl-C and a closed terminal reach the whole group: the driver
         signal.signal(sig, signal.SIG_IGN)  # handles them and closes the pipe, or dies and the pipe ends
 
-    roots = []
-    for pid in argv:
-        try:
-            roots.append(psutil.Process(int(pid)))
-        except psutil.Error:
-            continue
+    roots = [int(pid) for pid in argv]
     known: dict[int, Any] = {}
     while True:
         _note(known, roots)
