@@ -264,7 +264,7 @@ def test_a_run_binds_loopback_shows_progress_and_leaves_nothing(end, ray_tmp, tm
     signal) and every process it started is gone; a normal end names each part by its first input's number."""
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
-    images = _images(tmp_path, 5)
+    images = _images(tmp_path, 7)  # with the corrupt JPEG 8 inputs: two model calls of at most 5 (--max-tokens 64)
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(40)))
     fault, out, stderr_path = tmp_path / "fault", tmp_path / "out", tmp_path / "stderr"
     fault.write_text("hold write")
@@ -279,7 +279,7 @@ def test_a_run_binds_loopback_shows_progress_and_leaves_nothing(end, ray_tmp, tm
         open_to_network = {p: ips for p, ips in listening.items() if not all(map(_is_loopback, ips))}
         assert not open_to_network, f"listening beyond the loopback: {open_to_network}"
         done, total = _progress_seen(stderr_path, 30)
-        assert total == 6 and 0 < done <= total, stderr_path.read_text()[-2000:]
+        assert total == 8 and 0 < done <= total, stderr_path.read_text()[-2000:]
         assert not (out / "shards").exists() or not any((out / "shards").iterdir())  # nothing written yet
         if end == "normal":
             fault.unlink()
