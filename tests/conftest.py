@@ -20,8 +20,9 @@ from PIL import Image
 from hevc_vit import HEVCViTConfig, HEVCViTPackingModel
 from hevc_vit.encode import iter_features, read_index
 
-# The tests expect dtype "auto" to mean float32 on the CPU, which a CPU with AMX would make bfloat16: pin it for
-# the suite and the processes it starts (torchrun). tests/test_devices.py checks the rule itself, both ways.
+# The tests expect dtype "auto" to mean float32 on the CPU, which a CPU where bf16 measures faster would make
+# bfloat16: pin it for the suite and the processes it starts (torchrun). tests/test_devices.py checks the rule
+# itself, both ways.
 os.environ.setdefault("HEVC_VIT_CPU_DTYPE", "float32")
 
 # the reference fixtures, carried by the repo (tests/fixtures/README.md says what each file is); read-only

@@ -82,7 +82,7 @@ def test_bad_arguments_exit_2(capsys):
         (["--jpeg-draft", "maybe"], "argument --jpeg-draft: 'maybe'; expected on or off"),
         (["--exif-transpose", "sometimes"], "argument --exif-transpose: 'sometimes'; expected on or off"),
         (["--codec-budget", "lots"], "argument --codec-budget: 'lots'; expected a patch count K >= 1 or a ratio"),
-        (["--workers", "two"], "argument --workers: invalid literal for int() with base 10: 'two'"),
+        (["--workers", "two"], "argument --workers: 'two'; expected an integer"),
     ],
 )
 def test_encode_option_values_that_do_not_parse_are_named_with_what_was_expected(capsys, argv, message):

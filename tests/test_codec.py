@@ -502,13 +502,15 @@ def test_codec_preview_command(tmp_path, capsys):
     assert summary["tokens"] == 20 and summary["frames"] == 4 and summary["preview"].endswith("sheet.png")
     with Image.open(tmp_path / "sheet.png") as png:
         assert png.size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
-    for argv, message in [
-        (["--ratio", "0"], "budget=0.0;"),
-        (["--size", "64"], "--size '64'; expected HxW"),
-        (["--signals", "flow"], "signals=('flow',)"),
+    for argv, message in [  # out of range: refused while parsing
+        (["--ratio", "0"], "argument --ratio: '0'; expected a number in (0, 1]"),
+        (["--size", "64"], "argument --size: '64'; expected HxW"),
     ]:
-        args = parser.parse_args(["codec-preview", str(clip), "-o", str(tmp_path / "x.png"), *argv])
-        assert args.run(args) == 2
-        assert message in capsys.readouterr().err
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["codec-preview", str(clip), "-o", str(tmp_path / "x.png"), *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    args = parser.parse_args(["codec-preview", str(clip), "-o", str(tmp_path / "x.png"), "--signals", "flow"])
+    assert args.run(args) == 2
+    assert "signals=('flow',)" in capsys.readouterr().err
     args = parser.parse_args(["codec-preview", str(tmp_path / "none.mp4"), "-o", str(tmp_path / "x.png")])
     assert args.run(args) == 2 and "none.mp4 does not exist" in capsys.readouterr().err

@@ -298,7 +298,9 @@ def test_exit_status_and_json_summary(loose, tmp_path, capsys):
     assert summary["encoded"] == 1 and summary["failed"] == 1 and summary["exit_status"] == 0
     assert summary["failures"][0]["path"] == str(tmp_path / "bad.jpg")
     assert cli_main(base + [str(tmp_path / "bad.jpg"), "--allow-failures", "-q", "--out", str(tmp_path / "d")]) == 1
-    assert cli_main(base + [good, "--retries", "-1", "--out", str(tmp_path / "e")]) == 2
+    with pytest.raises(SystemExit) as stop:  # out of range: refused while parsing
+        cli_main(base + [good, "--retries", "-1", "--out", str(tmp_path / "e")])
+    assert stop.value.code == 2 and not (tmp_path / "e").exists()
 
 
 def test_cli_hf_dataset_saved_to_disk(blobs, tmp_path, capsys):

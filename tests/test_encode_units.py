@@ -264,7 +264,7 @@ def test_a_tar_without_samples_and_a_table_without_rows_are_failed_rows(tmp_path
     (tmp_path / "empty.csv").write_text("path\n")
     specs = expand_inputs([empty_tar, tmp_path / "empty.parquet", tmp_path / "empty.csv"])
     assert [(Path(s.path).name, s.error) for s in specs] == [
-        ("empty.tar", "the tar shard holds no samples (no file member named KEY.EXTENSION)"),
+        ("empty.tar", "sample 'README' has no image or video member (members: README)"),  # every member has a row
         ("empty.parquet", "the table has no rows"),
         ("empty.csv", "the table has no rows"),
     ]

@@ -76,12 +76,13 @@ def test_patches_from_the_processor_equal_patchify_of_its_image(name, mode):
 
 @pytest.mark.parametrize("channels, convert", [(3, True), (1, False)])
 def test_patches_of_samples_that_are_not_8_bit(channels, convert):
-    """Mode F (32-bit floats) without RGB conversion: normalised by the float64 arithmetic, then reordered."""
+    """Mode F (32-bit floats in [0, 1]; scaled to 8 bits by to_8bit), with and without RGB conversion: patchify
+    gives the patches of the processed image."""
     processor = NativeResolutionProcessor(
         patch_size=14, min_tokens=4, max_tokens=16, image_mean=[0.5] * channels, image_std=[0.25] * channels,
         do_convert_rgb=convert,
     )  # fmt: skip
-    image = Image.fromarray(np.random.default_rng(0).random((42, 56), dtype=np.float32) * 255)  # mode F
+    image = Image.fromarray(np.random.default_rng(0).random((42, 56), dtype=np.float32))  # mode F
     patches, _ = processor.patchify(image, 14)
     assert torch.equal(patches, patchify(processor(image)[None], 14)[0])
 

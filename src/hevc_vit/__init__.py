@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from .attention import available_backends, get_attention
 from .configuration import PRESETS, HEVCViTConfig
 from .embedded import register_transformers_conversions
-from .image_processing import HEVCViTImageProcessor
+from .image_processing import HEVCViTImageProcessor, HEVCViTNativeImageProcessor
 from .modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
 from .packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
 
@@ -30,10 +30,17 @@ def _register_reference_model_types() -> None:
         ("llava_vit", HEVCViTModel),
         ("llava_vit_packing", HEVCViTPackingModel),
     ):
-        config_cls = type(f"HEVCViTConfig_{model_type}", (HEVCViTConfig,), {"model_type": model_type})
+        # its own __init__ (ours): transformers 5 gives a config subclass without one a generated dataclass
+        # __init__, which would skip our validation and drop attention_backend / attn_implementation
+        namespace = {"model_type": model_type, "__init__": HEVCViTConfig.__init__}
+        config_cls = type(f"HEVCViTConfig_{model_type}", (HEVCViTConfig,), namespace)
         alias = type(model_cls.__name__, (model_cls,), {"config_class": config_cls, "__module__": model_cls.__module__})
         AutoConfig.register(model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, alias, exist_ok=True)
+        if model_type == "llava_vit_packing":  # files of encode's native processor saved before one format
+            AutoImageProcessor.register(
+                config_cls, slow_image_processor_class=HEVCViTNativeImageProcessor, exist_ok=True
+            )
 
 
 _register_reference_model_types()

@@ -146,6 +146,10 @@ def _max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return ((x - y).abs().max() / y.abs().max()).item()
 
 
+# the counts of a benchmark and their ranges (the upper bounds keep a typo from running for days)
+BENCH_COUNTS = (("repeat", 1, 1000), ("iters", 1, 10000), ("warmup", 0, 10000))
+
+
 @dataclass
 class BenchSetup:
     """What :func:`run_benchmark` measures (the ``hevc-vit bench`` options)."""
@@ -154,7 +158,7 @@ class BenchSetup:
     model_path: str | None = None
     workload: str = "mixed"
     device: str | None = None  # None: this rank's GPU when there is one, else the CPU
-    dtype: str | None = None  # None: "auto", devices.dtype_choice (bf16 on GPUs and on CPUs with AMX, else fp32)
+    dtype: str | None = None  # None: "auto", devices.dtype_choice (bf16 on GPUs; on CPUs, what a measurement picks)
     attn_implementation: str = "auto"
     repeat: int = 1
     iters: int = 5
@@ -162,6 +166,12 @@ class BenchSetup:
     compile: bool = False
     accuracy: bool | None = None  # None: when dtype is not float32
     config_overrides: dict | None = None  # e.g. fewer layers, for tests
+
+    def __post_init__(self) -> None:
+        for name, low, high in BENCH_COUNTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name}={value!r}; expected an integer from {low} to {high}")
 
 
 def _load_models(setup: BenchSetup, device: torch.device, dtype: torch.dtype):

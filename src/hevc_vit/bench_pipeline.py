@@ -120,7 +120,7 @@ def load_baseline(index: int, path: str | Path, options: LoadOptions) -> LoadedI
         with Image.open(path) as image:
             image.load()
             kind, frames = "image", [image.copy()]
-    size = processor.output_size(frames[0].height, frames[0].width, num_frames=len(frames) if kind == "video" else 1)
+    size = processor.output_size(frames[0].height, frames[0].width, num_frames=len(frames) if kind == "video" else None)
     settings = processor.image_mean, processor.image_std, processor.rescale_factor
     flags = processor.do_rescale, processor.do_normalize
     pixels = [normalize_reference(processor.pixels(frame, size), *settings, *flags) for frame in frames]

@@ -61,8 +61,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def json_bytes(obj: Any) -> bytes:
-    """``obj`` as indented, key-sorted JSON with a final newline."""
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    """``obj`` as indented, key-sorted JSON with a final newline; NaN or inf in it is a ``ValueError`` (they are
+    not JSON: other languages' parsers reject the file)."""
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

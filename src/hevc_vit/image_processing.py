@@ -8,7 +8,8 @@ and ``max_tokens`` patches: the resizing and normalisation of ``hevc-vit encode`
 which it runs, so both give the same numbers. It is a ``BaseImageProcessor``: ``save_pretrained`` /
 ``from_pretrained`` use ``preprocessor_config.json``, ``AutoImageProcessor`` finds it once ``hevc_vit`` is
 imported, and ``pipeline("image-feature-extraction", model=folder)`` runs every image at its own size
-(both models take ``pixel_values`` + ``image_grid_thw``).
+(both models take ``pixel_values`` + ``image_grid_thw``). Its file is the one ``hevc-vit encode``'s native
+processor saves and reads: one format for both.
 
 Legend: ``T`` packed patches, ``n`` images, ``p`` patch size, ``C`` channels, ``h``/``w`` sides in patches.
 """
@@ -31,6 +32,7 @@ _SETTINGS: dict[str, Any] = {
     "patch_size": 14,
     "min_tokens": 256,
     "max_tokens": 4096,
+    "max_video_tokens": 8192,
     "image_mean": list(CLIP_MEAN),
     "image_std": list(CLIP_STD),
     "resample": BICUBIC,
@@ -45,9 +47,12 @@ class HEVCViTImageProcessor(BaseImageProcessor):
     """Images of any sizes -> ``pixel_values (T, C·p·p)`` float32 and ``image_grid_thw (n, 3)`` int64.
 
     Args (saved in ``preprocessor_config.json``): ``patch_size`` (14), ``min_tokens`` (256) and ``max_tokens``
-    (4096) patches per image, ``image_mean`` / ``image_std`` (CLIP's), ``resample`` (PIL's 3, bicubic),
-    ``rescale_factor`` (1/255), ``do_rescale``, ``do_normalize``, ``do_convert_rgb`` (all True). Invalid values
-    raise ``ValueError`` naming them.
+    (4096) patches per image, ``max_video_tokens`` (8192, for ``hevc-vit encode``'s clips), ``image_mean`` /
+    ``image_std`` (CLIP's), ``resample`` (PIL's 3, bicubic), ``rescale_factor`` (1/255), ``do_rescale``,
+    ``do_normalize``, ``do_convert_rgb`` (all True). Invalid values raise ``ValueError`` naming them.
+
+    The file is the one ``hevc-vit encode``'s native processor saves and reads (``image_processor_type``
+    ``HEVCViTImageProcessor``), so a folder saved by either opens with both.
     """
 
     model_input_names = ["pixel_values", "image_grid_thw"]
@@ -63,7 +68,7 @@ class HEVCViTImageProcessor(BaseImageProcessor):
         """The encode pipeline's native processor with these settings (and ``overrides``)."""
         settings = {name: getattr(self, name) for name in _SETTINGS}
         settings.update(overrides)
-        return NativeResolutionProcessor(max_video_tokens=settings["max_tokens"], **settings)
+        return NativeResolutionProcessor(**settings)
 
     def preprocess(self, images: Any, return_tensors: str | None = None, **overrides: Any) -> BatchFeature:
         """images: one image or a list — PIL images, numpy arrays ``(H, W, C)`` / ``(C, H, W)`` / ``(H, W)`` and
@@ -84,6 +89,15 @@ class HEVCViTImageProcessor(BaseImageProcessor):
 
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers' dict (every setting), under this class's name also for :class:`HEVCViTNativeImageProcessor`."""
+        return {**super().to_dict(), "image_processor_type": HEVCViTImageProcessor.__name__}
+
+
+class HEVCViTNativeImageProcessor(HEVCViTImageProcessor):
+    """The name ``hevc-vit encode`` saved its native processor under before the two shared one format: lets
+    ``AutoImageProcessor`` open those files (saving again writes ``HEVCViTImageProcessor``)."""
 
 
 def as_pil_image(image: Any, what: str = "image") -> Image.Image:

@@ -23,7 +23,7 @@ from .configuration import HEVCViTConfig
 from .embedded import attach_load_hooks, check_reinitialisation
 from .layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
 from .loading import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
-from .packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify
+from .packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify, unpack_per_item
 from .rope import rope_cos_sin
 
 
@@ -143,9 +143,11 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
         plan: PackingPlan | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        per_item: bool = False,
     ) -> BaseModelOutputWithPooling | tuple:
         """Packed patches ``(T, C·p·p)`` + ``grid_thw`` (or a ``plan``) through the layers: what
-        :meth:`HEVCViTPackingModel.forward` runs, and the standard model for packed input."""
+        :meth:`HEVCViTPackingModel.forward` runs, and the standard model for packed input. ``per_item``: the
+        token outputs come one entry per item (:func:`~hevc_vit.packing.unpack_per_item`), not packed."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
             raise ValueError(
@@ -181,6 +183,9 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
             bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
         )
         last, pooled, hidden = self.encode_packed(hidden_states, plan, output_hidden_states)
+        if per_item:  # (n, N, D), or jagged (n, j, D) when the items' token counts differ
+            last = unpack_per_item(last, plan)
+            hidden = tuple(unpack_per_item(h, plan) for h in hidden) if hidden is not None else None
         return _output(last, pooled, hidden, return_dict, self.config.return_dict)
 
     def _check_channels(self, what: str, shape: tuple[int, ...], channels: int) -> None:
@@ -222,14 +227,42 @@ class HEVCViTPackingModel(HEVCViTCore):
             keeps the forward free of host syncs (a device tensor is copied to the host once).
         patch_positions: optional ``(T, 3)`` int — explicit ``(t, h, w)`` RoPE position per patch.
         plan: a prebuilt :class:`PackingPlan` instead of ``grid_thw`` / ``patch_positions``.
-        pixel_values / image_grid_thw: the same as ``hidden_states`` / ``grid_thw``, under the names of
-            transformers' image processors (:class:`~hevc_vit.image_processing.HEVCViTImageProcessor`).
+        pixel_values / image_grid_thw: the same patches and grid under the names of transformers' image
+            processors (:class:`~hevc_vit.image_processing.HEVCViTImageProcessor`); given ``image_grid_thw``, the
+            token outputs come per image, as transformers' pipelines split them (see Returns).
         Returns ``last_hidden_state (T, D)``, ``pooler_output (n, D)`` (with the head),
-        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(T, D)`` when asked.
+        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(T, D)`` when asked. With ``image_grid_thw`` the
+        token outputs are ``(n, N, D)`` when every image has ``N`` tokens, else a jagged nested tensor whose
+        ``[i]`` is image ``i``'s ``(N_i, D)`` — so ``pipeline("image-feature-extraction", batch_size=k)`` gives
+        every image ``(1, N_i, D)``, as one call per image does. ``pixel_values`` images ``(B, C, H, W)`` or videos
+        ``(B, C, T, H, W)`` of one size (a fixed-size processor's, e.g. ``CLIPImageProcessor``) are patchified and
+        come back as the standard model's ``(B, N, D)``.
         """
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() in (4, 5):
+            return self._forward_images(pixel_values, hidden_states, grid_thw, image_grid_thw, patch_positions, plan,
+                                        output_hidden_states, return_dict)  # fmt: skip
         hidden_states = _one_of("hidden_states", hidden_states, "pixel_values", pixel_values)
+        per_item = image_grid_thw is not None
         grid_thw = _one_of("grid_thw", grid_thw, "image_grid_thw", image_grid_thw, required=False)
-        return self.forward_packed(hidden_states, grid_thw, patch_positions, plan, output_hidden_states, return_dict)
+        return self.forward_packed(
+            hidden_states, grid_thw, patch_positions, plan, output_hidden_states, return_dict, per_item
+        )
+
+    def _forward_images(
+        self, pixel_values, hidden_states, grid_thw, image_grid_thw, patch_positions, plan, output_hidden_states,
+        return_dict,
+    ) -> BaseModelOutputWithPooling | tuple:  # fmt: skip
+        given = {"hidden_states": hidden_states, "grid_thw": grid_thw, "image_grid_thw": image_grid_thw,
+                 "patch_positions": patch_positions, "plan": plan}  # fmt: skip
+        extra = sorted(name for name, value in given.items() if value is not None)
+        if extra:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)} (images or videos of one size) and {extra} "
+                f"were given too; expected pixel_values alone, or packed patches (T, C·p·p) with image_grid_thw"
+            )
+        self._check_channels("pixel_values", tuple(pixel_values.shape), pixel_values.shape[1])
+        patches, grid = patchify(pixel_values, self.config.patch_size)  # (B·N, C·p·p), (B, 3)
+        return self.forward_packed(patches, grid, None, None, output_hidden_states, return_dict, per_item=True)
 
 
 class HEVCViTModel(HEVCViTCore):
@@ -248,7 +281,7 @@ class HEVCViTModel(HEVCViTCore):
         pixel_values: ``(B, C, H, W)`` or ``(B, C, T, H, W)``; ``H``, ``W`` multiples of ``p``. Packed patches
             ``(T, C·p·p)`` with ``image_grid_thw (n, 3)`` (what transformers' image processor of this library
             gives, e.g. in ``pipeline("image-feature-extraction")``) run the packing path instead, every item at
-            its own size, and come back packed like :class:`HEVCViTPackingModel`'s.
+            its own size, and come back per image like :class:`HEVCViTPackingModel`'s with ``image_grid_thw``.
         patch_positions: optional ``(B, N, 3)`` int — explicit ``(t, h, w)`` per patch (``N = T·H/p·W/p``).
         visible_indices: optional ``(B, K)`` int — keep only these patches of each item (sparse input);
             on the CPU they are range-checked here, on a device the gather checks them.
@@ -262,7 +295,7 @@ class HEVCViTModel(HEVCViTCore):
                     "visible_indices — or images (B, C, H, W) / videos (B, C, T, H, W)"
                 )
             return self.forward_packed(
-                pixel_values, image_grid_thw, patch_positions, None, output_hidden_states, return_dict
+                pixel_values, image_grid_thw, patch_positions, None, output_hidden_states, return_dict, per_item=True
             )
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (4, 5):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)

@@ -374,3 +374,12 @@ def unpack_batch(x: torch.Tensor, plan: PackingPlan | Sequence[int]) -> torch.Te
     if len(set(sizes)) != 1:
         raise ValueError(f"items have token counts {sizes}; a (B, N, D) batch needs equal counts, use unpack()")
     return x.view(len(sizes), sizes[0], *x.shape[1:])  # (B, N, D)
+
+
+def unpack_per_item(x: torch.Tensor, plan: PackingPlan | Sequence[int]) -> torch.Tensor:
+    """A packed ``(T_tot, D)`` tensor as one entry per item, ``x[i]`` being item ``i``'s ``(N_i, D)``: a dense
+    ``(n, N, D)`` view when every item holds ``N`` tokens, else a jagged nested tensor ``(n, j, D)``."""
+    sizes = list(plan.seqlens) if isinstance(plan, PackingPlan) else [int(s) for s in plan]
+    if len(set(sizes)) == 1:
+        return unpack_batch(x, sizes)  # (n, N, D)
+    return torch.nested.as_nested_tensor(unpack(x, sizes), layout=torch.jagged)  # (n, j, D)

@@ -305,25 +305,48 @@ def _config_value(config: Any, name: str, default: Any = None) -> Any:
     return config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
 
 
+# widths far above any real model (the tower's hidden_size bound), an MLP depth and a parameter count that no
+# projector comes near: a nonsense config is refused before anything is allocated
+MAX_WIDTH, MAX_DEPTH, MAX_PROJECTOR_PARAMETERS = 65536, 64, 10**9
+
+
+def count_projector_parameters(kind: str, vision_dim: int, llm_dim: int, depth: int = 2, merge: int = 2) -> int:
+    """Weights of the projector ``kind`` (``"mlp"`` for ``mlp{depth}x_gelu``), computed without building it."""
+    D, L = vision_dim, llm_dim
+    if kind in ("spatial_merge", "patch_merger"):
+        H = D * merge**2
+        return 2 * D + H * H + H + H * L + L
+    return D * L + L + (depth - 1) * (L * L + L) if kind == "mlp" else D * L + L
+
+
 def build_projector(config: Any) -> nn.Module:
     """The projector named by ``config.mm_projector_type`` (default ``"linear"``).
 
     config: attributes or a dict with ``mm_projector_type``, ``mm_hidden_size`` (``D``, the tower's width)
-        and ``hidden_size`` (``L``, the LLM's width). Raises ``ValueError`` for an unknown type.
+        and ``hidden_size`` (``L``, the LLM's width). Raises ``ValueError`` for an unknown type, a width outside
+        ``[1, MAX_WIDTH]``, an MLP deeper than ``MAX_DEPTH`` or more than ``MAX_PROJECTOR_PARAMETERS`` weights.
     """
     kind = _config_value(config, "mm_projector_type") or "linear"
     depth = re.fullmatch(r"mlp(\d+)x_gelu", kind) if isinstance(kind, str) else None
-    if kind not in PROJECTOR_TYPES[:4] and not (depth and int(depth.group(1)) >= 1):
-        raise ValueError(f"mm_projector_type={kind!r}; expected one of {', '.join(PROJECTOR_TYPES)}")
+    if kind not in PROJECTOR_TYPES[:4] and not (depth and 1 <= int(depth.group(1)) <= MAX_DEPTH):
+        raise ValueError(
+            f"mm_projector_type={kind!r}; expected one of {', '.join(PROJECTOR_TYPES)} (k in [1, {MAX_DEPTH}])"
+        )
     if kind == "identity":
         return IdentityProjector()
     dims = []
     for name in ("mm_hidden_size", "hidden_size"):
         value = _config_value(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r}; the {kind} projector needs a positive int")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WIDTH:
+            raise ValueError(f"{name}={value!r}; the {kind} projector needs an int in [1, {MAX_WIDTH:,}]")
         dims.append(value)
     vision_dim, llm_dim = dims
+    n = count_projector_parameters("mlp" if depth else kind, vision_dim, llm_dim, int(depth.group(1)) if depth else 2)
+    if n > MAX_PROJECTOR_PARAMETERS:
+        raise ValueError(
+            f"mm_projector_type={kind!r} with mm_hidden_size={vision_dim}, hidden_size={llm_dim} has {n:,} weights; "
+            f"expected at most {MAX_PROJECTOR_PARAMETERS:,}"
+        )
     if kind == "linear":
         return LinearProjector(vision_dim, llm_dim)
     if kind == "patch_merger":

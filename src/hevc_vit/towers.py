@@ -72,6 +72,28 @@ class HEVCViTPackingVisionTower(HEVCViTVisionTowerBase):
         plan = PackingPlan.from_grid_thw(layout.grid_thw(), device=device, patch_positions=layout.positions())
         return patches, plan, layout
 
+    # the seed's documented helpers, kept for code written against it: thin views of to_packing_input
+
+    def _image_to_packing_input(self, image_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image ``(C, H, W)`` -> ``hidden_states (seq_len, patch_dim)`` (its flattened ``(C, p, p)`` patches,
+        row-major, ``seq_len = h·w``, ``patch_dim = C·p·p``) on the tower's device and ``grid_thw (1, 3)`` int64,
+        ``[[1, h, w]]``."""
+        if not isinstance(image_tensor, torch.Tensor) or image_tensor.dim() != 3:
+            shape = tuple(image_tensor.shape) if isinstance(image_tensor, torch.Tensor) else type(image_tensor)
+            raise ValueError(f"image_tensor has shape {shape}; expected one image ({self.config.num_channels}, H, W)")
+        patches, plan, _ = self.to_packing_input([image_tensor])
+        return patches, plan.grid_thw
+
+    def _batch_images_to_packing_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch ``(B, C, H, W)`` (or videos ``(B, C, T, H, W)``) -> ``hidden_states (total_seq_len, patch_dim)``
+        (the images' patches back to back) on the tower's device and ``grid_thw (B, 3)`` int64, ``(t, h, w)``
+        per row."""
+        if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise ValueError(f"images has shape {shape}; expected a batch (B, C, H, W) or videos (B, C, T, H, W)")
+        patches, plan, _ = self.to_packing_input(images)
+        return patches, plan.grid_thw
+
     def forward_with_outputs(
         self, images: ImagesInput, **call: Any
     ) -> tuple[torch.Tensor | list[torch.Tensor], TowerInput, BaseModelOutputWithPooling]:

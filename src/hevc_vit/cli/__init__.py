@@ -11,6 +11,8 @@ import argparse
 import importlib
 import importlib.util
 
+from .common import ArgumentParser
+
 COMMANDS = (
     "hevc_vit.cli.encode",
     "hevc_vit.cli.convert",  # convert and info
@@ -22,7 +24,7 @@ COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(  # no abbreviations; its subparsers are ArgumentParsers too
         prog="hevc-vit",
         description="HEVC ViT (OneVision) encoder in packing mode: native-resolution features for images and videos.",
     )
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns its exit status."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns its exit status. An option the
+    command does not have exits with status 2 and the closest one it has."""
     args = build_parser().parse_args(argv)
     return int(args.run(args) or 0)

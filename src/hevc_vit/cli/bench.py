@@ -11,12 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..bench import WORKLOADS, BenchSetup, run_benchmark
+from ..bench import BENCH_COUNTS, WORKLOADS, BenchSetup, run_benchmark
 from ..bench_dtypes import compare_dtypes, format_dtype_report
 from ..bench_pipeline import PipelineSetup, format_pipeline_report, run_pipeline_benchmark
 from ..devices import DTYPES
 from ..files import write_atomic
-from .common import EXIT_OK, run_guarded
+from .common import EXIT_OK, integer_in, run_guarded
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
-        help="default auto: bfloat16 on GPUs and on CPUs with AMX, else float32 (the run says which and why)",
+        help="default auto: bfloat16 on GPUs; on CPUs bfloat16 where a one-time matmul measurement finds it "
+        ">= 1.2x float32, else float32 (the run says which and why)",
     )
     p.add_argument(
         "--attn-implementation",
@@ -46,9 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attention backend of the packing and per-item runs; the padded batch always uses masked SDPA "
         "(default: auto)",
     )
-    p.add_argument("--repeat", type=int, default=1, help="copies of the workload in one run (default: 1)")
-    p.add_argument("--iters", type=int, default=5, help="timed runs per method; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per method first (default: 2)")
+    counts = {name: integer_in(low, high) for name, low, high in BENCH_COUNTS}  # the ranges BenchSetup checks
+    p.add_argument("--repeat", type=counts["repeat"], default=1, help="copies of the workload in one run (default: 1)")
+    p.add_argument(
+        "--iters", type=counts["iters"], default=5, help="timed runs per method; the median is reported (default: 5)"
+    )
+    p.add_argument("--warmup", type=counts["warmup"], default=2, help="untimed runs per method first (default: 2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the dense parts of every block")
     p.add_argument("--json", dest="json_path", help="also write the report as JSON to this file")
     mode = p.add_mutually_exclusive_group()

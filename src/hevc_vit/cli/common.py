@@ -15,10 +15,14 @@ A command's ``run(args)`` wraps its work in :func:`run_guarded`::
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import math
 import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 EXIT_OK = 0
@@ -93,11 +97,13 @@ def run_guarded(
       ``hevc-vit COMMAND: interrupted; NOTE`` — ``interrupted`` gives the note (or makes it from the
       exception), e.g. what was kept.
 
-    Anything else propagates (a bug: the traceback is wanted). ``warnings_as_lines``: warnings are printed
+    SIGTERM (what ``timeout``, Slurm and Kubernetes send) and SIGHUP stop the body as Ctrl-C does
+    (:func:`stop_signals_interrupt`), so its clean-up runs. Anything else propagates (a bug: the traceback is
+    wanted). ``warnings_as_lines``: warnings are printed
     as one line each while ``body`` runs (:func:`plain_warnings`).
     """
     try:
-        with plain_warnings(command) if warnings_as_lines else _nothing():
+        with plain_warnings(command) if warnings_as_lines else _nothing(), stop_signals_interrupt():
             status = body()
     except KeyboardInterrupt as e:
         note = interrupted(e) if callable(interrupted) else interrupted
@@ -111,6 +117,113 @@ def run_guarded(
     return EXIT_OK if status is None else int(status)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: raised in the main thread wherever it was, as Ctrl-C raises KeyboardInterrupt,
+    so the command's clean-up runs; ``signum`` gives the exit status."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`Interrupted` inside the block (once: a repeat while the clean-up runs is
+    ignored; SIGKILL remains for a caller that will not wait). Nothing is installed outside the main thread or
+    for a signal that is ignored (``nohup``); the previous handlers come back after."""
+    previous: dict[int, object] = {}
+    raised: list[int] = []
+
+    def handle(signum: int, frame) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+# --------------------------------------------------------------------------------------------------
+# parsing: no abbreviations, a suggestion for a mistyped option, numbers checked against their range
+# --------------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The parser of every ``hevc-vit`` command: an option is spelled in full (``allow_abbrev=False``, so
+    ``--max-token`` is not silently taken as ``--max-tokens``); subparsers are made of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option exits 2 naming the closest option of the command it was given to."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._command_parser(parsed)
+            command.error(unknown_arguments_message(command, unknown))
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the subcommand ``parsed`` chose (this one when it has none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = getattr(parsed, action.dest, None)
+                if chosen in action.choices:
+                    return action.choices[chosen]
+        return self
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """``unrecognized arguments: ...``, with the closest option of ``parser`` for each mistyped one."""
+    options = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    parts = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6) if name.startswith("-") else []
+        parts.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return "unrecognized arguments: " + " ".join(parts)
+
+
+def integer_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` to ``high``, else an error naming the value and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}; expected an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def number_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = value > low if low_open else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text!r}; expected a number in {interval}")
+        return value
+
+    return parse

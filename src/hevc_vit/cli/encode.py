@@ -82,7 +82,7 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         parser.add_argument(
             flag,
-            type=_argument_type(meta["parse"]),
+            type=_argument_type(meta["parse"], meta["check"]),
             choices=meta["choices"],
             metavar=meta["metavar"],
             default=argparse.SUPPRESS,
@@ -90,14 +90,24 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _argument_type(parse):
-    """``parse`` whose ``ValueError`` argparse shows as it is (it would print only ``invalid <name> value``)."""
+def _argument_type(parse, check=None):
+    """``parse``, then the option's ``check`` (its range), at parse time: an error is argparse's (exit 2, the
+    option, the value and what was expected), and its ``ValueError`` is shown as it is (argparse would print
+    only ``invalid <name> value``)."""
 
     def convert(text: str):
         try:
-            return parse(text)
+            value = parse(text)
         except ValueError as e:
+            if parse is int:
+                raise argparse.ArgumentTypeError(f"{text!r}; expected an integer") from None
+            if parse is float:
+                raise argparse.ArgumentTypeError(f"{text!r}; expected a number") from None
             raise argparse.ArgumentTypeError(str(e)) from None
+        expected = check(value) if check is not None else ""
+        if expected:
+            raise argparse.ArgumentTypeError(f"{text!r}; expected {expected}")
+        return value
 
     return convert
 

@@ -53,6 +53,8 @@ def select_patches(video: str | os.PathLike, patch_size: int, config: CodecSpars
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that is not a
     video (no video stream, e.g. audio only; unreadable; no frame decodes).
     """
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size={patch_size!r}; expected a positive integer (the model's patch size)")
     config = config or CodecSparseConfig()
     path, total, (H, W) = probe(video, patch_size, config)
     p, h, w = patch_size, H // patch_size, W // patch_size
@@ -210,9 +212,11 @@ def render_preview(
     """Write a PNG contact sheet of the sampled frames at the selection's size, kept patches at full
     brightness and the others dimmed to ``dim``; labels ``t``, source frame, picture type and kept count.
     The sheet is ``c·W + (c+1)·gap`` by ``r·H + (r+1)·gap`` pixels, ``c = min(columns, T)``, ``r = ceil(T/c)``."""
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"columns={columns!r}; expected a positive integer (frames per row of the sheet)")
     (H, W), p = selection.size, selection.patch_size
     T, h, w = selection.grid_thw
-    cols = max(1, min(columns, T))
+    cols = min(columns, T)
     rows = math.ceil(T / cols)
     sheet = Image.new("RGB", (cols * W + (cols + 1) * gap, rows * H + (rows + 1) * gap), (24, 24, 24))
     keep = np.zeros((T, h, w), bool)

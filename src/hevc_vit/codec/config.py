@@ -35,7 +35,8 @@ class CodecSparseConfig:
     diff_floor / mv_floor: a patch whose difference (luma levels, 0..255, after its frame's median is
         subtracted) or motion (model pixels) is at most this counts as unchanged: codec noise.
     size: ``(H, W)`` frame size in pixels, multiples of the patch size; None: the video's, rounded down to
-        them and, with ``max_tokens_per_frame``, shrunk (aspect kept) until ``S <= max_tokens_per_frame``.
+        them and, with ``max_tokens_per_frame``, shrunk to at most that many patches, each side within one
+        patch of the aspect ratio (the native processor's rule, :func:`hevc_vit.encode.pixels.native_grid_size`).
     """
 
     frames: int = 64

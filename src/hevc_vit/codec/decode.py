@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 
+from ..encode.pixels import native_grid_size
 from ..encode.video import INSTALL_HINT
 from ..packing import check_sides
 from .config import CodecSparseConfig
@@ -61,9 +61,8 @@ def probe(video: str | os.PathLike, patch_size: int, config: CodecSparseConfig) 
     if h < 1 or w < 1:
         raise ValueError(f"video {path} is {width}x{height}; expected both sides >= patch_size={patch_size}")
     cap = config.max_tokens_per_frame
-    if cap is not None and h * w > cap:
-        factor = math.sqrt(cap / (h * w))
-        h, w = max(1, int(h * factor)), max(1, int(w * factor))
+    if cap is not None and h * w > cap:  # shrunk within one patch of the aspect ratio, at most `cap` patches
+        h, w = native_grid_size(height, width, patch_size, 1, cap)
     return path, total, (h * patch_size, w * patch_size)
 
 

@@ -1,9 +1,18 @@
 """This process's place in a run under ``torchrun`` (or with ``torch.distributed`` initialised): its rank,
-the world size, and the few collectives a run needs (on a CPU ``gloo`` group, whatever the device)."""
+the world size, and the few collectives a run needs (on a CPU ``gloo`` group, whatever the device).
+
+Waiting on the other ranks is bounded and interruptible. Every collective starts with a barrier that this
+process waits on in Python (:meth:`Ranks.barrier`), so the long waits (rank 0 listing the inputs, ranks that
+finish their shares far apart) let a signal in at once: SIGTERM from torchrun, whose agent stops every rank
+when one dies, ends this rank cleanly (a wait inside gloo would hold the signal until the wait ends). A rank
+that dies closes its connections: the others' waits end at once with :class:`RankLostError`, and a live rank
+that never arrives ends them after :data:`BARRIER_TIMEOUT`."""
 
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -11,6 +20,11 @@ from typing import Any
 import torch
 
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shares far apart on large runs
+POLL_SECONDS = 0.05  # how often a rank waiting on the others looks (and lets signals in)
+
+
+class RankLostError(ConnectionError):
+    """Another rank of the run is gone (it died, or its connection did): this rank stops too."""
 
 
 @dataclass
@@ -50,7 +64,9 @@ class Ranks:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
+        self.barrier()  # the wait for rank 0, interruptible; then the broadcast itself is quick
+        with _naming_a_lost_rank("broadcast"):
+            dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -60,17 +76,37 @@ class Ranks:
         import torch.distributed as dist
 
         out = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
+        self.barrier()  # the wait for the last rank, interruptible; then the gather itself is quick
+        with _naming_a_lost_rank("gather"):
+            dist.gather_object(obj, out, dst=0, group=self.group)
         return out or []
 
     def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
+        """Wait until every rank is here, looking every :data:`POLL_SECONDS` (signals are handled meanwhile);
+        :class:`RankLostError` when a rank is gone, or none came for :data:`BARRIER_TIMEOUT`."""
+        if not self.active:
+            return
+        import torch.distributed as dist
 
-            dist.barrier(group=self.group)
+        with _naming_a_lost_rank("barrier"):
+            work = dist.barrier(group=self.group, async_op=True)
+            while not work.is_completed():
+                time.sleep(POLL_SECONDS)
+            work.wait()
 
     def close(self) -> None:
         if self.owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+@contextmanager
+def _naming_a_lost_rank(what: str):
+    try:
+        yield
+    except RuntimeError as e:  # gloo: "Connection closed by peer", a timeout
+        raise RankLostError(
+            f"the {what} of the ranks failed: another rank of the run has stopped or is unreachable "
+            f"({str(e).strip().splitlines()[0][:300]}); what this rank finished is kept: rerun with --resume"
+        ) from e

@@ -26,13 +26,13 @@ from .index import (
     INDEX_NAME,
     LOCK_NAME,
     DamagedFolderError,
+    KeyBook,
     rank_index_files,
-    read_rows,
 )
 from .lock import FolderLock
 from .options import DEFAULT_OUT, EncodeOptions, recorded_options
-from .remote import describe_error
-from .shards import holds_features, shard_keys
+from .processor_files import current_processor_record
+from .recovery import resume_state
 from .sources import SourceOptions, expand_units, sample_inputs
 from .units import WorkUnit
 
@@ -113,12 +113,13 @@ def claim_out_dir(
 @dataclass
 class RunPlan:
     """What rank 0 decides and every rank follows: the folder, the work units (:mod:`.units`; unit ``u`` goes to
-    rank ``u % world``), the inputs already done, what was repaired in the folder; or the error every rank
-    raises (its kind's name and its message)."""
+    rank ``u % world``), the inputs already done, the keys the folder holds, what was repaired in the folder; or
+    the error every rank raises (its kind's name and its message)."""
 
     out_dir: str
     units: list[WorkUnit] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
+    keys: KeyBook = field(default_factory=KeyBook)
     repairs: list[str] = field(default_factory=list)
     error: tuple[str, str] | None = None
 
@@ -133,7 +134,7 @@ class RunPlan:
             raise {k.__name__: k for k in _ERROR_KINDS}[kind](message)
 
 
-_ERROR_KINDS = (FileExistsError, FileNotFoundError, ValueError, OSError)  # the first match names an error
+_ERROR_KINDS = (FileExistsError, FileNotFoundError, ValueError, OSError, ImportError)  # the first match names an error
 
 
 def prepare_folder(
@@ -146,24 +147,38 @@ def prepare_folder(
     sources: SourceOptions | None = None,
 ) -> RunPlan:
     """Rank 0, holding the folder's lock: the inputs expanded to work units (a tar shard or a table's row group
-    is one unit, listed by the rank that takes it), the inputs already done (with resume), and the folder made
-    ready. The output folder itself is never an input, even inside an input folder. ``sources``: how tables and
+    is one unit, listed by the rank that takes it), the inputs already done and the folder's keys (with resume,
+    which first settles what an interrupted run left: :mod:`.recovery`), and the folder made ready. The output
+    folder itself is never an input, even inside an input folder. ``sources``: how tables and
     URLs are read."""
-    units = expand_units(inputs if inputs else sample_inputs(), exclude=[path], sources=sources)
+    given: set[str] = set()
+    units = expand_units(inputs if inputs else sample_inputs(), exclude=[path], sources=sources, given=given)
     if not units:
         raise ValueError(f"no inputs: {[os.fspath(i) for i in inputs or []]} name no files")
+    refuse_nothing_to_encode(units)
     plan = RunPlan(str(path), units)
     if resume and path.is_dir():
         check_resume_config(path, settings, say)
-        plan.done = finished_inputs(path, plan.repairs)
-        for tmp in owned_files(path, temporary_only=True):  # of a run that was killed mid-write
-            tmp.unlink()
+        plan.done, plan.keys = resume_state(path, units, given, plan.repairs)  # the folder settled (.recovery)
     if overwrite and path.is_dir():
         for owned in owned_outputs(path):
             owned.unlink()
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path / ENCODE_CONFIG_NAME, settings)
     return plan
+
+
+def refuse_nothing_to_encode(units: list[WorkUnit]) -> None:
+    """``ValueError`` when no input names anything to encode: every unit is an input that failed while it was
+    expanded (a path that does not exist, a glob that matches nothing, an empty folder or list, an unreadable
+    folder). Refused before the folder is prepared, so a typo leaves no folder with failed rows behind. Inputs
+    that are found but fail later (a file that is no image, a damaged tar or table row) are a run like any other:
+    their rows say why."""
+    if any(unit.kind != "item" or not unit.spec.error for unit in units):
+        return
+    shown = "; ".join(f"{unit.spec.path!r}: {unit.spec.error}" for unit in units[:5])
+    more = f"; and {len(units) - 5} more" if len(units) > 5 else ""
+    raise ValueError(f"nothing to encode: {shown}{more}; expected files, folders, globs or URLs that exist")
 
 
 def owned_outputs(out_dir: Path) -> list[Path]:
@@ -188,6 +203,8 @@ def check_resume_config(out_dir: Path, settings: dict[str, Any], say: Callable[[
     if "weights" not in earlier:  # written before the weights were recorded: nothing to compare with
         say(f"note: {path} does not record the weights' checksum; --resume cannot check they are the same")
         earlier["weights"] = settings.get("weights")
+    if "processor" in earlier:  # recorded under an older type name: the same processor
+        earlier["processor"] = current_processor_record(earlier["processor"])
     for name, default in OPTION_DEFAULTS.items():  # options added since that run was made: what it did
         if name in RESUME_FIELDS and name not in earlier:
             earlier[name] = default
@@ -212,46 +229,6 @@ def _read_settings(path: Path) -> dict[str, Any]:
             f"be checked now. Restore the file, or start again with --overwrite (or write to another --out)"
         )
     return settings
-
-
-def finished_inputs(out_dir: Path, repairs: list[str]) -> set[str]:
-    """The inputs an earlier run encoded: an ``ok`` row whose shard holds its features. What is safe to redo
-    is redone and noted in ``repairs`` (a torn last row, a shard that is missing); a shard that cannot be read
-    raises :class:`DamagedFolderError` saying what to do."""
-    by_shard: dict[str, list[dict[str, Any]]] = {}
-    for row in read_rows(out_dir, on_torn=repairs.append).values():
-        if row.get("status") == "ok":
-            by_shard.setdefault(row.get("shard") if isinstance(row.get("shard"), str) else "", []).append(row)
-    done: set[str] = set()
-    for shard, rows in by_shard.items():
-        path = out_dir / shard
-        if not shard or not path.is_file():
-            missing = f"{path}: missing, named by {_rows(rows)}" if shard else f"{_rows(rows)} name no shard"
-            repairs.append(f"{missing}; their inputs are encoded again")
-            continue
-        damage, named = _shard_damage(path, rows)
-        if damage:
-            raise DamagedFolderError(
-                f"--resume: {path} {damage} {_rows(named)} (e.g. {named[0].get('path')!r}): the output "
-                f"folder is damaged. Delete that file, then rerun with --resume to encode its inputs again (or "
-                f"start again with --overwrite)"
-            )
-        done.update(row["path"] for row in rows)
-    return done
-
-
-def _rows(rows: list[Any]) -> str:
-    return f"{len(rows)} ok row{'s' if len(rows) != 1 else ''}"
-
-
-def _shard_damage(path: Path, rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """``("", [])`` when the shard holds the features of every row, else what is wrong and the rows concerned."""
-    try:
-        names = shard_keys(path)
-    except Exception as e:  # any reader error: the file is not a shard this library wrote
-        return f"cannot be read ({describe_error(e)}); it is named by", rows
-    lacking = [row for row in rows if not holds_features(names, str(row.get("key")))]
-    return ("does not hold the features of", lacking) if lacking else ("", [])
 
 
 # --------------------------------------------------------------------------------------------------

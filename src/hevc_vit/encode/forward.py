@@ -35,12 +35,15 @@ class GroupEncoder:
         on_done: Callable[[int, int, int], None],
         keys: Sequence[str],
         extras: Sequence[dict[str, Any]] | None = None,
+        normalize: bool = False,
     ):
         """pool: ``"head"``, ``"mean"`` or ``"none"``; on_done: called with ``(encoded, failed, tokens)`` as each
-        group's rows are handed to ``writer``. keys: the shard key of item ``index``; extras: its fields from the
-        source, which a failed row is given too."""
+        item's row is handed to ``writer`` (one item at a time: a progress bar counts items, not forwards).
+        keys: the shard key of item ``index``; extras: its fields from the source, which a failed row is given
+        too. normalize: the pooled vectors are L2-normalised (computed in float32, stored in float32 until the
+        writer casts them to the storage dtype)."""
         self.model, self.device, self.dtype = model, device, dtype
-        self.pool, self.pooled_only = pool, pooled_only
+        self.pool, self.pooled_only, self.normalize = pool, pooled_only, normalize
         self.writer, self.on_done = writer, on_done
         self.keys, self.extras = keys, extras
         self._pending = None
@@ -90,6 +93,8 @@ class GroupEncoder:
                 counts = torch.tensor(plan.seqlens, dtype=torch.float32, device=self.device)[:, None]  # (n, 1)
                 sums = last.new_zeros(plan.num_items, last.shape[1], dtype=torch.float32)
                 pooled = (sums.index_add_(0, plan.segment_ids, last.float()) / counts).to(last.dtype)  # (n, D)
+            if pooled is not None and self.normalize:
+                pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)  # (n, D) float32, unit length
             non_blocking = self.device.type == "cuda"
             last_host = None if self.pooled_only else last.to("cpu", non_blocking=non_blocking)
             pooled_host = None if pooled is None else pooled.to("cpu", non_blocking=non_blocking)
@@ -107,7 +112,6 @@ class GroupEncoder:
         if event is not None:
             event.synchronize()
         per_item = torch.split(last, list(seqlens)) if last is not None else [None] * len(items)
-        tokens = failed = 0
         for i, (item, features) in enumerate(zip(items, per_item)):
             tensors = {"grid_thw": torch.tensor(item.grid_thw, dtype=torch.int64)}
             if "codec" in item.info:  # which patches of the grid the features are, (K, 3) (t, h, w)
@@ -120,7 +124,7 @@ class GroupEncoder:
             if bad:  # NaN or inf features are never stored as ok
                 error = f"non-finite features: the {' and '.join(bad)} hold NaN or inf values (not stored)"
                 self.writer.add_failure(self.failure_row(item, error))
-                failed += 1
+                self.on_done(0, 1, 0)
                 continue
             shape = list(tensors["patches"].shape) if features is not None else list(tensors["pooled"].shape)
             row = make_row(
@@ -133,9 +137,8 @@ class GroupEncoder:
                 **item.info,
             )
             self.writer.add(row, tensors)
-            tokens += item.num_tokens
+            self.on_done(1, 0, item.num_tokens)
         self.writer.end_forward()
-        self.on_done(len(items) - failed, failed, tokens)
 
     def close(self) -> None:
         self._finish()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,8 @@ def prepare_encoder(
     options: EncodeOptions, device: torch.device, dtype: torch.dtype, say: Callable[[str], None]
 ) -> Encoder:
     """Load the model and build the processor the options ask for; refuse a pooling the model cannot do."""
-    packing, name, random_weights = load_model(options.model, device, dtype, options.attn_implementation)
+    quiet = options.progress is False  # --quiet: transformers' loading bars and notes off too
+    packing, name, random_weights = load_model(options.model, device, dtype, options.attn_implementation, quiet)
     config = packing.config
     if random_weights:
         say(
@@ -66,6 +68,13 @@ def prepare_encoder(
         raise ValueError("pool='head' but the model has no pooling head (use_head=False); use 'mean' or 'none'")
     if options.pooled_only and pool == "none":
         raise ValueError("pooled_only=True with pool='none' would save nothing; choose pool 'head' or 'mean'")
+    fit = processor.frames_that_fit(options.video_frames)
+    if fit < options.video_frames and not options.codec_sparse:  # codec-sparse: frames sized as `fit`
+        instead = f"each video is sampled at {fit} frames instead" if fit else "videos fail"
+        say(
+            f"note: frames={options.video_frames} at {processor.min_tokens} patches per frame (min_image_tokens) "
+            f"exceed max_video_tokens={processor.max_video_tokens}; {instead}"
+        )
     largest = largest_item(processor, options.video_frames, config.patch_size)
     if largest > options.max_tokens:
         say(
@@ -86,6 +95,7 @@ def run_settings(
         "pool": encoder.pool,
         "dtype": str(dtype).removeprefix("torch."),
         "frames": options.video_frames,
+        "normalize": options.normalizes,  # on with the clip-retrieval layout even when not asked for
     }
     settings = {name: resolved.get(name, getattr(options, name)) for name in recorded_options()}
     config = encoder.model.config
@@ -100,12 +110,14 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     attn_implementation: str | None = None,
+    quiet: bool = False,
 ) -> tuple[HEVCViTPackingModel, str, bool]:
     """The packing model to encode with: ``(model, description, weights_are_random)``.
 
     model: None (the demo: the ``small`` preset), a preset name (random weights, seed 0), anything
         ``HEVCViTPackingModel.from_pretrained`` reads (a checkpoint folder of any supported format, a
         weights-only file, a Hub id ``org/name``), or a model object (``HEVCViTPackingModel``/``HEVCViTModel``).
+    quiet: transformers' and the Hub's progress bars ("Loading weights", downloads) and notes off while loading.
     """
     from ..modeling import HEVCViTModel, HEVCViTPackingModel
 
@@ -134,10 +146,31 @@ def load_model(
             f"model={name!r} is neither a preset ({', '.join(PRESETS)}), nor an existing checkpoint folder or file, "
             f"nor a Hugging Face Hub id (org/name)"
         )
-    packing = HEVCViTPackingModel.from_pretrained(
-        name, attn_implementation=attn_implementation, dtype=dtype, device_map=device
-    )
+    with transformers_silenced(quiet):
+        packing = HEVCViTPackingModel.from_pretrained(
+            name, attn_implementation=attn_implementation, dtype=dtype, device_map=device
+        )
     return packing.eval(), os.path.abspath(name) if local else name, False
+
+
+@contextmanager
+def transformers_silenced(quiet: bool) -> Iterator[None]:
+    """transformers' progress bars (and with them the Hub's) and its notes below errors off inside, when ``quiet``;
+    as they were afterwards."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    bars, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def weights_identity(model: torch.nn.Module) -> str:
@@ -197,8 +230,9 @@ def build_processor(
 
 def largest_item(processor: ImageProcessor, frames: int, patch_size: int) -> int:
     """Patches of the largest item the processor can produce (an image, or a clip of ``frames`` frames)."""
+    frames = processor.frames_that_fit(frames)
     if isinstance(processor, NativeResolutionProcessor):
-        return max(processor.max_tokens, frames * max(processor.token_bounds(frames)))
+        return max(processor.max_tokens, frames * max(processor.token_bounds(frames)) if frames else 0)
     if isinstance(processor, FixedSizeProcessor) and processor.do_center_crop:
         h, w = processor.crop_size
         return frames * (h // patch_size) * (w // patch_size)

@@ -1,5 +1,7 @@
-"""In-memory inputs of the Python API: PIL images, numpy arrays and torch tensors, and Hugging Face datasets
-(``datasets.Dataset`` / ``IterableDataset``, the ``data`` extra), given among the paths.
+"""In-memory inputs of the Python API: PIL images, numpy arrays and torch tensors, the encoded bytes of an image
+or a video (``bytes``, ``bytearray``, ``memoryview``, ``io.BytesIO``, a file opened ``"rb"``), and Hugging Face
+datasets (``datasets.Dataset`` / ``IterableDataset``, the ``data`` extra), given among the paths. Anything else
+that is not a path (``str`` / ``os.PathLike``) raises ``TypeError`` naming it; a blank path raises ``ValueError``.
 
 :func:`collect_memory` runs on every rank at the start of ``encode``: each in-memory input becomes a
 :class:`MemorySource` among the inputs (expanded to one spec per row, named ``object[I]`` — ``I`` its place
@@ -12,6 +14,7 @@ is 1, 3 or 4; ``uint8`` as is, floats taken in ``[0, 1]``, ``uint16`` scaled to 
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ import torch
 from PIL import Image
 
 from .items import Fetched, InputSpec, MemoryRow
-from .remote import INSTALL_HINT, read_location
+from .remote import INSTALL_HINT, Network, read_location
 
 
 @dataclass
@@ -57,7 +60,43 @@ class DatasetColumn:
 
 
 def is_memory_object(value: Any) -> bool:
-    return isinstance(value, (Image.Image, np.ndarray, torch.Tensor))
+    """A PIL image, an array or a tensor, or the encoded bytes of an image or a video."""
+    return isinstance(value, (Image.Image, np.ndarray, torch.Tensor)) or is_encoded_bytes(value)
+
+
+def is_encoded_bytes(value: Any) -> bool:
+    """The content of a file: ``bytes``, ``bytearray``, ``memoryview`` or a binary stream (``io.BytesIO``, a file
+    opened with ``"rb"``), decoded as a file of those bytes would be."""
+    return isinstance(value, (bytes, bytearray, memoryview, io.BufferedIOBase, io.RawIOBase))
+
+
+def _encoded_bytes(value: Any) -> bytes:
+    if isinstance(value, io.BytesIO):
+        return value.getvalue()
+    if isinstance(value, (io.BufferedIOBase, io.RawIOBase)):
+        return value.read()  # what is left to read, as a copy of the file from here would hold
+    return bytes(value)
+
+
+def check_path_input(i: int, value: Any) -> None:
+    """Input ``i`` is not in memory: it must be a path, a URL or a pattern, as a ``str`` or ``os.PathLike``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(
+            f"inputs[{i}] is {_short(value)} ({type(value).__name__}); expected a path, URL or glob (str or "
+            f"pathlib.Path), the bytes of an image or video (bytes, bytearray, memoryview, io.BytesIO), a PIL image, "
+            f"a numpy array, a tensor or a datasets.Dataset"
+        )
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError(f"inputs[{i}] is the path {path!r} as bytes; give paths as str (bytes are an image's content)")
+    if not path.strip() and not os.path.lexists(path):
+        what = "an empty string" if not path else f"{path!r}, only whitespace"
+        raise ValueError(f"inputs[{i}] is {what}; expected a path, URL or glob")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def is_dataset(value: Any) -> bool:
@@ -76,10 +115,13 @@ def collect_memory(inputs: Any, image_column: str, keep_columns: Sequence[str]) 
     for i, value in enumerate(inputs):
         if is_memory_object(value):
             out.append(MemorySource(len(memory), [f"object[{i}]"], [{"id": str(i)}]))
-            memory.append([value])
+            memory.append([_encoded_bytes(value) if is_encoded_bytes(value) else value])
         elif is_dataset(value):
             out.append(_dataset_source(value, len(memory), image_column, keep_columns, memory))
+        elif isinstance(value, MemorySource):
+            out.append(value)
         else:
+            check_path_input(i, value)
             out.append(value)
     return out, memory
 
@@ -149,9 +191,11 @@ def open_hf_dataset(name_or_path: str, split: str | None) -> DatasetInput:
     return DatasetInput(loaded, f"{name_or_path}:{split}" if split else name_or_path)
 
 
-def fetch_memory_row(entry: Any, row: int, retries: int) -> Fetched:
+def fetch_memory_row(entry: Any, row: int, network: Network) -> Fetched:
     """The content of row ``row`` of a memory entry (a list of objects, or a dataset's image column)."""
     if isinstance(entry, list):
+        if isinstance(entry[row], bytes):  # a file's content: decoded as its first bytes say
+            return Fetched("bytes", data=entry[row])
         return Fetched(f"object {row}", image=to_pil(entry[row]))
     value = entry.dataset[row][entry.column]
     if value is None:
@@ -161,7 +205,7 @@ def fetch_memory_row(entry: Any, row: int, retries: int) -> Fetched:
             return Fetched(value.get("path") or "", data=value["bytes"])
         value = value["path"]
     if isinstance(value, str):  # a path or URL
-        return Fetched(value, data=read_location(value, retries))
+        return Fetched(value, data=read_location(value, network))
     if isinstance(value, bytes):
         return Fetched("", data=value)
     return Fetched(f"row {row}", image=to_pil(value))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -23,8 +22,29 @@ import torch
 
 from ..configuration import PRESETS
 from ..devices import DTYPES
-from .formats import OUTPUT_FORMATS, STORAGE_DTYPES, check_storage_dtype
+from .formats import OUTPUT_FORMATS, POOLED_FORMATS, STORAGE_DTYPES, check_storage_dtype
+from .option_values import (
+    MAX_FORWARD_TOKENS,
+    MAX_FRAMES,
+    MAX_PATCHES,
+    MAX_RETRIES,
+    MAX_WORKERS,
+    boolean,
+    codec_budget,
+    comma_list,
+    integer,
+    kept_columns,
+    names,
+    on_off,
+    one_of,
+    optional,
+    parse_budget,
+    positive_int,
+    positive_number,
+    shard_size,
+)
 from .processing import ImageProcessor, NativeResolutionProcessor
+from .remote import DEFAULT_TIMEOUT
 from .video import VIDEO_BACKENDS
 
 DEFAULT_OUT = "hevc_vit_features"
@@ -65,73 +85,6 @@ def option(
     return field(default=default, metadata=meta)
 
 
-def positive_int(value: Any) -> str:
-    return "" if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else "a positive integer"
-
-
-def non_negative_int(value: Any) -> str:
-    return "" if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "an integer >= 0"
-
-
-def positive_seconds(value: Any) -> str:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    return "" if valid else "a number of seconds > 0"
-
-
-def boolean(value: Any) -> str:
-    return "" if isinstance(value, bool) else "true or false"
-
-
-def optional(check: Callable[[Any], str]) -> Callable[[Any], str]:
-    """``check``, with None also valid."""
-    return lambda value: "" if value is None else check(value)
-
-
-def one_of(choices: tuple[Any, ...]) -> Callable[[Any], str]:
-    return lambda value: "" if value in choices else f"one of {choices}"
-
-
-def parse_budget(text: str) -> float | int:
-    """``--codec-budget``: ``"2048"`` -> 2048 patches, ``"0.125"`` -> a ratio."""
-    try:
-        return int(text) if text.strip().isdigit() else float(text)
-    except ValueError:
-        raise ValueError(f"{text!r}; expected a patch count K >= 1 or a ratio in (0, 1]") from None
-
-
-def codec_budget(value: Any) -> str:
-    count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    ratio = isinstance(value, float) and math.isfinite(value) and 0 < value <= 1
-    return "" if count or ratio else "a patch count K >= 1 or a ratio in (0, 1]"
-
-
-def comma_list(text: str) -> tuple[str, ...]:
-    """``"a,b"`` -> ``("a", "b")``."""
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-def names(value: Any) -> str:
-    """A column name, or a sequence of them."""
-    values = (value,) if isinstance(value, str) else value
-    valid = isinstance(values, (tuple, list)) and all(isinstance(v, str) and v for v in values)
-    return "" if valid else "a column name or a list of column names"
-
-
-def on_off(text: str) -> bool:
-    """A switch that is on by default: ``on``/``off`` (or true/false, yes/no, 1/0)."""
-    value = text.strip().lower()
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise ValueError(f"{text!r}; expected on or off")
-
-
-def shard_size(value: Any) -> str:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    return "" if valid else "a finite number >= 0 (0: one shard per forward)"
-
-
 @dataclass(frozen=True)
 class EncodeOptions:
     """How ``encode`` turns inputs into features. Each field's help says what it does (the text the command
@@ -162,21 +115,21 @@ class EncodeOptions:
         f"native: fewest patches per image (default {_NATIVE_DEFAULTS['min_tokens']})",
         parse=int,
         metavar="N",
-        check=optional(positive_int),
+        check=optional(integer(1, MAX_PATCHES)),
     )
     max_image_tokens: int | None = option(
         None,
         f"native: most patches per image (default {_NATIVE_DEFAULTS['max_tokens']})",
         parse=int,
         metavar="N",
-        check=optional(positive_int),
+        check=optional(integer(1, MAX_PATCHES)),
     )
     max_video_tokens: int | None = option(
         None,
         f"native: most patches per clip (default {_NATIVE_DEFAULTS['max_video_tokens']})",
         parse=int,
         metavar="N",
-        check=optional(positive_int),
+        check=optional(integer(1, MAX_PATCHES)),
     )
     jpeg_draft: bool = option(
         True,
@@ -206,16 +159,29 @@ class EncodeOptions:
         check=optional(one_of(POOL_MODES)),
         record="compare",
     )
-    pooled_only: bool = option(False, "save pooled vectors only, not patch features", record="compare")
+    pooled_only: bool = option(False, "save pooled vectors only, not patch features", check=boolean, record="compare")
+    normalize: bool = option(
+        False,
+        "L2-normalise the pooled vectors (unit length, for cosine search; patch features are stored as computed); "
+        "always on with --output-format clip-retrieval",
+        check=boolean,
+        record="compare",
+        before=False,  # runs made before the option stored the vectors as computed
+    )
     max_tokens: int = option(
-        16384, "patch budget of one forward ({default})", parse=int, metavar="N", check=positive_int, record="note"
+        16384,
+        "patch budget of one forward ({default})",
+        parse=int,
+        metavar="N",
+        check=integer(1, MAX_FORWARD_TOKENS),
+        record="note",
     )
     frames: int | None = option(
         None,
         f"frames sampled uniformly per video (default {DEFAULT_FRAMES}; {CODEC_FRAMES} with --codec-sparse)",
         parse=int,
         metavar="N",
-        check=optional(positive_int),
+        check=optional(integer(1, MAX_FRAMES)),
         record="compare",
     )
     temporal_context: int | None = option(
@@ -223,6 +189,7 @@ class EncodeOptions:
         "spread the frames' temporal positions over 0..N-1 (e.g. 64); default: 0..frames-1",
         parse=int,
         metavar="N",
+        check=optional(integer(1, MAX_PATCHES)),
         record="compare",
     )
     video_backend: str = option(
@@ -234,7 +201,10 @@ class EncodeOptions:
         record="compare",
     )
     codec_sparse: bool = option(
-        False, "videos: encode only the patches that change (hevc_vit.codec), at their true (t, h, w)", record="compare"
+        False,
+        "videos: encode only the patches that change (hevc_vit.codec), at their true (t, h, w)",
+        check=boolean,
+        record="compare",
     )
     codec_budget: float = option(
         DEFAULT_CODEC_BUDGET,
@@ -252,7 +222,8 @@ class EncodeOptions:
     )
     dtype: str | torch.dtype | None = option(
         "auto",
-        "compute and storage dtype (auto: bfloat16 on GPUs and CPUs with AMX, else float32; the run says which)",
+        "compute and storage dtype (auto: bfloat16 on GPUs; on CPUs bfloat16 where a one-time matmul "
+        "measurement finds it >= 1.2x float32, else float32; the run says which)",
         parse=str,
         choices=("auto", *DTYPES),
         record="compare",
@@ -264,7 +235,11 @@ class EncodeOptions:
         metavar="NAME",
     )
     workers: int | None = option(
-        None, "processes for decoding (default: up to 4)", parse=int, metavar="N", check=optional(non_negative_int)
+        None,
+        "processes for decoding (default: up to 4)",
+        parse=int,
+        metavar="N",
+        check=optional(integer(0, MAX_WORKERS)),
     )
     engine: str = option(
         "local",
@@ -286,21 +261,21 @@ class EncodeOptions:
         f"(default {RAY_TIMEOUT:g})",
         parse=float,
         metavar="S",
-        check=optional(positive_seconds),
+        check=optional(positive_number),
     )
     decode_cpus: int | None = option(
         None,
         "--engine ray: decoding tasks at once, a CPU each (default: as many as the cluster has room for)",
         parse=int,
         metavar="N",
-        check=optional(positive_int),
+        check=optional(integer(1, 1 << 16)),
     )
     model_actors: int | None = option(
         None,
         "--engine ray: model replicas, a GPU each (default: one per GPU; without GPUs, one CPU actor of one thread)",
         parse=int,
         metavar="N",
-        check=optional(positive_int),
+        check=optional(integer(1, 1 << 12)),
     )
     shard_size_mb: float = option(1024, "features per shard ({default})", parse=float, metavar="MB", check=shard_size)
     path_column: str | None = option(
@@ -311,7 +286,7 @@ class EncodeOptions:
         "tables and datasets: columns copied into each index row (comma-separated)",
         parse=comma_list,
         metavar="A,B",
-        check=names,
+        check=kept_columns,
     )
     image_column: str = option(
         "image", "datasets: the column holding the images ({default})", parse=str, metavar="NAME", check=names
@@ -321,11 +296,20 @@ class EncodeOptions:
         "URLs: attempts after a failed read before the input fails ({default})",
         parse=int,
         metavar="N",
-        check=non_negative_int,
+        check=integer(0, MAX_RETRIES),
+    )
+    timeout: float = option(
+        DEFAULT_TIMEOUT,
+        "URLs (http(s), s3): seconds a connection, and each read, may wait before the attempt fails ({default})",
+        parse=float,
+        metavar="SECONDS",
+        check=positive_number,
     )
     output_format: str = option(
         "safetensors",
-        "safetensors shards (default), npy-parquet (pooled embeddings .npy + metadata .parquet), parquet",
+        "safetensors shards (default), npy-parquet (pooled embeddings .npy + metadata .parquet), parquet, "
+        "clip-retrieval (img_emb/img_emb_N.npy + metadata/metadata_N.parquet, normalised: clip-retrieval index "
+        "and autofaiss read the folder as it is)",
         parse=str,
         choices=OUTPUT_FORMATS,
         check=one_of(OUTPUT_FORMATS),
@@ -339,8 +323,8 @@ class EncodeOptions:
         check=optional(one_of(STORAGE_DTYPES)),
         record="compare",
     )
-    resume: bool = option(False, "continue DIR: skip inputs already encoded there")
-    overwrite: bool = option(False, "replace the outputs of an earlier run in DIR")
+    resume: bool = option(False, "continue DIR: skip inputs already encoded there", check=boolean)
+    overwrite: bool = option(False, "replace the outputs of an earlier run in DIR", check=boolean)
     progress: bool | None = option(None, "tqdm bar on stderr (None: when stderr is a terminal, on rank 0)", cli=False)
     log: Callable[[str], None] | None = option(None, "where notices go (default: stderr, rank 0 only)", cli=False)
 
@@ -350,6 +334,9 @@ class EncodeOptions:
             expected = f.metadata["check"](value) if f.metadata["check"] else ""
             if expected:
                 raise ValueError(f"{f.name}={value!r}; expected {expected}")
+        low, high = self.min_image_tokens, self.max_image_tokens
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min_image_tokens={low} and max_image_tokens={high}; expected min <= max")
         context, frames = self.temporal_context, self.video_frames
         if context is not None and (positive_int(context) or context < frames):
             raise ValueError(f"temporal_context={context!r}; expected an integer of at least frames={frames}")
@@ -369,10 +356,12 @@ class EncodeOptions:
             from .video_torchcodec import require_torchcodec
 
             require_torchcodec()
-        if self.output_format == "npy-parquet" and self.pool == "none":
+        if self.output_format in POOLED_FORMATS and self.pool == "none":
             raise ValueError(
-                "output_format='npy-parquet' with pool='none'; it stores pooled embeddings: pool head or mean"
+                f"output_format={self.output_format!r} with pool='none'; it stores pooled embeddings: pool head or mean"
             )
+        if self.normalize and self.pool == "none":
+            raise ValueError("normalize with pool='none'; it normalises the pooled vectors: pool head or mean")
         check_storage_dtype(self.output_format, self.storage_dtype)
 
     def say(self, message: str) -> None:
@@ -384,8 +373,13 @@ class EncodeOptions:
 
     @property
     def stores_pooled_only(self) -> bool:
-        """Only pooled vectors are stored: asked for, or the npy-parquet format (it stores the pooled embeddings)."""
-        return self.pooled_only or self.output_format == "npy-parquet"
+        """Only pooled vectors are stored: asked for, or a format that stores the pooled embeddings alone."""
+        return self.pooled_only or self.output_format in POOLED_FORMATS
+
+    @property
+    def normalizes(self) -> bool:
+        """The pooled vectors are L2-normalised: asked for, or the clip-retrieval layout (its index expects it)."""
+        return self.normalize or self.output_format == "clip-retrieval"
 
     @property
     def video_frames(self) -> int:

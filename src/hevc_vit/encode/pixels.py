@@ -13,18 +13,43 @@ import numpy as np
 import torch
 from PIL import Image
 
-# modes whose samples go past 8 bits: PIL's convert("RGB") clips them at 255 rather than scaling them
-_HIGH_BIT_DEPTH = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# modes whose samples go past 8 bits: PIL's convert("RGB") clips them at 255 rather than scaling them (and a float
+# image in [0, 1] becomes black)
+_16_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """A 16-bit image (mode ``I;16*``, or ``I`` as PIL opens 16-bit PNGs and TIFFs) as 8-bit ``L``, scaled with
-    ``value >> 8`` (65535 -> 255) instead of clipped at 255; any other image as it is. Samples of mode ``I`` are
-    taken as 16-bit (0..65535); values outside are clamped."""
-    if image.mode not in _HIGH_BIT_DEPTH:
+    """An image whose samples go past 8 bits as 8-bit ``L``, scaled rather than clipped at 255; any other image
+    as it is. The rule, by mode:
+
+    * ``I;16*`` and ``I`` (as PIL opens 16-bit PNGs and TIFFs, and 32-bit integer TIFFs): 16-bit samples,
+      ``value >> 8`` (65535 -> 255);
+    * ``F`` (32-bit float TIFFs): samples in [0, 1], ``round(value * 255)`` (1.0 -> 255).
+
+    Samples outside that range (negative, above 65535, a float above 1 — e.g. a float image holding 0..255),
+    NaN or infinity raise ``ValueError`` naming the range found and the one expected: scaling them by a guess
+    could give a wrong image (all black, or clipped white) that looks like a success."""
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        _check_range(values, 0, 1, "a float image (mode F)", "0 = black, 1 = white")
+        return Image.fromarray(np.round(values * 255).astype(np.uint8))  # (H, W) uint8: mode L
+    if image.mode not in _16_BIT:
         return image
     values = np.asarray(image).astype(np.int64)
-    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # (H, W) uint8: mode L
+    _check_range(values, 0, 65535, f"a mode {image.mode} image", "16-bit samples, 65535 = white")
+    return Image.fromarray((values >> 8).astype(np.uint8))  # (H, W) uint8: mode L
+
+
+def _check_range(values: np.ndarray, low: int, high: int, what: str, meaning: str) -> None:
+    if values.size == 0:
+        return
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"{what} holds {bad} NaN or infinite samples; expected finite samples in [{low}, {high}]")
+    least, most = values.min().item(), values.max().item()
+    if least < low or most > high:
+        shown = ", ".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in (least, most))
+        raise ValueError(f"{what} holds samples in [{shown}]; expected [{low}, {high}] ({meaning})")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -39,14 +64,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def native_grid_size(height: int, width: int, patch_size: int, lo: int, hi: int) -> tuple[int, int]:
-    """``(h, w)`` in patches for an image of ``height x width`` pixels, with ``lo <= h * w <= hi``.
+    """``(h, w)`` in patches for an image of ``height x width`` pixels, with ``h * w <= hi`` and, wherever a grid
+    that keeps the aspect ratio allows it, ``lo <= h * w``.
 
-    Keeps the aspect ratio: each side is within one patch of the ideal scaled side (one scale for both),
-    unless the image is so elongated that its short side would fall under one patch at ``hi``. An image
-    whose patch count is already inside the bounds only rounds its sides to the nearest patch.
+    Keeps the aspect ratio: each side is within one patch of the ideal side at one scale for both (an image so
+    elongated that its short side falls under one patch gets one patch across). An image whose patch count is
+    already inside the bounds only rounds its sides to the nearest patch. When no such grid has between ``lo``
+    and ``hi`` patches (bounds a few patches apart), the result is the largest such grid under ``hi``: a few
+    patches under ``lo``, never a grid of another shape.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image is {width}x{height}; expected at least 1x1 pixels")
+    if hi < 1:
+        raise ValueError(f"the token bounds are [{lo}, {hi}]; expected at least one patch")
     h0, w0 = height / patch_size, width / patch_size  # ideal sides, in patches
     area = h0 * w0
     scale = 1.0 if lo <= area <= hi else math.sqrt((lo if area < lo else hi) / area)
@@ -63,10 +93,33 @@ def native_grid_size(height: int, width: int, patch_size: int, lo: int, hi: int)
     ]
     if candidates:
         return min(candidates, key=lambda hw: (abs(math.log(hw[0] / hw[1] / (h0 / w0))), abs(hw[0] * hw[1] - hs * ws)))
-    # So elongated that the short side is under one patch: one patch across, the long side clamped.
-    if hs < ws:
-        return 1, min(max(math.ceil(ws), lo), hi)
-    return min(max(math.ceil(hs), lo), hi), 1
+    return _kept_aspect_grid(h0, w0, hs * ws, lo, hi)
+
+
+def _kept_aspect_grid(h0: float, w0: float, target: float, lo: int, hi: int) -> tuple[int, int]:
+    """Among the grids within one patch of ``(h0, w0)`` scaled (one scale for both sides) with at most ``hi``
+    patches: one inside ``[lo, hi]`` nearest ``target`` patches, else the largest; then the truest aspect ratio."""
+    flip = h0 > w0
+    a0, b0 = (w0, h0) if flip else (h0, w0)  # short and long ideal sides
+    ratio = b0 / a0
+    best: tuple | None = None
+    a = 1
+    while True:
+        # |a - s·a0| < 1 and |b - s·b0| < 1 for some scale s  <=>  (a - 1)·ratio - 1 < b < (a + 1)·ratio + 1
+        b_low = max(math.floor((a - 1) * ratio - 1) + 1, 1)
+        b_high = min(math.ceil((a + 1) * ratio + 1) - 1, hi // a)
+        if b_low * a > hi:
+            break
+        if b_low <= b_high:
+            for b in {b_low, b_high, min(max(round(target / a), b_low), b_high), min(max(-(-lo // a), b_low), b_high)}:
+                n = a * b
+                key = (not lo <= n, abs(n - target) if lo <= n else -n, abs(math.log(b / a / ratio)))
+                if best is None or key < best[0]:
+                    best = (key, a, b)
+        a += 1
+    assert best is not None  # a = 1, b = 1 always qualifies
+    _, a, b = best
+    return (b, a) if flip else (a, b)
 
 
 def short_side_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:

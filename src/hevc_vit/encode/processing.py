@@ -7,6 +7,8 @@ Two processors, both saved and loaded as ``preprocessor_config.json``:
                                 ``CLIPImageProcessor`` (which loads the file too), and reads that class's files.
     NativeResolutionProcessor   the packing model's own: keep the aspect ratio, both sides multiples of the
                                 patch size, the patch count of an image between ``min_tokens`` and ``max_tokens``.
+                                Saved as ``HEVCViTImageProcessor`` (transformers' class of this library, which
+                                loads the file too); reads round 2's ``HEVCViTNativeImageProcessor`` files.
 
 Both return float32 ``(C, H, W)`` for one image and ``(C, T, H, W)`` for a list of ``T`` frames (all frames of a
 clip get one size), or patches straight away (``patchify``); the pixel steps are pure functions in :mod:`.pixels`;
@@ -45,6 +47,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as stored in preprocessor_config.json files
 RESAMPLE_NAMES = {int(r): r.name for r in Image.Resampling}  # PIL's filters: 0 NEAREST, ..., 3 BICUBIC, ...
+# sizes far above any real use, low enough that a processor never allocates gigabytes for one image (or overflows
+# PIL): patches per image and per clip, the patch side (the model config's bound), a side and the pixels of an image
+SIZE_LIMITS = {"tokens": 1 << 16, "video_tokens": 1 << 20, "patch_size": 1024, "side": 1 << 14, "pixels": 1 << 27}
 
 
 class ImageProcessor(abc.ABC):
@@ -88,8 +93,9 @@ class ImageProcessor(abc.ABC):
     # -- the size rule, per subclass -------------------------------------------------------------------
 
     @abc.abstractmethod
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
-        """``(H, W)`` in pixels of the processed image (or of every frame of a ``num_frames`` clip)."""
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
+        """``(H, W)`` in pixels of the processed image (``num_frames=None``) or of every frame of a ``num_frames``
+        clip (a list of frames, even of one, is a clip)."""
 
     @abc.abstractmethod
     def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -97,6 +103,10 @@ class ImageProcessor(abc.ABC):
 
     def _crop(self, pixels: np.ndarray) -> np.ndarray:  # the resized (H, W, C) pixels to output_size
         return pixels
+
+    def frames_that_fit(self, num_frames: int) -> int:
+        """The most frames, up to ``num_frames``, that one clip can hold (a fixed size: all of them)."""
+        return num_frames
 
     # -- processing ------------------------------------------------------------------------------------
 
@@ -234,8 +244,11 @@ class FixedSizeProcessor(ImageProcessor):
         crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
         for name, value in (("shortest_edge", shortest_edge), ("crop_size", crop)):
             values = value if isinstance(value, tuple) else (value,)
-            if not all(isinstance(v, int) and v > 0 for v in values):
-                raise ValueError(f"{name}={value!r}; expected positive integers")
+            if not values or not all(_is_int(v) and 1 <= v <= SIZE_LIMITS["side"] for v in values):
+                raise ValueError(f"{name}={value!r}; expected integers in [1, {SIZE_LIMITS['side']:,}] (pixels)")
+        if crop[0] * crop[1] > SIZE_LIMITS["pixels"]:
+            raise ValueError(f"crop_size={crop!r} holds {crop[0] * crop[1]:,} pixels; expected at most "
+                             f"{SIZE_LIMITS['pixels']:,}")  # fmt: skip
         for name, flag in (("do_resize", do_resize), ("do_center_crop", do_center_crop)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise ValueError(f"{name}={flag!r}; expected true or false")
@@ -247,7 +260,7 @@ class FixedSizeProcessor(ImageProcessor):
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
         return short_side_size(height, width, self.shortest_edge) if self.do_resize else (height, width)
 
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         return self.crop_size if self.do_center_crop else self._resized_size(height, width)
 
     def _resize_target(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -288,13 +301,18 @@ class NativeResolutionProcessor(ImageProcessor):
     the nearest multiple of the patch size; a smaller one is enlarged, a larger one shrunk).
 
     A video frame gets the same rule with its maximum lowered to ``max_video_tokens // T``, so a clip of ``T``
-    frames holds at most ``max(max_video_tokens, T · min_tokens)`` patches (the minimum holds per frame).
+    frames holds at most ``max_video_tokens`` patches, and its minimum kept at ``min_tokens``: a clip holds at most
+    ``max_video_tokens // min_tokens`` frames (:meth:`frames_that_fit`; more raise ``ValueError``, and
+    ``hevc-vit encode`` samples that many instead).
 
-    Aspect ratio: each side is within one patch of the ideal scaled side (one scale for both), unless the
-    image is so elongated that its short side would fall under one patch at the token maximum.
+    Aspect ratio: each side is within one patch of the ideal side at one scale for both (a side under one patch
+    at that scale becomes one patch). Bounds so close that no such grid falls between them (a frame at exactly
+    the minimum) give the largest such grid under the maximum, a few patches under the minimum.
     """
 
-    processor_type = "HEVCViTNativeImageProcessor"
+    # the file format of transformers' HEVCViTImageProcessor (hevc_vit.image_processing), which runs this class:
+    # one preprocessor_config.json that AutoImageProcessor, pipeline() and hevc-vit encode all read
+    processor_type = "HEVCViTImageProcessor"
 
     def __init__(
         self,
@@ -305,34 +323,49 @@ class NativeResolutionProcessor(ImageProcessor):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        for name, value in (
-            ("patch_size", patch_size),
-            ("min_tokens", min_tokens),
-            ("max_tokens", max_tokens),
-            ("max_video_tokens", max_video_tokens),
+        for name, value, hi in (
+            ("patch_size", patch_size, SIZE_LIMITS["patch_size"]),
+            ("min_tokens", min_tokens, SIZE_LIMITS["tokens"]),
+            ("max_tokens", max_tokens, SIZE_LIMITS["tokens"]),
+            ("max_video_tokens", max_video_tokens, SIZE_LIMITS["video_tokens"]),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r}; expected a positive integer")
+            if not _is_int(value) or not 1 <= value <= hi:
+                raise ValueError(f"{name}={value!r}; expected a positive integer in [1, {hi:,}]")
         if min_tokens > max_tokens:
             raise ValueError(f"min_tokens={min_tokens} > max_tokens={max_tokens}; expected min_tokens <= max_tokens")
-        self.patch_size = patch_size
-        self.min_tokens = min_tokens
-        self.max_tokens = max_tokens
-        self.max_video_tokens = max_video_tokens
+        most = SIZE_LIMITS["pixels"] // patch_size**2  # max_tokens patches of patch_size² pixels
+        if max_tokens > most:
+            raise ValueError(f"max_tokens={max_tokens} with patch_size={patch_size}; expected max_tokens <= {most:,} "
+                             f"(at most {SIZE_LIMITS['pixels']:,} pixels per image)")  # fmt: skip
+        self.patch_size, self.min_tokens = int(patch_size), int(min_tokens)
+        self.max_tokens, self.max_video_tokens = int(max_tokens), int(max_video_tokens)
 
-    def token_bounds(self, num_frames: int = 1) -> tuple[int, int]:
-        """``(min, max)`` patches per image or per frame of a ``num_frames`` clip."""
-        if num_frames <= 1:
+    def token_bounds(self, num_frames: int | None = None) -> tuple[int, int]:
+        """``(min, max)`` patches of an image (``num_frames=None``) or of each frame of a ``num_frames`` clip
+        (``ValueError`` for more frames than :meth:`frames_that_fit`)."""
+        if num_frames is None:
             return self.min_tokens, self.max_tokens
-        hi = min(self.max_tokens, max(self.max_video_tokens // num_frames, 1))
-        return min(self.min_tokens, hi), hi
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames!r}; expected None (an image) or a positive frame count")
+        fit = self.frames_that_fit(num_frames)
+        if fit < num_frames:
+            raise ValueError(
+                f"a clip of {num_frames} frames needs at least {num_frames} x min_tokens={self.min_tokens} = "
+                f"{num_frames * self.min_tokens} patches, more than max_video_tokens={self.max_video_tokens}; "
+                f"expected at most {fit} frames (or a larger max_video_tokens, or a smaller min_tokens)"
+            )
+        return self.min_tokens, min(self.max_tokens, self.max_video_tokens // num_frames)
 
-    def grid_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def frames_that_fit(self, num_frames: int) -> int:
+        """The most frames, up to ``num_frames``, that ``max_video_tokens`` holds at ``min_tokens`` each (maybe 0)."""
+        return min(num_frames, self.max_video_tokens // self.min_tokens)
+
+    def grid_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         """``(h, w)`` in patches for an image (or every frame of a clip) of ``height x width`` pixels."""
         lo, hi = self.token_bounds(num_frames)
         return native_grid_size(height, width, self.patch_size, lo, hi)
 
-    def output_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+    def output_size(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, int]:
         h, w = self.grid_size(height, width, num_frames)
         return h * self.patch_size, w * self.patch_size
 
@@ -352,6 +385,10 @@ class NativeResolutionProcessor(ImageProcessor):
     def from_dict(cls, config: dict[str, Any]) -> NativeResolutionProcessor:
         names = ("patch_size", "min_tokens", "max_tokens", "max_video_tokens")
         return cls(**_common_kwargs(config, names))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_number(value: Any) -> bool:

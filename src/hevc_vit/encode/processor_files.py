@@ -16,8 +16,19 @@ PROCESSOR_TYPES: dict[str, type[ImageProcessor]] = {
     "CLIPImageProcessorFast": FixedSizeProcessor,
     "CLIPImageProcessorPil": FixedSizeProcessor,
     "CLIPFeatureExtractor": FixedSizeProcessor,
-    NativeResolutionProcessor.processor_type: NativeResolutionProcessor,
+    NativeResolutionProcessor.processor_type: NativeResolutionProcessor,  # HEVCViTImageProcessor
+    "HEVCViTNativeImageProcessor": NativeResolutionProcessor,  # what round 2 saved
 }
+# type names saved before the native processor took transformers' HEVCViTImageProcessor format -> today's
+RENAMED_TYPES = {"HEVCViTNativeImageProcessor": NativeResolutionProcessor.processor_type}
+
+
+def current_processor_record(record: Any) -> Any:
+    """A processor dict recorded by an earlier run (``encode_config.json``) as this version records the same
+    processor: an old type name becomes today's; anything else comes back as it is."""
+    if isinstance(record, dict) and record.get("image_processor_type") in RENAMED_TYPES:
+        return {**record, "image_processor_type": RENAMED_TYPES[record["image_processor_type"]]}
+    return record
 
 
 def processor_from_dict(config: dict[str, Any]) -> ImageProcessor:

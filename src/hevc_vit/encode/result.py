@@ -25,6 +25,26 @@ class EncodeResult:
     shards: int = 0  # shards written by this run, all ranks
     repairs: list[str] = field(default_factory=list)  # what --resume found damaged and redid (rank 0)
     output_format: str = "safetensors"  # where the features are: shards/, or embeddings/ + metadata/, or parts/
+    inputs: int | None = None  # the first ``inputs`` rows are this run's inputs; the rest an earlier run's
+
+    def count(self, rows: list[dict[str, Any]], paths: list[str], done: set[str]) -> None:
+        """Take the merged index ``rows`` (this run's ``paths`` first, in order) and count from it, so that the
+        summary agrees with the index: ``done`` holds the inputs an earlier run had encoded."""
+        self.rows, self.inputs = rows, len(paths)
+        mine = rows[: len(paths)]
+        self.skipped = sum(1 for row in mine if row["status"] == "ok" and row["path"] in done)
+        self.failed = sum(1 for row in mine if row["status"] != "ok")
+        self.encoded = len(mine) - self.failed - self.skipped
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """The failed rows of this run's inputs."""
+        return [row for row in self.rows[: self.inputs] if row["status"] != "ok"]
+
+    @property
+    def earlier_failures(self) -> int:
+        """Failed rows kept from an earlier run, of inputs this run was not given."""
+        return sum(1 for row in self.rows[self.inputs :] if row["status"] != "ok") if self.inputs is not None else 0
 
     @property
     def index_path(self) -> Path:
@@ -33,17 +53,22 @@ class EncodeResult:
     def summary(self) -> str:
         secs = max(self.seconds, 1e-9)
         done = self.encoded + self.failed
+        speed = f": {done / secs:.2f} items/s, {self.tokens / secs:,.0f} tokens/s" if self.encoded else ""  # no work
         lines = [
             f"encoded {self.encoded} of {done} inputs ({self.failed} failed"
             + (f", {self.skipped} already done before --resume" if self.skipped else "")
-            + f"); {self.tokens:,} patches in {self.seconds:.1f} s: {done / secs:.2f} items/s, "
-            f"{self.tokens / secs:,.0f} tokens/s",
+            + f"); {self.tokens:,} patches in {self.seconds:.1f} s{speed}",
         ]
-        failures = [row for row in self.rows if row["status"] != "ok"]
+        failures = self.failures
         for row in failures[:10]:
             lines.append(f"  failed: {_printable(row['path'])}: {_printable(row['error'])}")
         if len(failures) > 10:
             lines.append(f"  ... and {len(failures) - 10} more failed inputs (status 'failed' in the index)")
+        if self.earlier_failures:
+            lines.append(
+                f"  {self.earlier_failures} failed rows of an earlier run's inputs, not given to this run, stay in "
+                f"the index"
+            )
         for repair in self.repairs:
             lines.append(f"  repaired: {_printable(repair)}")
         if self.nothing_encoded:
@@ -73,7 +98,7 @@ class EncodeResult:
     def as_dict(self, max_failures: int = 100) -> dict[str, Any]:
         """The summary for scripts (``--json``): the counts, where the output is, the first ``max_failures``
         failures (``path``, ``error``)."""
-        failures = [{"path": row["path"], "error": row["error"]} for row in self.rows if row["status"] != "ok"]
+        failures = [{"path": row["path"], "error": row["error"]} for row in self.failures]
         return {
             "out_dir": str(self.out_dir),
             "index": str(self.index_path),
@@ -85,6 +110,7 @@ class EncodeResult:
             "shards": self.shards,
             "output_format": self.output_format,
             "failures": failures[:max_failures],
+            "earlier_failures": self.earlier_failures,
             "repairs": list(self.repairs),
         }
 

@@ -28,14 +28,16 @@ from .folder import RunPlan, claim_out_dir, prepare_folder, reporting_full_disk
 from .formats import storage_dtype
 from .forward import GroupEncoder
 from .index import failed_row, merge_index
-from .loading import LoadedItem, LoadOptions, default_workers, load_items
+from .loading import LoadedItem, LoadOptions
 from .model import Encoder, prepare_encoder, run_settings
 from .objects import MemorySource, collect_memory
 from .options import EncodeOptions
+from .remote import Network, check_url_packages
 from .result import EncodeResult
 from .shards import ShardWriter
 from .sources import SourceOptions
 from .units import Share, items_to_encode, list_share, ordered_paths
+from .workers import default_workers, load_items
 
 
 def encode(
@@ -61,6 +63,7 @@ def encode(
     returns. A full disk raises an ``OSError`` naming the folder and its free space; what finished is kept.
     """
     options = _options(options, overrides)
+    check_url_packages(_as_locations(inputs))  # a missing package stops the run before anything is made
     if options.engine == "ray":  # the same run as a Ray Data pipeline (the ray extra)
         from ..ray import encode_folder
 
@@ -76,6 +79,15 @@ def encode(
         return _encode_claimed(run, inputs, out_dir)
     finally:
         run.ranks.close()
+
+
+def _as_locations(inputs: Any) -> list[Any]:
+    """The inputs given as paths or URLs (strings), of one input or a sequence."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    if isinstance(inputs, (list, tuple)):
+        return [os.fspath(i) for i in inputs if isinstance(i, (str, os.PathLike))]
+    return []
 
 
 def _options(options: EncodeOptions | None, overrides: dict[str, Any]) -> EncodeOptions:
@@ -142,7 +154,7 @@ def _agree_on_plan(run: Run, inputs, folder: Path | None, settings: dict[str, An
                 plan = prepare_folder(
                     inputs, folder, options.resume, options.overwrite, settings, run.say, SourceOptions.of(options)
                 )
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, ImportError) as e:  # ImportError: a URL in a list needs a missing package
             if not run.ranks.active:
                 raise
             plan = RunPlan.refused(e)
@@ -157,7 +169,7 @@ class Tally:
     def __init__(self, total: int, show: bool, desc: str):
         from tqdm import tqdm
 
-        self.encoded = self.failed = self.tokens = 0
+        self.encoded = self.failed = self.tokens = self.loaded = 0
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, desc=desc, unit="item", disable=not show, file=sys.stderr, dynamic_ncols=True)
 
@@ -166,8 +178,16 @@ class Tally:
         self.failed += failed
         self.tokens += tokens
         self.bar.update(encoded + failed)
+        self._postfix()
+
+    def item_loaded(self) -> None:
+        """An item was decoded and prepared; it counts as done once its features are written (or it failed)."""
+        self.loaded += 1
+        self._postfix(refresh=True)
+
+    def _postfix(self, refresh: bool = False) -> None:
         secs = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.tokens / secs:,.0f} tokens/s", refresh=False)
+        self.bar.set_postfix_str(f"{self.loaded} loaded, {self.tokens / secs:,.0f} tokens/s", refresh=refresh)
 
     def counts(self) -> tuple[int, int, int]:
         return self.encoded, self.failed, self.tokens
@@ -182,7 +202,9 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
     finished is kept."""
     rank, world, options = run.ranks.rank, run.ranks.world, run.options
     sources = SourceOptions.of(options)
-    share = list_share(plan.units, rank, world, sources.path_column, sources.keep_columns, sources.retries, run.sources)
+    share = list_share(
+        plan.units, rank, world, sources.path_column, sources.keep_columns, sources.network, run.sources, plan.keys
+    )
     todo = [(j, share.specs[j]) for j in items_to_encode(share, plan.done)]
     show = (sys.stderr.isatty() if options.progress is None else options.progress) and rank == 0
     failed = sum(1 for spec in share.specs if spec.error)
@@ -199,15 +221,27 @@ def _encode_share(run: Run, encoder: Encoder, plan: RunPlan) -> tuple[Tally, int
         writer.close()
     except BaseException:
         loader.close()  # stop the workers first
-        try:  # keep what finished: its inputs are skipped by --resume
-            forward.close()
-            writer.close()
-        except BaseException:
-            writer.abandon()
+        _keep_what_finished(run, plan, share, forward, writer)
         raise
     finally:
         tally.close()
     return tally, writer.shards_written, share
+
+
+def _keep_what_finished(run: Run, plan: RunPlan, share: Share, forward: GroupEncoder, writer: ShardWriter) -> None:
+    """After an error or an interrupt (SIGINT, SIGTERM): write what was encoded, then (one process) index it in
+    ``index.jsonl``, so the folder says what it holds whatever stopped the run; ``--resume`` encodes the rest.
+    Under torchrun the other ranks may still be writing: each rank's rows stay in its rank file for --resume."""
+    try:
+        forward.close()
+        writer.close()
+    except BaseException:
+        writer.abandon()
+    if not run.ranks.active:
+        try:
+            merge_index(Path(plan.out_dir), ordered_paths(plan.units, share.listed), complete=False)
+        except Exception:  # a full disk, say: the rank file stays, and the error that stopped the run is raised
+            pass
 
 
 def _workers(options: EncodeOptions) -> int:
@@ -224,7 +258,16 @@ def _writer_and_forward(
     pooled_only = options.stores_pooled_only
     extras = [spec.extra for spec in share.specs]
     forward = GroupEncoder(
-        encoder.model, run.device, run.dtype, encoder.pool, pooled_only, writer, tally.add, share.keys, extras
+        encoder.model,
+        run.device,
+        run.dtype,
+        encoder.pool,
+        pooled_only,
+        writer,
+        tally.add,
+        share.keys,
+        extras,
+        normalize=options.normalizes,
     )
     return writer, forward
 
@@ -245,7 +288,7 @@ def load_options(options: EncodeOptions, encoder: Encoder, memory: list, keys: l
         codec=codec,
         preview_dir=options.codec_preview_dir,
         memory=memory,
-        retries=options.retries,
+        network=Network(options.retries, options.timeout),
         jpeg_draft=options.jpeg_draft,
         exif_transpose=options.exif_transpose,
         keys=keys,
@@ -256,7 +299,10 @@ def load_options(options: EncodeOptions, encoder: Encoder, memory: list, keys: l
 def feed_groups(loader: Iterator[LoadedItem], forward: GroupEncoder, writer: ShardWriter, tally: Tally, budget: int):
     """Loaded items (in order) into forwards of at most ``budget`` patches; a failed item is a failed row."""
     packer: TokenBudgetPacker[LoadedItem] = TokenBudgetPacker(budget)
+    loaded = getattr(tally, "item_loaded", None)  # the progress bar's count of prepared items (local engine)
     for item in loader:  # in input order; a worker that dies fails only its input
+        if loaded is not None:
+            loaded()
         if item.error:
             writer.add_failure(forward.failure_row(item))
             tally.add(0, 1, 0)
@@ -277,13 +323,12 @@ def _gather(run: Run, plan: RunPlan, tally: Tally, shards: int, share: Share) ->
     result.output_format = run.options.output_format
     if run.ranks.rank == 0:
         listed: dict[int, list[str]] = {}
-        for (encoded, failed, tokens), rank_shards, rank_listed in totals:
-            result.encoded += encoded
-            result.failed += failed
+        for (_, _, tokens), rank_shards, rank_listed in totals:  # encoded and failed: counted in the index
             result.tokens += tokens
             result.shards += rank_shards
             listed.update(rank_listed)
-        result.rows = merge_index(out_dir, ordered_paths(plan.units, listed))
+        paths = ordered_paths(plan.units, listed)
+        result.count(merge_index(out_dir, paths), paths, plan.done)  # the counts the index holds
     result.seconds = time.perf_counter() - tally.start
     run.ranks.barrier()  # the merged index exists before any rank returns
     return result

@@ -3,8 +3,9 @@
 A shard holds, per encoded item with key ``K``: ``K.patches`` ``(N, D)`` patch features, ``K.pooled``
 ``(D,)`` and ``K.grid_thw`` ``(3,)`` int64 — the tensors the run was asked for. A shard is written to a
 temporary file, synced, and published under a name that must not exist (never over another file); only
-then are its rows appended to the rank's index file. A write that fails (a full disk) leaves neither a
-temporary file nor a partial row behind.
+then are its rows appended to the rank's index file: the rows commit it. A write that fails (a full disk)
+leaves neither a temporary file, nor a partial row, nor a part without its rows behind; what a killed run
+leaves between the two steps is settled by ``--resume`` (:mod:`.recovery`).
 
 Test seam: :func:`save_shard` (the bytes of every shard) is looked up when called, so a test may replace it
 to simulate a full disk; :mod:`.index` has the seams of the index files.
@@ -13,6 +14,7 @@ to simulate a full disk; :mod:`.index` has the seams of the index files.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,15 +25,24 @@ import torch
 
 from ..files import publish_new, temporary_sibling
 from . import index as index_files
-from .formats import existing_numbers, part_keys, part_name, write_part
+from .formats import existing_numbers, part_files, part_keys, part_name, write_part
 from .index import SHARD_DIR, rank_index_name, read_index
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path, mode: int) -> None:
-    """Write ``tensors`` as the safetensors file ``path`` with permissions ``mode``, synced to disk."""
+    """Write ``tensors`` as the safetensors file ``path`` with permissions ``mode``, synced to disk. An I/O error
+    of safetensors' writer (a ``SafetensorError`` naming the OS error) is raised as that ``OSError``."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        number = re.search(r"\(os error (\d+)\)", str(e))
+        if number is None:
+            raise
+        code = int(number.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
     with open(path, "rb+") as f:
         os.fchmod(f.fileno(), mode)
         os.fsync(f.fileno())
@@ -162,7 +173,12 @@ class ShardWriter:
             raise
         for row in rows:
             row["shard"] = name
-        self._append(rows)
+        try:
+            self._append(rows)  # the rows commit the part
+        except BaseException:
+            for path in part_files(self.out_dir, name):  # not committed: its inputs are redone by --resume
+                path.unlink(missing_ok=True)
+            raise
         self.shards_written += 1
 
     def _wait(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import Any
 
 from .items import InputSpec
 from .objects import MemorySource
-from .remote import GLOB_CHARS, describe_error, is_url, list_url
+from .remote import GLOB_CHARS, Network, describe_error, is_url, list_url, read_location
+from .sidecars import folder_inputs
 from .sources_tar import is_tar_shard
 from .tables import is_table
 from .units import WorkUnit, list_unit, memory_units, remote_item, table_units
@@ -36,22 +38,24 @@ __all__ = [
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
+MAX_BRACE_NAMES = 1_000_000  # names one brace pattern may expand to (webdataset's largest shard ranges are smaller)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """How inputs are read while they are expanded: the path and kept columns of tables, retries for URLs."""
+    """How inputs are read while they are expanded: the path and kept columns of tables, how URLs are read."""
 
     path_column: str | None = None
     keep_columns: tuple[str, ...] = ()
-    retries: int = 2
+    network: Network = Network()
 
     @classmethod
     def of(cls, options: Any) -> SourceOptions:
         """The source options of an ``EncodeOptions`` (``keep_columns`` may be one name or a sequence)."""
         keep = options.keep_columns
-        return cls(options.path_column, (keep,) if isinstance(keep, str) else tuple(keep), options.retries)
+        keep = (keep,) if isinstance(keep, str) else tuple(keep)
+        return cls(options.path_column, keep, Network(options.retries, options.timeout))
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _Expansion:
     add_unit: Callable[[WorkUnit], None]
     skip: frozenset[str]  # real paths of folders never searched (the output folder)
     sources: SourceOptions
+    given: set[str]  # every name expanded: as given, from a list, a brace range or a glob (see expand_units)
 
     def add(self, spec: InputSpec) -> None:
         self.add_unit(WorkUnit.item(spec))
@@ -78,7 +83,7 @@ def expand_inputs(
     seen: set[str] = set()
     out: list[InputSpec] = []
     for unit in units:
-        for spec in list_unit(unit, sources.path_column, sources.keep_columns, sources.retries, memory):
+        for spec in list_unit(unit, sources.path_column, sources.keep_columns, sources.network, memory):
             if spec.path not in seen:
                 seen.add(spec.path)
                 out.append(spec)
@@ -93,6 +98,7 @@ def expand_units(
     inputs: str | os.PathLike | Sequence[Any],
     exclude: Sequence[str | os.PathLike] = (),
     sources: SourceOptions | None = None,
+    given: set[str] | None = None,
 ) -> list[WorkUnit]:
     """Files, folders (recursive), globs, brace ranges, list files, tar shards, tables, URLs and in-memory sources
     -> the run's work units (:mod:`.units`), without duplicates: a file is a unit of one item, a tar shard, a
@@ -100,8 +106,9 @@ def expand_units(
 
     A folder contributes every file under it in sorted order, hidden names (a leading ``.``) excepted.
     Symlinked folders are followed, each real folder at most once per input (so a link loop ends); a ``.txt``/
-    ``.lst``/``.list`` file given directly lists one path per line (blank lines and ``#`` comments skipped,
-    relative paths taken from the list's folder). ``{000000..000009}`` and ``{a,b}`` expand as in the shell
+    ``.lst``/``.list`` file given directly (or by URL) lists one path or URL per line (blank lines and ``#``
+    comments skipped, a URL as it is, relative paths from the list's folder or URL). ``{000000..000009}`` and
+    ``{a,b}`` expand as in the shell
     (webdataset's shard ranges). A ``.tar`` contributes one item per webdataset sample, wherever it is found; a
     ``.parquet``/``.csv``/``.tsv``/``.jsonl`` given directly, by a glob or in a list contributes one item per row
     (a table inside a searched folder is an input like any other file). A URL (``s3://``, ``memory://``, ...)
@@ -109,6 +116,8 @@ def expand_units(
     that matches nothing, a folder or list that yields no file, a folder that cannot be read and a link that is
     not followed each become a unit of one item with its error. Folders in ``exclude`` (the output folder) are not
     searched. One path (``str`` or ``Path``) is one input. A table without its path column raises ``ValueError``.
+    ``given``: filled with every name expanded (as given and normalised), so ``--resume`` knows which earlier
+    failed rows (a glob that matched nothing, an empty folder) this run's inputs stand for now.
     """
     out: list[WorkUnit] = []
     seen: set[str] = set()
@@ -119,7 +128,7 @@ def expand_units(
             out.append(unit)
 
     skip = frozenset(os.path.realpath(e) for e in exclude)
-    ctx = _Expansion(add, skip, sources or SourceOptions())
+    ctx = _Expansion(add, skip, sources or SourceOptions(), given if given is not None else set())
     for raw in _as_list(inputs):
         if isinstance(raw, MemorySource):
             for unit in memory_units(raw):
@@ -131,7 +140,34 @@ def expand_units(
 
 def expand_braces(pattern: str) -> list[str]:
     """``data-{000..002}.tar`` -> ``data-000.tar``, ``data-001.tar``, ``data-002.tar`` (zero padding kept);
-    ``{a,b}`` -> each; a pattern without braces -> itself."""
+    ``{a,b}`` -> each; a pattern without braces -> itself. A pattern of more than ``MAX_BRACE_NAMES`` names
+    raises ``ValueError`` (counted before anything is expanded)."""
+    count = count_braces(pattern)
+    if count > MAX_BRACE_NAMES:
+        raise ValueError(
+            f"the pattern {pattern!r} expands to {count:,} names; at most {MAX_BRACE_NAMES:,} are expanded "
+            f"(MAX_BRACE_NAMES): split it into smaller ranges, or use a glob or a list file"
+        )
+    return _expand_braces(pattern)
+
+
+def count_braces(pattern: str) -> int:
+    """How many names :func:`expand_braces` makes of ``pattern``, computed without making them."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return 1
+    body, tail = match.group(1), pattern[match.end() :]
+    lo, sep, hi = body.partition("..")
+    if sep and lo.isdigit() and hi.isdigit():
+        options = abs(int(hi) - int(lo)) + 1
+    elif "," in body:
+        options = body.count(",") + 1
+    else:
+        options = 1
+    return options * count_braces(tail)
+
+
+def _expand_braces(pattern: str) -> list[str]:
     match = _BRACE.search(pattern)
     if match is None:
         return [pattern]
@@ -144,11 +180,12 @@ def expand_braces(pattern: str) -> list[str]:
     elif "," in body:
         options = body.split(",")
     else:  # not a range or a list: the braces are part of the name
-        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
-    return [head + option + rest for option in options for rest in expand_braces(tail)]
+        return [head + "{" + body + "}" + rest for rest in _expand_braces(tail)]
+    return [head + option + rest for option in options for rest in _expand_braces(tail)]
 
 
 def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
+    ctx.given.update((arg,) if is_url(arg) else (arg, str(Path(arg))))
     if "{" in arg and not os.path.exists(arg):
         names = expand_braces(arg)
         if names != [arg]:
@@ -164,7 +201,8 @@ def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
         if os.path.realpath(path) in skip:
             return
         if not _walk(path, ctx):
-            add(InputSpec(arg, "no files in this folder (names starting with '.' are skipped)"))
+            why = "names starting with '.' are skipped; sidecars and tables beside images are not inputs"
+            add(InputSpec(arg, f"no files in this folder ({why})"))
     elif path.is_file():
         if not from_list and path.suffix.lower() in LIST_EXTENSIONS:
             try:
@@ -185,12 +223,12 @@ def _expand_one(arg: str, ctx: _Expansion, from_list: bool) -> None:
         for match in matches:
             if not any(_is_inside(match, folder) for folder in skip):
                 _expand_one(match, ctx, from_list=True)
-    elif path.exists():
-        add(InputSpec(arg, "not a regular file or folder"))
+    elif path.exists():  # named as the file would be (``./a.jpg`` is ``a.jpg``): one row once it is fixed
+        add(InputSpec(str(path), "not a regular file or folder"))
     elif path.is_symlink():
-        add(InputSpec(arg, "a broken symbolic link: its target does not exist"))
+        add(InputSpec(str(path), "a broken symbolic link: its target does not exist"))
     else:
-        add(InputSpec(arg, "no such file or folder"))
+        add(InputSpec(str(path), "no such file or folder"))
 
 
 def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:
@@ -200,7 +238,7 @@ def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:
         ctx.add_unit(WorkUnit("tar", location))
     elif tables and is_table(location):
         options = ctx.sources
-        for unit in table_units(location, options.path_column, options.keep_columns, options.retries):
+        for unit in table_units(location, options.path_column, options.keep_columns, options.network):
             ctx.add_unit(unit)
     else:
         ctx.add_unit(remote_item(location))
@@ -208,14 +246,32 @@ def _add_file(location: str, ctx: _Expansion, tables: bool) -> None:
 
 def _expand_url(url: str, ctx: _Expansion) -> None:
     try:
-        urls, reason = list_url(url, ctx.sources.retries)
+        urls, reason = list_url(url, ctx.sources.network)
     except OSError as e:
         ctx.add(InputSpec(url, describe_error(e)))
         return
     if not urls:
         ctx.add(InputSpec(url, reason))
+    if urls == [url] and posixpath.splitext(url.split("?")[0])[1].lower() in LIST_EXTENSIONS:
+        _expand_remote_list(url, ctx)
+        return
     for found in urls:
         _add_file(found, ctx, tables=urls == [url] or GLOB_CHARS & set(url) != set())
+
+
+def _expand_remote_list(url: str, ctx: _Expansion) -> None:
+    """A list file behind a URL: its lines as a local list's (relative ones taken from the URL's folder)."""
+    try:
+        text = read_location(url, ctx.sources.network).decode("utf-8")
+    except (OSError, ValueError) as e:  # unreadable, or not UTF-8
+        ctx.add(InputSpec(url, f"cannot read this list file: {describe_error(e)}"))
+        return
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        ctx.add(InputSpec(url, "the list file names no paths (blank lines and # comments are skipped)"))
+    folder = posixpath.dirname(url)
+    for line in lines:
+        _expand_one(line if is_url(line) or line.startswith("/") else f"{folder}/{line}", ctx, from_list=True)
 
 
 def _is_inside(path: str, folder: str) -> bool:
@@ -227,7 +283,9 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
     """Add the files under ``folder`` (sorted, depth first, hidden names skipped); returns how many specs were
     added. Symlinked folders are followed, but a real folder is searched at most once (``visited``), so a link
     loop or a second link to one folder adds a failed row for the link instead of running forever. A folder
-    that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample)."""
+    that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample); a
+    sidecar (``KEY.txt`` beside ``KEY.jpg``) and a dataset's metadata file (``.parquet``, ``.json``) are not
+    inputs (:mod:`.sidecars`)."""
     add, skip = ctx.add, ctx.skip
     visited = {os.path.realpath(folder)}
     count = 0
@@ -241,15 +299,14 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
             add(InputSpec(str(current), f"cannot read this folder: {describe_error(e)}"))
             count += 1
             continue
-        folders = []
+        folders, files = [], []
         for entry in entries:
             try:
                 is_dir = entry.is_dir()  # follows symbolic links
             except OSError:
                 is_dir = False  # a file then; opening it records the reason it cannot be read
             if not is_dir:
-                _add_file(str(current / entry.name), ctx, tables=False)
-                count += 1
+                files.append(entry.name)
                 continue
             sub = current / entry.name
             real = os.path.realpath(sub)
@@ -261,8 +318,23 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
                 continue
             visited.add(real)
             folders.append(sub)
+        count += _add_folder_files(current, files, ctx)
         stack.extend(reversed(folders))
     return count
+
+
+def _add_folder_files(folder: Path, names: list[str], ctx: _Expansion) -> int:
+    """The files of one folder, less sidecars and metadata (:func:`.sidecars.folder_inputs`), the kept sidecars of
+    each in its spec; returns how many were added (a folder of sidecars alone yields none)."""
+    inputs = folder_inputs(names, ctx.sources.keep_columns)
+    for name, sidecars in inputs:
+        path = str(folder / name)
+        if is_tar_shard(path):
+            ctx.add_unit(WorkUnit("tar", path))
+        else:
+            found = {column: str(folder / sidecar) for column, sidecar in sidecars.items()}
+            ctx.add(InputSpec(path, sidecars=found))
+    return len(inputs)
 
 
 def _read_list(path: Path) -> list[str]:
@@ -280,7 +352,7 @@ def _read_list(path: Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        lines.append(line if os.path.isabs(line) else str(path.parent / line))
+        lines.append(line if is_url(line) or os.path.isabs(line) else str(path.parent / line))  # a URL as it is
     return lines
 
 

@@ -8,7 +8,8 @@ index row records the selection (``codec``: kept and dense tokens, frames, signa
 
 Frame size: a ratio budget ``r`` keeps about ``r·T`` frames' worth of patches, so frames are sized as for a
 dense clip of ``max(1, round(r·T))`` frames (64 frames at 12.5 % are sized like 8); a patch-count budget sizes
-them as for a dense clip of ``T`` frames.
+them as for a dense clip of ``T`` frames; either never as more frames than the processor's clip budget holds at
+its minimum per frame (:meth:`~.processing.ImageProcessor.frames_that_fit`): frames keep that minimum size.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def _load_codec_file(item: LoadedItem, options: LoadOptions, path: str) -> None:
         stream = container.streams.video[0].codec_context
         width, height = stream.width, stream.height
     equivalent = max(1, round(config.budget * config.frames)) if isinstance(config.budget, float) else config.frames
+    equivalent = max(processor.frames_that_fit(equivalent), 1)  # never under the processor's minimum per frame
     size = processor.output_size(height, width, num_frames=equivalent)  # (H, W), multiples of p
     selection = select_patches(path, p, dataclasses.replace(config, size=tuple(size)))
     patches, _ = gather_selected_patches(

@@ -13,15 +13,15 @@ parquet file one row group at a time, each its own work unit.
 from __future__ import annotations
 
 import csv
-import datetime
-import decimal
+import io
 import os
 import posixpath
 from collections.abc import Sequence
 from typing import Any
 
+from .index import json_value
 from .items import InputSpec, RemoteFile
-from .remote import INSTALL_HINT, is_url, open_location, with_retries
+from .remote import INSTALL_HINT, Network, is_url, open_location, with_retries
 
 TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl")
 DEFAULT_PATH_COLUMNS = ("path", "url", "image")
@@ -42,19 +42,19 @@ def _import_pyarrow(location: str) -> None:
         raise ImportError(f"reading {location} needs pyarrow, which is not installed; {INSTALL_HINT}") from None
 
 
-def read_table(location: str, retries: int, row_group: int | None = None):
-    """The table at ``location`` as a ``pyarrow.Table`` (a URL is read with ``retries`` retries); with
+def read_table(location: str, network: Network, row_group: int | None = None):
+    """The table at ``location`` as a ``pyarrow.Table`` (a URL is read as ``network`` says); with
     ``row_group``, that row group of a parquet file alone."""
     _import_pyarrow(location)
 
     def read():
-        with open_location(location) as f:
+        with open_location(location, network) as f:
             return _read(f, location.lower(), row_group)
 
-    return with_retries(read, retries, f"reading {location}") if is_url(location) else read()
+    return with_retries(read, network.retries, f"reading {location}") if is_url(location) else read()
 
 
-def table_layout(location: str, retries: int) -> tuple[list[str], list[int] | None]:
+def table_layout(location: str, network: Network) -> tuple[list[str], list[int] | None]:
     """``(columns, row counts of the row groups)`` of the table at ``location``, read cheaply: a parquet
     file's footer, a csv/tsv file's header line; a jsonl file is read whole (its columns come from its rows).
     The row counts are None for a table that is not parquet."""
@@ -62,7 +62,7 @@ def table_layout(location: str, retries: int) -> tuple[list[str], list[int] | No
 
     def read():
         lower = location.lower()
-        with open_location(location) as f:
+        with open_location(location, network) as f:
             if lower.endswith(".parquet"):
                 import pyarrow.parquet as pq
 
@@ -74,12 +74,43 @@ def table_layout(location: str, retries: int) -> tuple[list[str], list[int] | No
                 return _read(f, lower, None).column_names, None
             return _csv_header(f, lower), None
 
-    return with_retries(read, retries, f"reading {location}") if is_url(location) else read()
+    return with_retries(read, network.retries, f"reading {location}") if is_url(location) else read()
+
+
+def first_value(location: str, column: str, network: Network) -> Any:
+    """The value of ``column`` in the table's first row (None when it has no rows), read cheaply: a parquet
+    file's first row group (that column alone), a csv/tsv file's first two lines; a jsonl file whole."""
+
+    def read():
+        lower = location.lower()
+        with open_location(location, network) as f:
+            if lower.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                parquet = pq.ParquetFile(f)
+                values = parquet.read_row_group(0, columns=[column]).column(0) if parquet.num_row_groups else []
+            elif lower.endswith(".jsonl"):
+                values = _read(f, lower, None).column(column)
+            else:
+                delimiter = "\t" if lower.endswith(".tsv") else ","
+                head = [f.readline().decode("utf-8-sig"), f.readline().decode("utf-8")]
+                rows = list(csv.reader(head, delimiter=delimiter))
+                values = [dict(zip(rows[0], rows[1])).get(column)] if len(rows) > 1 else []
+        return values[0] if len(values) else None
+
+    value = with_retries(read, network.retries, f"reading {location}") if is_url(location) else read()
+    return value.as_py() if hasattr(value, "as_py") else value
 
 
 def _csv_header(f, lower: str) -> list[str]:
+    """The column names of a csv/tsv file: its first record, which may span lines (a quoted name holding a
+    newline), as the csv module and pyarrow read it."""
     delimiter = "\t" if lower.endswith(".tsv") else ","
-    return next(csv.reader([f.readline().decode("utf-8-sig")], delimiter=delimiter), [])
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+    try:
+        return next(csv.reader(text, delimiter=delimiter), [])
+    finally:
+        text.detach()  # f stays open: the caller reads it again
 
 
 def _read(f, lower: str, row_group: int | None):
@@ -98,7 +129,8 @@ def _read(f, lower: str, row_group: int | None):
     names = _csv_header(f, lower)
     f.seek(0)
     convert = pc.ConvertOptions(column_types=dict.fromkeys(names, "string"))
-    return pc.read_csv(f, parse_options=pc.ParseOptions(delimiter=delimiter), convert_options=convert)
+    parse = pc.ParseOptions(delimiter=delimiter, newlines_in_values=True)  # a quoted caption may span lines
+    return pc.read_csv(f, parse_options=parse, convert_options=convert)
 
 
 def path_column(location: str, columns: Sequence[str], asked: str | None) -> str:
@@ -130,13 +162,13 @@ def table_specs(
     location: str,
     asked_column: str | None,
     keep_columns: Sequence[str],
-    retries: int,
+    network: Network,
     row_group: int | None = None,
     first_row: int = 0,
 ) -> list[InputSpec]:
     """One spec per row of the table at ``location`` (of its row group ``row_group``, whose first row is row
     ``first_row`` of the table). Raises ``ValueError`` for a missing path or kept column."""
-    table = read_table(location, retries, row_group)
+    table = read_table(location, network, row_group)
     column = check_columns(location, table.column_names, asked_column, keep_columns)
     values = table.column(column).to_pylist()
     kept = {name: table.column(name).to_pylist() for name in keep_columns}
@@ -145,7 +177,12 @@ def table_specs(
     for i, value in enumerate(values):
         extra = {name: json_value(kept[name][i]) for name in keep_columns}
         if not isinstance(value, str) or not value.strip():
-            what = "empty" if value in (None, "") else f"a {type(value).__name__}, not a path or URL"
+            if value in (None, ""):
+                what = "empty"
+            elif isinstance(value, str):
+                what = f"{value!r}, only whitespace, not a path or URL"
+            else:
+                what = f"a {type(value).__name__}, not a path or URL"
             row = first_row + i
             specs.append(InputSpec(f"{location}#row{row}", f"row {row}: the {column} column is {what}", extra=extra))
             continue
@@ -158,18 +195,3 @@ def _resolve(value: str, folder: str, table_is_url: bool) -> str:
     if is_url(value) or os.path.isabs(value) or not folder:
         return value
     return posixpath.join(folder, value) if table_is_url else os.path.join(folder, value)
-
-
-def json_value(value: Any) -> Any:
-    """A table cell as a JSON value for the index row (dates and decimals as text, bytes as their length)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, (datetime.date, datetime.time, decimal.Decimal)):
-        return str(value)
-    if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
-    return str(value)

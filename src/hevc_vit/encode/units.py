@@ -9,7 +9,9 @@ which lists it into items (:func:`list_share`).
 An item's name (its ``path``) does not depend on the unit it came in, so ``--resume`` (keyed by path) works
 whatever the world size of the earlier run. Its shard key is the unit's number, ``UUUUUUUU`` for a unit of one
 item and ``UUUUUUUU-IIIIIIII`` (``I``: the item's place in its unit) for the items of a tar, a table or a
-memory source (:func:`.index.item_key`): unique in the run, the same at any world size, and in input order.
+memory source (:func:`.index.item_key`): unique in the run, the same at any world size, and in input order. In a
+folder that holds rows already (``--resume``), an input keeps the key of its row and a new input never takes a key
+another input holds (:class:`.index.KeyBook`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .index import item_key
+from .index import KeyBook
 from .items import InputSpec, RemoteFile
 from .objects import MemorySource
-from .remote import describe_error, is_url
+from .remote import Network, check_url_packages, describe_error, is_url
 from .sources_tar import list_tar
-from .tables import TableColumnError, check_columns, table_layout, table_specs
+from .tables import TableColumnError, check_columns, first_value, table_layout, table_specs
 
+DEFAULT_NETWORK = Network()
 MEMORY_UNIT_ROWS = 1024  # rows of an in-memory source (a dataset) per unit
 
 
@@ -64,13 +67,18 @@ def memory_units(source: MemorySource) -> list[WorkUnit]:
     ]
 
 
-def table_units(location: str, path_column: str | None, keep_columns: Sequence[str], retries: int) -> list[WorkUnit]:
+def table_units(
+    location: str, path_column: str | None, keep_columns: Sequence[str], network: Network
+) -> list[WorkUnit]:
     """The units of a table: its columns are checked here (a missing path or kept column raises
     :class:`TableColumnError` before the run starts); a parquet file gives one unit per row group, another table
     one unit. A table that cannot be read is one failed item."""
     try:
-        columns, groups = table_layout(location, retries)
-        check_columns(location, columns, path_column, keep_columns)
+        columns, groups = table_layout(location, network)
+        column = check_columns(location, columns, path_column, keep_columns)
+        first = first_value(location, column, network)
+        if isinstance(first, str) and is_url(first.strip()):  # a package its URLs need: named before the run
+            check_url_packages([first.strip()])
     except (TableColumnError, ImportError):
         raise  # the caller's mistake or a missing extra: the run stops before it starts
     except Exception as e:  # an unreadable or damaged table: one failed row
@@ -99,20 +107,22 @@ def list_share(
     world: int,
     path_column: str | None = None,
     keep_columns: Sequence[str] = (),
-    retries: int = 2,
+    network: Network = DEFAULT_NETWORK,
     memory: Mapping[int, MemorySource] | None = None,
+    keys: KeyBook | None = None,
 ) -> Share:
-    """The items of the units that rank ``rank`` of ``world`` takes (unit ``u`` when ``u % world == rank``)."""
-    share = Share()
+    """The items of the units that rank ``rank`` of ``world`` takes (unit ``u`` when ``u % world == rank``);
+    ``keys``: the keys the output folder holds already (None: a new folder)."""
+    share, keys = Share(), keys or KeyBook()
     for u in range(rank, len(units), world):
         unit = units[u]
         if unit.kind == "item":
             share.specs.append(unit.spec)
-            share.keys.append(item_key(u))
+            share.keys.append(keys.key(unit.spec.path, u))
             continue
-        specs = list_unit(unit, path_column, keep_columns, retries, memory or {})
+        specs = list_unit(unit, path_column, keep_columns, network, memory or {})
         share.specs.extend(specs)
-        share.keys.extend(item_key(u, j) for j in range(len(specs)))
+        share.keys.extend(keys.key(spec.path, u, j) for j, spec in enumerate(specs))
         share.listed[u] = [spec.path for spec in specs]
     return share
 
@@ -121,25 +131,28 @@ def list_unit(
     unit: WorkUnit,
     path_column: str | None,
     keep_columns: Sequence[str],
-    retries: int,
+    network: Network,
     memory: Mapping[int, MemorySource],
 ) -> list[InputSpec]:
-    """The items of one unit, in order, without duplicates; what cannot be read is a failed item."""
+    """The items of one unit, in order, without duplicates; what cannot be read is a failed item. A table whose
+    URLs need a package that is not installed raises ``ImportError``."""
     if unit.kind == "item":
         return [unit.spec]
     if unit.kind == "tar":
-        specs = list_tar(unit.location, retries)
+        specs = list_tar(unit.location, network, keep_columns)
     elif unit.kind == "memory":
         specs = memory[unit.source].specs(unit.start, unit.stop)
     elif unit.kind in ("table", "row_group"):
         group = unit.group if unit.kind == "row_group" else None
         try:
-            specs = table_specs(unit.location, path_column, keep_columns, retries, group, unit.start)
+            specs = table_specs(unit.location, path_column, keep_columns, network, group, unit.start)
         except Exception as e:  # damaged since rank 0 read its layout, or a row group that cannot be read
             what = f"row group {unit.group} of this table" if group is not None else "this table"
             return [InputSpec(unit.name, f"cannot read {what}: {describe_error(e)}")]
         if not specs and group is None:
             return [InputSpec(unit.location, "the table has no rows")]
+        # a package its URLs need and that is missing stops the run here, named once, not once per row
+        check_url_packages(spec.path for spec in specs if isinstance(spec.ref, RemoteFile))
     else:
         raise AssertionError(f"unit kind {unit.kind!r}")
     return [specs[j] for j in first_listings(specs)]

@@ -7,7 +7,6 @@ Legend: ``N`` patches of one item, ``D`` width.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..devices import describe_dtype_choice, resolve_dtype
+from ..encode.index import row_json
 from ..encode.items import InputSpec, MemoryRow
 from ..encode.loading import LoadOptions
 from ..encode.model import Encoder, largest_item, prepare_encoder
@@ -155,7 +155,7 @@ def feature_columns(results, width: int, options: EncodeOptions, pool: str, pool
     for row, tensors, _ in results:
         columns["status"].append(row["status"])
         columns["error"].append(row["error"])
-        columns["index_row"].append(json.dumps(row))
+        columns["index_row"].append(row_json(row))  # strict JSON: no NaN
         columns["grid_thw"].append(tensors["grid_thw"].numpy() if tensors else np.zeros(3, np.int64))
         if "pooled" in columns:
             empty = torch.full((width,), float("nan"))

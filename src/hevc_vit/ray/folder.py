@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..encode.folder import claim_out_dir, prepare_folder, reporting_full_disk
-from ..encode.formats import owned_files, storage_dtype
+from ..encode.formats import embeddings_file, owned_files, storage_dtype
 from ..encode.index import merge_index
 from ..encode.model import run_settings
 from ..encode.objects import MemorySource, collect_memory
@@ -86,7 +86,9 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
         plan = prepare_folder(inputs, folder, options.resume, options.overwrite, settings, say, sources)
     start = time.perf_counter()
     memory_sources = {m.number: m for m in inputs or [] if isinstance(m, MemorySource)}
-    share = list_share(plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.retries, memory_sources)
+    share = list_share(
+        plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.network, memory_sources, plan.keys
+    )
     todo = _todo(share, plan.done)
     before = set(owned_files(folder))
     result = EncodeResult(out_dir=folder.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
@@ -102,14 +104,15 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
                 with _progress(tally, show) as done_keys:
                     for counts in _pipeline(todo, folder, stages, storage, done_keys).iter_rows():
                         tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
-            result.rows = merge_index(folder, ordered_paths(plan.units, share.listed))
+            paths = ordered_paths(plan.units, share.listed)
+            result.count(merge_index(folder, paths), paths, plan.done)  # the counts the index holds
             _remove_unnamed_parts(folder, before, result.rows)
             # the parts this run's rows name (a write retried after it published counts once)
             new_rows = [row for row in result.rows if row.get("shard") and row["path"] not in plan.done]
             result.shards = len({row["shard"] for row in new_rows})
     finally:
         tally.close()
-    result.encoded, result.failed, result.tokens = tally.counts()
+    result.tokens = tally.counts()[2]
     result.seconds = time.perf_counter() - start
     return result
 
@@ -208,7 +211,8 @@ def _remove_unnamed_parts(folder: Path, before: set[Path], rows: list[dict[str, 
         shard = row.get("shard") or ""
         if shard:
             named.add(folder / shard)
-            if shard.startswith("metadata/"):  # npy-parquet: its embeddings beside the metadata
-                named.add(folder / "embeddings" / (Path(shard).stem + ".npy"))
+            npy = embeddings_file(folder, shard)  # npy-parquet, clip-retrieval: the embeddings of the metadata
+            if npy is not None:
+                named.add(npy)
     for path in set(owned_files(folder)) - before - named:
         path.unlink(missing_ok=True)

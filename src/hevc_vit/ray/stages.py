@@ -38,11 +38,12 @@ from ..devices import resolve_dtype
 from ..encode.forward import GroupEncoder
 from ..encode.index import rank_index_name, read_jsonl
 from ..encode.items import InputSpec
-from ..encode.loading import LoadedItem, LoadOptions, load_items
+from ..encode.loading import LoadedItem, LoadOptions
 from ..encode.model import prepare_encoder
 from ..encode.options import EncodeOptions
 from ..encode.runner import feed_groups
 from ..encode.shards import ShardWriter
+from ..encode.workers import load_items
 
 ITEM, RESULT, ORDINAL = "item", "result", "ordinal"
 FAULT_ENV = "HEVC_VIT_RAY_FAULT"
@@ -99,7 +100,7 @@ def fail_once(fault: str | None, stage: str) -> None:
 
 def load_isolated(work: list[tuple[int, InputSpec]], load: LoadOptions) -> list[LoadedItem]:
     """``load_item`` for each ``(index, spec)``, in a worker process of the local engine's loader
-    (``encode.loading.load_items``): a decoder that crashes its process fails only its input, where a Ray task
+    (``encode.workers.load_items``): a decoder that crashes its process fails only its input, where a Ray task
     that died would be retried, and fail again, without end."""
     return list(load_items(work, load, 1))
 
@@ -213,7 +214,16 @@ class ModelStage:
             item.index = j  # the forward finds its key and extras by index
         results, uncounted, encoder = _Results(), _Uncounted(), self.encoder
         forward = GroupEncoder(
-            encoder.model, self.device, self.dtype, encoder.pool, self.pooled_only, results, uncounted.add, keys, extras
+            encoder.model,
+            self.device,
+            self.dtype,
+            encoder.pool,
+            self.pooled_only,
+            results,
+            uncounted.add,
+            keys,
+            extras,
+            normalize=self.options.normalizes,
         )
         feed_groups(iter(items), forward, results, uncounted, self.options.max_tokens)
         forward.close()
