@@ -167,7 +167,7 @@ def test_auto_with_a_stale_ray_current_cluster_is_refused(ray_tmp, tmp_path):
 
 
 def test_ray_timeout_is_checked():
-    with pytest.raises(ValueError, match=r"ray_timeout=0; expected a number of seconds > 0"):
+    with pytest.raises(ValueError, match=r"ray_timeout=0; expected a finite number > 0"):
         EncodeOptions(engine="ray", ray_timeout=0)
     with pytest.raises(ValueError, match="ray_timeout was given with engine='local'"):
         EncodeOptions(ray_timeout=5.0)
