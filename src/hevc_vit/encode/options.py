@@ -52,7 +52,8 @@ DEFAULT_MODEL = "small"
 POOL_MODES = ("head", "mean", "none")
 DEFAULT_FRAMES, CODEC_FRAMES = 8, 64
 ENGINES = ("local", "ray")
-RAY_OPTIONS = ("ray_address", "decode_cpus", "model_actors")  # options of engine="ray" alone
+RAY_TIMEOUT = 30.0  # seconds a Ray cluster has to answer, by default
+RAY_OPTIONS = ("ray_address", "ray_timeout", "decode_cpus", "model_actors")  # options of engine="ray" alone
 DEFAULT_CODEC_BUDGET = 0.125  # 8 of 64 frames' worth of patches, the reference's LLaVA pipeline
 _NATIVE_DEFAULTS = {k: p.default for k, p in inspect.signature(NativeResolutionProcessor).parameters.items()}
 
@@ -249,9 +250,18 @@ class EncodeOptions:
     )
     ray_address: str | None = option(
         None,
-        "--engine ray: the cluster to join (auto: the one `ray start` made here; default: start a local one)",
+        "--engine ray: the cluster to join (auto: the one `ray start` made here; default: $RAY_ADDRESS, else start a "
+        "local one, listening on 127.0.0.1 only)",
         parse=str,
         metavar="ADDRESS",
+    )
+    ray_timeout: float | None = option(
+        None,
+        f"--engine ray: seconds the cluster at --ray-address has to answer before the run is refused "
+        f"(default {RAY_TIMEOUT:g})",
+        parse=float,
+        metavar="S",
+        check=optional(positive_number),
     )
     decode_cpus: int | None = option(
         None,

@@ -13,7 +13,9 @@ index row.
   own.
 
 Stages: :mod:`.stages` (decode, model, write), the pipeline on the driver :mod:`.folder` and :mod:`.dataset`,
-connecting :mod:`.cluster`. Ray is an optional dependency: ``pip install 'hevc-vit[ray]'``.
+connecting (or starting a local instance, loopback only) :mod:`.cluster`, and :mod:`.watchdog`, which stops the
+local instance's processes when the driver dies without shutting it down. Ray is an optional dependency:
+``pip install 'hevc-vit[ray]'``.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def encode_dataset(ds: Any, options: EncodeOptions | None = None, *, batch_size:
     """
     options = (options or EncodeOptions()).replace(engine="ray", **overrides)
     import_ray()
-    connect(options.ray_address)
+    connect(options.ray_address, options.ray_timeout)
     encoder, device, dtype = prepare(options, lambda message: None)
     stages = Stages(options, encoder, device, dtype, [], batch_size)
     decoded = stages.decode(ds, load_rows, {"load": stages.load, "options": options})
@@ -101,14 +101,14 @@ class Stages:
         compute = ray.data.TaskPoolStrategy(size=size) if size else None
         return ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=DECODE_ROWS, num_cpus=1, compute=compute)
 
-    def model(self, ds, columns: bool = False):
+    def model(self, ds, columns: bool = False, progress: Any = None):
         """``model_actors`` actors (default: one per GPU of the cluster, else one); Ray restarts a lost actor and
-        retries its call."""
+        retries its call. progress: a :class:`.stages.DoneKeys` actor told the keys of each finished call."""
         import ray
 
         gpu = self.device.type == "cuda"
         actors = self.options.model_actors or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)
-        kwargs = dict(options=self.actor_options, device=self.device.type, columns=columns)
+        kwargs = dict(options=self.actor_options, device=self.device.type, columns=columns, progress=progress)
         # blocks of one model call each; the regrouping also keeps Ray from fusing the decode tasks into the actors
         # (which it does when their resources match, e.g. on CPUs), so decoding scales apart from the model
         ds = ds.repartition(target_num_rows_per_block=self.batch_size)

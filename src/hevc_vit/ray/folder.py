@@ -16,7 +16,10 @@ import json
 import os
 import pickle
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,9 @@ from ..encode.result import EncodeResult
 from ..encode.runner import Tally
 from ..encode.sources import SourceOptions
 from ..encode.units import Share, first_listings, list_share, ordered_paths
-from .cluster import connect, import_ray, quiet_data
+from .cluster import import_ray, quiet_data, ray_session
 from .dataset import DECODE_ROWS, Stages, prepare
-from .stages import FAULT_ENV, load_specs, write_block
+from .stages import FAULT_ENV, ORDINAL, DoneKeys, load_specs, write_block
 
 
 def encode_folder(
@@ -56,16 +59,11 @@ def encode_folder(
     inputs, memory = collect_memory(inputs, options.image_column, sources.keep_columns)
     say = options.say
     lock = claim_out_dir(out_dir, options.resume, options.overwrite, say)
-    started = False
     try:
-        started = connect(options.ray_address)
-        return _encode_claimed(lock.folder, inputs, memory, options, say, batch_size)
+        with ray_session(options.ray_address, options.ray_timeout):
+            return _encode_claimed(lock.folder, inputs, memory, options, say, batch_size)
     finally:
         lock.release()
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def _refuse_process_local(inputs: Any) -> None:
@@ -96,15 +94,16 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
     result = EncodeResult(out_dir=folder.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
     result.output_format = options.output_format
     show = sys.stderr.isatty() if options.progress is None else options.progress
-    tally = Tally(len(todo), show, "encode (ray)")
+    tally = _Tally(len(todo), show, "encode (ray)")
     try:
         with reporting_full_disk(folder):
             if todo:
                 stages = Stages(options, encoder, device, dtype, memory, batch_size)
                 storage = storage_dtype(options.output_format, options.storage_dtype, dtype)
-                quiet_data(show)
-                for counts in _pipeline(todo, folder, stages, storage).iter_rows():
-                    tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
+                quiet_data()
+                with _progress(tally, show) as done_keys:
+                    for counts in _pipeline(todo, folder, stages, storage, done_keys).iter_rows():
+                        tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
             paths = ordered_paths(plan.units, share.listed)
             result.count(merge_index(folder, paths), paths, plan.done)  # the counts the index holds
             _remove_unnamed_parts(folder, before, result.rows)
@@ -122,13 +121,18 @@ def _todo(share: Share, done: set[str]) -> list[dict[str, Any]]:
     """A dataset row per input not done yet (first listing of a path only): its shard key, its source fields and
     its spec."""
     return [
-        {"key": share.keys[j], "extra": json.dumps(share.specs[j].extra), "spec": pickle.dumps(share.specs[j])}
+        {
+            "key": share.keys[j],
+            ORDINAL: j,  # names the part of the block it leads
+            "extra": json.dumps(share.specs[j].extra),
+            "spec": pickle.dumps(share.specs[j]),
+        }
         for j in first_listings(share.specs)
         if share.specs[j].path not in done  # failed listings too: the decode stage makes their rows
     ]
 
 
-def _pipeline(todo: list[dict[str, Any]], folder: Path, stages: Stages, storage: torch.dtype):
+def _pipeline(todo: list[dict[str, Any]], folder: Path, stages: Stages, storage: torch.dtype, done_keys: Any):
     """Rows of the inputs to do -> decoded -> encoded -> written: one row of counts per block written."""
     import ray
 
@@ -141,13 +145,63 @@ def _pipeline(todo: list[dict[str, Any]], folder: Path, stages: Stages, storage:
     # the writes run on this node, the folder's: it need not be on a filesystem the other nodes share
     here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
     # a part holds up to shard_size_mb of features (many model calls' results), not one model call's
-    return stages.model(decoded).map_batches(
+    return stages.model(decoded, progress=done_keys).map_batches(
         write_block,
         fn_kwargs={**write, "fault": fault},
         batch_size=stages.part_rows,
         num_cpus=1,
         label_selector=here,
     )
+
+
+class _Tally(Tally):
+    """The run's counts (from the written parts) and a bar of the items done of the total, which follows the model
+    stage (:meth:`show_at_least`, from the progress thread) or the written parts, whichever is further."""
+
+    def __init__(self, total: int, show: bool, desc: str):
+        super().__init__(total, show, desc)
+        self.lock = threading.Lock()
+
+    def add(self, encoded: int, failed: int, tokens: int) -> None:
+        self.encoded, self.failed, self.tokens = self.encoded + encoded, self.failed + failed, self.tokens + tokens
+        self.show_at_least(self.encoded + self.failed)
+
+    def show_at_least(self, done: int) -> None:
+        with self.lock:
+            step = min(done, self.bar.total) - self.bar.n
+            if step > 0:
+                self.bar.update(step)
+
+
+@contextmanager
+def _progress(tally: _Tally, show: bool) -> Iterator[Any]:
+    """With ``show``: a :class:`.stages.DoneKeys` actor the model stage tells what it finished, and a thread
+    that moves the bar to its count (items encoded or failed, of the total) twice a second; the written parts'
+    counts (``tally.add``) still make the totals. Yields the actor (None without ``show``)."""
+    if not show:
+        yield None
+        return
+    import ray
+
+    done_keys = ray.remote(num_cpus=0)(DoneKeys).remote()
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(0.5):
+            try:
+                count = ray.get(done_keys.count.remote(), timeout=10)
+            except Exception:  # a busy or lost actor: the bar waits for the next try
+                continue
+            tally.show_at_least(count)
+
+    thread = threading.Thread(target=follow, name="ray-progress", daemon=True)
+    thread.start()
+    try:
+        yield done_keys
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        ray.kill(done_keys)
 
 
 def _remove_unnamed_parts(folder: Path, before: set[Path], rows: list[dict[str, Any]]) -> None:

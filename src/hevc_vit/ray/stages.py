@@ -7,24 +7,28 @@
   ``encode.forward.GroupEncoder``, as the local engine does; out comes one result per item, pickled
   (``result``: the index row, the tensors, the patch count) or as feature columns (:func:`.dataset.encode_dataset`);
 * write (CPU tasks): :func:`write_block` — the results of a block become one part in the output folder through
-  ``encode.shards.ShardWriter``, with its rows in an index file of its own, ``index.rankBBBB.jsonl``, where
-  ``BBBB`` is a digest of the block's keys and paths. A retried block finds its rows there and writes nothing
-  again; the driver merges every such file into ``index.jsonl`` at the end, as it merges the ranks' files.
+  ``encode.shards.ShardWriter``, with its rows in an index file of its own, ``index.rankNNNNN.jsonl``, where
+  ``NNNNN`` is the number of the block's first input in the run's listing (``ordinal``), so the parts read
+  ``shards/rank00000-00000.safetensors``, ``shards/rank00512-00000.safetensors``, ... (blocks share no input, so
+  no two have the same first one). A retried block finds its rows there and writes nothing again; the driver
+  merges every such file into ``index.jsonl`` at the end, as it merges the ranks' files.
 
+The model stage also tells :class:`DoneKeys` (an actor) the keys it finished: the driver's progress bar.
 Columns that are not the stage's own pass through unchanged, in row order.
 
 Test seam: the driver reads ``HEVC_VIT_RAY_FAULT`` (a file's path) and hands it to the stages; while that file
 exists, the first model call or write whose stage it names (``model`` or ``write``) deletes it and ends its
-process (a lost actor or worker), which Ray must retry.
+process (a lost actor or worker), which Ray must retry. ``hold model`` / ``hold write``: that call writes
+``held`` to the file and waits while the file exists (at most :data:`HOLD_SECONDS`), the run paused mid-way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +45,9 @@ from ..encode.runner import feed_groups
 from ..encode.shards import ShardWriter
 from ..encode.workers import load_items
 
-ITEM, RESULT = "item", "result"
+ITEM, RESULT, ORDINAL = "item", "result", "ordinal"
 FAULT_ENV = "HEVC_VIT_RAY_FAULT"
+HOLD_SECONDS = 300
 Batch = dict[str, np.ndarray]
 
 
@@ -57,9 +62,29 @@ def passed_through(batch: Batch, *used: str) -> Batch:
     return {name: values for name, values in batch.items() if name not in used}
 
 
+def _fault_says(fault: str | None) -> str:
+    try:
+        return Path(fault).read_text().strip() if fault else ""
+    except OSError:  # another process took it
+        return ""
+
+
+def hold(fault: str | None, stage: str) -> None:
+    """The test seam (see the module's docstring): wait while ``fault`` exists, when it says ``hold`` ``stage``
+    (after writing ``held`` to it: the test's sign that the run is paused here)."""
+    if _fault_says(fault) != f"hold {stage}":
+        return
+    temporary = f"{fault}.{os.getpid()}"
+    Path(temporary).write_text("held")
+    os.replace(temporary, fault)
+    end = time.monotonic() + HOLD_SECONDS
+    while os.path.exists(fault) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
 def fail_once(fault: str | None, stage: str) -> None:
     """The test seam (see the module's docstring): end this process once, when ``fault`` names ``stage``."""
-    if not fault or not os.path.isfile(fault) or Path(fault).read_text().strip() != stage:
+    if _fault_says(fault) != stage:
         return
     try:
         os.unlink(fault)
@@ -124,6 +149,20 @@ class _Results:
         pass
 
 
+class DoneKeys:
+    """The keys of the inputs the model stage has finished (a Ray actor, zero CPUs): the run's progress. A key is
+    counted once, however often Ray retried its call."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def add(self, keys: list[str]) -> None:
+        self.keys.update(keys)
+
+    def count(self) -> int:
+        return len(self.keys)
+
+
 class _Uncounted:
     def add(self, encoded: int, failed: int, tokens: int) -> None:
         pass
@@ -138,21 +177,26 @@ class ModelStage:
     (:func:`.dataset.feature_columns`), else one pickled ``(row, tensors, patches)`` per item.
     """
 
-    def __init__(self, options: EncodeOptions, device: str, columns: bool = False, fault: str | None = None):
+    def __init__(
+        self, options: EncodeOptions, device: str, columns: bool = False, fault: str | None = None, progress=None
+    ):
         import torch
 
         self.device = torch.device(device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.encoder = prepare_encoder(options, self.device, self.dtype, lambda message: None)
-        self.options, self.columns, self.fault = options, columns, fault
+        self.options, self.columns, self.fault, self.progress = options, columns, fault, progress
         self.pooled_only = options.stores_pooled_only
 
     def __call__(self, batch: Batch) -> Batch:
+        hold(self.fault, "model")
         fail_once(self.fault, "model")
         items: list[LoadedItem] = [pickle.loads(blob) for blob in batch[ITEM]]
         keys = [str(key) for key in batch["key"]] if "key" in batch else [f"{j:08d}" for j in range(len(items))]
         extras = [json.loads(extra) for extra in batch["extra"]] if "extra" in batch else None
         results = self.encode(items, keys, extras)
+        if self.progress is not None:
+            self.progress.add.remote(keys)  # not waited for: the bar may lag, never the run
         if self.columns:
             from .dataset import feature_columns
 
@@ -195,12 +239,10 @@ class ModelStage:
 # --------------------------------------------------------------------------------------------------
 
 
-def block_number(rows: list[dict[str, Any]]) -> int:
-    """The number a block's part and index file are named by: a digest of its rows' keys and paths (so a retried
-    block has the same; 60 bits, far from the numbers of the local engine's ranks)."""
-    text = "\n".join(f"{row['key']}\t{row['path']}" for row in rows)
-    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape"))
-    return (1 << 60) | int(digest.hexdigest()[:15], 16)
+def block_number(ordinals: np.ndarray) -> int:
+    """The number a block's part and index file are named by: its first input's number in the run's listing
+    (a retried block has the same; blocks share no input, so no other block has it)."""
+    return int(np.min(ordinals))
 
 
 def block_written(out_dir: Path, number: int, rows: list[dict[str, Any]]) -> bool:
@@ -216,9 +258,11 @@ def block_written(out_dir: Path, number: int, rows: list[dict[str, Any]]) -> boo
 def write_block(batch: Batch, out_dir: str, output_format: str, storage: Any, fault: str | None = None) -> Batch:
     """Write stage: one part (and the block's index file) for the block's results; returns the block's counts
     (``encoded``, ``failed``, ``tokens``, ``parts``), one row."""
+    hold(fault, "write")
     results = [pickle.loads(blob) for blob in batch[RESULT]]
     rows = [row for row, _, _ in results]
-    number, folder, parts = block_number(rows), Path(out_dir), 0
+    folder, parts = Path(out_dir), 0
+    number = block_number(batch[ORDINAL]) if rows else 0
     if rows and not block_written(folder, number, rows):
         writer = ShardWriter(folder, number, 0, False, output_format, storage)
         try:
