@@ -1,11 +1,13 @@
-"""Parsers and checks of the values of :class:`~hevc_vit.encode.EncodeOptions` (:mod:`.options`): a check
-takes a value and returns ``""`` when it is valid, else what was expected; a parser turns command-line text into
-a value (its ``ValueError`` says what was expected)."""
+"""How an option of :class:`~hevc_vit.encode.EncodeOptions` (:mod:`.options`) is declared (:func:`option`), and
+the parsers and checks of its values: a check takes a value and returns ``""`` when it is valid, else what was
+expected; a parser turns command-line text into a value (its ``ValueError`` says what was expected)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import field
 from typing import Any
 
 from .formats import RESERVED_COLUMNS
@@ -103,3 +105,30 @@ def shard_size(value: Any) -> str:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     valid = number and math.isfinite(value) and 0 <= value <= MAX_SHARD_MB
     return "" if valid else f"a number from 0 to {MAX_SHARD_MB} (0: one shard per forward)"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    check: Callable[[Any], str] | None = None,
+    record: str | None = None,
+    cli: bool = True,
+    before: Any = dataclasses.MISSING,
+) -> Any:
+    """A field of :class:`EncodeOptions` with what the command line and the checks need.
+
+    help: one line; ``{default}`` in it becomes the default. parse: the argparse ``type`` (None with a
+    ``False`` default: a flag). check: ``value -> ""`` when valid, else what was expected. record:
+    ``"compare"`` (saved in ``encode_config.json``, must match on ``--resume``), ``"note"`` (saved only) or None.
+    cli: False for options only Python callers can give (objects, callbacks). before: what runs made before the
+    option existed did, when that is not its default (``--resume`` compares a folder that does not record it
+    with this).
+    """
+    meta = dict(help=help, parse=parse, metavar=metavar, choices=choices, check=check, record=record, cli=cli)
+    if before is not dataclasses.MISSING:
+        meta["before"] = before
+    return field(default=default, metadata=meta)

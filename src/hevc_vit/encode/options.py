@@ -15,7 +15,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from .option_values import (
     names,
     on_off,
     one_of,
+    option,
     optional,
     parse_budget,
     positive_int,
@@ -56,33 +57,6 @@ RAY_TIMEOUT = 30.0  # seconds a Ray cluster has to answer, by default
 RAY_OPTIONS = ("ray_address", "ray_timeout", "decode_cpus", "model_actors")  # options of engine="ray" alone
 DEFAULT_CODEC_BUDGET = 0.125  # 8 of 64 frames' worth of patches, the reference's LLaVA pipeline
 _NATIVE_DEFAULTS = {k: p.default for k, p in inspect.signature(NativeResolutionProcessor).parameters.items()}
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    parse: Callable[[str], Any] | None = None,
-    metavar: str | None = None,
-    choices: tuple[str, ...] | None = None,
-    check: Callable[[Any], str] | None = None,
-    record: str | None = None,
-    cli: bool = True,
-    before: Any = dataclasses.MISSING,
-) -> Any:
-    """A field of :class:`EncodeOptions` with what the command line and the checks need.
-
-    help: one line; ``{default}`` in it becomes the default. parse: the argparse ``type`` (None with a
-    ``False`` default: a flag). check: ``value -> ""`` when valid, else what was expected. record:
-    ``"compare"`` (saved in ``encode_config.json``, must match on ``--resume``), ``"note"`` (saved only) or None.
-    cli: False for options only Python callers can give (objects, callbacks). before: what runs made before the
-    option existed did, when that is not its default (``--resume`` compares a folder that does not record it
-    with this).
-    """
-    meta = dict(help=help, parse=parse, metavar=metavar, choices=choices, check=check, record=record, cli=cli)
-    if before is not dataclasses.MISSING:
-        meta["before"] = before
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
