@@ -1,10 +1,10 @@
 """How fast this CPU multiplies in bfloat16 against float32, measured once and kept per machine.
 
 CPU flags do not predict it: two CPUs that both report AVX-512-BF16 and no AMX ran a bf16 matmul at 0.5x and
-at 2.3x their fp32 rate. So ``"auto"`` on a CPU (:func:`hevc_vit.devices.dtype_choice`) asks a measurement:
-a few matmuls of a ViT block's size in each dtype, alternating, best of several (tens of milliseconds), plus
-the cosine of the bf16 result against the fp32 one (a broken or emulated kernel shows there). The result is
-cached in ``$HEVC_VIT_CACHE`` (default ``$XDG_CACHE_HOME/hevc_vit``, else ``~/.cache/hevc_vit``), in
+at 2.3x their fp32 rate. So ``"auto"`` on a CPU (:func:`hevc_vit.devices.dtype_choice`) asks a measurement: a
+matmul of a ViT block's size in each dtype, alternating, the best of 3 to 50 rounds (at most about a quarter of a
+second), plus the cosine of the bf16 result against the fp32 one (a broken or emulated kernel shows there). The
+result is cached in ``$HEVC_VIT_CACHE`` (default ``$XDG_CACHE_HOME/hevc_vit``, else ``~/.cache/hevc_vit``), in
 ``cpu_dtype.json``, keyed by what changes the answer: the CPU model, the core count, torch's thread count and
 the torch version. Delete the file (or set ``HEVC_VIT_CPU_DTYPE``) to decide again or by hand.
 """
@@ -27,7 +27,8 @@ BF16_MIN_COSINE = 0.999  # per-row cosine of a bf16 matmul against fp32; a healt
 CACHE_VARIABLE = "HEVC_VIT_CACHE"
 CACHE_NAME = "cpu_dtype.json"
 CALIBRATION_SHAPE = (256, 1024, 1024)  # (tokens, width, width): one ViT-L linear on a quarter of a 448² image
-ROUNDS = 5
+ROUNDS = (3, 50)  # at least 3 rounds, and more while under TIME_BUDGET: a busy moment slows a round, not all
+TIME_BUDGET = 0.25  # seconds of measuring (a quiet CPU needs ~30 ms for 3 rounds)
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,9 @@ def _read_cache(path: Path) -> dict[str, dict]:
 
 
 def measure_cpu_dtypes(machine: str = "", shape: tuple[int, int, int] = CALIBRATION_SHAPE) -> Calibration:
-    """Matmul rates on the CPU in float32 and bfloat16 (best of ``ROUNDS``, alternating so that a change of
-    clock or load hits both), and the bf16 result's smallest per-row cosine against the fp32 one."""
+    """Matmul rates on the CPU in float32 and bfloat16 (the best round of 3 to 50, as many as fit in
+    ``TIME_BUDGET``, alternating so that a change of clock or load hits both: on a busy machine the best round is
+    the one least disturbed), and the bf16 result's smallest per-row cosine against the fp32 one."""
     start = time.perf_counter()
     tokens, width, out = shape
     generator = torch.Generator().manual_seed(0)
@@ -126,11 +128,15 @@ def measure_cpu_dtypes(machine: str = "", shape: tuple[int, int, int] = CALIBRAT
     b32 = torch.randn(width, out, generator=generator)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
     best = {"fp32": float("inf"), "bf16": float("inf")}
-    for _ in range(ROUNDS + 1):  # the first round warms both kernels up; min() takes the best anyway
+    for pair in (("fp32", (a32, b32)), ("bf16", (a16, b16))):  # warm both kernels up (oneDNN builds them once)
+        torch.mm(*pair[1])
+    rounds = 0
+    while rounds < ROUNDS[0] or (rounds < ROUNDS[1] and time.perf_counter() - start < TIME_BUDGET):
         for name, (a, b) in (("fp32", (a32, b32)), ("bf16", (a16, b16))):
             t0 = time.perf_counter()
             torch.mm(a, b)
             best[name] = min(best[name], time.perf_counter() - t0)
+        rounds += 1
     exact, approx = torch.mm(a32, b32), torch.mm(a16, b16).float()
     cosine = torch.nn.functional.cosine_similarity(approx, exact, dim=1).min().item()
     flops = 2 * tokens * width * out / 1e9
