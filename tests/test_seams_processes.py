@@ -347,7 +347,7 @@ def alive(pids: set[int]) -> set[int]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("killed", [1, 0])
+@pytest.mark.parametrize("killed", [1, 0, "torchrun"])  # a rank, or torchrun's agent itself
 def test_a_rank_killed_brings_the_run_down_and_resume_completes_it(many, ckpt, whole, tmp_path, killed):
     out = tmp_path / "out"
     args = encode_args(many, out, ckpt, "--workers", "2", "--device", "cpu")
@@ -355,7 +355,7 @@ def test_a_rank_killed_brings_the_run_down_and_resume_completes_it(many, ckpt, w
     wait_for_a_shard(proc, out)
     run = descendants(proc.pid)  # torchrun, both ranks, their decoding workers
     assert len(run) >= 3, f"expected torchrun and 2 ranks (and their workers): {run}"
-    os.kill(int((pids / str(killed)).read_text()), signal.SIGKILL)
+    os.kill(proc.pid if killed == "torchrun" else int((pids / str(killed)).read_text()), signal.SIGKILL)
     deadline = time.monotonic() + RUN_ENDS_WITHIN
     while alive(run) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -6,11 +6,15 @@ process waits on in Python (:meth:`Ranks.barrier`), so the long waits (rank 0 li
 finish their shares far apart) let a signal in at once: SIGTERM from torchrun, whose agent stops every rank
 when one dies, ends this rank cleanly (a wait inside gloo would hold the signal until the wait ends). A rank
 that dies closes its connections: the others' waits end at once with :class:`RankLostError`, and a live rank
-that never arrives ends them after :data:`BARRIER_TIMEOUT`."""
+that never arrives ends them after :data:`BARRIER_TIMEOUT`. A rank started by torchrun dies with torchrun's agent
+(:func:`die_with_parent`): killed with -9, the agent can no longer stop its ranks, which would otherwise wait in
+the rendezvous for hours, or finish the run unseen while holding the output folder."""
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +25,23 @@ import torch
 
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shares far apart on large runs
 POLL_SECONDS = 0.05  # how often a rank waiting on the others looks (and lets signals in)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent ``parent`` ends (Linux; elsewhere a no-op);
+    exit now if it already has. Used by the decoding workers and by ranks under torchrun."""
+    if sys.platform.startswith("linux"):
+        import ctypes  # only here: prctl is Linux's
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the callers' own checks remain
+            pass
+    if os.getppid() != parent:  # the parent went before the request above took effect
+        os._exit(0)
 
 
 class RankLostError(ConnectionError):
@@ -44,6 +65,8 @@ class Ranks:
         if not dist.is_available() or not (dist.is_initialized() or under_launcher):
             return cls()
         owns = False
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: its agent is this process's parent
+            die_with_parent(os.getppid())
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)

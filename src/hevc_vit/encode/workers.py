@@ -19,7 +19,6 @@ import io
 import os
 import pickle
 import signal
-import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +26,12 @@ from multiprocessing.connection import wait as wait_for
 
 import torch
 
+from .distributed import die_with_parent
 from .items import spec_path
 from .loading import LoadedItem, LoadOptions, load_item
 
 PARENT_CHECK_SECONDS = 1.0  # a worker waiting for work checks this often that its parent is alive
 JOIN_SECONDS = 5.0  # closing: how long a worker may take to finish its input before it is killed
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def default_workers() -> int:
@@ -188,7 +187,7 @@ def _death_reason(exitcode: int | None) -> str:
 
 def _worker_main(conn, options: LoadOptions, current, parent: int) -> None:
     """One worker: load the inputs it is sent until it is sent None, or its parent is gone."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the main process's to handle:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it stops the run and closes the pool
     torch.set_num_threads(1)  # many workers decode side by side; the model has the cores
@@ -207,19 +206,6 @@ def _worker_main(conn, options: LoadOptions, current, parent: int) -> None:
         item = load_item(index, path, options)
         conn.send_bytes(dumps_plain((pos, item)))
         current.value = -1
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when its parent ends (Linux); exit now if it already has."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl: the parent check while waiting remains
-            pass
-    if os.getppid() != parent:  # the parent went before the request above took effect
-        os._exit(0)
 
 
 def dumps_plain(obj: object) -> bytes:
