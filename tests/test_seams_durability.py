@@ -205,6 +205,7 @@ def _killed_run(point: str, inputs: list, out: Path, output_format: str, resume:
 KILL_POINTS = [(fmt, point) for fmt in FORMATS for point in ("tmp", "published", "torn", "merge")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("output_format", "point"), [*KILL_POINTS, ("npy-parquet", "npy")])
 def test_a_run_killed_at_any_step_of_a_write_resumes_to_the_uninterrupted_folder(
     model, images, whole, tmp_path, output_format, point
@@ -224,6 +225,7 @@ def test_a_run_killed_at_any_step_of_a_write_resumes_to_the_uninterrupted_folder
         assert any("its rows were cut short" in r for r in resumed.repairs), resumed.repairs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_format", FORMATS)
 def test_a_resume_killed_as_it_settles_the_folder_resumes_again(model, images, whole, tmp_path, output_format):
     out = tmp_path / "out"
@@ -278,6 +280,7 @@ def test_keys_stay_with_their_inputs_across_resumes_with_other_inputs(model, eig
     assert len(seen) == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_format", ["safetensors", "npy-parquet"])
 def test_keys_stay_unique_when_a_killed_run_is_resumed_with_other_inputs(model, eight, tmp_path, output_format):
     out, options = tmp_path / "out", dict(model=model, **_options(output_format))
@@ -486,6 +489,7 @@ def _real_full_disk(images: Path, ckpt: Path, tmp_path: Path, output_format: str
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_format", FORMATS)
 def test_a_real_full_disk_ends_with_one_line_and_resumes(images, ckpt, whole, tmp_path, output_format):
     # room for the settings, the lock, the rank's index and a part or two (a page each at least), not all parts

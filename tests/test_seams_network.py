@@ -255,6 +255,7 @@ def test_http_sources_give_the_features_of_the_local_files(kind, model, server, 
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_server_that_never_answers_gives_a_failed_row_and_the_run_goes_on(
     workers, model, server, silent_socket, local, tmp_path
@@ -272,6 +273,7 @@ def test_a_server_that_never_answers_gives_a_failed_row_and_the_run_goes_on(
     assert server.counts[f"/slow/w{workers}/img/{NAMES[1]}"] >= 2  # retried once
 
 
+@pytest.mark.slow
 def test_a_folder_url_that_never_answers_is_a_failed_row(model, server, silent_socket, root, tmp_path):
     folder = f"{server.base}/hang/folder/img/"
     (tmp_path / "list.txt").write_text(f"{silent_socket}/img/\n")

@@ -179,6 +179,7 @@ def test_sniff_names_the_usual_formats_from_their_first_bytes(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_2gb_stray_file_is_a_failed_row_read_by_its_first_bytes(ckpt, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
