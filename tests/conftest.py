@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import subprocess
@@ -188,3 +189,24 @@ def run_encode_cli(world: int, args: Sequence[str], timeout: float = 300) -> sub
     """``hevc-vit ARGS`` in ``world`` processes (see :func:`launch_command`), its output captured."""
     command = launch_command(world, ["-m", "hevc_vit", *args])
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def disk_full_error(what: str) -> OSError:
+    """The error a write meets on a full disk (ENOSPC), naming ``what`` was written."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
+
+
+def fill_the_disk_at_the_second_shard(monkeypatch) -> None:
+    """From the second safetensors shard on, the disk is full: half the bytes land, then ENOSPC."""
+    from hevc_vit.encode import shards
+
+    real_save, calls = shards.save_shard, []
+
+    def save_shard(tensors, path, mode):
+        calls.append(path)
+        if len(calls) == 1:
+            return real_save(tensors, path, mode)
+        path.write_bytes(b"half a shard")
+        raise disk_full_error(str(path))
+
+    monkeypatch.setattr(shards, "save_shard", save_shard)

@@ -21,10 +21,17 @@ from safetensors.torch import save_file
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, read_index
 from hevc_vit.encode import index as index_files
-from hevc_vit.encode import shards as shard_files
 from hevc_vit.encode.index import rank_index_files
 
-from .conftest import assert_close_rel, assert_same_output, cli_args, crash_on_forward, features_by_path
+from .conftest import (
+    assert_close_rel,
+    assert_same_output,
+    cli_args,
+    crash_on_forward,
+    disk_full_error,
+    features_by_path,
+    fill_the_disk_at_the_second_shard,
+)
 from .test_encode import OPTIONS
 
 SEVERAL_SHARDS = ("--shard-size-mb", "0", "--max-tokens", "40")  # one shard per forward, several forwards
@@ -51,24 +58,11 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _full(what: str) -> OSError:
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
-
-
 def _fill_the_disk(monkeypatch, seam: str) -> None:
     """From the second write through ``seam`` on, the disk is full: half the bytes land, then ENOSPC."""
     calls = []
     if seam == "shard":
-        real_save = shard_files.save_shard
-
-        def save_shard(tensors, path, mode):
-            calls.append(path)
-            if len(calls) == 1:
-                return real_save(tensors, path, mode)
-            path.write_bytes(b"half a shard")
-            raise _full(str(path))
-
-        monkeypatch.setattr(shard_files, "save_shard", save_shard)
+        fill_the_disk_at_the_second_shard(monkeypatch)
     elif seam == "rows":
         real_append = index_files.append_rows
 
@@ -77,13 +71,13 @@ def _fill_the_disk(monkeypatch, seam: str) -> None:
             if len(calls) == 1:
                 return real_append(fd, rows)
             os.write(fd, index_files.rows_bytes(rows)[:20])
-            raise _full("index.rank00000.jsonl")
+            raise disk_full_error("index.rank00000.jsonl")
 
         monkeypatch.setattr(index_files, "append_rows", append_rows)
     else:
 
         def write_index(path, rows):
-            raise _full(str(path))
+            raise disk_full_error(str(path))
 
         monkeypatch.setattr(index_files, "write_index", write_index)
 

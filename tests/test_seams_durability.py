@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,17 @@ from hevc_vit.encode.formats import owned_files
 from hevc_vit.encode.index import rank_index_files
 from hevc_vit.encode.processing import NativeResolutionProcessor
 
-from .conftest import FIXTURES, assert_close_rel, cli_args, subprocess_env, without_shard, write_image, write_tar
+from .conftest import (
+    FIXTURES,
+    assert_close_rel,
+    cli_args,
+    disk_full_error,
+    fill_the_disk_at_the_second_shard,
+    subprocess_env,
+    without_shard,
+    write_image,
+    write_tar,
+)
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the 'data' extra) is not installed")
@@ -362,24 +371,11 @@ def test_failures_still_failing_or_not_given_again_are_counted_as_the_index_hold
 # --------------------------------------------------------------------------------------------------
 
 
-def _full(what: str) -> OSError:
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
-
-
 def _fill_the_disk(monkeypatch, output_format: str, seam: str) -> None:
     """From the second write through ``seam`` on, the disk is full: half the bytes land, then ENOSPC."""
     calls = []
     if seam == "write" and output_format == "safetensors":
-        real_save = shard_files.save_shard
-
-        def save_shard(tensors, path, mode):
-            calls.append(path)
-            if len(calls) == 1:
-                return real_save(tensors, path, mode)
-            path.write_bytes(b"half a shard")
-            raise _full(str(path))
-
-        monkeypatch.setattr(shard_files, "save_shard", save_shard)
+        fill_the_disk_at_the_second_shard(monkeypatch)
     elif seam == "write":
         real_write = part_formats.write_file
 
@@ -388,7 +384,7 @@ def _fill_the_disk(monkeypatch, output_format: str, seam: str) -> None:
             if len(calls) <= (2 if output_format == "npy-parquet" else 1):  # the first part's files
                 return real_write(path, data, mode)
             path.write_bytes(b"half a part")
-            raise _full(str(path))
+            raise disk_full_error(str(path))
 
         monkeypatch.setattr(part_formats, "write_file", write_file)
     else:  # "publish": the second name cannot be made (a folder's entry needs a block)
@@ -397,7 +393,7 @@ def _fill_the_disk(monkeypatch, output_format: str, seam: str) -> None:
         def publish_new(tmp, final):
             calls.append(final)
             if len(calls) >= 1 + (output_format == "npy-parquet"):
-                raise _full(str(final))
+                raise disk_full_error(str(final))
             return real_publish(tmp, final)
 
         monkeypatch.setattr(part_formats, "publish_new", publish_new)
