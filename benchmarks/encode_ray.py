@@ -25,7 +25,7 @@ import torch
 from encode_sources import make_images
 
 from hevc_vit.encode import EncodeOptions, encode, iter_features
-from hevc_vit.encode.loading import load_items
+from hevc_vit.encode.decode.load import load_items
 
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -44,8 +44,8 @@ def run_engine(folder: Path, out: Path, opts: EncodeOptions) -> tuple[float, dic
 
 def model_alone(folder: Path, args) -> float:
     """Tokens/s of the Ray engine's model stage on the items, decoded beforehand (not timed)."""
-    from hevc_vit.ray.dataset import Stages, prepare
-    from hevc_vit.ray.stages import ModelStage
+    from hevc_vit.encode.engines.ray.dataset import Stages, prepare
+    from hevc_vit.encode.engines.ray.stages import ModelStage
 
     opts = options(args, engine="ray")
     encoder, device, dtype = prepare(opts, lambda message: None)

@@ -50,9 +50,9 @@ def _sync(device: torch.device) -> None:
 def model_only(model, out_dir: Path, processor, max_tokens: int, device, dtype) -> dict:
     """The packing model alone on the groups encode would form, items preprocessed beforehand."""
     from hevc_vit.encode import read_index
-    from hevc_vit.encode.batching import first_fit_decreasing
-    from hevc_vit.encode.forward import model_input
-    from hevc_vit.encode.loading import LoadOptions, load_item
+    from hevc_vit.encode.decode.load import LoadOptions, load_item
+    from hevc_vit.encode.model.batching import first_fit_decreasing
+    from hevc_vit.encode.model.forward import model_input
     from hevc_vit.packing import PackingPlan
 
     rows = [r for r in read_index(out_dir) if r["status"] == "ok"][:400]
@@ -131,7 +131,7 @@ def main() -> int:
 
     from hevc_vit.devices import default_dtype
     from hevc_vit.encode import encode
-    from hevc_vit.encode.model import build_processor, load_model
+    from hevc_vit.encode.model.loader import build_processor, load_model
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="encode_bench_"))
     report: dict = {

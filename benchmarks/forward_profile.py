@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from hevc_vit.bench import make_workload, model_flops
-from hevc_vit.bench_measure import matmul_peak_flops, time_median
+from hevc_vit.bench.measure import matmul_peak_flops, time_median
 from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.devices import describe_dtype_choice, parse_dtype, resolve_device
 from hevc_vit.modeling import HEVCViTPackingModel

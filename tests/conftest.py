@@ -198,7 +198,7 @@ def disk_full_error(what: str) -> OSError:
 
 def fill_the_disk_at_the_second_shard(monkeypatch) -> None:
     """From the second safetensors shard on, the disk is full: half the bytes land, then ENOSPC."""
-    from hevc_vit.encode import shards
+    from hevc_vit.encode.output import shards
 
     real_save, calls = shards.save_shard, []
 

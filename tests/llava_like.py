@@ -11,8 +11,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from hevc_vit.projector import build_projector
-from hevc_vit.towers import build_vision_tower
+from hevc_vit.llava.projector import build_projector
+from hevc_vit.llava.towers import build_vision_tower
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 

@@ -12,7 +12,7 @@ import torch
 
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify_items
 from hevc_vit.bench import BenchSetup, make_workload, model_flops, run_benchmark, run_padded, run_per_item_loop
-from hevc_vit.bench_dtypes import compare_dtypes, format_dtype_report
+from hevc_vit.bench.dtypes import compare_dtypes, format_dtype_report
 from hevc_vit.cli import build_parser, main
 from hevc_vit.cli.bench import format_report, run, run_setup, setup_from_args
 from hevc_vit.convert.verify import TOLERANCES

@@ -28,7 +28,7 @@ from hevc_vit.codec import (
     select_patches,
     select_topk,
 )
-from hevc_vit.encode.video import temporal_positions, video_patch_positions
+from hevc_vit.media.video import temporal_positions, video_patch_positions
 
 from .conftest import assert_close_rel, tiny_config
 

@@ -16,13 +16,13 @@ from safetensors import safe_open
 from hevc_vit import HEVCViTPackingModel, patchify
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import DEFAULT_OUT, encode, iter_features, read_index, sample_inputs
-from hevc_vit.encode.batching import TokenBudgetPacker, first_fit_decreasing
-from hevc_vit.encode.folder import choose_out_dir
-from hevc_vit.encode.index import rank_index_files
-from hevc_vit.encode.processing import NativeResolutionProcessor
-from hevc_vit.encode.sources import expand_inputs
-from hevc_vit.encode.video import read_video, temporal_positions, video_patch_positions
+from hevc_vit.encode.model.batching import TokenBudgetPacker, first_fit_decreasing
+from hevc_vit.encode.output.folder import choose_out_dir
+from hevc_vit.encode.output.index import rank_index_files
+from hevc_vit.encode.readers.expand import expand_inputs
+from hevc_vit.media.video import read_video, temporal_positions, video_patch_positions
 from hevc_vit.packing import grid_positions, unpack
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 from .conftest import (
     FIXTURES,

@@ -16,8 +16,8 @@ from hevc_vit.cli import main
 from hevc_vit.codec import CodecSparseConfig, select_patches
 from hevc_vit.codec.decode import sampled_frames
 from hevc_vit.encode import encode, iter_features, read_index
-from hevc_vit.encode.processing import NativeResolutionProcessor
-from hevc_vit.encode.video import temporal_positions, video_patch_positions
+from hevc_vit.media.video import temporal_positions, video_patch_positions
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 from .conftest import assert_close_rel, tiny_config
 from .test_codec import write_clip
@@ -114,7 +114,7 @@ def test_a_tower_encodes_a_selection_laid_out_as_the_reference_llava_pipeline_do
     """Kept patches pasted into canvas frames plus their true positions: the tower encodes them as one clip,
     equal to the standard model on the dense clip with the selection's visible indices."""
     from hevc_vit.codec import gather_selected_patches, selection_as_frames
-    from hevc_vit.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
+    from hevc_vit.llava.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
 
     standard, packing = models
     clip = data / "clip.mp4"

@@ -1,7 +1,7 @@
 """``hevc-vit encode`` when the disk fills up and when ``--resume`` meets a damaged folder.
 
-A full disk is simulated through the documented write seams (``hevc_vit.encode.shards.save_shard``,
-``hevc_vit.encode.index.append_rows``, ``hevc_vit.encode.index.write_index``): each write there fails with
+A full disk is simulated through the documented write seams (``hevc_vit.encode.output.shards.save_shard``,
+``hevc_vit.encode.output.index.append_rows``, ``hevc_vit.encode.output.index.write_index``): each write there fails with
 ``ENOSPC`` after leaving half its bytes, as a real full disk does. Each test compares the folder that is
 left, resumed, with an uninterrupted run.
 """
@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, read_index
-from hevc_vit.encode import index as index_files
-from hevc_vit.encode.index import rank_index_files
+from hevc_vit.encode.output import index as index_files
+from hevc_vit.encode.output.index import rank_index_files
 
 from .conftest import (
     assert_close_rel,

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from hevc_vit import HEVCViTPackingModel
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, iter_features, load_features, read_index
-from hevc_vit.encode.lock import FolderLock
-from hevc_vit.encode.sources import expand_inputs
+from hevc_vit.encode.output.lock import FolderLock
+from hevc_vit.encode.readers.expand import expand_inputs
 
 from .conftest import assert_close_rel, cli_args, features_by_path, run_encode_cli, without_shard, write_image
 from .test_encode import OPTIONS, PROC
@@ -80,7 +80,7 @@ def test_a_held_folder_is_refused_by_the_cli_naming_the_holder(images, ckpt, tmp
 
 def test_without_out_a_second_run_takes_the_next_numbered_folder(tmp_path, monkeypatch):
     from hevc_vit.encode import DEFAULT_OUT
-    from hevc_vit.encode.folder import claim_out_dir
+    from hevc_vit.encode.output.folder import claim_out_dir
 
     monkeypatch.chdir(tmp_path)
     with FolderLock.acquire(DEFAULT_OUT):  # a run that has not written anything yet
@@ -95,7 +95,7 @@ def test_a_shard_is_never_written_over_an_existing_file(tmp_path, monkeypatch):
     """Another writer creates the shard's name between the writer's check and its rename: the other file stays."""
     import safetensors.torch
 
-    from hevc_vit.encode.shards import ShardWriter
+    from hevc_vit.encode.output.shards import ShardWriter
 
     writer = ShardWriter(tmp_path, rank=0, shard_bytes=1 << 30)
     real_save = safetensors.torch.save_file
@@ -381,16 +381,16 @@ def test_pooled_vectors_depend_on_the_forward_only_within_the_documented_bound(m
 def test_a_worker_that_dies_fails_only_its_input(model, images, tmp_path, monkeypatch):
     """The decoder crashes its process (os._exit, as an OOM kill or a segfault would) on one file; the run goes
     on and that file alone gets a failed row. Worker processes fork, so they see this patch."""
-    import hevc_vit.encode.loading
+    import hevc_vit.encode.decode.load
 
-    real_open = hevc_vit.encode.loading.open_image
+    real_open = hevc_vit.encode.decode.load.open_image
 
     def crash_on_3(path):
         if Path(path).name == "3.png":
             os._exit(7)
         return real_open(path)
 
-    monkeypatch.setattr(hevc_vit.encode.loading, "open_image", crash_on_3)
+    monkeypatch.setattr(hevc_vit.encode.decode.load, "open_image", crash_on_3)
     result = encode([images], tmp_path / "out", model=model, **{**OPTIONS, "workers": 2})
     rows = {Path(r["path"]).name: r for r in read_index(tmp_path / "out")}
     assert [name for name, r in rows.items() if r["status"] != "ok"] == ["3.png"]

@@ -17,9 +17,9 @@ from PIL import Image
 from hevc_vit import HEVCViTPackingModel
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, iter_features, read_index
-from hevc_vit.encode.processing import NativeResolutionProcessor
-from hevc_vit.encode.remote import with_retries
-from hevc_vit.encode.sources import expand_braces
+from hevc_vit.encode.readers.expand import expand_braces
+from hevc_vit.encode.readers.remote import with_retries
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 from .conftest import FIXTURES, crash_on_forward, without_shard, write_tar
 
@@ -266,7 +266,7 @@ class FlakyFileSystem(fsspec.AbstractFileSystem):
 
 
 def test_unreachable_urls_fail_after_the_retries_and_the_run_goes_on(model, loose, blobs, tmp_path, monkeypatch):
-    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.RETRY_PAUSE", 0)
     fsspec.register_implementation("hevcflaky", FlakyFileSystem, clobber=True)
     FlakyFileSystem.files = {"x/down.jpg": blobs[0], "x/flaky.jpg": blobs[1]}
     FlakyFileSystem.failures = {"x/down.jpg": -1, "x/flaky.jpg": 2}
@@ -356,7 +356,7 @@ def test_a_clip_in_a_tar_equals_the_loose_clip(model, tmp_path):
     "error", [FileNotFoundError("gone"), PermissionError("no"), ValueError("bad url"), NotImplementedError("no ls")]
 )
 def test_errors_another_attempt_cannot_cure_are_not_retried(monkeypatch, error):
-    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.RETRY_PAUSE", 0)
     calls = []
 
     def fail():
@@ -369,7 +369,7 @@ def test_errors_another_attempt_cannot_cure_are_not_retried(monkeypatch, error):
 
 
 def test_other_errors_are_retried_then_named_with_the_attempts(monkeypatch):
-    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.RETRY_PAUSE", 0)
     calls = []
 
     def flaky():
@@ -387,7 +387,7 @@ def test_other_errors_are_retried_then_named_with_the_attempts(monkeypatch):
 
 def test_a_saved_dataset_of_several_splits_and_no_train_split_names_them(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from hevc_vit.encode.objects import open_hf_dataset
+    from hevc_vit.encode.readers.memory import open_hf_dataset
 
     one = datasets.Dataset.from_dict({"x": [1]})
     datasets.DatasetDict({"val": one, "test": one}).save_to_disk(str(tmp_path / "dd"))

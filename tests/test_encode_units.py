@@ -15,10 +15,10 @@ from safetensors import safe_open
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import read_index
-from hevc_vit.encode.folder import prepare_folder
-from hevc_vit.encode.index import INDEX_NAME, rank_index_files, read_jsonl
-from hevc_vit.encode.sources import SourceOptions, expand_inputs, expand_units
-from hevc_vit.encode.units import list_share, ordered_paths
+from hevc_vit.encode.output.folder import prepare_folder
+from hevc_vit.encode.output.index import INDEX_NAME, rank_index_files, read_jsonl
+from hevc_vit.encode.readers.expand import SourceOptions, expand_inputs, expand_units
+from hevc_vit.encode.readers.units import list_share, ordered_paths
 
 from .conftest import (
     assert_same_output,
@@ -148,7 +148,7 @@ def test_a_missing_kept_column_stops_the_plan_before_any_row_is_read(inputs, tmp
 WRAPPER = """
 import os, sys, time
 from pathlib import Path
-from hevc_vit.encode import forward
+from hevc_vit.encode.model import forward
 pids = Path(sys.argv.pop(1))
 (pids / os.environ.get("RANK", "0")).write_text(str(os.getpid()))
 run = forward.GroupEncoder.run

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from hevc_vit import HEVCViTModel
 from hevc_vit.checkpoints import convert_from_native
-from hevc_vit.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
+from hevc_vit.llava.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
 
 from .conftest import FIXTURES, assert_close_rel
 from .llava_like import TOWER_PREFIX, TinyLlavaConfig, TinyLlavaForCausalLM

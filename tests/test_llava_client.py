@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from hevc_vit import HEVCViTModel
-from hevc_vit.projector import build_projector
-from hevc_vit.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
+from hevc_vit.llava.projector import build_projector
+from hevc_vit.llava.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
 
 from .conftest import FIXTURES, assert_close_rel
 

@@ -13,9 +13,9 @@ from PIL import Image, ImageOps
 
 from hevc_vit.cli import build_parser
 from hevc_vit.encode import encode
-from hevc_vit.encode.loading import LoadOptions, load_item
-from hevc_vit.encode.pixels import ORIENTATION_TAG, draft_jpeg, exif_orientation, turn_upright, upright_size
-from hevc_vit.encode.processing import NativeResolutionProcessor
+from hevc_vit.encode.decode.load import LoadOptions, load_item
+from hevc_vit.processing.pixels import ORIENTATION_TAG, draft_jpeg, exif_orientation, turn_upright, upright_size
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 PROCESSOR = NativeResolutionProcessor(patch_size=14, min_tokens=16, max_tokens=64)
 # 1 level of 255 in normalised units is about 1 / (255 · std) <= 0.0146 (CLIP std >= 0.261)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hevc_vit.bench_pipeline import (
+from hevc_vit.bench.pipeline import (
     PipelineSetup,
     draft_deviation,
     format_pipeline_report,
@@ -23,11 +23,11 @@ from hevc_vit.bench_pipeline import (
 )
 from hevc_vit.cli import build_parser
 from hevc_vit.encode import encode
-from hevc_vit.encode.forward import model_input
-from hevc_vit.encode.loading import LoadedItem, LoadOptions, load_item
-from hevc_vit.encode.pixels import Normalizer, normalize_patches, normalize_reference
-from hevc_vit.encode.processing import CLIP_MEAN, CLIP_STD, FixedSizeProcessor, NativeResolutionProcessor
+from hevc_vit.encode.decode.load import LoadedItem, LoadOptions, load_item
+from hevc_vit.encode.model.forward import model_input
 from hevc_vit.packing import patchify
+from hevc_vit.processing.pixels import Normalizer, normalize_patches, normalize_reference
+from hevc_vit.processing.processors import CLIP_MEAN, CLIP_STD, FixedSizeProcessor, NativeResolutionProcessor
 
 # The draft decode's deviation from a full decode, measured: on bench --pipeline's synthetic set (textured JPEGs of
 # 256..4000 px, 8 changed) |8-bit difference| mean 1.8, p99 7, max 21, feature cosine min 0.987, mean 0.9983

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hevc_vit.encode.processing import CLIP_MEAN, CLIP_STD, FixedSizeProcessor, NativeResolutionProcessor
-from hevc_vit.encode.processor_files import load_processor, processor_from_dict
+from hevc_vit.processing.files import load_processor, processor_from_dict
+from hevc_vit.processing.processors import CLIP_MEAN, CLIP_STD, FixedSizeProcessor, NativeResolutionProcessor
 
 from .conftest import FIXTURES
 

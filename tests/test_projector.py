@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hevc_vit.projector import (
+from hevc_vit.llava.projector import (
     IdentityProjector,
     LinearProjector,
     MLPProjector,

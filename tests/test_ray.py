@@ -1,4 +1,4 @@
-"""``encode --engine ray`` (:mod:`hevc_vit.ray`) against the local engine on one mixed folder (images, a corrupt
+"""``encode --engine ray`` (:mod:`hevc_vit.encode.engines.ray`) against the local engine on one mixed folder (images, a corrupt
 JPEG, a file that is no image): the same index rows and the same features, for safetensors and npy-parquet; a
 lost model actor and a lost writer retried by Ray with every input written exactly once; ``encode_dataset``
 against the same. One local Ray instance (2 CPUs, loopback only, no dashboard) serves the module."""
@@ -16,7 +16,7 @@ import torch
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import EncodeOptions, encode, iter_features, read_index
-from hevc_vit.encode.index import rank_index_files
+from hevc_vit.encode.output.index import rank_index_files
 
 from .conftest import assert_close_rel, cli_args, without_shard, write_tar
 from .test_encode_formats import _read_npy_parquet
@@ -108,8 +108,8 @@ def test_cli_engine_ray_matches_local_npy_parquet(local_ray, mixed, ckpt, local_
 def test_lost_actor_or_writer_is_retried_without_duplicates(
     local_ray, mixed, ckpt, local_runs, tmp_path, monkeypatch, stage
 ):
-    from hevc_vit.ray import encode_folder
-    from hevc_vit.ray.stages import FAULT_ENV
+    from hevc_vit.encode.engines.ray import encode_folder
+    from hevc_vit.encode.engines.ray.stages import FAULT_ENV
 
     fault = tmp_path / "fault"
     fault.write_text(stage)  # the first model call / block write ends its process, once
@@ -167,7 +167,7 @@ def test_tar_parquet_and_url_sources_match_local(local_ray, mixed, ckpt, tmp_pat
 @pytest.mark.ray
 @pytest.mark.slow
 def test_encode_dataset_matches_local(local_ray, mixed, ckpt, local_runs):
-    from hevc_vit.ray import encode_dataset
+    from hevc_vit.encode.engines.ray import encode_dataset
 
     files = sorted(mixed.iterdir())
     ds = local_ray.data.from_items([{"path": str(p), "image": p.read_bytes(), "n": i} for i, p in enumerate(files)])
@@ -197,7 +197,7 @@ def test_ray_options_need_the_ray_engine():
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
-    from hevc_vit.ray.cluster import import_ray
+    from hevc_vit.encode.engines.ray.cluster import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'hevc-vit\[ray\]'"):
@@ -208,8 +208,8 @@ def test_actors_use_the_dtype_the_driver_resolved(ckpt, monkeypatch):
     """``auto`` is resolved once, on the driver, and handed to every model actor: an actor on a node of another CPU
     kind (here: the rule changed after the driver chose) must not choose for itself."""
     pytest.importorskip("ray.data")
-    from hevc_vit.ray import dataset
-    from hevc_vit.ray.stages import ModelStage
+    from hevc_vit.encode.engines.ray import dataset
+    from hevc_vit.encode.engines.ray.stages import ModelStage
 
     monkeypatch.setattr(dataset, "cluster_has_gpus", lambda: False)
     monkeypatch.setenv("HEVC_VIT_CPU_DTYPE", "bfloat16")  # the driver's CPU takes bf16

@@ -18,9 +18,9 @@ import torch
 from hevc_vit.bench import BenchSetup
 from hevc_vit.cli import build_parser, main
 from hevc_vit.encode import EncodeOptions, encode, read_index
-from hevc_vit.encode import runner as runner_module
-from hevc_vit.encode.index import ENCODE_CONFIG_NAME
+from hevc_vit.encode.engines import local as runner_module
 from hevc_vit.encode.options import parse_budget
+from hevc_vit.encode.output.index import ENCODE_CONFIG_NAME
 
 from .conftest import crash_on_forward, features_by_path, write_image
 
@@ -63,7 +63,7 @@ CODEC_NUMERIC = {
     "--columns": ["0", "-3", HUGE, "1.5"],
     "--size": ["0x5", "-16x32", "224", "1000000x224", "axb"],
 }
-# every field a run writes in an index row or a metadata table itself (hevc_vit.encode.index.make_row, the loaders'
+# every field a run writes in an index row or a metadata table itself (hevc_vit.encode.output.index.make_row, the loaders'
 # info, the parquet metadata, clip-retrieval's image_path)
 INDEX_FIELDS = ("path", "shard", "key", "shape", "grid_thw", "status", "error", "kind", "id", "size")
 INDEX_FIELDS += ("exif_orientation", "frames", "total_frames", "temporal_positions", "codec", "image_path")
@@ -168,7 +168,7 @@ def test_bench_setup_refuses_counts(name, value):
 
 
 def test_reserved_columns_are_the_index_fields():
-    from hevc_vit.encode.formats import RESERVED_COLUMNS
+    from hevc_vit.encode.output.formats import RESERVED_COLUMNS
 
     assert set(RESERVED_COLUMNS) == set(INDEX_FIELDS)
 

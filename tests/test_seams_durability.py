@@ -24,12 +24,12 @@ import torch
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, read_index
-from hevc_vit.encode import formats as part_formats
-from hevc_vit.encode import index as index_files
-from hevc_vit.encode import shards as shard_files
-from hevc_vit.encode.formats import owned_files
-from hevc_vit.encode.index import rank_index_files
-from hevc_vit.encode.processing import NativeResolutionProcessor
+from hevc_vit.encode.output import formats as part_formats
+from hevc_vit.encode.output import index as index_files
+from hevc_vit.encode.output import shards as shard_files
+from hevc_vit.encode.output.formats import owned_files
+from hevc_vit.encode.output.index import rank_index_files
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 from .conftest import (
     FIXTURES,
@@ -155,8 +155,9 @@ KILLED = 86  # the child's exit status when it killed itself at the chosen point
 
 CHILD = r"""
 import json, os, sys
-from hevc_vit.encode import encode, formats, index, shards
-from hevc_vit.encode.processing import NativeResolutionProcessor
+from hevc_vit.encode import encode
+from hevc_vit.encode.output import formats, index, shards
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 point, inputs, out, output_format, model, resume = json.loads(sys.argv[1])
 calls = {"publish": 0, "parts": 0}

@@ -24,9 +24,9 @@ from PIL import Image
 from hevc_vit import HEVCViTPackingModel
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import encode, read_index
-from hevc_vit.encode.items import split_tar_path, tar_path
-from hevc_vit.encode.processing import NativeResolutionProcessor
-from hevc_vit.encode.remote import with_retries
+from hevc_vit.encode.readers.remote import with_retries
+from hevc_vit.encode.readers.spec import split_tar_path, tar_path
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 from .conftest import FIXTURES, assert_close_rel, features_by_path, write_tar
 
@@ -309,9 +309,9 @@ def test_cli_timeout_option(model, server, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["503x2", "500x2", "resetx2", "429x2"])
 def test_server_errors_resets_and_429_are_retried(mode, model, server, local, tmp_path, monkeypatch):
-    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.RETRY_PAUSE", 0)
     pauses: list[float] = []
-    monkeypatch.setattr("hevc_vit.encode.remote.time", SimpleNamespace(sleep=pauses.append))
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.time", SimpleNamespace(sleep=pauses.append))
     urls = [f"{server.base}/{mode}/{n[:6]}/img/{n}" for n in NAMES]
     encode(urls, tmp_path / "out", model=model, retries=2, timeout=5, **OPTIONS)
     _assert_same_features(tmp_path / "out", local)
@@ -322,7 +322,7 @@ def test_server_errors_resets_and_429_are_retried(mode, model, server, local, tm
 
 @pytest.mark.parametrize("code", ["404", "410", "403"])
 def test_missing_and_refused_files_are_not_retried(code, model, server, tmp_path, monkeypatch):
-    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.RETRY_PAUSE", 0)
     url = f"{server.base}/{code}xall/k/img/{NAMES[0]}"
     result = encode([url], tmp_path / "out", model=model, retries=3, timeout=5, **OPTIONS)
     (row,) = read_index(tmp_path / "out")
@@ -332,7 +332,7 @@ def test_missing_and_refused_files_are_not_retried(code, model, server, tmp_path
 
 
 def test_a_server_that_always_fails_names_the_status_after_the_retries(model, server, tmp_path, monkeypatch):
-    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.RETRY_PAUSE", 0)
     urls = [f"{server.base}/503xall/k/img/{NAMES[0]}", f"{server.base}/resetxall/k/img/{NAMES[0]}"]
     encode(urls, tmp_path / "out", model=model, retries=2, timeout=5, **OPTIONS)
     rows = {r["path"]: r for r in read_index(tmp_path / "out")}
@@ -341,7 +341,7 @@ def test_a_server_that_always_fails_names_the_status_after_the_retries(model, se
 
 
 def test_an_import_error_is_never_retried(monkeypatch):
-    monkeypatch.setattr("hevc_vit.encode.remote.RETRY_PAUSE", 0)
+    monkeypatch.setattr("hevc_vit.encode.readers.remote.RETRY_PAUSE", 0)
     calls = []
 
     def fail():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hevc_vit.encode import encode, read_index
-from hevc_vit.encode.index import INDEX_NAME, rank_index_files, read_jsonl
+from hevc_vit.encode.output.index import INDEX_NAME, rank_index_files, read_jsonl
 
 from .conftest import assert_same_output, launch_command, subprocess_env, write_image
 
@@ -26,7 +26,7 @@ from .conftest import assert_same_output, launch_command, subprocess_env, write_
 WRAPPER = """
 import os, sys, time
 from pathlib import Path
-from hevc_vit.encode import forward
+from hevc_vit.encode.model import forward
 pids = Path(sys.argv.pop(1))
 (pids / os.environ.get("RANK", "0")).write_text(str(os.getpid()))
 run = forward.GroupEncoder.run
@@ -258,7 +258,7 @@ class _Stop(KeyboardInterrupt):
 
 
 def _fail_third_shard(monkeypatch) -> None:
-    import hevc_vit.encode.shards as shards
+    import hevc_vit.encode.output.shards as shards
 
     real, calls = shards.save_shard, []
 
@@ -272,7 +272,7 @@ def _fail_third_shard(monkeypatch) -> None:
 
 
 def _interrupt_third_forward(monkeypatch) -> None:
-    from hevc_vit.encode import forward
+    from hevc_vit.encode.model import forward
 
     real, calls = forward.GroupEncoder.run, []
 

@@ -319,7 +319,7 @@ def test_an_exception_in_the_run_stops_the_ray_it_started(ray_tmp, tmp_path, ckp
     import psutil
     import ray
 
-    from hevc_vit.ray import folder
+    from hevc_vit.encode.engines.ray import folder
 
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     seen, seen_names = [], []

@@ -19,9 +19,7 @@ import torch
 from PIL import Image
 
 from hevc_vit.encode import encode, read_index
-from hevc_vit.encode.processing import NativeResolutionProcessor
-from hevc_vit.encode.sniff import sniff
-from hevc_vit.encode.sources import (
+from hevc_vit.encode.readers.expand import (
     MAX_BRACE_NAMES,
     SourceOptions,
     count_braces,
@@ -29,6 +27,8 @@ from hevc_vit.encode.sources import (
     expand_inputs,
     sample_inputs,
 )
+from hevc_vit.media.sniff import sniff
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 from .conftest import assert_close_rel, cli_args, features_by_path, subprocess_env, write_tar
 

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from hevc_vit.encode import encode, read_index
-from hevc_vit.encode.index import INDEX_NAME
-from hevc_vit.encode.processing import NativeResolutionProcessor
-from hevc_vit.encode.video import sample_frame_indices, temporal_positions
+from hevc_vit.encode.output.index import INDEX_NAME
+from hevc_vit.media.video import sample_frame_indices, temporal_positions
+from hevc_vit.processing.processors import NativeResolutionProcessor
 
 from .conftest import assert_close_rel, assert_same_output, features_by_path
 
@@ -237,7 +237,7 @@ def _strict_rows(path: Path) -> list[dict]:
 
 
 def test_json_value_gives_strict_json_for_what_columns_hold():
-    from hevc_vit.encode.index import json_value, row_json
+    from hevc_vit.encode.output.index import json_value, row_json
 
     values = {
         "nan": float("nan"),

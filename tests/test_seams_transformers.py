@@ -15,9 +15,9 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
 from hevc_vit import HEVCViTConfig, HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, attention, patchify
 from hevc_vit.cli import main as cli_main
-from hevc_vit.encode.processing import FixedSizeProcessor, NativeResolutionProcessor
-from hevc_vit.encode.processor_files import load_processor
-from hevc_vit.towers import HEVCViTPackingVisionTower
+from hevc_vit.llava.towers import HEVCViTPackingVisionTower
+from hevc_vit.processing.files import load_processor
+from hevc_vit.processing.processors import FixedSizeProcessor, NativeResolutionProcessor
 
 from .conftest import FIXTURES, assert_close_rel, cli_args, features_by_path, tiny_config, write_image
 
@@ -378,7 +378,7 @@ def test_fixed_size_processor_refuses_runaway_sizes(kwargs, message):
     ],
 )
 def test_projector_builder_refuses_runaway_sizes(config, message):
-    from hevc_vit.projector import build_projector
+    from hevc_vit.llava.projector import build_projector
 
     with pytest.raises(ValueError, match=message):
         build_projector(config)

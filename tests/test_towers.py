@@ -1,4 +1,4 @@
-"""Tests of the LLaVA-NeXT vision towers (``hevc_vit.towers``).
+"""Tests of the LLaVA-NeXT vision towers (``hevc_vit.llava.towers``).
 
 The packing tower is compared with the standard tower on the same checkpoint (batches as a whole, lists
 item by item), with direct calls of the encoder (feature selection), and with the reference goldens in
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hevc_vit import HEVCViTConfig, HEVCViTModel, HEVCViTPackingModel
-from hevc_vit.towers import (
+from hevc_vit.llava.towers import (
     HEVCViTPackingVisionTower,
     HEVCViTVisionTower,
     build_vision_tower,
@@ -342,7 +342,7 @@ def test_load_model_is_idempotent_and_freezes(caplog, tower_class):
     assert isinstance(model, tower_class.model_class)
     assert not any(p.requires_grad for p in tower.parameters())
     model.requires_grad_(True)  # a second load must not re-read (and so re-freeze) the weights
-    with caplog.at_level(logging.WARNING, logger="hevc_vit.towers"):
+    with caplog.at_level(logging.WARNING, logger="hevc_vit.llava.towers"):
         tower.load_model()
     assert tower.vision_tower is model
     assert all(p.requires_grad for p in tower.parameters())

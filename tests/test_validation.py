@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import hevc_vit.checkpoint_io as checkpoint_io
 import hevc_vit.checkpoints as checkpoints_mod
+import hevc_vit.checkpoints.io as checkpoint_io
 import hevc_vit.modeling as modeling_mod
 import hevc_vit.packing as packing_mod
 from hevc_vit import HEVCViTConfig, HEVCViTModel, HEVCViTPackingModel, PackingPlan, patchify, patchify_items

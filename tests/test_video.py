@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hevc_vit import HEVCViTPackingModel, patchify
-from hevc_vit.encode.video import read_video, sample_frame_indices, temporal_positions, video_patch_positions
+from hevc_vit.media.video import read_video, sample_frame_indices, temporal_positions, video_patch_positions
 
 from .conftest import FIXTURES, GOLDEN, assert_close_rel
 

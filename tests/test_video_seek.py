@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hevc_vit.encode import video
-from hevc_vit.encode.video import read_video
+from hevc_vit.media import video
+from hevc_vit.media.video import read_video
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 

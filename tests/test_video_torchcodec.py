@@ -16,8 +16,8 @@ from PIL import Image
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import EncodeOptions, encode, iter_features
-from hevc_vit.encode.video import read_video
-from hevc_vit.encode.video_torchcodec import require_torchcodec
+from hevc_vit.media.video import read_video
+from hevc_vit.media.video_torchcodec import require_torchcodec
 
 from .conftest import cli_args
 

@@ -7,14 +7,17 @@ variable-length attention with 3D RoPE, and the output is split back per item.
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from .attention import available_backends, get_attention
-from .configuration import PRESETS, HEVCViTConfig
-from .embedded import register_transformers_conversions
-from .image_processing import HEVCViTImageProcessor, HEVCViTNativeImageProcessor
-from .modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
-from .packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
+from hevc_vit import moved
+from hevc_vit.attention import available_backends, get_attention
+from hevc_vit.configuration import PRESETS, HEVCViTConfig
+from hevc_vit.embedded import register_transformers_conversions
+from hevc_vit.image_processing import HEVCViTImageProcessor, HEVCViTNativeImageProcessor
+from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
+from hevc_vit.packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
 
 __version__ = "0.1.0"
+
+moved.install()  # old module names (hevc_vit.towers, hevc_vit.ray, ...) import their new modules
 
 AutoConfig.register(HEVCViTConfig.model_type, HEVCViTConfig, exist_ok=True)
 AutoModel.register(HEVCViTConfig, HEVCViTModel, exist_ok=True)

@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .packing import PackingPlan
+from hevc_vit.packing import PackingPlan
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .files import json_bytes, write_atomic
+from hevc_vit.files import json_bytes, write_atomic
 
 BF16_MIN_SPEEDUP = 1.2  # bf16 is taken only where clearly faster: a marginal gain is not worth its rounding
 BF16_MIN_COSINE = 0.999  # per-row cosine of a bf16 matmul against fp32; a healthy kernel gives ~0.99999

@@ -223,7 +223,7 @@ class HEVCViTConfig(PretrainedConfig):
                 f"{self.num_hidden_layers} give {n:,} parameters ({4 * n / 2**30:,.0f} GiB in float32); expected "
                 f"at most {MAX_PARAMETERS:,}"
             )
-        from .attention import check_backend_name  # late import: attention imports nothing from here
+        from hevc_vit.attention import check_backend_name  # late import: attention imports nothing from here
 
         check_backend_name(self.attention_backend)
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import STANDARD_RULES, convert_to_native, detect_format_from_keys
+from hevc_vit.checkpoints import STANDARD_RULES, convert_to_native, detect_format_from_keys
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def check_reinitialisation(model: nn.Module) -> None:
 
 
 def _reread_weights(model: nn.Module) -> None:
-    from .checkpoints import load_checkpoint
+    from hevc_vit.checkpoints import load_checkpoint
 
     source = model.checkpoint_source
     logger.info(

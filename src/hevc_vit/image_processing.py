@@ -24,8 +24,8 @@ from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .encode.processing import BICUBIC, CLIP_MEAN, CLIP_STD, NativeResolutionProcessor
-from .packing import patchify_items
+from hevc_vit.packing import patchify_items
+from hevc_vit.processing.processors import BICUBIC, CLIP_MEAN, CLIP_STD, NativeResolutionProcessor
 
 # the settings, with their defaults; saved in preprocessor_config.json
 _SETTINGS: dict[str, Any] = {

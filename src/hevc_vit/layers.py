@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .attention import AttendFn
-from .configuration import HEVCViTConfig
-from .packing import PackingPlan
-from .rope import apply_rope
+from hevc_vit.attention import AttendFn
+from hevc_vit.configuration import HEVCViTConfig
+from hevc_vit.packing import PackingPlan
+from hevc_vit.rope import apply_rope
 
 
 def make_norm(config: HEVCViTConfig) -> nn.Module:

@@ -23,10 +23,10 @@ import transformers
 from torch import nn
 from transformers import PreTrainedModel
 
-from .attention import backend_name, get_attention
-from .checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint, read_folder_config
-from .configuration import HEVCViTConfig
-from .devices import parse_dtype
+from hevc_vit.attention import backend_name, get_attention
+from hevc_vit.checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint, read_folder_config
+from hevc_vit.configuration import HEVCViTConfig
+from hevc_vit.devices import parse_dtype
 
 # from_pretrained keyword arguments that only steer downloading (forwarded to the Hub client or ignored)
 HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder"}

@@ -18,13 +18,20 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .attention import TRANSFORMERS_NAMES, AttendFn, backend_name, choose_backend, get_attention, transformers_name
-from .configuration import HEVCViTConfig
-from .embedded import attach_load_hooks, check_reinitialisation
-from .layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
-from .loading import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
-from .packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify, unpack_per_item
-from .rope import rope_cos_sin
+from hevc_vit.attention import (
+    TRANSFORMERS_NAMES,
+    AttendFn,
+    backend_name,
+    choose_backend,
+    get_attention,
+    transformers_name,
+)
+from hevc_vit.configuration import HEVCViTConfig
+from hevc_vit.embedded import attach_load_hooks, check_reinitialisation
+from hevc_vit.layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
+from hevc_vit.loading import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
+from hevc_vit.packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify, unpack_per_item
+from hevc_vit.rope import rope_cos_sin
 
 
 class HEVCViTPreTrainedModel(PreTrainedModel):

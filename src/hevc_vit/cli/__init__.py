@@ -11,7 +11,7 @@ import argparse
 import importlib
 import importlib.util
 
-from .common import ArgumentParser
+from hevc_vit.cli.common import ArgumentParser
 
 COMMANDS = (
     "hevc_vit.cli.encode",
@@ -22,7 +22,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from hevc_vit import __version__
 
     parser = ArgumentParser(  # no abbreviations; its subparsers are ArgumentParsers too
         prog="hevc-vit",

@@ -1,6 +1,6 @@
 """``hevc-vit bench``: time packing against the per-item loop and the padded batch (:mod:`hevc_vit.bench`),
-packing in float32 against bfloat16 (``--compare-dtypes``, :mod:`hevc_vit.bench_dtypes`), or one loader
-worker's input pipeline (``--pipeline``, :mod:`hevc_vit.bench_pipeline`); print the table and optionally write
+packing in float32 against bfloat16 (``--compare-dtypes``, :mod:`hevc_vit.bench.dtypes`), or one loader
+worker's input pipeline (``--pipeline``, :mod:`hevc_vit.bench.pipeline`); print the table and optionally write
 the JSON report."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..bench import BENCH_COUNTS, WORKLOADS, BenchSetup, run_benchmark
-from ..bench_dtypes import compare_dtypes, format_dtype_report
-from ..bench_pipeline import PipelineSetup, format_pipeline_report, run_pipeline_benchmark
-from ..devices import DTYPES
-from ..files import write_atomic
-from .common import EXIT_OK, integer_in, run_guarded
+from hevc_vit.bench import BENCH_COUNTS, WORKLOADS, BenchSetup, run_benchmark
+from hevc_vit.bench.dtypes import compare_dtypes, format_dtype_report
+from hevc_vit.bench.pipeline import PipelineSetup, format_pipeline_report, run_pipeline_benchmark
+from hevc_vit.cli.common import EXIT_OK, integer_in, run_guarded
+from hevc_vit.devices import DTYPES
+from hevc_vit.files import write_atomic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..codec import NORMALIZE, SIGNALS, CodecSparseConfig, render_preview, select_patches
-from .common import EXIT_OK, integer_in, number_in, run_guarded
+from hevc_vit.cli.common import EXIT_OK, integer_in, number_in, run_guarded
+from hevc_vit.codec import NORMALIZE, SIGNALS, CodecSparseConfig, render_preview, select_patches
 
 MAX_SIDE = 1 << 16  # pixels of a frame side, patches of a sheet's row: far above any real clip
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..configuration import PRESETS
-from ..convert import (
+from hevc_vit.cli.common import EXIT_FAILED, EXIT_OK, print_notice, run_guarded
+from hevc_vit.configuration import PRESETS
+from hevc_vit.convert import (
     DTYPES,
     TARGET_FORMATS,
     TOLERANCES,
@@ -14,7 +15,6 @@ from ..convert import (
     convert_checkpoint,
     describe_checkpoint,
 )
-from .common import EXIT_FAILED, EXIT_OK, print_notice, run_guarded
 
 # for convert and info every OSError is about the input (unreadable SRC, DST refused, a commit in the way)
 INVALID_INPUT = (ValueError, OSError, ImportError)

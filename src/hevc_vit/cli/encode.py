@@ -14,9 +14,9 @@ import json
 import os
 import sys
 
-from ..encode import DEFAULT_OUT, EncodeOptions, encode
-from ..encode.objects import open_hf_dataset
-from .common import EXIT_OK, printable, run_guarded
+from hevc_vit.cli.common import EXIT_OK, printable, run_guarded
+from hevc_vit.encode import DEFAULT_OUT, EncodeOptions, encode
+from hevc_vit.encode.readers.memory import open_hf_dataset
 
 _EPILOG = """\
 examples:

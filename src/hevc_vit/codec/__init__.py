@@ -31,11 +31,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..encode.processing import CLIP_MEAN, CLIP_STD
-from ..packing import PackingPlan, patchify
-from .config import DEFAULT_RATIO, NORMALIZE, SIGNALS, CodecSparseConfig, Preprocess, Selection
-from .decode import StreamEnded, check_path, motion_vectors_of, pict_letter, probe, sampled_frames
-from .signals import (
+from hevc_vit.codec.config import DEFAULT_RATIO, NORMALIZE, SIGNALS, CodecSparseConfig, Preprocess, Selection
+from hevc_vit.codec.decode import StreamEnded, check_path, motion_vectors_of, pict_letter, probe, sampled_frames
+from hevc_vit.codec.signals import (
     aligned_difference,
     global_shift,
     mv_grid,
@@ -43,6 +41,8 @@ from .signals import (
     score_volume,
     select_topk,
 )
+from hevc_vit.packing import PackingPlan, patchify
+from hevc_vit.processing.processors import CLIP_MEAN, CLIP_STD
 
 
 def select_patches(video: str | os.PathLike, patch_size: int, config: CodecSparseConfig | None = None) -> Selection:
@@ -120,7 +120,7 @@ def default_preprocess(
     size: tuple[int, int], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> Preprocess:
     """``rgb (H0, W0, 3) uint8 -> (3, H, W) float32``: bicubic resize to ``size``, rescale, normalise (the
-    arithmetic of :mod:`hevc_vit.encode.processing`)."""
+    arithmetic of :mod:`hevc_vit.processing.processors`)."""
     H, W = size
     mean32, std32 = np.array(mean, np.float32), np.array(std, np.float32)
 

@@ -36,7 +36,7 @@ class CodecSparseConfig:
         subtracted) or motion (model pixels) is at most this counts as unchanged: codec noise.
     size: ``(H, W)`` frame size in pixels, multiples of the patch size; None: the video's, rounded down to
         them and, with ``max_tokens_per_frame``, shrunk to at most that many patches, each side within one
-        patch of the aspect ratio (the native processor's rule, :func:`hevc_vit.encode.pixels.native_grid_size`).
+        patch of the aspect ratio (the native processor's rule, :func:`hevc_vit.processing.pixels.native_grid_size`).
     """
 
     frames: int = 64
@@ -147,7 +147,7 @@ class Selection:
 
     def patch_positions(self, t_positions: Sequence[int] | None = None) -> torch.Tensor:
         """``(K, 3)`` RoPE positions: ``positions`` with ``t`` replaced by ``t_positions[t]`` when given
-        (e.g. ``hevc_vit.encode.video.temporal_positions(T, 64)``)."""
+        (e.g. ``hevc_vit.media.video.temporal_positions(T, 64)``)."""
         positions = self.positions.clone()
         if t_positions is not None:
             if len(t_positions) != self.grid_thw[0]:

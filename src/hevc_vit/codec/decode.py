@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
-from ..encode.pixels import native_grid_size
-from ..encode.video import INSTALL_HINT
-from ..packing import check_sides
-from .config import CodecSparseConfig
+from hevc_vit.codec.config import CodecSparseConfig
+from hevc_vit.media.video import INSTALL_HINT
+from hevc_vit.packing import check_sides
+from hevc_vit.processing.pixels import native_grid_size
 
 _PICT_TYPES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "i", 6: "p", 7: "b"}  # AVPictureType -> letter
 

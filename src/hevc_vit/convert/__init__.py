@@ -26,10 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import LoadedCheckpoint, load_checkpoint
-from ..devices import DTYPES, parse_dtype, resolve_device
-from ..files import CONFIG_NAME
-from .commit import (
+from hevc_vit.checkpoints import LoadedCheckpoint, load_checkpoint
+from hevc_vit.convert.commit import (
     COMMIT_STAGES,
     COMMIT_WAIT_S,
     InterruptedCommitError,
@@ -37,9 +35,15 @@ from .commit import (
     finish_interrupted_commit,
     no_stage,
 )
-from .info import CheckpointInfo, architecture_source, describe_architecture, describe_checkpoint, format_size
-from .transaction import STAGES, ConversionInterrupted, check_paths, transaction
-from .verify import (
+from hevc_vit.convert.info import (
+    CheckpointInfo,
+    architecture_source,
+    describe_architecture,
+    describe_checkpoint,
+    format_size,
+)
+from hevc_vit.convert.transaction import STAGES, ConversionInterrupted, check_paths, transaction
+from hevc_vit.convert.verify import (
     TOLERANCES,
     CaseResult,
     Tolerance,
@@ -52,7 +56,7 @@ from .verify import (
     reference_outputs,
     verify_folder,
 )
-from .write import (
+from hevc_vit.convert.write import (
     ARCH_KEYS,
     TARGET_FORMATS,
     clip_preprocessor_dict,
@@ -61,6 +65,8 @@ from .write import (
     target_state_dict,
     write_folder,
 )
+from hevc_vit.devices import DTYPES, parse_dtype, resolve_device
+from hevc_vit.files import CONFIG_NAME
 
 __all__ = [
     "ARCH_KEYS",

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..files import fsync_folder
+from hevc_vit.files import fsync_folder
 
 # journal: the journal is written, nothing moved; old_aside: the old DST renamed aside and the new folder
 # not yet in place (only where the two cannot be swapped atomically); new_in_place: DST is the new folder,

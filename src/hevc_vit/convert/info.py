@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import LoadedCheckpoint, check_weights_fit, load_checkpoint, sibling_config_json
-from ..configuration import HEVCViTConfig
-from ..files import CONFIG_NAME
-from ..modeling import HEVCViTModel, load_state_dict_checked
+from hevc_vit.checkpoints import LoadedCheckpoint, check_weights_fit, load_checkpoint, sibling_config_json
+from hevc_vit.configuration import HEVCViTConfig
+from hevc_vit.files import CONFIG_NAME
+from hevc_vit.modeling import HEVCViTModel, load_state_dict_checked
 
 
 def describe_architecture(config: HEVCViTConfig) -> str:

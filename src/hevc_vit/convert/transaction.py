@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .commit import (
+from hevc_vit.convert.commit import (
     COMMIT_STAGES,
     commit_folder,
     finish_interrupted_commit,

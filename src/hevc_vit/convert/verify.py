@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..configuration import HEVCViTConfig
-from ..modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel, load_state_dict_checked
-from ..packing import as_batch, patchify_items
-from .write import ARCH_KEYS
+from hevc_vit.configuration import HEVCViTConfig
+from hevc_vit.convert.write import ARCH_KEYS
+from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel, load_state_dict_checked
+from hevc_vit.packing import as_batch, patchify_items
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,18 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import REFERENCE_ARCHITECTURES, REFERENCE_MODEL_TYPES, convert_from_native
-from ..configuration import HEVCViTConfig, architecture_keys
-from ..encode.processing import FixedSizeProcessor
-from ..files import CONFIG_NAME, PREPROCESSOR_NAME, SAFETENSORS_NAME, fsync_folder, write_atomic, write_json_atomic
-from .commit import no_stage
+from hevc_vit.checkpoints import REFERENCE_ARCHITECTURES, REFERENCE_MODEL_TYPES, convert_from_native
+from hevc_vit.configuration import HEVCViTConfig, architecture_keys
+from hevc_vit.convert.commit import no_stage
+from hevc_vit.files import (
+    CONFIG_NAME,
+    PREPROCESSOR_NAME,
+    SAFETENSORS_NAME,
+    fsync_folder,
+    write_atomic,
+    write_json_atomic,
+)
+from hevc_vit.processing.processors import FixedSizeProcessor
 
 TARGET_FORMATS = ("packing", "standard")
 # config.json keys written for the target formats (the architecture; the runtime backend is not written)

@@ -14,15 +14,15 @@ folder one run owns at a time (:mod:`.folder`, :mod:`.lock`). Under ``torchrun``
 shards and rank 0 merges the index after a barrier (:mod:`.distributed`).
 """
 
-from .folder import DiskFullError
-from .index import INDEX_NAME, DamagedFolderError, read_index
-from .options import DEFAULT_OUT, EncodeOptions
-from .processing import FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor
-from .processor_files import load_processor
-from .result import EncodeResult
-from .runner import encode
-from .shards import MissingFeaturesError, iter_features, load_features
-from .sources import expand_inputs, sample_inputs
+from hevc_vit.encode.engines.local import encode
+from hevc_vit.encode.options import DEFAULT_OUT, EncodeOptions
+from hevc_vit.encode.output.folder import DiskFullError
+from hevc_vit.encode.output.index import INDEX_NAME, DamagedFolderError, read_index
+from hevc_vit.encode.output.result import EncodeResult
+from hevc_vit.encode.output.shards import MissingFeaturesError, iter_features, load_features
+from hevc_vit.encode.readers.expand import expand_inputs, sample_inputs
+from hevc_vit.processing.files import load_processor
+from hevc_vit.processing.processors import FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor
 
 __all__ = [
     "DEFAULT_OUT",
