@@ -13,8 +13,7 @@ import torch
 import hevc_vit.attention as attention
 from hevc_vit import HEVCViTPackingModel, PackingPlan, patchify_items
 from hevc_vit.attention import eager_attention, get_attention, sdpa_attention
-
-from .conftest import assert_close_rel, tiny_config
+from tests.helpers import assert_close_rel, tiny_config
 
 # lengths 6, 4, 6, 1, 4, 9: repeated lengths that are not back to back exercise the gathered sdpa path
 GRID = [[1, 2, 3], [1, 2, 2], [2, 1, 3], [1, 1, 1], [1, 2, 2], [1, 3, 3]]

@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, grid_positions, patchify
-
-from .conftest import FIXTURE_FOLDERS, FIXTURES, GOLDEN
+from tests.helpers import FIXTURE_FOLDERS, FIXTURES, GOLDEN
 
 # fp32 max abs difference. The reference code itself reruns these goldens to 9.6e-7 and this library to
 # 3.4e-6 (sdpa included); a LayerNorm eps of 1e-5 instead of 1e-6 moves them by 1.6e-5 — caught below.

@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 
 from hevc_vit import HEVCViTConfig, HEVCViTModel, HEVCViTPackingModel, PackingPlan, patchify, patchify_items, unpack
-
-from .conftest import FIXTURES, assert_close_rel, tiny_config
+from tests.helpers import FIXTURES, assert_close_rel, tiny_config
 
 
 def _pair(**overrides) -> tuple[HEVCViTModel, HEVCViTPackingModel]:

@@ -13,8 +13,7 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from hevc_vit import HEVCViTImageProcessor, HEVCViTModel, HEVCViTPackingModel, patchify, patchify_items
 from hevc_vit.checkpoints import load_checkpoint
-
-from .conftest import FIXTURES, tiny_config
+from tests.helpers import FIXTURES, tiny_config
 
 pytestmark = pytest.mark.usefixtures("quiet_transformers")
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5

@@ -19,8 +19,7 @@ import hevc_vit.packing as packing_mod
 from hevc_vit import HEVCViTConfig, HEVCViTModel, HEVCViTPackingModel, PackingPlan, patchify, patchify_items
 from hevc_vit.checkpoints import load_checkpoint
 from hevc_vit.cli import main as cli_main
-
-from .conftest import FIXTURES, tiny_config
+from tests.helpers import FIXTURES, tiny_config
 
 PACKING = FIXTURES / "llava_vit_packing_tiny"
 LEGACY_PT = FIXTURES / "llava_vit_source_tiny.pt"
