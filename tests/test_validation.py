@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hevc_vit.checkpoints as checkpoints_mod
+import hevc_vit.checkpoints.architecture as architecture_mod
 import hevc_vit.checkpoints.io as checkpoint_io
 import hevc_vit.modeling as modeling_mod
 import hevc_vit.packing as packing_mod
@@ -142,7 +142,7 @@ def test_the_weights_check_names_every_tensor_that_does_not_fit():
     state = dict(state)
     state["encoder.layers.2.mlp.fc1.weight"] = torch.zeros(100, 64)  # layer 0 still gives 128
     with pytest.raises(ValueError, match=r"layers\.2\.mlp\.fc1\.weight: expected \(128, 64\), found \(100, 64\)"):
-        checkpoints_mod.check_weights_fit(config, state, fmt, PACKING, "config.json")
+        architecture_mod.check_weights_fit(config, state, fmt, PACKING, "config.json")
 
 
 @pytest.mark.parametrize("values", [{}, {"use_head": False, "layer_norm_type": "rms_norm", "num_channels": 4}])
@@ -150,7 +150,7 @@ def test_expected_shapes_are_the_models_own(values):
     config = tiny_config(**values)
     with torch.device("meta"):
         model = HEVCViTModel(config)
-    assert checkpoints_mod.expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert architecture_mod.expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 # -- pixels that are not floating point or have no data ----------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hevc_vit.checkpoints import STANDARD_RULES, convert_to_native, detect_format_from_keys
+from hevc_vit.checkpoints.names import STANDARD_RULES, convert_to_native, detect_format_from_keys
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hevc_vit.attention import backend_name, get_attention
-from hevc_vit.checkpoints import TORCH_SUFFIXES, config_kwargs, load_checkpoint, read_folder_config
+from hevc_vit.checkpoints import load_checkpoint, read_folder_config
+from hevc_vit.checkpoints.architecture import config_kwargs
+from hevc_vit.checkpoints.names import TORCH_SUFFIXES
 from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.devices import parse_dtype
 

@@ -15,15 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hevc_vit import HEVCViTConfig, HEVCViTModel, HEVCViTPackingModel, patchify
-from hevc_vit.checkpoints import (
-    LEGACY_HEAD_NORM_EPS,
-    UnsafeCheckpointError,
-    convert_from_native,
-    convert_to_native,
-    extract_state_dict,
-    load_checkpoint,
-    read_torch_file,
-)
+from hevc_vit.checkpoints import load_checkpoint
+from hevc_vit.checkpoints.io import UnsafeCheckpointError, extract_state_dict, read_torch_file
+from hevc_vit.checkpoints.names import LEGACY_HEAD_NORM_EPS, convert_from_native, convert_to_native
 from hevc_vit.configuration import PRESETS
 from hevc_vit.modeling import load_state_dict_checked
 from tests.helpers import FIXTURES, RTOL

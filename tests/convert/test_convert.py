@@ -23,8 +23,8 @@ import hevc_vit.cli.convert as convert_cli
 import hevc_vit.convert.commit as commit_mod
 import hevc_vit.convert.write as write_mod
 from hevc_vit import HEVCViTModel, HEVCViTPackingModel, patchify
-from hevc_vit.checkpoints import convert_from_native as real_convert_from_native
 from hevc_vit.checkpoints import load_checkpoint
+from hevc_vit.checkpoints.names import convert_from_native as real_convert_from_native
 from hevc_vit.cli import build_parser
 from hevc_vit.cli import main as cli_main
 from hevc_vit.configuration import PRESETS

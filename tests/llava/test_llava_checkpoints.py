@@ -20,7 +20,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from hevc_vit import HEVCViTModel
-from hevc_vit.checkpoints import convert_from_native
+from hevc_vit.checkpoints.names import convert_from_native
 from hevc_vit.llava.towers import HEVCViTPackingVisionTower, HEVCViTVisionTower
 from tests.helpers import FIXTURES, assert_close_rel
 from tests.helpers.llava_like import TOWER_PREFIX, TinyLlavaConfig, TinyLlavaForCausalLM

@@ -1,6 +1,6 @@
 """Checkpoint formats: recognising them, reading their weights safely, and converting key names.
 
-Formats (see DESIGN.md):
+Formats:
     hevc_vit   this library's own folders (``model_type: hevc_vit``); weight names as ``packing``.
     packing    the reference packing model (``model_type: llava_vit_packing``): ``patch_embed.proj``,
                fused ``self_attn.qkv`` (rows q, k, v), ``self_attn.proj``.
@@ -25,19 +25,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-# the pieces, importable from here as they always were
 from hevc_vit.checkpoints.architecture import (
     check_weights_fit,
     config_from_dict,
-    config_kwargs,
-    expected_shapes,
-    infer_architecture,
-    read_architecture_json,
     resolve_architecture,
     sibling_config_json,
 )
 from hevc_vit.checkpoints.io import (
-    UnsafeCheckpointError,
     extract_state_dict,
     read_config_dict,
     read_safetensors,
@@ -45,23 +39,7 @@ from hevc_vit.checkpoints.io import (
     read_torch_file,
     read_weight_shapes,
 )
-from hevc_vit.checkpoints.names import (
-    FORMAT_RULES,
-    LEGACY_HEAD_NORM_EPS,
-    LEGACY_LAYER_NORM_EPS,
-    LEGACY_RULES,
-    MODEL_TYPES,
-    NATIVE_FORMATS,
-    REFERENCE_ARCHITECTURES,
-    REFERENCE_MODEL_TYPES,
-    STANDARD_RULES,
-    TORCH_SUFFIXES,
-    KeyRule,
-    convert_from_native,
-    convert_to_native,
-    detect_format,
-    detect_format_from_keys,
-)
+from hevc_vit.checkpoints.names import NATIVE_FORMATS, convert_to_native, detect_format, detect_format_from_keys
 from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.files import CONFIG_NAME
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from hevc_vit.checkpoints import LoadedCheckpoint, check_weights_fit, load_checkpoint, sibling_config_json
+from hevc_vit.checkpoints import LoadedCheckpoint, load_checkpoint
+from hevc_vit.checkpoints.architecture import check_weights_fit, sibling_config_json
 from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.files import CONFIG_NAME
 from hevc_vit.modeling import HEVCViTModel, load_state_dict_checked

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hevc_vit.checkpoints import REFERENCE_ARCHITECTURES, REFERENCE_MODEL_TYPES, convert_from_native
+from hevc_vit.checkpoints.names import REFERENCE_ARCHITECTURES, REFERENCE_MODEL_TYPES, convert_from_native
 from hevc_vit.configuration import HEVCViTConfig, architecture_keys
 from hevc_vit.convert.commit import no_stage
 from hevc_vit.files import (

@@ -10,7 +10,8 @@ import logging
 import os
 from typing import Any
 
-from hevc_vit.checkpoints import config_kwargs, read_config_dict
+from hevc_vit.checkpoints.architecture import config_kwargs
+from hevc_vit.checkpoints.io import read_config_dict
 from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.files import CONFIG_NAME, PREPROCESSOR_NAME
 
