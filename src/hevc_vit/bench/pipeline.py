@@ -37,8 +37,7 @@ import torch
 from PIL import Image
 
 from hevc_vit.encode.decode.load import LoadedItem, LoadOptions, load_item
-from hevc_vit.encode.readers.tar import MEDIA_EXTENSIONS
-from hevc_vit.media.video import VIDEO_EXTENSIONS
+from hevc_vit.media.kinds import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
 
 VARIANTS = ("baseline", "full_decode", "draft", "draft_norm")
 _ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1), (3, 2), (9, 16), (2, 1), (5, 4))

@@ -15,7 +15,6 @@ from PIL import Image
 
 from hevc_vit.packing import grid_positions
 
-VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv".split())
 SEEK_MIN_GAP = 120  # frames: a sampled frame further ahead is reached by a seek, not by decoding up to it
 INSTALL_HINT = "PyAV is not installed; install the video extra: pip install 'hevc-vit[video]'"
 VIDEO_BACKENDS = ("pyav", "torchcodec")  # --video-backend: the decoder of the sampled frames

@@ -24,7 +24,7 @@ from PIL import Image
 
 from hevc_vit.codec import gather_selected_patches, render_preview, select_patches
 from hevc_vit.codec.decode import check_path, open_video
-from hevc_vit.encode.output.index import item_key
+from hevc_vit.encode.readers.spec import item_key
 from hevc_vit.media.video import temporal_positions
 
 if TYPE_CHECKING:

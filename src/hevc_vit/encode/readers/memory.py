@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from hevc_vit.encode.readers.remote import INSTALL_HINT, Network, read_location
-from hevc_vit.encode.readers.spec import Fetched, InputSpec, MemoryRow
+from hevc_vit.encode.readers.spec import Fetched, InputSpec, MemoryRow, json_value
 
 
 @dataclass
@@ -144,8 +144,6 @@ def _dataset_source(value: Any, number: int, image_column: str, keep: Sequence[s
     label = label or "dataset" + (f":{dataset.split}" if dataset.split else "")
     n = len(dataset)
     kept = dataset.select_columns(list(keep))[:] if keep else {}
-    from hevc_vit.encode.readers.tables import json_value
-
     extras = [{"id": str(r), **{k: json_value(kept[k][r]) for k in keep}} for r in range(n)]
     images = dataset.select_columns([image_column])
     if type(images.features[image_column]).__name__ == "Image":  # read the bytes; the loader decodes them

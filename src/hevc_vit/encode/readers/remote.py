@@ -13,13 +13,14 @@ caller, who records it as a failed row. What another attempt cannot cure is not 
 
 from __future__ import annotations
 
-import functools
 import posixpath
 import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
+
+from hevc_vit.media.kinds import FILE_SUFFIXES
 
 INSTALL_HINT = "pip install 'hevc-vit[data]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -250,18 +251,10 @@ def read_location(location: str, network: Network, start: int | None = None, siz
     return data
 
 
-@functools.cache
-def _file_suffixes() -> frozenset[str]:
-    from hevc_vit.encode.readers.tables import TABLE_EXTENSIONS
-    from hevc_vit.encode.readers.tar import MEDIA_EXTENSIONS  # imported here: that module imports this one
-
-    return frozenset({f".{e}" for e in MEDIA_EXTENSIONS} | set(TABLE_EXTENSIONS) | {".tar"})
-
-
 def _names_a_file(path: str) -> bool:
     """A path ending in a media, table or tar extension names a file: it is read when its turn comes, not looked up
     while listing."""
-    return posixpath.splitext(path)[1].lower() in _file_suffixes()
+    return posixpath.splitext(path)[1].lower() in FILE_SUFFIXES
 
 
 def _is_http(url: str) -> bool:

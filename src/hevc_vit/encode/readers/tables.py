@@ -19,11 +19,10 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-from hevc_vit.encode.output.index import json_value
 from hevc_vit.encode.readers.remote import INSTALL_HINT, Network, is_url, open_location, with_retries
-from hevc_vit.encode.readers.spec import InputSpec, RemoteFile
+from hevc_vit.encode.readers.spec import InputSpec, RemoteFile, json_value
+from hevc_vit.media.kinds import TABLE_EXTENSIONS
 
-TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl")
 DEFAULT_PATH_COLUMNS = ("path", "url", "image")
 
 
