@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from hevc_vit.encode.options.choices import ITEM_FIELDS, ROW_FIELDS  # noqa: F401  (public here before)
 from hevc_vit.encode.readers.spec import KeyBook, item_key, json_value  # noqa: F401  (public here before)
 from hevc_vit.files import write_atomic
 
@@ -32,10 +33,6 @@ INDEX_NAME = "index.jsonl"
 ENCODE_CONFIG_NAME = "encode_config.json"
 SHARD_DIR = "shards"
 LOCK_NAME = ".encode.lock"
-ROW_FIELDS = ("path", "shard", "key", "shape", "grid_thw", "status", "error")
-# every other field a run writes in a row: the item's kind, its source id, and what the loaders record
-# (encode.loading, encode.sparse); a kept column may take none of these names
-ITEM_FIELDS = ("kind", "id", "size", "exif_orientation", "frames", "total_frames", "temporal_positions", "codec")
 RANK_INDEX_NAME = re.compile(r"^index\.rank(\d+)\.jsonl$")
 # exactly the names a run writes in shards/ (a finished shard, or its temporary file): nothing else is touched
 SHARD_NAME = re.compile(r"^rank(\d{5,})-(\d{5,})\.safetensors(\.tmp\d+)?$")

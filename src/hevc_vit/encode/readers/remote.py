@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
+from hevc_vit.encode.options.choices import DEFAULT_TIMEOUT
 from hevc_vit.media.kinds import FILE_SUFFIXES
 
 INSTALL_HINT = "pip install 'hevc-vit[data]'"
@@ -40,7 +41,6 @@ _TRANSIENT_ERRORS = (TimeoutError, ConnectionError)  # anywhere in an error's ca
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # HTTP answers worth another attempt (and any 5xx)
 RETRY_PAUSE = 0.25  # seconds before the first retry; doubled after each (tests set it to 0)
 MAX_RETRY_AFTER = 60.0  # seconds: the longest HTTP Retry-After honoured
-DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read of a URL may wait
 
 T = TypeVar("T")
 
