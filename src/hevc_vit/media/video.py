@@ -57,7 +57,7 @@ def video_patch_positions(grid_thw: tuple[int, int, int], t_positions: list[int]
 
 def _import_av():
     try:
-        import av
+        import av  # optional: the 'video' extra
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     return av

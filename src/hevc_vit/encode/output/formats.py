@@ -205,8 +205,8 @@ def _vectors(pa, values: list[np.ndarray]):
 
 def _import_arrow():
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # optional: the 'data' extra
+        import pyarrow.parquet as pq  # optional: the 'data' extra
     except ImportError:
         raise ImportError(
             f"the npy-parquet and parquet outputs need pyarrow, which is not installed; {INSTALL_HINT}"

@@ -62,7 +62,7 @@ def is_url(location: str) -> bool:
 
 def import_fsspec():
     try:
-        import fsspec
+        import fsspec  # optional: the 'data' extra
     except ImportError:
         raise ImportError(f"reading URLs needs fsspec, which is not installed; {INSTALL_HINT}") from None
     return fsspec
@@ -113,7 +113,7 @@ def _storage_options(protocols: Iterable[str], timeout: float) -> dict[str, dict
     options: dict[str, dict[str, Any]] = {}
     for protocol in protocols:
         if protocol in ("http", "https"):
-            import aiohttp
+            import aiohttp  # optional: the 'data' extra
 
             bounds = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
             options[protocol] = {"client_kwargs": {"timeout": bounds}}
