@@ -21,9 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch  # save_file looked up when called: a test seam (a race with another writer)
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from hevc_vit.encode.output import index as index_files
 from hevc_vit.encode.output.formats import existing_numbers, part_files, part_keys, part_name, write_part
@@ -35,7 +35,7 @@ def save_shard(tensors: dict[str, torch.Tensor], path: Path, mode: int) -> None:
     """Write ``tensors`` as the safetensors file ``path`` with permissions ``mode``, synced to disk. An I/O error
     of safetensors' writer (a ``SafetensorError`` naming the OS error) is raised as that ``OSError``."""
     try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
     except SafetensorError as e:
         number = re.search(r"\(os error (\d+)\)", str(e))
         if number is None:
