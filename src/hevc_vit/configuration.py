@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from hevc_vit.attention import check_backend_name
 
 # name -> (patch_size, hidden_size, num_attention_heads, num_hidden_layers, intermediate_size)
 PRESETS: dict[str, dict[str, int]] = {
@@ -77,8 +81,6 @@ def check_hyperparameters(values: Mapping[str, Any]) -> None:
             if not isinstance(value, str) or value not in LAYER_NORM_TYPES:
                 raise ValueError(f"{name}={value!r}; expected one of {LAYER_NORM_TYPES}")
         elif name == "hidden_act":
-            from transformers.activations import ACT2FN
-
             if not isinstance(value, str) or value not in ACT2FN:
                 raise ValueError(f"{name}={value!r}; expected a name in transformers' ACT2FN, e.g. 'gelu'")
         elif name in ("attention_backend", "attn_implementation"):
@@ -100,8 +102,6 @@ def count_parameters(values: Mapping[str, int]) -> int:
 def architecture_keys() -> tuple[str, ...]:
     """The hyper-parameters :class:`HEVCViTConfig` takes, in signature order (the attention backend, a
     runtime choice, excluded): what a checkpoint's ``config.json`` must carry."""
-    import inspect
-
     params = inspect.signature(HEVCViTConfig.__init__).parameters
     return tuple(
         name
@@ -223,8 +223,6 @@ class HEVCViTConfig(PretrainedConfig):
                 f"{self.num_hidden_layers} give {n:,} parameters ({4 * n / 2**30:,.0f} GiB in float32); expected "
                 f"at most {MAX_PARAMETERS:,}"
             )
-        from hevc_vit.attention import check_backend_name  # late import: attention imports nothing from here
-
         check_backend_name(self.attention_backend)
 
     @classmethod

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hevc_vit.checkpoints import load_checkpoint
 from hevc_vit.checkpoints.names import STANDARD_RULES, convert_to_native, detect_format_from_keys
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,11 @@ def transformers_weight_conversions() -> list[Any] | None:
     """``STANDARD_RULES`` as transformers 5 ``WeightConverter`` / ``WeightRenaming`` objects whose reverse
     (used when saving) is the identity; None when the installed transformers has no such mechanism."""
     try:
-        from transformers.core_model_loading import Concatenate, WeightConverter, WeightRenaming
+        from transformers.core_model_loading import (  # optional: transformers 5
+            Concatenate,
+            WeightConverter,
+            WeightRenaming,
+        )
     except ImportError:  # transformers 4.x
         return None
 
@@ -117,7 +122,9 @@ def register_transformers_conversions(class_names: tuple[str, ...]) -> bool:
     """Register :func:`transformers_weight_conversions` for our model classes (transformers 5); returns
     whether it could."""
     try:
-        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.conversion_mapping import (  # optional: transformers 5 only
+            register_checkpoint_conversion_mapping,
+        )
 
         transforms = transformers_weight_conversions()
         if transforms is None:
@@ -167,8 +174,6 @@ def check_reinitialisation(model: nn.Module) -> None:
 
 
 def _reread_weights(model: nn.Module) -> None:
-    from hevc_vit.checkpoints import load_checkpoint
-
     source = model.checkpoint_source
     logger.info(
         "re-reading the weights of %s from %s (the outer checkpoint holds none)", type(model).__name__, source["path"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -205,8 +206,6 @@ def resolve_folder(name_or_path: str | os.PathLike, hub: dict[str, Any]) -> str:
     if str(name_or_path).endswith(TORCH_SUFFIXES + (".safetensors",)) or os.path.isabs(name_or_path):
         raise FileNotFoundError(f"checkpoint {name_or_path!s} does not exist")
     try:
-        from huggingface_hub import snapshot_download
-
         folder = snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"], **hub)
     except Exception as e:  # the hub client raises many types; the message is what matters
         raise FileNotFoundError(

@@ -4,6 +4,7 @@ device in a dtype, and the per-token cosine of two runs' features."""
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import threading
 import time
@@ -61,8 +62,6 @@ def _rss() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -36,9 +36,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.encode.decode.load import LoadedItem, LoadOptions, load_item
-from hevc_vit.encode.readers.tar import MEDIA_EXTENSIONS
-from hevc_vit.media.video import VIDEO_EXTENSIONS
+from hevc_vit.encode.model.loader import build_processor, load_model
+from hevc_vit.media.kinds import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
+from hevc_vit.media.video import read_video, video_patch_positions
+from hevc_vit.modeling import HEVCViTPackingModel
+from hevc_vit.packing import PackingPlan, grid_positions, patchify
+from hevc_vit.processing.pixels import normalize_reference
 
 VARIANTS = ("baseline", "full_decode", "draft", "draft_norm")
 _ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1), (3, 2), (9, 16), (2, 1), (5, 4))
@@ -63,7 +68,7 @@ def make_synthetic_set(folder: str | Path, images: int = 40, clips: int = 2, see
         paths.append(path)
     if clips:
         try:
-            import av  # noqa: F401
+            import av  # noqa: F401  (optional: the 'video' extra)
         except ImportError:
             return paths
         for i, (w, h, frames) in enumerate([(640, 360, 96), (480, 480, 64)][:clips]):
@@ -84,7 +89,7 @@ def _textured(width: int, height: int, rng: np.random.Generator) -> Image.Image:
 
 
 def _write_clip(path: Path, width: int, height: int, frames: int, rng: np.random.Generator) -> None:
-    import av
+    import av  # optional: the 'video' extra
 
     base = np.asarray(_textured(width + frames * 2, height, rng))  # a scene panned sideways, 2 px a frame
     with av.open(str(path), "w") as container:
@@ -109,10 +114,6 @@ def media_files(folder: str | Path) -> list[Path]:
 def load_baseline(index: int, path: str | Path, options: LoadOptions) -> LoadedItem:
     """One input the way the loader worked before the pipeline work (for comparison only): a full decode and a
     copy of the image, each frame normalised as a float64-then-float32 ``(C, H, W)`` image, then patchified."""
-    from hevc_vit.media.video import read_video, video_patch_positions
-    from hevc_vit.packing import grid_positions, patchify
-    from hevc_vit.processing.pixels import normalize_reference
-
     processor, path = options.processor, Path(path)
     if path.suffix.lower() in VIDEO_EXTENSIONS:
         kind, frames = "video", read_video(path, options.frames).frames
@@ -193,8 +194,6 @@ def time_loading(
 
 def run_pipeline_benchmark(setup: PipelineSetup, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Time the loaders (:data:`VARIANTS`) on the folder (or a synthetic set); measure the draft decode's deviation."""
-    from hevc_vit.encode.model.loader import build_processor, load_model
-
     with tempfile.TemporaryDirectory(prefix="hevc_vit_pipeline_") as tmp:
         if setup.folder is None:
             log(f"writing a synthetic set ({setup.images} JPEGs of 256..4000 px, {setup.clips} clips) to {tmp}")
@@ -233,9 +232,6 @@ def run_pipeline_benchmark(setup: PipelineSetup, log: Callable[[str], None] = la
 def _model_spec(setup: PipelineSetup):
     if setup.model_path or not setup.config_overrides:
         return setup.model_path or setup.preset
-    from hevc_vit.configuration import HEVCViTConfig
-    from hevc_vit.modeling import HEVCViTPackingModel
-
     torch.manual_seed(0)
     return HEVCViTPackingModel(HEVCViTConfig.from_preset(setup.preset, **setup.config_overrides))
 
@@ -321,8 +317,6 @@ def _patches(paths: list[Path], options: LoadOptions, variant: str) -> tuple[tor
 
 
 def _features(model, patches: torch.Tensor, grids: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from hevc_vit.packing import PackingPlan
-
     with torch.inference_mode():
         last, pooled, _ = model.encode_packed(patches, PackingPlan.from_grid_thw(grids))
     return last, pooled

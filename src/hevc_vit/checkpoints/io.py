@@ -9,13 +9,18 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch._weights_only_unpickler import _get_allowed_globals
 
 from hevc_vit.files import CONFIG_NAME, PYTORCH_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
 
@@ -60,8 +65,6 @@ def _safetensors_files(folder: Path) -> list[Path] | None:
 def read_weight_shapes(folder: str | os.PathLike) -> dict[str, torch.Tensor] | None:
     """The weights of a safetensors folder as meta tensors (name, shape, dtype; no data), from the file
     headers alone; None for a folder whose weights are a pickle (``pytorch_model.bin``)."""
-    from safetensors import safe_open
-
     files = _safetensors_files(Path(folder))
     if files is None:
         return None
@@ -108,8 +111,6 @@ class UnsafeCheckpointError(ValueError):
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors file; a damaged file raises ``ValueError`` naming it."""
-    from safetensors.torch import load_file
-
     try:
         return load_file(path)
     except FileNotFoundError:
@@ -181,8 +182,6 @@ def _refusal_reason(message: str) -> str:
     reason = "; ".join(keep) or "a pickle it does not support"
     m = re.fullmatch(r"Unsupported operand (\d+)", reason)
     if m:
-        import pickletools
-
         op = pickletools.code2op.get(chr(int(m.group(1))))
         reason += f" (the pickle instruction {op.name})" if op is not None else ""
     return reason
@@ -194,12 +193,7 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
 def _blocked_globals(path: str | os.PathLike) -> list[str]:
     """``module.name`` of every global a pickle file (``torch.save`` zip or plain pickle) imports that the
     safe loader does not allow, read from its opcodes — nothing is executed. Empty when unsure."""
-    import pickletools
-    import zipfile
-
     try:
-        from torch._weights_only_unpickler import _get_allowed_globals  # torch's own allowlist
-
         allowed = set(_get_allowed_globals())
     except Exception:  # a private API: without it, name every global
         allowed = set()

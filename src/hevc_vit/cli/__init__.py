@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 
+from hevc_vit import __version__
 from hevc_vit.cli.common import ArgumentParser
 
 COMMANDS = (
@@ -22,8 +23,6 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hevc_vit import __version__
-
     parser = ArgumentParser(  # no abbreviations; its subparsers are ArgumentParsers too
         prog="hevc-vit",
         description="HEVC ViT (OneVision) encoder in packing mode: native-resolution features for images and videos.",

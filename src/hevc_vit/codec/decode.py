@@ -17,7 +17,7 @@ _PICT_TYPES = {1: "I", 2: "P", 3: "B", 4: "S", 5: "i", 6: "p", 7: "b"}  # AVPict
 
 def import_av():
     try:
-        import av
+        import av  # optional: the 'video' extra
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     return av

@@ -28,6 +28,11 @@ from pathlib import Path
 
 from hevc_vit.files import fsync_folder
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks, the journal alone keeps a conversion safe
+    fcntl = None
+
 # journal: the journal is written, nothing moved; old_aside: the old DST renamed aside and the new folder
 # not yet in place (only where the two cannot be swapped atomically); new_in_place: DST is the new folder,
 # the old one still kept; old_removed: the old one deleted, the journal not yet; committed: done.
@@ -100,9 +105,7 @@ def _folder_id(path: Path) -> int | None:
 
 def _lock(fd: int, wait: bool) -> bool:
     """Take the advisory lock of an open file (it dies with the process); False when another holds it."""
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks here: the journal alone
+    if fcntl is None:  # no advisory locks here: the journal alone
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

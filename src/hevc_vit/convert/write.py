@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors.torch import save_file
 
 from hevc_vit.checkpoints.names import REFERENCE_ARCHITECTURES, REFERENCE_MODEL_TYPES, convert_from_native
 from hevc_vit.configuration import HEVCViTConfig, architecture_keys
@@ -34,8 +36,6 @@ ARCH_KEYS = architecture_keys()
 
 def reference_config_dict(config: HEVCViTConfig, fmt: str, dtype: torch.dtype) -> dict:
     """``config.json`` contents for target format ``fmt`` (the reference project's ``model_type``)."""
-    import transformers
-
     if fmt not in REFERENCE_MODEL_TYPES:
         raise ValueError(f"target format {fmt!r}; expected one of {sorted(REFERENCE_MODEL_TYPES)}")
     d = {k: getattr(config, k) for k in ARCH_KEYS if k != "head_norm_eps"}
@@ -95,8 +95,6 @@ def write_folder(
 ) -> None:
     """Write the checkpoint of ``native`` (SRC's weights, native names) into ``folder`` in format ``fmt``
     and ``dtype``, each file flushed to disk; ``on_stage("write")`` once the weights are written."""
-    from safetensors.torch import save_file
-
     tensors = target_state_dict(native, fmt, dtype)
     save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
     _fsync_file(folder / SAFETENSORS_NAME)

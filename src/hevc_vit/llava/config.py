@@ -6,14 +6,19 @@ Legend: ``L`` entries of ``hidden_states`` (``num_hidden_layers + 1``).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Any
+
+import transformers
+from huggingface_hub import hf_hub_download
 
 from hevc_vit.checkpoints.architecture import config_kwargs
 from hevc_vit.checkpoints.io import read_config_dict
 from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.files import CONFIG_NAME, PREPROCESSOR_NAME
+from hevc_vit.processing.processors import FixedSizeProcessor  # the one CLIP config (encode's fixed-size processor)
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +94,6 @@ def read_tower_config(name_or_path: str | os.PathLike) -> HEVCViTConfig:
     if os.path.isdir(path):
         return HEVCViTConfig(**config_kwargs(read_config_dict(path)))
     try:
-        from huggingface_hub import hf_hub_download
-
         folder = os.path.dirname(hf_hub_download(path, CONFIG_NAME))
     except Exception as e:  # the hub client raises many types; the message is what matters
         raise FileNotFoundError(
@@ -103,9 +106,6 @@ def clip_image_processor_class() -> type:
     """transformers' CLIP image processor class, imported when first needed. Without torchvision,
     transformers 5 answers ``CLIPImageProcessor`` with its PIL version and a warning on every use; asking
     for that version by name gives the same processor quietly (transformers 4 has only the one)."""
-    import importlib.util
-
-    import transformers
 
     if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
         return transformers.CLIPImageProcessorPil
@@ -130,8 +130,6 @@ def load_image_processor(name_or_path: str | os.PathLike, config: HEVCViTConfig)
 
 def default_image_processor(config: HEVCViTConfig) -> Any:
     """A CLIP-normalised processor: short side resized to ``config.image_size``, centre-cropped square."""
-    from hevc_vit.processing.processors import FixedSizeProcessor  # the one CLIP config (encode's fixed-size processor)
-
     settings = FixedSizeProcessor(shortest_edge=config.image_size).to_dict()
     settings.pop("image_processor_type")
     return clip_image_processor_class()(**settings)

@@ -7,30 +7,18 @@ Legend: ``T`` sampled frames, ``h``/``w`` sides in patches.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import IO
 
 import torch
 from PIL import Image
 
+from hevc_vit.media.frames import DecodedVideo, sample_frame_indices
+from hevc_vit.media.video_torchcodec import read_video_torchcodec
 from hevc_vit.packing import grid_positions
 
-VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .mts .m2ts .flv .wmv .3gp .ogv".split())
 SEEK_MIN_GAP = 120  # frames: a sampled frame further ahead is reached by a seek, not by decoding up to it
 INSTALL_HINT = "PyAV is not installed; install the video extra: pip install 'hevc-vit[video]'"
 VIDEO_BACKENDS = ("pyav", "torchcodec")  # --video-backend: the decoder of the sampled frames
-
-
-def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
-    """``num_frames`` indices spread uniformly over ``total_frames`` (the middle of ``num_frames`` equal
-    segments); every frame when the clip has no more than ``num_frames``."""
-    if num_frames < 1:
-        raise ValueError(f"num_frames={num_frames}; expected at least 1")
-    if total_frames < 1:
-        raise ValueError(f"total_frames={total_frames}; the video has no frames")
-    if total_frames <= num_frames:
-        return list(range(total_frames))
-    return [int((2 * i + 1) * total_frames // (2 * num_frames)) for i in range(num_frames)]
 
 
 def temporal_positions(num_frames: int, temporal_context: int | None = None) -> list[int]:
@@ -67,18 +55,9 @@ def video_patch_positions(grid_thw: tuple[int, int, int], t_positions: list[int]
     return positions
 
 
-@dataclass
-class DecodedVideo:
-    """Sampled frames of one clip: RGB PIL images, their indices in the clip, and the clip's frame count."""
-
-    frames: list[Image.Image]
-    indices: list[int]
-    total_frames: int
-
-
 def _import_av():
     try:
-        import av
+        import av  # optional: the 'video' extra
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     return av
@@ -99,8 +78,6 @@ def read_video(path: str | os.PathLike | IO[bytes], num_frames: int, backend: st
     if backend != "pyav":
         if backend not in VIDEO_BACKENDS:
             raise ValueError(f"backend={backend!r}; expected one of {VIDEO_BACKENDS}")
-        from hevc_vit.media.video_torchcodec import read_video_torchcodec
-
         return read_video_torchcodec(path, num_frames)
     av = _import_av()
     total = _stated_frame_count(av, path)

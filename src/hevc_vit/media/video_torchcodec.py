@@ -19,6 +19,8 @@ from typing import IO
 
 from PIL import Image
 
+from hevc_vit.media.frames import DecodedVideo, sample_frame_indices
+
 INSTALL_HINT = (
     "pip install torchcodec (a build matching the installed torch), and FFmpeg's shared libraries "
     "(libavcodec etc., major version 4 to 8; e.g. apt-get install ffmpeg), which torchcodec loads"
@@ -30,7 +32,7 @@ def require_torchcodec():
     """torchcodec's ``VideoDecoder`` class; raises ``ImportError`` saying what to install when torchcodec is
     missing or cannot load (no FFmpeg libraries, a build for another torch)."""
     try:
-        from torchcodec.decoders import VideoDecoder
+        from torchcodec.decoders import VideoDecoder  # optional: not a dependency (see the module's docstring)
     except ImportError as e:
         raise ImportError(
             f"video_backend='torchcodec' needs torchcodec, which is not installed ({e}); {INSTALL_HINT}"
@@ -48,8 +50,6 @@ def require_torchcodec():
 def read_video_torchcodec(path: str | os.PathLike | IO[bytes], num_frames: int):
     """Decode ``num_frames`` uniformly sampled frames of the best video stream of ``path`` (a path, or a clip's
     bytes in a file object) with torchcodec; a :class:`.video.DecodedVideo`."""
-    from hevc_vit.media.video import DecodedVideo, sample_frame_indices
-
     decoder_class = require_torchcodec()
     if hasattr(path, "read"):
         path.seek(0)

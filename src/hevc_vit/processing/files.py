@@ -3,22 +3,19 @@ and the processor a model gets when none is given (:func:`default_processor`).""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 from hevc_vit.files import PREPROCESSOR_NAME
-from hevc_vit.processing.processors import COMMON_KEYS, FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor
+from hevc_vit.processing.processors import (  # noqa: F401  (the loaders were public here before)
+    COMMON_KEYS,
+    PROCESSOR_TYPES,
+    FixedSizeProcessor,
+    ImageProcessor,
+    NativeResolutionProcessor,
+    load_processor,
+    processor_from_dict,
+)
 
-PROCESSOR_TYPES: dict[str, type[ImageProcessor]] = {
-    "CLIPImageProcessor": FixedSizeProcessor,
-    "CLIPImageProcessorFast": FixedSizeProcessor,
-    "CLIPImageProcessorPil": FixedSizeProcessor,
-    "CLIPFeatureExtractor": FixedSizeProcessor,
-    NativeResolutionProcessor.processor_type: NativeResolutionProcessor,  # HEVCViTImageProcessor
-    "HEVCViTNativeImageProcessor": NativeResolutionProcessor,  # what round 2 saved
-}
 # type names saved before the native processor took transformers' HEVCViTImageProcessor format -> today's
 RENAMED_TYPES = {"HEVCViTNativeImageProcessor": NativeResolutionProcessor.processor_type}
 
@@ -29,28 +26,6 @@ def current_processor_record(record: Any) -> Any:
     if isinstance(record, dict) and record.get("image_processor_type") in RENAMED_TYPES:
         return {**record, "image_processor_type": RENAMED_TYPES[record["image_processor_type"]]}
     return record
-
-
-def processor_from_dict(config: dict[str, Any]) -> ImageProcessor:
-    """The processor a ``preprocessor_config.json`` dict describes (its ``image_processor_type`` decides)."""
-    kind = config.get("image_processor_type") or config.get("feature_extractor_type")
-    if kind not in PROCESSOR_TYPES:
-        raise ValueError(f"image_processor_type={kind!r}; expected one of {sorted(PROCESSOR_TYPES)}")
-    return PROCESSOR_TYPES[kind].from_dict(config)
-
-
-def load_processor(path: str | os.PathLike) -> ImageProcessor:
-    """Load a processor from a ``preprocessor_config.json`` file or a folder that holds one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PREPROCESSOR_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected a {PREPROCESSOR_NAME} file or a folder holding one")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return processor_from_dict(config)
 
 
 def default_processor(

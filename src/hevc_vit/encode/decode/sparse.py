@@ -18,17 +18,14 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from hevc_vit.codec import gather_selected_patches, render_preview, select_patches
 from hevc_vit.codec.decode import check_path, open_video
-from hevc_vit.encode.output.index import item_key
+from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
+from hevc_vit.encode.readers.spec import item_key
 from hevc_vit.media.video import temporal_positions
-
-if TYPE_CHECKING:
-    from hevc_vit.encode.decode.load import LoadedItem, LoadOptions
 
 
 def load_codec_video(item: LoadedItem, options: LoadOptions, source=None) -> None:

@@ -15,10 +15,12 @@ A worker's life is bound to the process that started it:
 from __future__ import annotations
 
 import copyreg
+import ctypes
 import io
 import os
 import pickle
 import signal
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,6 @@ from multiprocessing.connection import wait as wait_for
 import torch
 
 from hevc_vit.encode.decode.load import LoadedItem, LoadOptions, load_item
-from hevc_vit.encode.engines.distributed import die_with_parent
 from hevc_vit.encode.readers.spec import spec_path
 
 PARENT_CHECK_SECONDS = 1.0  # a worker waiting for work checks this often that its parent is alive
@@ -183,6 +184,21 @@ def _death_reason(exitcode: int | None) -> str:
     else:
         how = f"exited with code {exitcode}"
     return f"the decoding worker process {how} while loading this input; it was skipped and the run went on"
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent ``parent`` ends (Linux; elsewhere a no-op);
+    exit now if it already has. Used by the decoding workers and by ranks under torchrun."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the callers' own checks remain
+            pass
+    if os.getppid() != parent:  # the parent went before the request above took effect
+        os._exit(0)
 
 
 def _worker_main(conn, options: LoadOptions, current, parent: int) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from hevc_vit.codec.config import CodecSparseConfig
 from hevc_vit.devices import describe_dtype_choice, resolve_device, resolve_dtype
@@ -167,8 +168,6 @@ class Tally:
     """This rank's counts (inputs encoded and failed, patches encoded) and its progress bar."""
 
     def __init__(self, total: int, show: bool, desc: str):
-        from tqdm import tqdm
-
         self.encoded = self.failed = self.tokens = self.loaded = 0
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, desc=desc, unit="item", disable=not show, file=sys.stderr, dynamic_ncols=True)

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from hevc_vit.configuration import PRESETS, HEVCViTConfig
 from hevc_vit.encode.options import DEFAULT_MODEL, EncodeOptions, recorded_options
 from hevc_vit.files import PREPROCESSOR_NAME
+from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel
 from hevc_vit.processing.files import default_processor, load_processor
 from hevc_vit.processing.processors import FixedSizeProcessor, ImageProcessor, NativeResolutionProcessor
 
@@ -119,8 +121,6 @@ def load_model(
         weights-only file, a Hub id ``org/name``), or a model object (``HEVCViTPackingModel``/``HEVCViTModel``).
     quiet: transformers' and the Hub's progress bars ("Loading weights", downloads) and notes off while loading.
     """
-    from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel
-
     if isinstance(model, torch.nn.Module):
         if isinstance(model, HEVCViTModel):  # same layers, same weight names: reuse the weights
             packing = HEVCViTPackingModel(model.config)
@@ -160,8 +160,6 @@ def transformers_silenced(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    from transformers.utils import logging as transformers_logging
-
     bars, verbosity = transformers_logging.is_progress_bar_enabled(), transformers_logging.get_verbosity()
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()

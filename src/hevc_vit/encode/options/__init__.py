@@ -22,6 +22,13 @@ import torch
 
 from hevc_vit.configuration import PRESETS
 from hevc_vit.devices import DTYPES
+from hevc_vit.encode.options.choices import (
+    DEFAULT_TIMEOUT,
+    OUTPUT_FORMATS,
+    POOLED_FORMATS,
+    STORAGE_DTYPES,
+    check_storage_dtype,
+)
 from hevc_vit.encode.options.values import (
     MAX_FORWARD_TOKENS,
     MAX_FRAMES,
@@ -43,9 +50,8 @@ from hevc_vit.encode.options.values import (
     positive_number,
     shard_size,
 )
-from hevc_vit.encode.output.formats import OUTPUT_FORMATS, POOLED_FORMATS, STORAGE_DTYPES, check_storage_dtype
-from hevc_vit.encode.readers.remote import DEFAULT_TIMEOUT
 from hevc_vit.media.video import VIDEO_BACKENDS
+from hevc_vit.media.video_torchcodec import require_torchcodec
 from hevc_vit.processing.processors import ImageProcessor, NativeResolutionProcessor
 
 DEFAULT_OUT = "hevc_vit_features"
@@ -327,8 +333,6 @@ class EncodeOptions:
                 "use video_backend='pyav' (the default) with codec_sparse"
             )
         if self.video_backend == "torchcodec":  # missing or unloadable: refused before anything is created
-            from hevc_vit.media.video_torchcodec import require_torchcodec
-
             require_torchcodec()
         if self.output_format in POOLED_FORMATS and self.pool == "none":
             raise ValueError(

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import field
 from typing import Any
 
-from hevc_vit.encode.output.formats import RESERVED_COLUMNS
+from hevc_vit.encode.options.choices import RESERVED_COLUMNS
 
 
 def integer(low: int, high: int) -> Callable[[Any], str]:

@@ -30,13 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from hevc_vit.encode.output.index import ITEM_FIELDS, ROW_FIELDS, shard_name
+from hevc_vit.encode.options.choices import (  # noqa: F401  (the choices were public here before)
+    METADATA_COLUMNS,
+    OUTPUT_FORMATS,
+    POOLED_FORMATS,
+    RESERVED_COLUMNS,
+    STORAGE_DTYPES,
+    check_storage_dtype,
+)
+from hevc_vit.encode.output.index import shard_name
 from hevc_vit.encode.readers.remote import INSTALL_HINT
 from hevc_vit.files import publish_new, temporary_sibling
 
-OUTPUT_FORMATS = ("safetensors", "npy-parquet", "parquet", "clip-retrieval")
-POOLED_FORMATS = ("npy-parquet", "clip-retrieval")  # one pooled vector per item in a .npy, its row in a .parquet
-STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 FOLDERS = {
     "safetensors": ("shards",),
     "npy-parquet": ("metadata", "embeddings"),
@@ -45,9 +50,6 @@ FOLDERS = {
 }
 # exactly the names a run writes in those folders (a part's file, or its temporary file)
 PART_NAME = re.compile(r"^(?:img_emb_|metadata_)?rank(\d{5,})-(\d{5,})\.(safetensors|npy|parquet)(\.tmp\d+)?$")
-_METADATA = ("key", "id", "path", "kind", "grid_thw", "size", "shape")
-# the names a run writes in an index row or a metadata table itself: a kept column may take none of them
-RESERVED_COLUMNS = tuple(dict.fromkeys((*ROW_FIELDS, *ITEM_FIELDS, *_METADATA, "image_path")))
 
 
 def storage_dtype(output_format: str, asked: str | None, compute: torch.dtype) -> torch.dtype:
@@ -59,15 +61,6 @@ def storage_dtype(output_format: str, asked: str | None, compute: torch.dtype) -
         return torch.float32 if output_format == "parquet" and compute == torch.bfloat16 else compute
     check_storage_dtype(output_format, asked)
     return getattr(torch, asked)
-
-
-def check_storage_dtype(output_format: str, asked: str | None) -> None:
-    """Refuse a storage dtype the format cannot hold."""
-    if asked == "bfloat16" and output_format != "safetensors":
-        raise ValueError(
-            f"storage_dtype='bfloat16' with output_format={output_format!r}; numpy and Arrow cannot hold bfloat16: "
-            f"expected float16 or float32 (or output_format='safetensors')"
-        )
 
 
 def part_name(output_format: str, rank: int, number: int) -> str:
@@ -186,7 +179,7 @@ def part_keys(path: Path) -> set[str]:
 
 
 def _metadata(row: dict[str, Any], output_format: str) -> dict[str, Any]:
-    out = {name: row.get(name) for name in _METADATA}
+    out = {name: row.get(name) for name in METADATA_COLUMNS}
     out["id"] = str(row.get("id", row["path"]))
     if output_format == "clip-retrieval":  # clip-retrieval's name for it (its back end shows image_path, caption)
         out["image_path"] = row["path"]
@@ -212,8 +205,8 @@ def _vectors(pa, values: list[np.ndarray]):
 
 def _import_arrow():
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # optional: the 'data' extra
+        import pyarrow.parquet as pq  # optional: the 'data' extra
     except ImportError:
         raise ImportError(
             f"the npy-parquet and parquet outputs need pyarrow, which is not installed; {INSTALL_HINT}"

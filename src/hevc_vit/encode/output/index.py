@@ -18,29 +18,21 @@ index) are looked up when called, so a test may replace them to simulate a full 
 
 from __future__ import annotations
 
-import datetime
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from hevc_vit.encode.options.choices import ITEM_FIELDS, ROW_FIELDS  # noqa: F401  (public here before)
+from hevc_vit.encode.readers.spec import KeyBook, item_key, json_value  # noqa: F401  (public here before)
 from hevc_vit.files import write_atomic
 
 INDEX_NAME = "index.jsonl"
 ENCODE_CONFIG_NAME = "encode_config.json"
 SHARD_DIR = "shards"
 LOCK_NAME = ".encode.lock"
-ROW_FIELDS = ("path", "shard", "key", "shape", "grid_thw", "status", "error")
-# every other field a run writes in a row: the item's kind, its source id, and what the loaders record
-# (encode.loading, encode.sparse); a kept column may take none of these names
-ITEM_FIELDS = ("kind", "id", "size", "exif_orientation", "frames", "total_frames", "temporal_positions", "codec")
 RANK_INDEX_NAME = re.compile(r"^index\.rank(\d+)\.jsonl$")
 # exactly the names a run writes in shards/ (a finished shard, or its temporary file): nothing else is touched
 SHARD_NAME = re.compile(r"^rank(\d{5,})-(\d{5,})\.safetensors(\.tmp\d+)?$")
@@ -58,43 +50,6 @@ def shard_name(rank: int, number: int) -> str:
 
 def rank_index_name(rank: int) -> str:
     return f"index.rank{rank:05d}.jsonl"
-
-
-def item_key(unit: int, item: int | None = None) -> str:
-    """The key of an item in its shard: ``UUUUUUUU``, the number of its work unit among the run's units, for a
-    unit of one item (a file); ``UUUUUUUU-IIIIIIII`` for item ``item`` of a unit of many (a tar shard, a table,
-    rows in memory). Unique in a run, the same at any world size (see :mod:`.units`)."""
-    return f"{unit:08d}" if item is None else f"{unit:08d}-{item:08d}"
-
-
-@dataclass
-class KeyBook:
-    """The keys of an output folder: a key names one input for as long as the folder exists (retrieval joins on
-    it), across runs and ``--resume`` with other inputs. An input that has a row keeps that row's key; a new input
-    takes its natural key (:func:`item_key` of its unit and place) unless another input holds it, and else the
-    same key with ``base`` added to the unit's number: past every unit number of the folder and of this run, so
-    never a key in use, nor one that this run gives as a natural key."""
-
-    earlier: dict[str, str] = field(default_factory=dict)  # path -> key, every row of the folder
-    base: int = 0
-
-    @classmethod
-    def of(cls, rows: Iterable[dict[str, Any]], units: int) -> KeyBook:
-        """The book of a folder whose rows are ``rows``, for a run of ``units`` work units."""
-        earlier = {row["path"]: row["key"] for row in rows if isinstance(row.get("key"), str) and row["key"]}
-        numbers = [int(head) for head in (key.split("-")[0] for key in earlier.values()) if head.isdigit()]
-        return cls(earlier, max([units, *(n + 1 for n in numbers)]))
-
-    @cached_property
-    def _held(self) -> set[str]:
-        return set(self.earlier.values())
-
-    def key(self, path: str, unit: int, item: int | None = None) -> str:
-        """The key of the input ``path``, item ``item`` of unit ``unit`` (None: a unit of one item)."""
-        if path in self.earlier:
-            return self.earlier[path]
-        natural = item_key(unit, item)
-        return natural if natural not in self._held else item_key(self.base + unit, item)
 
 
 def make_row(
@@ -120,30 +75,6 @@ def failed_row(path: str, key: str, error: str, extra: dict[str, Any] | None = N
     """The row of an input that failed; ``key``: its shard key; ``extra``: its fields from the source (``id``,
     kept columns)."""
     return make_row(path, status="failed", error=error, key=key, **(extra or {}))
-
-
-def json_value(value: Any) -> Any:
-    """``value`` as a value that strict JSON holds: NaN and ±inf become null (``json.dumps`` would write the
-    non-JSON tokens ``NaN`` / ``Infinity``), numpy scalars and arrays their Python numbers and lists, dates, times
-    and decimals their text (ISO 8601), bytes ``"<N bytes>"``, sets sorted lists, mapping keys text; anything
-    else its ``str``."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (np.generic, np.ndarray)):
-        return json_value(value.tolist())  # numpy scalar -> Python number, array -> nested lists
-    if isinstance(value, (list, tuple)):
-        return [json_value(v) for v in value]
-    if isinstance(value, (set, frozenset)):
-        return sorted((json_value(v) for v in value), key=repr)
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return f"<{len(bytes(value))} bytes>"
-    return str(value)  # decimals (exact text), timedeltas, UUIDs, paths, ...
 
 
 def row_json(row: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -29,8 +30,6 @@ class FolderLock:
     @classmethod
     def acquire(cls, folder: str | os.PathLike) -> FolderLock:
         """Take the lock, creating ``folder`` if needed; ``FileExistsError`` naming the holder if it is taken."""
-        import fcntl
-
         folder = Path(folder)
         whole = folder.absolute()
         created = [p for p in (whole, *whole.parents) if not p.exists()]

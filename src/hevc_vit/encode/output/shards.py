@@ -21,7 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch  # save_file looked up when called: a test seam (a race with another writer)
 import torch
+from safetensors import SafetensorError, safe_open
 
 from hevc_vit.encode.output import index as index_files
 from hevc_vit.encode.output.formats import existing_numbers, part_files, part_keys, part_name, write_part
@@ -32,11 +34,8 @@ from hevc_vit.files import publish_new, temporary_sibling
 def save_shard(tensors: dict[str, torch.Tensor], path: Path, mode: int) -> None:
     """Write ``tensors`` as the safetensors file ``path`` with permissions ``mode``, synced to disk. An I/O error
     of safetensors' writer (a ``SafetensorError`` naming the OS error) is raised as that ``OSError``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
     except SafetensorError as e:
         number = re.search(r"\(os error (\d+)\)", str(e))
         if number is None:
@@ -236,8 +235,6 @@ class MissingFeaturesError(KeyError):
 def shard_keys(path: Path) -> set[str]:
     """The tensor names in the shard at ``path`` (its header only; for a parquet part, as a shard would name
     them); raises what reading it raises."""
-    from safetensors import safe_open
-
     if path.suffix == ".parquet":
         return part_keys(path)
     with safe_open(path, framework="pt") as f:
@@ -251,8 +248,6 @@ def holds_features(names: set[str] | list[str], key: str) -> bool:
 
 def load_features(out_dir: str | os.PathLike, row: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of one encoded row: ``patches``, ``pooled`` and ``grid_thw`` (those the run saved)."""
-    from safetensors import safe_open
-
     if row.get("status") != "ok":
         raise ValueError(f"row for {row.get('path')!r} has status {row.get('status')!r}: {row.get('error')}")
     shard = Path(out_dir) / row["shard"]
@@ -263,8 +258,6 @@ def load_features(out_dir: str | os.PathLike, row: dict[str, Any]) -> dict[str, 
 
 def iter_features(out_dir: str | os.PathLike) -> Iterator[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """``(row, tensors)`` for every encoded row of the index, in input order, each shard opened once."""
-    from safetensors import safe_open
-
     rows = [row for row in read_index(out_dir) if row.get("status") == "ok"]
     by_shard: dict[str, list[int]] = {}
     for i, row in enumerate(rows):

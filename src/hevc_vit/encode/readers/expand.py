@@ -25,6 +25,7 @@ from hevc_vit.encode.readers.spec import InputSpec
 from hevc_vit.encode.readers.tables import is_table
 from hevc_vit.encode.readers.tar import is_tar_shard
 from hevc_vit.encode.readers.units import WorkUnit, list_unit, memory_units, remote_item, table_units
+from hevc_vit.media.kinds import LIST_EXTENSIONS
 
 __all__ = [
     "InputSpec",
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"  # hevc_vit/assets
-LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list"})
 MAX_BRACE_NAMES = 1_000_000  # names one brace pattern may expand to (webdataset's largest shard ranges are smaller)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from hevc_vit.encode.readers.remote import INSTALL_HINT, Network, read_location
-from hevc_vit.encode.readers.spec import Fetched, InputSpec, MemoryRow
+from hevc_vit.encode.readers.spec import Fetched, InputSpec, MemoryRow, json_value
 
 
 @dataclass
@@ -144,12 +144,10 @@ def _dataset_source(value: Any, number: int, image_column: str, keep: Sequence[s
     label = label or "dataset" + (f":{dataset.split}" if dataset.split else "")
     n = len(dataset)
     kept = dataset.select_columns(list(keep))[:] if keep else {}
-    from hevc_vit.encode.readers.tables import json_value
-
     extras = [{"id": str(r), **{k: json_value(kept[k][r]) for k in keep}} for r in range(n)]
     images = dataset.select_columns([image_column])
     if type(images.features[image_column]).__name__ == "Image":  # read the bytes; the loader decodes them
-        from datasets import Image as ImageFeature
+        from datasets import Image as ImageFeature  # optional: the 'data' extra
 
         images = images.cast_column(image_column, ImageFeature(decode=False))
     memory.append(DatasetColumn(images, image_column))
@@ -159,8 +157,8 @@ def _dataset_source(value: Any, number: int, image_column: str, keep: Sequence[s
 def _materialize(dataset: Any, image_column: str) -> Any:
     """An ``IterableDataset`` written once to an Arrow cache, so rows can be read by number (images kept as
     their encoded bytes: decoding and saving them again would change a JPEG's pixels)."""
-    from datasets import Dataset
-    from datasets import Image as ImageFeature
+    from datasets import Dataset  # optional: the 'data' extra
+    from datasets import Image as ImageFeature  # optional: the 'data' extra
 
     features = dataset.features
     if features is not None and type(features.get(image_column)).__name__ == "Image":
@@ -175,7 +173,7 @@ def _materialize(dataset: Any, image_column: str) -> Any:
 def open_hf_dataset(name_or_path: str, split: str | None) -> DatasetInput:
     """``--hf-dataset``: a dataset saved with ``save_to_disk`` (a folder), else a Hub name (``load_dataset``)."""
     try:
-        import datasets
+        import datasets  # optional: the 'data' extra
     except ImportError:
         raise ImportError(f"--hf-dataset needs the datasets library, which is not installed; {INSTALL_HINT}") from None
     if os.path.isdir(name_or_path):

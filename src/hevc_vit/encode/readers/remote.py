@@ -13,13 +13,15 @@ caller, who records it as a failed row. What another attempt cannot cure is not 
 
 from __future__ import annotations
 
-import functools
 import posixpath
 import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
+
+from hevc_vit.encode.options.choices import DEFAULT_TIMEOUT
+from hevc_vit.media.kinds import FILE_SUFFIXES
 
 INSTALL_HINT = "pip install 'hevc-vit[data]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -39,7 +41,6 @@ _TRANSIENT_ERRORS = (TimeoutError, ConnectionError)  # anywhere in an error's ca
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # HTTP answers worth another attempt (and any 5xx)
 RETRY_PAUSE = 0.25  # seconds before the first retry; doubled after each (tests set it to 0)
 MAX_RETRY_AFTER = 60.0  # seconds: the longest HTTP Retry-After honoured
-DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read of a URL may wait
 
 T = TypeVar("T")
 
@@ -61,7 +62,7 @@ def is_url(location: str) -> bool:
 
 def import_fsspec():
     try:
-        import fsspec
+        import fsspec  # optional: the 'data' extra
     except ImportError:
         raise ImportError(f"reading URLs needs fsspec, which is not installed; {INSTALL_HINT}") from None
     return fsspec
@@ -112,7 +113,7 @@ def _storage_options(protocols: Iterable[str], timeout: float) -> dict[str, dict
     options: dict[str, dict[str, Any]] = {}
     for protocol in protocols:
         if protocol in ("http", "https"):
-            import aiohttp
+            import aiohttp  # optional: the 'data' extra
 
             bounds = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
             options[protocol] = {"client_kwargs": {"timeout": bounds}}
@@ -250,18 +251,10 @@ def read_location(location: str, network: Network, start: int | None = None, siz
     return data
 
 
-@functools.cache
-def _file_suffixes() -> frozenset[str]:
-    from hevc_vit.encode.readers.tables import TABLE_EXTENSIONS
-    from hevc_vit.encode.readers.tar import MEDIA_EXTENSIONS  # imported here: that module imports this one
-
-    return frozenset({f".{e}" for e in MEDIA_EXTENSIONS} | set(TABLE_EXTENSIONS) | {".tar"})
-
-
 def _names_a_file(path: str) -> bool:
     """A path ending in a media, table or tar extension names a file: it is read when its turn comes, not looked up
     while listing."""
-    return posixpath.splitext(path)[1].lower() in _file_suffixes()
+    return posixpath.splitext(path)[1].lower() in FILE_SUFFIXES
 
 
 def _is_http(url: str) -> bool:

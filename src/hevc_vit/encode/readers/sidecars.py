@@ -18,11 +18,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from hevc_vit.encode.readers.fetch import fetch
 from hevc_vit.encode.readers.remote import Network
-from hevc_vit.encode.readers.spec import ItemRef, fetch
+from hevc_vit.encode.readers.spec import ItemRef
+from hevc_vit.media.kinds import METADATA_EXTENSIONS, SIDECAR_EXTENSIONS
 
-SIDECAR_EXTENSIONS = frozenset({"txt", "json", "cls"})  # the last part of the extension: "seg.txt" counts
-METADATA_EXTENSIONS = frozenset({"parquet", "csv", "tsv", "jsonl", "json"})
 MAX_SIDECAR_BYTES = 16 * 1024 * 1024
 
 

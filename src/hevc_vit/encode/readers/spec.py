@@ -11,13 +11,18 @@ separator of chained URLs) is named ``tar-quoted://MEMBER::SHARD`` with both par
 
 from __future__ import annotations
 
+import datetime
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote, unquote
 
+import numpy as np
 from PIL import Image
 
-from hevc_vit.encode.readers.remote import Network, is_url, read_location
+from hevc_vit.encode.readers.remote import is_url
 
 TAR_PREFIX, QUOTED_TAR_PREFIX = "tar://", "tar-quoted://"
 
@@ -111,15 +116,62 @@ class Fetched:
     image: Image.Image | None = None
 
 
-def fetch(ref: ItemRef, memory: list[Any], network: Network) -> Fetched:
-    """The content ``ref`` points at. A URL is read as ``network`` says (timeouts, retries); what cannot be read
-    raises (the loader records the reason as the input's failure)."""
-    if isinstance(ref, TarMember):
-        return Fetched(ref.name, data=read_location(ref.shard, network, ref.offset, ref.size))
-    if isinstance(ref, RemoteFile):
-        return Fetched(ref.url, data=read_location(ref.url, network))
-    if isinstance(ref, MemoryRow):
-        from hevc_vit.encode.readers.memory import fetch_memory_row
+def item_key(unit: int, item: int | None = None) -> str:
+    """The key of an item in its shard: ``UUUUUUUU``, the number of its work unit among the run's units, for a
+    unit of one item (a file); ``UUUUUUUU-IIIIIIII`` for item ``item`` of a unit of many (a tar shard, a table,
+    rows in memory). Unique in a run, the same at any world size (see :mod:`.units`)."""
+    return f"{unit:08d}" if item is None else f"{unit:08d}-{item:08d}"
 
-        return fetch_memory_row(memory[ref.source], ref.row, network)
-    raise TypeError(f"ref is a {type(ref).__name__}; expected a TarMember, RemoteFile or MemoryRow")
+
+@dataclass
+class KeyBook:
+    """The keys of an output folder: a key names one input for as long as the folder exists (retrieval joins on
+    it), across runs and ``--resume`` with other inputs. An input that has a row keeps that row's key; a new input
+    takes its natural key (:func:`item_key` of its unit and place) unless another input holds it, and else the
+    same key with ``base`` added to the unit's number: past every unit number of the folder and of this run, so
+    never a key in use, nor one that this run gives as a natural key."""
+
+    earlier: dict[str, str] = field(default_factory=dict)  # path -> key, every row of the folder
+    base: int = 0
+
+    @classmethod
+    def of(cls, rows: Iterable[dict[str, Any]], units: int) -> KeyBook:
+        """The book of a folder whose rows are ``rows``, for a run of ``units`` work units."""
+        earlier = {row["path"]: row["key"] for row in rows if isinstance(row.get("key"), str) and row["key"]}
+        numbers = [int(head) for head in (key.split("-")[0] for key in earlier.values()) if head.isdigit()]
+        return cls(earlier, max([units, *(n + 1 for n in numbers)]))
+
+    @cached_property
+    def _held(self) -> set[str]:
+        return set(self.earlier.values())
+
+    def key(self, path: str, unit: int, item: int | None = None) -> str:
+        """The key of the input ``path``, item ``item`` of unit ``unit`` (None: a unit of one item)."""
+        if path in self.earlier:
+            return self.earlier[path]
+        natural = item_key(unit, item)
+        return natural if natural not in self._held else item_key(self.base + unit, item)
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as a value that strict JSON holds: NaN and ±inf become null (``json.dumps`` would write the
+    non-JSON tokens ``NaN`` / ``Infinity``), numpy scalars and arrays their Python numbers and lists, dates, times
+    and decimals their text (ISO 8601), bytes ``"<N bytes>"``, sets sorted lists, mapping keys text; anything
+    else its ``str``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.generic, np.ndarray)):
+        return json_value(value.tolist())  # numpy scalar -> Python number, array -> nested lists
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((json_value(v) for v in value), key=repr)
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(bytes(value))} bytes>"
+    return str(value)  # decimals (exact text), timedeltas, UUIDs, paths, ...

@@ -19,11 +19,10 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-from hevc_vit.encode.output.index import json_value
 from hevc_vit.encode.readers.remote import INSTALL_HINT, Network, is_url, open_location, with_retries
-from hevc_vit.encode.readers.spec import InputSpec, RemoteFile
+from hevc_vit.encode.readers.spec import InputSpec, RemoteFile, json_value
+from hevc_vit.media.kinds import TABLE_EXTENSIONS
 
-TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl")
 DEFAULT_PATH_COLUMNS = ("path", "url", "image")
 
 
@@ -37,7 +36,7 @@ def is_table(location: str) -> bool:
 
 def _import_pyarrow(location: str) -> None:
     try:
-        import pyarrow  # noqa: F401
+        import pyarrow  # noqa: F401  (optional: the 'data' extra)
     except ImportError:
         raise ImportError(f"reading {location} needs pyarrow, which is not installed; {INSTALL_HINT}") from None
 
@@ -64,7 +63,7 @@ def table_layout(location: str, network: Network) -> tuple[list[str], list[int] 
         lower = location.lower()
         with open_location(location, network) as f:
             if lower.endswith(".parquet"):
-                import pyarrow.parquet as pq
+                import pyarrow.parquet as pq  # optional: the 'data' extra
 
                 meta = pq.ParquetFile(f).metadata
                 return meta.schema.to_arrow_schema().names, [
@@ -85,7 +84,7 @@ def first_value(location: str, column: str, network: Network) -> Any:
         lower = location.lower()
         with open_location(location, network) as f:
             if lower.endswith(".parquet"):
-                import pyarrow.parquet as pq
+                import pyarrow.parquet as pq  # optional: the 'data' extra
 
                 parquet = pq.ParquetFile(f)
                 values = parquet.read_row_group(0, columns=[column]).column(0) if parquet.num_row_groups else []
@@ -115,14 +114,14 @@ def _csv_header(f, lower: str) -> list[str]:
 
 def _read(f, lower: str, row_group: int | None):
     if lower.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: the 'data' extra
 
         return pq.read_table(f) if row_group is None else pq.ParquetFile(f).read_row_group(row_group)
     if lower.endswith(".jsonl"):
-        import pyarrow.json as pj
+        import pyarrow.json as pj  # optional: the 'data' extra
 
         return pj.read_json(f)
-    import pyarrow.csv as pc
+    import pyarrow.csv as pc  # optional: the 'data' extra
 
     delimiter = "\t" if lower.endswith(".tsv") else ","
     # every column as text: a column of ids like 000123 keeps its zeros, and a path stays a path

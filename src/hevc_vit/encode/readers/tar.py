@@ -28,17 +28,15 @@ from dataclasses import dataclass
 
 from hevc_vit.encode.readers.remote import Network, describe_error, is_url, open_location, url_filesystem, with_retries
 from hevc_vit.encode.readers.spec import InputSpec, TarMember, tar_path
-from hevc_vit.media.video import VIDEO_EXTENSIONS
+from hevc_vit.media.kinds import MEDIA_EXTENSIONS, TAR_EXTENSION
 
-IMAGE_EXTENSIONS = frozenset("jpg jpeg png webp bmp gif tif tiff ppm pgm pbm pnm jp2 j2k avif".split())
-MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | {e.lstrip(".") for e in VIDEO_EXTENSIONS}
 # "dir/000123.seg.png" -> ("dir/000123", "seg.png"); a newline is a character of a name like any other
 _KEY = re.compile(r"\A((?:.*/|)[^./][^/]*?)(?:\.([^/]*))?\Z", re.DOTALL)
 MAX_LINK_HOPS = 16  # symbolic links followed from one member (a loop fails)
 
 
 def is_tar_shard(location: str) -> bool:
-    return location.lower().endswith(".tar")
+    return location.lower().endswith(TAR_EXTENSION)
 
 
 def media_extension(ext: str) -> bool:

@@ -9,9 +9,9 @@ which lists it into items (:func:`list_share`).
 An item's name (its ``path``) does not depend on the unit it came in, so ``--resume`` (keyed by path) works
 whatever the world size of the earlier run. Its shard key is the unit's number, ``UUUUUUUU`` for a unit of one
 item and ``UUUUUUUU-IIIIIIII`` (``I``: the item's place in its unit) for the items of a tar, a table or a
-memory source (:func:`.index.item_key`): unique in the run, the same at any world size, and in input order. In a
+memory source (:func:`.spec.item_key`): unique in the run, the same at any world size, and in input order. In a
 folder that holds rows already (``--resume``), an input keeps the key of its row and a new input never takes a key
-another input holds (:class:`.index.KeyBook`).
+another input holds (:class:`.spec.KeyBook`).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hevc_vit.encode.output.index import KeyBook
 from hevc_vit.encode.readers.memory import MemorySource
 from hevc_vit.encode.readers.remote import Network, check_url_packages, describe_error, is_url
-from hevc_vit.encode.readers.spec import InputSpec, RemoteFile
+from hevc_vit.encode.readers.spec import InputSpec, KeyBook, RemoteFile
 from hevc_vit.encode.readers.tables import TableColumnError, check_columns, first_value, table_layout, table_specs
 from hevc_vit.encode.readers.tar import list_tar
 

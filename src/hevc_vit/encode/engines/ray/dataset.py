@@ -103,7 +103,7 @@ class Stages:
 
     def decode(self, ds, fn: Callable[..., Batch], fn_kwargs: dict[str, Any]):
         """CPU tasks, ``decode_cpus`` at once (default: as many as the cluster has room for)."""
-        import ray.data
+        import ray.data  # optional: the 'ray' extra
 
         size = self.options.decode_cpus
         compute = ray.data.TaskPoolStrategy(size=size) if size else None
@@ -112,7 +112,7 @@ class Stages:
     def model(self, ds, columns: bool = False, progress: Any = None):
         """``model_actors`` actors (default: one per GPU of the cluster, else one); Ray restarts a lost actor and
         retries its call. progress: a :class:`.stages.DoneKeys` actor told the keys of each finished call."""
-        import ray
+        import ray  # optional: the 'ray' extra
 
         gpu = self.device.type == "cuda"
         actors = self.options.model_actors or (int(ray.cluster_resources().get("GPU", 1)) if gpu else 1)

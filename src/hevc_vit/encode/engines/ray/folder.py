@@ -134,7 +134,7 @@ def _todo(share: Share, done: set[str]) -> list[dict[str, Any]]:
 
 def _pipeline(todo: list[dict[str, Any]], folder: Path, stages: Stages, storage: torch.dtype, done_keys: Any):
     """Rows of the inputs to do -> decoded -> encoded -> written: one row of counts per block written."""
-    import ray
+    import ray  # optional: the 'ray' extra
 
     options = stages.options
     blocks = max(1, -(-len(todo) // DECODE_ROWS))
@@ -181,7 +181,7 @@ def _progress(tally: _Tally, show: bool) -> Iterator[Any]:
     if not show:
         yield None
         return
-    import ray
+    import ray  # optional: the 'ray' extra
 
     done_keys = ray.remote(num_cpus=0)(DoneKeys).remote()
     stop = threading.Event()

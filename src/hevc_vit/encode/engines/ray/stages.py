@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from hevc_vit.devices import resolve_dtype
 from hevc_vit.encode.decode.load import LoadedItem, LoadOptions
@@ -180,8 +181,6 @@ class ModelStage:
     def __init__(
         self, options: EncodeOptions, device: str, columns: bool = False, fault: str | None = None, progress=None
     ):
-        import torch
-
         self.device = torch.device(device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.encoder = prepare_encoder(options, self.device, self.dtype, lambda message: None)

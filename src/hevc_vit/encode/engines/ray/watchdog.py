@@ -46,7 +46,7 @@ def stop(watchdog: subprocess.Popen, timeout: float = GRACE + 10) -> None:
 
 def _note(known: dict[int, Any], roots: list[int]) -> None:
     """Add the running descendants of ``roots`` (and the roots) to ``known``: one pass over the process table."""
-    import psutil
+    import psutil  # optional: a Ray dependency (the 'ray' extra)
 
     children: dict[int, list[Any]] = {}
     for p in psutil.process_iter(["ppid"]):
@@ -65,7 +65,7 @@ def _note(known: dict[int, Any], roots: list[int]) -> None:
 
 
 def _same(p: Any) -> bool:
-    import psutil
+    import psutil  # optional: a Ray dependency (the 'ray' extra)
 
     try:
         return p.is_running()  # compares the creation time: False for a PID reused by another process
@@ -74,7 +74,7 @@ def _same(p: Any) -> bool:
 
 
 def _stop_all(known: dict[int, Any]) -> None:
-    import psutil
+    import psutil  # optional: a Ray dependency (the 'ray' extra)
 
     alive = []
     for p in known.values():
