@@ -129,9 +129,9 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from hevc_vit.devices import default_dtype
     from hevc_vit.encode import encode
     from hevc_vit.encode.model.loader import build_processor, load_model
+    from hevc_vit.runtime.devices import default_dtype
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="encode_bench_"))
     report: dict = {

@@ -22,9 +22,9 @@ import torch
 from hevc_vit.bench import make_workload, model_flops
 from hevc_vit.bench.measure import matmul_peak_flops, time_median
 from hevc_vit.configuration import HEVCViTConfig
-from hevc_vit.devices import describe_dtype_choice, parse_dtype, resolve_device
 from hevc_vit.modeling import HEVCViTPackingModel
 from hevc_vit.packing import PackingPlan, patchify_items
+from hevc_vit.runtime.devices import describe_dtype_choice, parse_dtype, resolve_device
 
 GROUPS = {
     "attention": ("scaled_dot_product", "flash_attention", "varlen", "_efficient_attention"),

@@ -1,5 +1,5 @@
-"""What dtype "auto" means: the one rule in hevc_vit.devices, driven both ways by stubbed CPU measurements
-(hevc_vit.calibration), its cache per machine, and an explicit dtype always winning (encode and bench)."""
+"""What dtype "auto" means: the one rule in hevc_vit.runtime.devices, driven both ways by stubbed CPU measurements
+(hevc_vit.runtime.calibration), its cache per machine, and an explicit dtype always winning (encode and bench)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import json
 import pytest
 import torch
 
-from hevc_vit import calibration
 from hevc_vit.bench import BenchSetup, run_benchmark
-from hevc_vit.calibration import BF16_MIN_SPEEDUP, Calibration, cpu_dtype_calibration, measure_cpu_dtypes
 from hevc_vit.cli import build_parser
 from hevc_vit.cli.bench import setup_from_args
-from hevc_vit.devices import CPU_DTYPE_VARIABLE, default_dtype, describe_dtype_choice, dtype_choice, resolve_dtype
 from hevc_vit.encode import encode
+from hevc_vit.runtime import calibration
+from hevc_vit.runtime.calibration import BF16_MIN_SPEEDUP, Calibration, cpu_dtype_calibration, measure_cpu_dtypes
+from hevc_vit.runtime.devices import (
+    CPU_DTYPE_VARIABLE,
+    default_dtype,
+    describe_dtype_choice,
+    dtype_choice,
+    resolve_dtype,
+)
 
 CPU = torch.device("cpu")
 

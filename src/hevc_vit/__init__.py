@@ -9,11 +9,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from hevc_vit import moved
 from hevc_vit.attention import available_backends, get_attention
+from hevc_vit.checkpoints.embedded import register_transformers_conversions
 from hevc_vit.configuration import PRESETS, HEVCViTConfig
-from hevc_vit.embedded import register_transformers_conversions
-from hevc_vit.image_processing import HEVCViTImageProcessor, HEVCViTNativeImageProcessor
 from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
 from hevc_vit.packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
+from hevc_vit.processing.image_processing import HEVCViTImageProcessor, HEVCViTNativeImageProcessor
 
 __version__ = "0.1.0"
 

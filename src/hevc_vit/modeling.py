@@ -26,10 +26,10 @@ from hevc_vit.attention import (
     get_attention,
     transformers_name,
 )
+from hevc_vit.checkpoints.embedded import attach_load_hooks, check_reinitialisation
+from hevc_vit.checkpoints.load import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
 from hevc_vit.configuration import HEVCViTConfig
-from hevc_vit.embedded import attach_load_hooks, check_reinitialisation
 from hevc_vit.layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
-from hevc_vit.loading import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
 from hevc_vit.packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify, unpack_per_item
 from hevc_vit.rope import rope_cos_sin
 
@@ -64,7 +64,7 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
     def _initialize_weights(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
         """transformers' per-module initialisation, except for a model that holds checkpoint weights (read by
         :meth:`from_pretrained`): those are never re-initialised — see
-        :func:`~hevc_vit.embedded.check_reinitialisation`, which re-reads them or raises."""
+        :func:`~hevc_vit.checkpoints.embedded.check_reinitialisation`, which re-reads them or raises."""
         if getattr(self, "checkpoint_source", None) is not None:
             check_reinitialisation(self)
             return
@@ -95,7 +95,7 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
     ) -> HEVCViTPreTrainedModel:
         """Load a checkpoint of any supported format (hevc_vit, packing, standard, legacy) into this model;
-        see :func:`hevc_vit.loading.load_pretrained` for the arguments and which loader runs."""
+        see :func:`hevc_vit.checkpoints.load.load_pretrained` for the arguments and which loader runs."""
         return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
 
@@ -235,8 +235,8 @@ class HEVCViTPackingModel(HEVCViTCore):
         patch_positions: optional ``(T, 3)`` int — explicit ``(t, h, w)`` RoPE position per patch.
         plan: a prebuilt :class:`PackingPlan` instead of ``grid_thw`` / ``patch_positions``.
         pixel_values / image_grid_thw: the same patches and grid under the names of transformers' image
-            processors (:class:`~hevc_vit.image_processing.HEVCViTImageProcessor`); given ``image_grid_thw``, the
-            token outputs come per image, as transformers' pipelines split them (see Returns).
+            processors (:class:`~hevc_vit.processing.image_processing.HEVCViTImageProcessor`); given
+            ``image_grid_thw``, the token outputs come per image, as transformers' pipelines split them (see Returns).
         Returns ``last_hidden_state (T, D)``, ``pooler_output (n, D)`` (with the head),
         ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(T, D)`` when asked. With ``image_grid_thw`` the
         token outputs are ``(n, N, D)`` when every image has ``N`` tokens, else a jagged nested tensor whose

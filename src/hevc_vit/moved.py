@@ -24,6 +24,12 @@ MOVED = {
     "hevc_vit.bench_measure": "hevc_vit.bench.measure",
     "hevc_vit.bench_dtypes": "hevc_vit.bench.dtypes",
     "hevc_vit.bench_pipeline": "hevc_vit.bench.pipeline",
+    # round 3: the top level keeps the model core; the rest joined the packages of its concern
+    "hevc_vit.devices": "hevc_vit.runtime.devices",
+    "hevc_vit.calibration": "hevc_vit.runtime.calibration",
+    "hevc_vit.loading": "hevc_vit.checkpoints.load",
+    "hevc_vit.embedded": "hevc_vit.checkpoints.embedded",
+    "hevc_vit.image_processing": "hevc_vit.processing.image_processing",
     # round 3: the Ray engine beside the local one
     "hevc_vit.ray": "hevc_vit.encode.engines.ray",
     "hevc_vit.ray.cluster": "hevc_vit.encode.engines.ray.cluster",

@@ -162,7 +162,7 @@ def test_codec_frame_cap_keeps_the_aspect_ratio_and_the_cap(tmp_path):
 
 
 def test_tower_image_processor_keeps_the_aspect_ratio_at_tight_bounds():
-    from hevc_vit.image_processing import HEVCViTImageProcessor
+    from hevc_vit.processing.image_processing import HEVCViTImageProcessor
 
     for lo, hi in ((256, 4096), (256, 256), (64, 70)):
         processor = HEVCViTImageProcessor(min_tokens=lo, max_tokens=hi)

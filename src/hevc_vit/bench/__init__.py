@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from hevc_vit.bench.measure import matmul_peak_flops, peak_memory, per_token_cosine, time_median
 from hevc_vit.configuration import HEVCViTConfig
-from hevc_vit.devices import describe_dtype_choice, resolve_device, resolve_dtype
 from hevc_vit.llava.towers import HEVCViTPackingVisionTower
 from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel
 from hevc_vit.packing import PackingPlan, grid_positions, patchify_items, unpack
+from hevc_vit.runtime.devices import describe_dtype_choice, resolve_device, resolve_dtype
 
 METHODS = ("packing", "per_item_loop", "padded")
 WORKLOADS = ("mixed", "uniform")

@@ -20,8 +20,8 @@ import torch
 
 from hevc_vit.bench import BenchSetup, _load_models, _machine, make_workload, model_flops, packing_input, run_packing
 from hevc_vit.bench.measure import matmul_peak_flops, per_token_cosine, time_median
-from hevc_vit.devices import describe_dtype_choice, resolve_device
 from hevc_vit.llava.towers import HEVCViTPackingVisionTower
+from hevc_vit.runtime.devices import describe_dtype_choice, resolve_device
 
 COMPARED = (torch.float32, torch.bfloat16)
 

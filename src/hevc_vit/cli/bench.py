@@ -15,8 +15,8 @@ from hevc_vit.bench import BENCH_COUNTS, WORKLOADS, BenchSetup, run_benchmark
 from hevc_vit.bench.dtypes import compare_dtypes, format_dtype_report
 from hevc_vit.bench.pipeline import PipelineSetup, format_pipeline_report, run_pipeline_benchmark
 from hevc_vit.cli.common import EXIT_OK, integer_in, run_guarded
-from hevc_vit.devices import DTYPES
 from hevc_vit.files import write_atomic
+from hevc_vit.runtime.devices import DTYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

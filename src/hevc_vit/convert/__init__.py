@@ -65,8 +65,8 @@ from hevc_vit.convert.write import (
     target_state_dict,
     write_folder,
 )
-from hevc_vit.devices import DTYPES, parse_dtype, resolve_device
 from hevc_vit.files import CONFIG_NAME
+from hevc_vit.runtime.devices import DTYPES, parse_dtype, resolve_device
 
 __all__ = [
     "ARCH_KEYS",

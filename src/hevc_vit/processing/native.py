@@ -25,8 +25,8 @@ class NativeResolutionProcessor(ImageProcessor):
     the minimum) give the largest such grid under the maximum, a few patches under the minimum.
     """
 
-    # the file format of transformers' HEVCViTImageProcessor (hevc_vit.image_processing), which runs this class:
-    # one preprocessor_config.json that AutoImageProcessor, pipeline() and hevc-vit encode all read
+    # the file format of transformers' HEVCViTImageProcessor (hevc_vit.processing.image_processing), which runs this
+    # class: one preprocessor_config.json that AutoImageProcessor, pipeline() and hevc-vit encode all read
     processor_type = "HEVCViTImageProcessor"
     type_names = ("HEVCViTImageProcessor", "HEVCViTNativeImageProcessor")  # and what round 2 saved
 

@@ -22,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from hevc_vit.codec.config import CodecSparseConfig
-from hevc_vit.devices import describe_dtype_choice, resolve_device, resolve_dtype
 from hevc_vit.encode.decode.load import LoadedItem, LoadOptions
 from hevc_vit.encode.decode.workers import default_workers, load_items
 from hevc_vit.encode.engines.distributed import Ranks
@@ -39,6 +38,7 @@ from hevc_vit.encode.readers.expand import SourceOptions
 from hevc_vit.encode.readers.memory import MemorySource, collect_memory
 from hevc_vit.encode.readers.remote import Network, check_url_packages
 from hevc_vit.encode.readers.units import Share, items_to_encode, list_share, ordered_paths
+from hevc_vit.runtime.devices import describe_dtype_choice, resolve_device, resolve_dtype
 
 
 def encode(

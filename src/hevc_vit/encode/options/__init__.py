@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from hevc_vit.configuration import PRESETS
-from hevc_vit.devices import DTYPES
 from hevc_vit.encode.options.choices import (
     DEFAULT_TIMEOUT,
     OUTPUT_FORMATS,
@@ -53,6 +52,7 @@ from hevc_vit.encode.options.values import (
 from hevc_vit.media.video import VIDEO_BACKENDS
 from hevc_vit.media.video_torchcodec import require_torchcodec
 from hevc_vit.processing.processors import ImageProcessor, NativeResolutionProcessor
+from hevc_vit.runtime.devices import DTYPES
 
 DEFAULT_OUT = "hevc_vit_features"
 DEFAULT_MODEL = "small"

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hevc_vit.devices import describe_dtype_choice, resolve_dtype
 from hevc_vit.encode.decode.load import LoadOptions
 from hevc_vit.encode.engines.local import load_options
 from hevc_vit.encode.engines.ray.cluster import cluster_has_gpus, connect, import_ray
@@ -32,6 +31,7 @@ from hevc_vit.encode.options import EncodeOptions
 from hevc_vit.encode.output.index import row_json
 from hevc_vit.encode.readers.memory import DatasetColumn
 from hevc_vit.encode.readers.spec import InputSpec, MemoryRow
+from hevc_vit.runtime.devices import describe_dtype_choice, resolve_dtype
 
 DECODE_ROWS = 8  # inputs per decode call: few, so the CPU stage spreads over many workers
 PATH_COLUMNS = ("path", "id")  # the column naming a row, when path_column is not given: the first present

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from hevc_vit.devices import resolve_dtype
 from hevc_vit.encode.decode.load import LoadedItem, LoadOptions
 from hevc_vit.encode.decode.workers import load_items
 from hevc_vit.encode.engines.local import feed_groups
@@ -45,6 +44,7 @@ from hevc_vit.encode.options import EncodeOptions
 from hevc_vit.encode.output.index import rank_index_name, read_jsonl
 from hevc_vit.encode.output.shards import ShardWriter
 from hevc_vit.encode.readers.spec import InputSpec
+from hevc_vit.runtime.devices import resolve_dtype
 
 ITEM, RESULT, ORDINAL = "item", "result", "ordinal"
 FAULT_ENV = "HEVC_VIT_RAY_FAULT"

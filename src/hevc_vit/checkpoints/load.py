@@ -2,7 +2,7 @@
 
 * transformers 5 and a safetensors folder: transformers' own ``from_pretrained`` (``device_map`` incl.
   ``"auto"`` and per-module maps, ``max_memory``, ``quantization_config``, ``output_loading_info``, its dtype
-  default), the reference names converted by the rules :mod:`hevc_vit.embedded` registers — except inside
+  default), the reference names converted by the rules :mod:`hevc_vit.checkpoints.embedded` registers — except inside
   another model's ``from_pretrained`` (a LLaVA tower built on the meta device), where transformers refuses
   to nest;
 * otherwise (legacy ``.pt`` files, pickled ``pytorch_model.bin`` folders, transformers 4.x, ``strict=False``):
@@ -29,7 +29,7 @@ from hevc_vit.checkpoints import load_checkpoint, read_folder_config
 from hevc_vit.checkpoints.architecture import config_kwargs
 from hevc_vit.checkpoints.names import TORCH_SUFFIXES
 from hevc_vit.configuration import HEVCViTConfig
-from hevc_vit.devices import parse_dtype
+from hevc_vit.runtime.devices import parse_dtype
 
 # from_pretrained keyword arguments that only steer downloading (forwarded to the Hub client or ignored)
 HUB_KWARGS = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder"}
@@ -164,7 +164,7 @@ def _load_with_transformers(cls, path: str, config: HEVCViTConfig, dtype, device
 
 def _finish(model, name_or_path, source: dict[str, Any], info: dict | None):
     model.config.name_or_path = str(name_or_path)
-    model.checkpoint_source = source  # where to re-read the weights (see hevc_vit.embedded)
+    model.checkpoint_source = source  # where to re-read the weights (see hevc_vit.checkpoints.embedded)
     model.eval()
     return (model, info) if info is not None else model
 

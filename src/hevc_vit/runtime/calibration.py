@@ -1,7 +1,7 @@
 """How fast this CPU multiplies in bfloat16 against float32, measured once and kept per machine.
 
 CPU flags do not predict it: two CPUs that both report AVX-512-BF16 and no AMX ran a bf16 matmul at 0.5x and
-at 2.3x their fp32 rate. So ``"auto"`` on a CPU (:func:`hevc_vit.devices.dtype_choice`) asks a measurement: a
+at 2.3x their fp32 rate. So ``"auto"`` on a CPU (:func:`hevc_vit.runtime.devices.dtype_choice`) asks a measurement: a
 matmul of a ViT block's size in each dtype, alternating, the best of 3 to 50 rounds (at most about a quarter of a
 second), plus the cosine of the bf16 result against the fp32 one (a broken or emulated kernel shows there). The
 result is cached in ``$HEVC_VIT_CACHE`` (default ``$XDG_CACHE_HOME/hevc_vit``, else ``~/.cache/hevc_vit``), in

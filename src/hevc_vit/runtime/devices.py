@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from hevc_vit.calibration import cpu_dtype_calibration
+from hevc_vit.runtime.calibration import cpu_dtype_calibration
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DTYPE_VARIABLE = "HEVC_VIT_CPU_DTYPE"
