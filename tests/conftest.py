@@ -18,6 +18,17 @@ from tests.helpers import FIXTURES, write_image
 os.environ.setdefault("HEVC_VIT_CPU_DTYPE", "float32")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The suite's models are tiny: their matmuls gain nothing from a second intra-op thread, and on a shared CPU
+    they lose much to it (measured at load ~6 on 2 cores: tests/llava/test_towers.py and tests/test_model.py took
+    45 s with 2 threads, 15 s with 1). ``HEVC_VIT_TEST_THREADS`` sets another count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("HEVC_VIT_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
