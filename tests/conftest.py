@@ -87,7 +87,7 @@ def ckpt(model, tmp_path_factory) -> Path:
 def small_matmul_peak(monkeypatch):
     """The benchmark's matmul peak measured on 256 x 256 products: the 2048 x 2048 default (10 products per dtype,
     before and after the timing) is most of a tiny benchmark's time on a CPU, and the report's arithmetic is the
-    same whatever the size. ``tests/bench/test_bench.py::test_cli_writes_json`` keeps the default size."""
+    same whatever the size (the default size is what ``hevc-vit bench`` itself runs)."""
     import hevc_vit.bench as bench
     import hevc_vit.bench.dtypes as dtypes
     from hevc_vit.bench.measure import matmul_peak_flops

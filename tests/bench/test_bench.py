@@ -71,7 +71,7 @@ def test_report_is_consistent(tmp_path, small_matmul_peak):
     assert "packing_vs_padded" in text and "| per_item_loop |" in text
 
 
-def test_cli_writes_json(tmp_path, capsys):
+def test_cli_writes_json(tmp_path, capsys, small_matmul_peak):
     small = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128)
     path = tmp_path / "bench.json"
     argv = ["bench", "--workload", "uniform", "--device", "cpu", "--iters", "1", "--warmup", "1", "--json", str(path)]
