@@ -18,6 +18,17 @@ from tests.helpers import FIXTURES, write_image
 os.environ.setdefault("HEVC_VIT_CPU_DTYPE", "float32")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The suite's models are tiny: their matmuls gain nothing from a second intra-op thread, and on a shared CPU
+    they lose much to it (measured at load ~6 on 2 cores: tests/llava/test_towers.py and tests/test_model.py took
+    45 s with 2 threads, 15 s with 1). ``HEVC_VIT_TEST_THREADS`` sets another count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("HEVC_VIT_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -70,3 +81,19 @@ def ckpt(model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def small_matmul_peak(monkeypatch):
+    """The benchmark's matmul peak measured on 256 x 256 products: the 2048 x 2048 default (10 products per dtype,
+    before and after the timing) is most of a tiny benchmark's time on a CPU, and the report's arithmetic is the
+    same whatever the size (the default size is what ``hevc-vit bench`` itself runs)."""
+    import hevc_vit.bench as bench
+    import hevc_vit.bench.dtypes as dtypes
+    from hevc_vit.bench.measure import matmul_peak_flops
+
+    def small(device, dtype=torch.bfloat16, n=None, iters=10):
+        return matmul_peak_flops(device, dtype, n=256, iters=3)
+
+    monkeypatch.setattr(bench, "matmul_peak_flops", small)
+    monkeypatch.setattr(dtypes, "matmul_peak_flops", small)

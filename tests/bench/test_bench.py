@@ -47,7 +47,7 @@ def test_model_flops_counts_dense_and_attention_work():
     assert model_flops(config, [4, 9]) == 13 * (2 * P * D + L * 2 * D * (4 * D + 2 * M)) + L * 4 * D * (16 + 81)
 
 
-def test_report_is_consistent(tmp_path):
+def test_report_is_consistent(tmp_path, small_matmul_peak):
     setup = BenchSetup(
         preset="small", workload="uniform", iters=1, warmup=1, accuracy=True, device="cpu",
         config_overrides=dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128),
@@ -71,7 +71,7 @@ def test_report_is_consistent(tmp_path):
     assert "packing_vs_padded" in text and "| per_item_loop |" in text
 
 
-def test_cli_writes_json(tmp_path, capsys):
+def test_cli_writes_json(tmp_path, capsys, small_matmul_peak):
     small = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128)
     path = tmp_path / "bench.json"
     argv = ["bench", "--workload", "uniform", "--device", "cpu", "--iters", "1", "--warmup", "1", "--json", str(path)]
@@ -107,7 +107,7 @@ def test_cli_reports_bad_options(capsys):
     assert "preset='tiny'" in capsys.readouterr().err
 
 
-def test_compare_dtypes_reports_each_dtype_against_its_own_peak(capsys):
+def test_compare_dtypes_reports_each_dtype_against_its_own_peak(capsys, small_matmul_peak):
     small = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128)
     setup = BenchSetup(workload="uniform", device="cpu", iters=2, warmup=1, config_overrides=small)
     report = compare_dtypes(setup)

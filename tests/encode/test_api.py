@@ -1,13 +1,12 @@
 """``hevc-vit encode``: its features against the packing model run directly on the same preprocessed items,
 whatever the token budget; bad inputs recorded; interrupted + resumed against uninterrupted; 2-process
-torchrun against one process; the packer and input expansion on their own; the CLI and its demo default."""
+torchrun against one process; input expansion on its own; the CLI and its demo default."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +15,6 @@ from safetensors import safe_open
 from hevc_vit import HEVCViTPackingModel, patchify
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import DEFAULT_OUT, encode, iter_features, read_index, sample_inputs
-from hevc_vit.encode.model.batching import TokenBudgetPacker, first_fit_decreasing
 from hevc_vit.encode.output.folder import choose_out_dir
 from hevc_vit.encode.output.index import rank_index_files
 from hevc_vit.encode.readers.expand import expand_inputs
@@ -252,39 +250,8 @@ def test_torchrun_two_processes_equal_one_process(model, data, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# the packer and the inputs on their own
+# the inputs on their own (the packer: tests/encode/model/test_batching.py)
 # --------------------------------------------------------------------------------------------------
-
-
-def test_first_fit_decreasing_keeps_the_budget_and_every_item_once():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        sizes = rng.integers(1, 120, size=int(rng.integers(1, 40))).tolist()
-        groups = first_fit_decreasing(sizes, 100)
-        assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
-        loads = [sum(sizes[i] for i in g) for g in groups]
-        for g, load in zip(groups, loads):
-            assert load <= 100 or len(g) == 1
-        # first fit: no two groups could have been one (an item went to a later group only if it did not fit)
-        small = [load for load in loads if load <= 100]
-        assert all(a + b > 100 for i, a in enumerate(small) for b in small[i + 1 :])
-    assert first_fit_decreasing([60, 50, 40, 30, 20], 100) == [[0, 2], [1, 3, 4]]  # 60+40, 50+30+20
-    with pytest.raises(ValueError, match="max_tokens=0"):
-        first_fit_decreasing([1], 0)
-
-
-def test_streaming_packer_emits_every_item_once_within_the_budget():
-    rng = np.random.default_rng(1)
-    sizes = rng.integers(1, 300, size=500).tolist()
-    packer = TokenBudgetPacker(256)
-    groups = []
-    for i, size in enumerate(sizes):
-        groups += packer.add(i, size)
-    groups += packer.flush()
-    assert sorted(i for g in groups for i in g) == list(range(500))
-    assert all(sum(sizes[i] for i in g) <= 256 or len(g) == 1 for g in groups)
-    fill = sum(sizes) / (256 * len(groups))
-    assert fill > 0.85, f"groups are only {fill:.0%} full on average"
 
 
 def test_expand_inputs_folders_globs_lists(tmp_path):

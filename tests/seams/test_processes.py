@@ -51,6 +51,26 @@ def many(tmp_path_factory) -> Path:
     return root
 
 
+FEW = 16  # images of the in-process stops: 5 forwards or more, so the third one stops the run midway
+
+
+@pytest.fixture(scope="module")
+def few(tmp_path_factory) -> Path:
+    """The first ``FEW`` images of ``many``: the in-process stop tests need a few forwards, not forty items."""
+    root = tmp_path_factory.mktemp("few")
+    for i in range(FEW):
+        write_image(root / f"{i:03d}.png", 28 + 14 * (i % 3), 28 + 14 * (i % 2), i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def few_whole(few, model, tmp_path_factory) -> Path:
+    """The uninterrupted run of ``few``."""
+    out = tmp_path_factory.mktemp("few_whole") / "out"
+    encode([few], out, model=model, workers=0, **OPTIONS)
+    return out
+
+
 @pytest.fixture(scope="module")
 def whole(many, model, tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one is compared with."""
@@ -287,23 +307,23 @@ def _interrupt_third_forward(monkeypatch) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("stop, error", [(_fail_third_shard, OSError), (_interrupt_third_forward, _Stop)])
 def test_whatever_stops_a_run_leaves_an_index_of_what_it_wrote(
-    many, model, whole, tmp_path, monkeypatch, stop, error, workers
+    few, model, few_whole, tmp_path, monkeypatch, stop, error, workers
 ):
     out = tmp_path / "out"
     with monkeypatch.context() as patched:
         stop(patched)
         with pytest.raises(error):
-            encode([many], out, model=model, workers=workers, **OPTIONS)
+            encode([few], out, model=model, workers=workers, **OPTIONS)
     assert multiprocessing.active_children() == []  # the decoding workers are stopped
     rows = read_index(out)
     assert (out / INDEX_NAME).is_file() and not rank_index_files(out)
-    assert 0 < len(rows) < 40
+    assert 0 < len(rows) < FEW
     assert all(row["status"] == "ok" and (out / row["shard"]).is_file() for row in rows)
-    whole_rows = {row["path"]: row for row in read_index(whole)}
+    whole_rows = {row["path"]: row for row in read_index(few_whole)}
     assert [row["path"] for row in rows] == [path for path in whole_rows if path in {row["path"] for row in rows}]
-    resumed = encode([many], out, model=model, resume=True, workers=workers, **OPTIONS)
-    assert resumed.skipped == len(rows) and resumed.encoded == 40 - len(rows)
-    assert_same_output(out, whole)
+    resumed = encode([few], out, model=model, resume=True, workers=workers, **OPTIONS)
+    assert resumed.skipped == len(rows) and resumed.encoded == FEW - len(rows)
+    assert_same_output(out, few_whole)
 
 
 # --------------------------------------------------------------------------------------------------

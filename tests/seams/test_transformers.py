@@ -147,16 +147,26 @@ def _as_tensor(feature) -> torch.Tensor:
     return feature if isinstance(feature, torch.Tensor) else torch.tensor(feature)
 
 
-# every batch size, return_tensors and pool for the packing folder; a few for the standard one (same code path)
+# every batch size, return_tensors and pool for the packing folder (slow: 16 batched runs); a few for either folder
+# in the fast core (the same code path: "packing-few" is the fast sibling of "packing-all")
+FEW_CASES = [(1, True, False), (3, False, False), (2, False, True), (8, True, True)]
 PIPELINE_CASES = {
-    HEVCViTPackingModel: [(b, t, p) for b in (1, 2, 3, 8) for t in (True, False) for p in (False, True)],
-    HEVCViTModel: [(1, True, False), (3, True, False), (2, False, True), (8, True, True)],
+    "packing-all": [(b, t, p) for b in (1, 2, 3, 8) for t in (True, False) for p in (False, True)],
+    "packing-few": FEW_CASES,
+    "standard": FEW_CASES,
 }
 
 
 @pytest.mark.usefixtures("quiet_transformers")
-@pytest.mark.parametrize("model_cls", [HEVCViTPackingModel, HEVCViTModel])
-def test_pipeline_batches_equal_single_calls(pipeline_folder, tmp_path, model_cls):
+@pytest.mark.parametrize(
+    "model_cls, cases",
+    [
+        pytest.param(HEVCViTPackingModel, "packing-all", marks=pytest.mark.slow, id="HEVCViTPackingModel-all"),
+        pytest.param(HEVCViTPackingModel, "packing-few", id="HEVCViTPackingModel"),
+        pytest.param(HEVCViTModel, "standard", id="HEVCViTModel"),
+    ],
+)
+def test_pipeline_batches_equal_single_calls(pipeline_folder, tmp_path, model_cls, cases):
     """Every batch size gives each image what one call per image gives, and that is the model on that image alone
     (packed with others vs alone: the same operations per image; the matmuls' row counts differ, so float32
     rounding may too — the tolerance table's float32 entry)."""
@@ -179,7 +189,7 @@ def test_pipeline_batches_equal_single_calls(pipeline_folder, tmp_path, model_cl
         for i, (got, want) in enumerate(zip(single, alone)):
             assert got.shape == want.shape, (i, got.shape, want.shape)
             assert_close_rel(got, want, what=f"single call, image {i}")
-        for batch_size, return_tensors, _ in [case for case in PIPELINE_CASES[model_cls] if case[2] == pool]:
+        for batch_size, return_tensors, _ in [case for case in PIPELINE_CASES[cases] if case[2] == pool]:
             batched = extractor(images, batch_size=batch_size, return_tensors=return_tensors, pool=pool)
             assert len(batched) == len(images)
             for i, (got, want) in enumerate(zip(batched, single)):
@@ -296,7 +306,8 @@ def test_convert_output_and_fixture_processor_read_by_both(tmp_path, encode_imag
     and encode's fixed-size processor read it, and the pipeline and ``encode --processor clip`` agree."""
     from hevc_vit.convert import convert_checkpoint
 
-    for folder in (PACKING_DIR, tmp_path / "converted"):
+    # the fixture's own folder is the same check in either case: once, with "packing"
+    for folder in (PACKING_DIR, tmp_path / "converted") if to == "packing" else (tmp_path / "converted",):
         if folder != PACKING_DIR:
             convert_checkpoint(PACKING_DIR, folder, to=to, log=lambda message: None)
         assert type(AutoImageProcessor.from_pretrained(folder)).__name__.startswith("CLIPImageProcessor")
