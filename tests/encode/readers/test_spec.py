@@ -1,19 +1,12 @@
-"""An input's spec and where its bytes are: tar member paths both ways, and :func:`fetch` for each kind of ref."""
+"""An input's spec and where its bytes are: tar member paths both ways."""
 
 from __future__ import annotations
 
 import pytest
 
-from hevc_vit.encode.readers.remote import Network
 from hevc_vit.encode.readers.spec import (
     QUOTED_TAR_PREFIX,
     TAR_PREFIX,
-    InputSpec,
-    MemoryRow,
-    RemoteFile,
-    TarMember,
-    fetch,
-    spec_path,
     split_tar_path,
     tar_path,
 )
@@ -46,15 +39,5 @@ def test_split_tar_path_names_a_path_that_is_no_member(path):
     assert repr(path) in str(e.value)
 
 
-def test_fetch_reads_a_member_by_its_offset_and_a_memory_row(tmp_path):
-    shard = tmp_path / "s.bin"
-    shard.write_bytes(b"headerPAYLOADtrailer")
-    got = fetch(TarMember(str(shard), "a.jpg", offset=6, size=7), [], Network())
-    assert (got.name, got.data) == ("a.jpg", b"PAYLOAD")
-    got = fetch(RemoteFile(shard.as_uri()), [], Network(retries=0))  # file:// through fsspec
-    assert got.data == shard.read_bytes()
-    got = fetch(MemoryRow(source=1, row=0), [[b"x"], [b"\x89PNG"]], Network())
-    assert got.data == b"\x89PNG"
-    with pytest.raises(TypeError, match="ref is a str"):
-        fetch("a.jpg", [], Network())
+def test_spec_path_is_the_same_for_a_spec_and_its_path():
     assert spec_path(InputSpec("a.jpg")) == spec_path("a.jpg") == "a.jpg"

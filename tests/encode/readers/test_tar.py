@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import tarfile
 
+from hevc_vit.encode.readers.fetch import fetch
 from hevc_vit.encode.readers.remote import Network
-from hevc_vit.encode.readers.spec import TarMember, fetch, split_tar_path
+from hevc_vit.encode.readers.spec import TarMember, split_tar_path
 from hevc_vit.encode.readers.tar import is_tar_shard, list_tar, media_extension
 from tests.helpers import write_tar
 
