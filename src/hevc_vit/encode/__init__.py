@@ -14,7 +14,7 @@ folder one run owns at a time (:mod:`.folder`, :mod:`.lock`). Under ``torchrun``
 shards and rank 0 merges the index after a barrier (:mod:`.distributed`).
 """
 
-from hevc_vit.encode.engines.local import encode
+from hevc_vit.encode.api import encode
 from hevc_vit.encode.options import DEFAULT_OUT, EncodeOptions
 from hevc_vit.encode.output.folder import DiskFullError
 from hevc_vit.encode.output.index import INDEX_NAME, DamagedFolderError, read_index

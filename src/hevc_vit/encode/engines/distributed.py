@@ -12,6 +12,7 @@ the rendezvous for hours, or finish the run unseen while holding the output fold
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 BARRIER_TIMEOUT = timedelta(hours=6)  # ranks may finish their shares far apart on large runs
 POLL_SECONDS = 0.05  # how often a rank waiting on the others looks (and lets signals in)
@@ -33,9 +35,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
     """Have the kernel send ``sig`` to this process when its parent ``parent`` ends (Linux; elsewhere a no-op);
     exit now if it already has. Used by the decoding workers and by ranks under torchrun."""
-    if sys.platform.startswith("linux"):
-        import ctypes  # only here: prctl is Linux's
-
+    if sys.platform.startswith("linux"):  # prctl is Linux's
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         except (OSError, AttributeError):  # no prctl: the callers' own checks remain
@@ -59,8 +59,6 @@ class Ranks:
 
     @classmethod
     def setup(cls, device: torch.device) -> Ranks:
-        import torch.distributed as dist
-
         under_launcher = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
         if not dist.is_available() or not (dist.is_initialized() or under_launcher):
             return cls()
@@ -84,8 +82,6 @@ class Ranks:
         """``obj`` of rank 0, on every rank."""
         if not self.active:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
         self.barrier()  # the wait for rank 0, interruptible; then the broadcast itself is quick
         with _naming_a_lost_rank("broadcast"):
@@ -96,8 +92,6 @@ class Ranks:
         """Every rank's ``obj``, on rank 0 (other ranks get an empty list)."""
         if not self.active:
             return [obj]
-        import torch.distributed as dist
-
         out = [None] * self.world if self.rank == 0 else None
         self.barrier()  # the wait for the last rank, interruptible; then the gather itself is quick
         with _naming_a_lost_rank("gather"):
@@ -109,8 +103,6 @@ class Ranks:
         :class:`RankLostError` when a rank is gone, or none came for :data:`BARRIER_TIMEOUT`."""
         if not self.active:
             return
-        import torch.distributed as dist
-
         with _naming_a_lost_rank("barrier"):
             work = dist.barrier(group=self.group, async_op=True)
             while not work.is_completed():
@@ -119,8 +111,6 @@ class Ranks:
 
     def close(self) -> None:
         if self.owns_group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 

@@ -37,7 +37,7 @@ _WATCHDOG: Any = None  # the watchdog of the local instance this process started
 def import_ray() -> Any:
     """The ``ray`` module with Ray Data, or an ``ImportError`` naming the extra to install."""
     try:
-        import ray
+        import ray  # optional: the ray extra
         import ray.data  # noqa: F401  (the engine needs Ray Data, not only Ray core)
     except ImportError:
         raise ImportError(f"--engine ray needs Ray Data, which is not installed; {INSTALL_HINT}") from None
@@ -65,7 +65,7 @@ def ray_session(address: str | None, timeout: float | None = None) -> Iterator[b
             yield started
         finally:
             if started:
-                import ray
+                import ray  # optional: the ray extra
 
                 with _ignoring_signals():  # a second Ctrl-C must not leave the shutdown half done
                     ray.shutdown()
@@ -95,8 +95,8 @@ def _start_local(ray: Any) -> None:
     """A local instance (no dashboard) whose processes all listen on the loopback address; never the cluster a
     ``ray_current_cluster`` file names (``address="local"``: a file left by a crashed ``ray start`` is ignored).
     A :mod:`.watchdog` stops its processes if this one dies without shutting Ray down."""
-    import psutil  # a Ray dependency
-    from ray._private import ray_constants  # read by Ray when it chooses the node's address
+    import psutil  # optional: a Ray dependency, present when Ray is
+    from ray._private import ray_constants  # optional (the ray extra); read by Ray when it chooses the address
 
     global _WATCHDOG
     before = {p.pid for p in psutil.Process().children()}
@@ -133,7 +133,7 @@ def _resolve(address: str) -> str:
     ``ray_current_cluster`` file ``ray start`` writes in Ray's temporary folder)."""
     if "://" in address:  # ray://host:port, a Ray Client server
         return address.split("://", 1)[1].rstrip("/")
-    from ray._private.services import canonicalize_bootstrap_address
+    from ray._private.services import canonicalize_bootstrap_address  # optional: the ray extra
 
     try:
         target = canonicalize_bootstrap_address(address)
@@ -227,7 +227,7 @@ def _ignoring_signals() -> Iterator[None]:
 def quiet_data() -> None:
     """No Ray Data progress bars (the run shows its own: items done of the total) and no notices about each
     execution."""
-    import ray.data
+    import ray.data  # optional: the ray extra
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -235,6 +235,6 @@ def quiet_data() -> None:
 
 
 def cluster_has_gpus() -> bool:
-    import ray
+    import ray  # optional: the ray extra
 
     return ray.cluster_resources().get("GPU", 0) > 0

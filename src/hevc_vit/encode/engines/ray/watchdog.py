@@ -2,11 +2,11 @@
 Ray down (``kill -9``), which Ray's own fate-sharing does not do for all of them (its dashboard and runtime-env
 agents outlive the raylet).
 
-``python -m hevc_vit.encode.engines.ray.watchdog PID...``: the PIDs are the processes ``ray.init`` started (GCS, raylet, ...).
-Once a second it notes them and their descendants (workers, agents); when its stdin, a pipe from the driver,
-ends (the driver shut Ray down and closed it, or died), it sends SIGTERM to each noted process still running,
-then SIGKILL to those left after :data:`GRACE` seconds, and exits. psutil (a Ray dependency) guards against PIDs
-reused by other processes.
+``python -m hevc_vit.encode.engines.ray.watchdog PID...``: the PIDs are the processes ``ray.init`` started
+(GCS, raylet, ...). Once a second it notes them and their descendants (workers, agents); when its stdin, a pipe
+from the driver, ends (the driver shut Ray down and closed it, or died), it sends SIGTERM to each noted process
+still running, then SIGKILL to those left after :data:`GRACE` seconds, and exits. psutil (a Ray dependency)
+guards against PIDs reused by other processes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def stop(watchdog: subprocess.Popen, timeout: float = GRACE + 10) -> None:
 
 def _note(known: dict[int, Any], roots: list[int]) -> None:
     """Add the running descendants of ``roots`` (and the roots) to ``known``: one pass over the process table."""
-    import psutil
+    import psutil  # optional: a Ray dependency; this module is imported without Ray
 
     children: dict[int, list[Any]] = {}
     for p in psutil.process_iter(["ppid"]):
@@ -64,7 +64,7 @@ def _note(known: dict[int, Any], roots: list[int]) -> None:
 
 
 def _same(p: Any) -> bool:
-    import psutil
+    import psutil  # optional: a Ray dependency; this module is imported without Ray
 
     try:
         return p.is_running()  # compares the creation time: False for a PID reused by another process
@@ -73,7 +73,7 @@ def _same(p: Any) -> bool:
 
 
 def _stop_all(known: dict[int, Any]) -> None:
-    import psutil
+    import psutil  # optional: a Ray dependency; this module is imported without Ray
 
     alive = []
     for p in known.values():
