@@ -2,10 +2,11 @@
 this rank's share, then gather the totals and merge the index.
 
 Under ``torchrun`` (or with ``torch.distributed`` initialised) rank 0 expands the inputs to work units (a file,
-a tar shard, a parquet row group, ...: :mod:`.units`) and unit ``u`` goes to rank ``u % world_size``, which lists
-it into items; every rank writes its own shards and index rows, and rank 0 merges the index after a barrier.
-Rank 0 alone holds the folder's lock and decides the plan; an error it meets reaches every rank with the plan,
-so no rank waits forever.
+a tar shard, a parquet row group, ...: :mod:`hevc_vit.encode.readers.units`) and unit ``u`` goes to rank
+``u % world_size``, which lists it into items; every rank writes its own shards and index rows, and rank 0 merges
+the index after a barrier. Rank 0 alone holds the folder's lock and decides the plan; an error it meets reaches
+every rank with the plan, so no rank waits forever. The model stage returns each forward's results
+(:mod:`hevc_vit.encode.model.forward`); this engine hands them to the shard writer and counts them.
 """
 
 from __future__ import annotations
