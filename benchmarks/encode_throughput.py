@@ -50,7 +50,8 @@ def _sync(device: torch.device) -> None:
 def model_only(model, out_dir: Path, processor, max_tokens: int, device, dtype) -> dict:
     """The packing model alone on the groups encode would form, items preprocessed beforehand."""
     from hevc_vit.encode import read_index
-    from hevc_vit.encode.decode.load import LoadOptions, load_item
+    from hevc_vit.encode.decode.item import LoadOptions
+    from hevc_vit.encode.decode.load import load_item
     from hevc_vit.encode.model.batching import first_fit_decreasing
     from hevc_vit.encode.model.forward import model_input
     from hevc_vit.packing import PackingPlan

@@ -25,13 +25,6 @@ OPTIONAL |= {"flash_attn", "accelerate", "deepspeed", "cv2"}
 # modules of a core dependency that only some of its versions have (imported where that is tried)
 VERSION_GATED = ("transformers.core_model_loading", "transformers.conversion_mapping")
 ABOVE_ENCODE = ("hevc_vit.cli", "hevc_vit.bench", "hevc_vit.moved", "hevc_vit.__main__")  # may import encode
-# The engines' split (branch r3-engines: encode() into encode/api.py, shared pieces into engines/pipeline.py) removes
-# these two function-level imports, the last import cycle; until then they are the only ones tolerated.
-# test_pending_engine_imports_are_still_there fails once they are gone: then delete this set.
-PENDING_ENGINE_IMPORTS = {
-    ("hevc_vit.encode.engines.local", "hevc_vit.encode.engines.ray"),
-    ("hevc_vit.encode.engines.ray.stages", "hevc_vit.encode.engines.ray.dataset"),
-}
 
 
 @dataclass(frozen=True)
@@ -90,11 +83,10 @@ def _targets(module: Module, node: ast.Import | ast.ImportFrom, modules: dict[st
     return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
 
 
-def internal_edges(modules: dict[str, Module], skip: set[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:
-    """module -> the package's modules it imports (any kind of import), less the edges in ``skip``."""
+def internal_edges(modules: dict[str, Module]) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (any kind of import)."""
     return {
-        name: {i.target for i in m.imports if i.target in modules and i.target != name and (name, i.target) not in skip}
-        for name, m in modules.items()
+        name: {i.target for i in m.imports if i.target in modules and i.target != name} for name, m in modules.items()
     }
 
 
@@ -140,8 +132,8 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def cycle_problems(modules: dict[str, Module], skip: set[tuple[str, str]] = frozenset()) -> list[str]:
-    edges = internal_edges(modules, skip)
+def cycle_problems(modules: dict[str, Module]) -> list[str]:
+    edges = internal_edges(modules)
     return [
         f"import cycle among {', '.join(c)}: " + "; ".join(f"{m} -> {sorted(edges[m] & set(c))}" for m in c)
         for c in cycles(edges)
@@ -154,11 +146,11 @@ def _reason(line: str) -> str:
     return re.sub(r"noqa(:\s*[A-Z]+\d+(,\s*[A-Z]+\d+)*)?", "", comment).strip(" ()-—:;,")
 
 
-def function_import_problems(modules: dict[str, Module], skip: set[tuple[str, str]] = frozenset()) -> list[str]:
+def function_import_problems(modules: dict[str, Module]) -> list[str]:
     problems = []
     for name, module in sorted(modules.items()):
         for i in module.imports:
-            if not i.in_function or (name, i.target) in skip:
+            if not i.in_function:
                 continue
             optional = i.target.split(".")[0] in OPTIONAL or i.target.startswith(VERSION_GATED)
             if not optional:
@@ -206,12 +198,12 @@ MODULES = scan(SRC)
 
 
 def test_no_import_cycle():
-    problems = cycle_problems(MODULES, skip=PENDING_ENGINE_IMPORTS)
+    problems = cycle_problems(MODULES)
     assert not problems, "\n".join(problems)
 
 
 def test_function_level_imports_are_optional_dependencies_with_a_reason():
-    problems = function_import_problems(MODULES, skip=PENDING_ENGINE_IMPORTS)
+    problems = function_import_problems(MODULES)
     assert not problems, "\n".join(problems)
 
 
@@ -223,12 +215,6 @@ def test_modules_and_packages_keep_their_size():
 def test_only_cli_bench_and_moved_import_encode_from_outside():
     problems = encode_import_problems(MODULES)
     assert not problems, "\n".join(problems)
-
-
-def test_pending_engine_imports_are_still_there():
-    present = {(n, i.target) for n, m in MODULES.items() for i in m.imports if i.in_function}
-    gone = PENDING_ENGINE_IMPORTS - present
-    assert not gone, f"{sorted(gone)} are gone: remove them from PENDING_ENGINE_IMPORTS (the engines' split landed)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +236,6 @@ def test_cycle_check_catches_a_cycle_through_a_function_level_import(tmp_path):
         {"__init__.py": "", "a.py": "from pkg.b import x\n", "b.py": "def f():\n    from pkg import a\nx = 1\n"},
     )
     assert cycle_problems(modules) == ["import cycle among pkg.a, pkg.b: pkg.a -> ['pkg.b']; pkg.b -> ['pkg.a']"]
-    assert cycle_problems(modules, skip={("pkg.b", "pkg.a")}) == []
 
 
 def test_function_import_check_catches_core_imports_and_missing_reasons(tmp_path):

@@ -23,7 +23,8 @@ from hevc_vit.bench.pipeline import (
 )
 from hevc_vit.cli import build_parser
 from hevc_vit.encode import encode
-from hevc_vit.encode.decode.load import LoadedItem, LoadOptions, load_item
+from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
+from hevc_vit.encode.decode.load import load_item
 from hevc_vit.encode.model.forward import model_input
 from hevc_vit.packing import patchify
 from hevc_vit.processing.pixels import Normalizer, normalize_patches, normalize_reference

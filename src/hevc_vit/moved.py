@@ -64,7 +64,7 @@ MOVED = {
     "hevc_vit.encode.lock": "hevc_vit.encode.output.lock",
     "hevc_vit.encode.recovery": "hevc_vit.encode.output.recovery",
     "hevc_vit.encode.result": "hevc_vit.encode.output.result",
-    "hevc_vit.encode.runner": "hevc_vit.encode.engines.local",
+    "hevc_vit.encode.runner": "hevc_vit.encode.api",
     "hevc_vit.encode.distributed": "hevc_vit.encode.engines.distributed",
     "hevc_vit.encode.option_values": "hevc_vit.encode.options.values",
     # round 2

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from hevc_vit import HEVCViTPackingModel, patchify
 from hevc_vit.cli import main as cli_main
-from hevc_vit.encode import DEFAULT_OUT, encode, iter_features, read_index, sample_inputs
+from hevc_vit.encode import DEFAULT_OUT, EncodeOptions, api, encode, iter_features, read_index, sample_inputs
 from hevc_vit.encode.output.folder import choose_out_dir
 from hevc_vit.encode.output.index import rank_index_files
 from hevc_vit.encode.readers.expand import expand_inputs
@@ -302,3 +302,43 @@ def test_cli_demo_default_encodes_the_shipped_samples(tmp_path, monkeypatch, cap
     # a second run must not touch the first: it gets the next numbered folder
     assert choose_out_dir(None, resume=False, overwrite=False, log=lambda m: None) == Path(f"{DEFAULT_OUT}-2")
     assert json.loads((out_dir / "encode_config.json").read_text())["model"].startswith("preset:small")
+
+
+# --------------------------------------------------------------------------------------------------
+# engine choice
+# --------------------------------------------------------------------------------------------------
+
+
+def _engines(monkeypatch) -> list[tuple[str, object, object, EncodeOptions]]:
+    """Both engines' entries replaced by recorders (nothing runs, no Ray starts); the calls made."""
+    calls = []
+
+    def recorder(name):
+        def entry(inputs, out_dir, options):
+            calls.append((name, inputs, out_dir, options))
+            return name
+
+        return entry
+
+    monkeypatch.setattr(api, "encode_local", recorder("local"))
+    monkeypatch.setattr(api, "encode_folder", recorder("ray"))
+    return calls
+
+
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_encode_hands_the_run_to_the_engine_the_options_name(monkeypatch, tmp_path, engine):
+    calls = _engines(monkeypatch)
+    base = EncodeOptions(max_tokens=512)
+    assert encode(["a.png"], tmp_path / "out", base, engine=engine, frames=6) == engine
+    ((name, inputs, out_dir, options),) = calls
+    assert (name, inputs, out_dir) == (engine, ["a.png"], tmp_path / "out")
+    assert (options.engine, options.max_tokens, options.video_frames) == (engine, 512, 6)  # overrides on top
+
+
+def test_encode_refuses_bad_options_before_any_engine(monkeypatch, tmp_path):
+    calls = _engines(monkeypatch)
+    with pytest.raises(TypeError, match="expected an EncodeOptions"):
+        encode(["a.png"], tmp_path / "out", {"engine": "ray"})
+    with pytest.raises(ValueError):
+        encode(["a.png"], tmp_path / "out", engine="nope")
+    assert calls == []

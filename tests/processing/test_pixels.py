@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 
 from hevc_vit.cli import build_parser
 from hevc_vit.encode import encode
-from hevc_vit.encode.decode.load import LoadOptions, load_item
+from hevc_vit.encode.decode.item import LoadOptions
+from hevc_vit.encode.decode.load import load_item
 from hevc_vit.processing.pixels import ORIENTATION_TAG, draft_jpeg, exif_orientation, turn_upright, upright_size
 from hevc_vit.processing.processors import NativeResolutionProcessor
 

@@ -18,7 +18,7 @@ import torch
 from hevc_vit.bench import BenchSetup
 from hevc_vit.cli import build_parser, main
 from hevc_vit.encode import EncodeOptions, encode, read_index
-from hevc_vit.encode.engines import local as runner_module
+from hevc_vit.encode.engines import pipeline
 from hevc_vit.encode.options import parse_budget
 from hevc_vit.encode.output.index import ENCODE_CONFIG_NAME
 from tests.helpers import crash_on_forward, features_by_path, write_image
@@ -284,7 +284,7 @@ def test_typo_exits_2_with_the_closest_option(argv, suggested, capsys):
 
 def test_progress_counts_each_item_as_it_finishes(model, images, tmp_path, monkeypatch):
     calls, loaded = [], []
-    add, item_loaded = runner_module.Tally.add, getattr(runner_module.Tally, "item_loaded", lambda self: None)
+    add, item_loaded = pipeline.Tally.add, getattr(pipeline.Tally, "item_loaded", lambda self: None)
 
     def record_add(self, encoded, failed, tokens):
         calls.append((encoded, failed, tokens))
@@ -294,8 +294,8 @@ def test_progress_counts_each_item_as_it_finishes(model, images, tmp_path, monke
         loaded.append(1)
         item_loaded(self)
 
-    monkeypatch.setattr(runner_module.Tally, "add", record_add)
-    monkeypatch.setattr(runner_module.Tally, "item_loaded", record_loaded, raising=False)
+    monkeypatch.setattr(pipeline.Tally, "add", record_add)
+    monkeypatch.setattr(pipeline.Tally, "item_loaded", record_loaded, raising=False)
     folder = tmp_path / "in"
     folder.mkdir()
     for p in sorted(images.iterdir()):

@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 
 from hevc_vit.configuration import HEVCViTConfig
-from hevc_vit.encode.decode.load import LoadedItem, LoadOptions, load_item
+from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
+from hevc_vit.encode.decode.load import load_item
 from hevc_vit.encode.model.loader import build_processor, load_model
 from hevc_vit.media.kinds import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
 from hevc_vit.media.video import read_video, video_patch_positions

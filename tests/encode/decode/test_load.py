@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hevc_vit.encode.decode.load import LoadOptions, load_item
+from hevc_vit.encode.decode.item import LoadOptions
+from hevc_vit.encode.decode.load import load_item
 from hevc_vit.encode.readers.spec import InputSpec, MemoryRow
 from hevc_vit.processing.processors import NativeResolutionProcessor
 

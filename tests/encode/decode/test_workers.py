@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hevc_vit.encode.decode.load import LoadOptions
+from hevc_vit.encode.decode.item import LoadOptions
 from hevc_vit.encode.decode.workers import _death_reason, default_workers, dumps_plain, load_items
 from hevc_vit.processing.processors import NativeResolutionProcessor
 

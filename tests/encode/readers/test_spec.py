@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hevc_vit.encode.readers.spec import (
-    QUOTED_TAR_PREFIX,
-    TAR_PREFIX,
-    split_tar_path,
-    tar_path,
-)
+from hevc_vit.encode.readers.spec import QUOTED_TAR_PREFIX, TAR_PREFIX, InputSpec, spec_path, split_tar_path, tar_path
 
 
 @pytest.mark.parametrize(

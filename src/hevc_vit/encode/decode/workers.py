@@ -28,7 +28,8 @@ from multiprocessing.connection import wait as wait_for
 
 import torch
 
-from hevc_vit.encode.decode.load import LoadedItem, LoadOptions, load_item
+from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
+from hevc_vit.encode.decode.load import load_item
 from hevc_vit.encode.readers.spec import spec_path
 
 PARENT_CHECK_SECONDS = 1.0  # a worker waiting for work checks this often that its parent is alive

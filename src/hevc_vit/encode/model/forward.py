@@ -1,28 +1,50 @@
-"""One forward of the packing model over a group of items, and its features handed to the shard writer.
+"""One forward of the packing model over a group of items: each item's index row and features, returned.
 
 Legend: ``T`` packed tokens, ``n`` items, ``N`` tokens of one item, ``D`` width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hevc_vit.encode.decode.load import LoadedItem
+from hevc_vit.encode.decode.item import LoadedItem
 from hevc_vit.encode.output.index import failed_row, make_row
-from hevc_vit.encode.output.shards import ShardWriter
 from hevc_vit.packing import PackingPlan
 from hevc_vit.processing.pixels import normalize_patches
 
 
-class GroupEncoder:
-    """Runs groups through the model and hands their features to the writer.
+@dataclass
+class EncodedItem:
+    """One item's result: its index row and, when it was encoded, its tensors.
 
-    A group's results are collected one group later: on a GPU the next group is prepared and queued while
-    the previous one's features come back, so the device does not wait for the host.
-    """
+    tensors: ``grid_thw`` ``(3,)`` int64; ``positions`` ``(N, 3)`` int64 (codec-sparse clips); ``patches``
+    ``(N, D)`` (unless pooled only); ``pooled`` ``(D,)`` (with pooling). Empty for a failed item.
+    tokens: the patches encoded (0 for a failed item)."""
+
+    row: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.tensors)
+
+    def counts(self) -> tuple[int, int, int]:
+        """``(encoded, failed, tokens)``: what the item adds to a run's tally."""
+        return (1, 0, self.tokens) if self.tensors else (0, 1, 0)
+
+
+class GroupEncoder:
+    """Runs groups of items through the model and returns each item's row and features.
+
+    A group's results come back one group later (from the next :meth:`run`, or from :meth:`close`): on a GPU the
+    next group is prepared and queued while the previous one's features come back, so the device does not wait
+    for the host. Each forward's results are one list, so that a caller can keep a forward together (a shard per
+    forward)."""
 
     def __init__(
         self,
@@ -31,20 +53,15 @@ class GroupEncoder:
         dtype: torch.dtype,
         pool: str,
         pooled_only: bool,
-        writer: ShardWriter,
-        on_done: Callable[[int, int, int], None],
         keys: Sequence[str],
         extras: Sequence[dict[str, Any]] | None = None,
         normalize: bool = False,
     ):
-        """pool: ``"head"``, ``"mean"`` or ``"none"``; on_done: called with ``(encoded, failed, tokens)`` as each
-        item's row is handed to ``writer`` (one item at a time: a progress bar counts items, not forwards).
-        keys: the shard key of item ``index``; extras: its fields from the source, which a failed row is given
-        too. normalize: the pooled vectors are L2-normalised (computed in float32, stored in float32 until the
-        writer casts them to the storage dtype)."""
+        """pool: ``"head"``, ``"mean"`` or ``"none"``. keys: the shard key of item ``index``; extras: its fields from
+        the source, which a failed row is given too. normalize: the pooled vectors are L2-normalised (computed in
+        float32, returned in float32; the output stage casts them to the storage dtype)."""
         self.model, self.device, self.dtype = model, device, dtype
         self.pool, self.pooled_only, self.normalize = pool, pooled_only, normalize
-        self.writer, self.on_done = writer, on_done
         self.keys, self.extras = keys, extras
         self._pending = None
 
@@ -56,27 +73,28 @@ class GroupEncoder:
         extra = self.extras[item.index] if self.extras is not None else None
         return failed_row(item.path, self.key(item), error or item.error, extra)
 
-    def run(self, items: list[LoadedItem]) -> None:
-        """Encode one group (a GPU out-of-memory error halves it until it fits, or fails the single item)."""
+    def failed(self, item: LoadedItem, error: str | None = None) -> EncodedItem:
+        """The result of an item that failed (by default, for the reason it failed to load)."""
+        return EncodedItem(self.failure_row(item, error))
+
+    def run(self, items: list[LoadedItem]) -> list[list[EncodedItem]]:
+        """Start the forward of one group (a GPU out-of-memory error halves it until it fits, or fails the single
+        item); returns the results of the forwards finished meanwhile, one list per forward, in order."""
+        done: list[list[EncodedItem]] = []
         try:
             outputs = self._forward(items)
         except torch.cuda.OutOfMemoryError:
-            self._finish()
+            done += self.close()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(items) > 1:  # smaller forwards may fit
                 half = len(items) // 2
-                self.run(items[:half])
-                self.run(items[half:])
-                return
+                return done + self.run(items[:half]) + self.run(items[half:])
             item = items[0]
-            self.writer.add_failure(
-                self.failure_row(item, f"out of memory on {self.device} ({item.num_tokens} patches)")
-            )
-            self.on_done(0, 1, 0)
-            return
-        self._finish()
+            return done + [[self.failed(item, f"out of memory on {self.device} ({item.num_tokens} patches)")]]
+        done += self.close()
         self._pending = (items, outputs)
+        return done
 
     def _forward(self, items: list[LoadedItem]):
         patches = model_input(items, self.device, self.dtype)  # (T, C·p·p)
@@ -104,44 +122,47 @@ class GroupEncoder:
                 event.record()
         return plan.seqlens, last_host, pooled_host, event
 
-    def _finish(self) -> None:
+    def close(self) -> list[list[EncodedItem]]:
+        """The results of the forward still pending (none or one list)."""
         if self._pending is None:
-            return
+            return []
         items, (seqlens, last, pooled, event) = self._pending
         self._pending = None
         if event is not None:
             event.synchronize()
         per_item = torch.split(last, list(seqlens)) if last is not None else [None] * len(items)
-        for i, (item, features) in enumerate(zip(items, per_item)):
-            tensors = {"grid_thw": torch.tensor(item.grid_thw, dtype=torch.int64)}
-            if "codec" in item.info:  # which patches of the grid the features are, (K, 3) (t, h, w)
-                tensors["positions"] = item.positions.clone()
-            if features is not None:
-                tensors["patches"] = features.clone()  # (N, D), its own storage for safetensors
-            if pooled is not None:
-                tensors["pooled"] = pooled[i].clone()  # (D,)
-            bad = [name for name in ("patches", "pooled") if name in tensors and not tensors[name].isfinite().all()]
-            if bad:  # NaN or inf features are never stored as ok
-                error = f"non-finite features: the {' and '.join(bad)} hold NaN or inf values (not stored)"
-                self.writer.add_failure(self.failure_row(item, error))
-                self.on_done(0, 1, 0)
-                continue
-            shape = list(tensors["patches"].shape) if features is not None else list(tensors["pooled"].shape)
-            row = make_row(
-                item.path,
-                status="ok",
-                key=self.key(item),
-                shape=shape,
-                grid_thw=list(item.grid_thw),
-                kind=item.kind,
-                **item.info,
-            )
-            self.writer.add(row, tensors)
-            self.on_done(1, 0, item.num_tokens)
-        self.writer.end_forward()
+        return [
+            [
+                self._result(item, features, pooled[i] if pooled is not None else None)
+                for i, (item, features) in enumerate(zip(items, per_item))
+            ]
+        ]
 
-    def close(self) -> None:
-        self._finish()
+    def _result(self, item: LoadedItem, features: torch.Tensor | None, pooled: torch.Tensor | None) -> EncodedItem:
+        """An item's row and tensors (each with its own storage, for safetensors); NaN or inf features are never
+        returned as ok."""
+        tensors = {"grid_thw": torch.tensor(item.grid_thw, dtype=torch.int64)}
+        if "codec" in item.info:  # which patches of the grid the features are, (K, 3) (t, h, w)
+            tensors["positions"] = item.positions.clone()
+        if features is not None:
+            tensors["patches"] = features.clone()  # (N, D)
+        if pooled is not None:
+            tensors["pooled"] = pooled.clone()  # (D,)
+        bad = [name for name in ("patches", "pooled") if name in tensors and not tensors[name].isfinite().all()]
+        if bad:
+            error = f"non-finite features: the {' and '.join(bad)} hold NaN or inf values (not stored)"
+            return self.failed(item, error)
+        shape = list(tensors["patches"].shape) if features is not None else list(tensors["pooled"].shape)
+        row = make_row(
+            item.path,
+            status="ok",
+            key=self.key(item),
+            shape=shape,
+            grid_thw=list(item.grid_thw),
+            kind=item.kind,
+            **item.info,
+        )
+        return EncodedItem(row, tensors, item.num_tokens)
 
 
 def model_input(items: Sequence[LoadedItem], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from hevc_vit.encode.decode.load import LoadOptions, load_item
+from hevc_vit.encode.decode.item import LoadOptions
+from hevc_vit.encode.decode.load import load_item
 from hevc_vit.encode.engines.ray.stages import (
     _located,
     block_number,

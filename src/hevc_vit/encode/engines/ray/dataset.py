@@ -11,11 +11,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from hevc_vit.encode.decode.load import LoadOptions
-from hevc_vit.encode.engines.local import load_options
+from hevc_vit.encode.decode.item import LoadOptions
+from hevc_vit.encode.engines.pipeline import load_options
 from hevc_vit.encode.engines.ray.cluster import cluster_has_gpus, connect, import_ray
 from hevc_vit.encode.engines.ray.stages import (
     FAULT_ENV,
@@ -28,7 +27,6 @@ from hevc_vit.encode.engines.ray.stages import (
 )
 from hevc_vit.encode.model.loader import Encoder, largest_item, prepare_encoder
 from hevc_vit.encode.options import EncodeOptions
-from hevc_vit.encode.output.index import row_json
 from hevc_vit.encode.readers.memory import DatasetColumn
 from hevc_vit.encode.readers.spec import InputSpec, MemoryRow
 from hevc_vit.runtime.devices import describe_dtype_choice, resolve_dtype
@@ -150,28 +148,3 @@ def _row_names(batch: Batch, path_column: str | None) -> list[str]:
             f"each row ({' or '.join(PATH_COLUMNS)}, or path_column=NAME)"
         )
     return [value.decode() if isinstance(value, bytes) else str(value) for value in batch[found[0]]]
-
-
-def feature_columns(results, width: int, options: EncodeOptions, pool: str, pooled_only: bool) -> Batch:
-    """The results of a model call as columns (see :func:`encode_dataset`)."""
-    dtype = torch.float16 if options.storage_dtype == "float16" else torch.float32
-    columns: dict[str, list] = {"status": [], "error": [], "grid_thw": [], "index_row": []}
-    if pool != "none":
-        columns["pooled"] = []
-    if not pooled_only:
-        columns["patches"] = []
-    for row, tensors, _ in results:
-        columns["status"].append(row["status"])
-        columns["error"].append(row["error"])
-        columns["index_row"].append(row_json(row))  # strict JSON: no NaN
-        columns["grid_thw"].append(tensors["grid_thw"].numpy() if tensors else np.zeros(3, np.int64))
-        if "pooled" in columns:
-            empty = torch.full((width,), float("nan"))
-            columns["pooled"].append(tensors.get("pooled", empty).to(dtype).numpy())
-        if "patches" in columns:
-            columns["patches"].append(tensors.get("patches", torch.zeros(0, width)).to(dtype).numpy())
-    out = {name: np.array(values) for name, values in columns.items() if name != "patches"}
-    if "patches" in columns:  # one (N, D) array per row, N varying
-        out["patches"] = np.empty(len(results), dtype=object)
-        out["patches"][:] = columns["patches"]
-    return out

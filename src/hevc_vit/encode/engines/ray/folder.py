@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from hevc_vit.encode.engines.local import Tally
+from hevc_vit.encode.engines.pipeline import Tally, list_run_share, memory_sources, shows_progress
 from hevc_vit.encode.engines.ray.cluster import import_ray, quiet_data, ray_session
 from hevc_vit.encode.engines.ray.dataset import DECODE_ROWS, Stages, prepare
 from hevc_vit.encode.engines.ray.stages import FAULT_ENV, ORDINAL, DoneKeys, load_specs, write_block
@@ -36,8 +35,8 @@ from hevc_vit.encode.output.formats import embeddings_file, owned_files, storage
 from hevc_vit.encode.output.index import merge_index
 from hevc_vit.encode.output.result import EncodeResult
 from hevc_vit.encode.readers.expand import SourceOptions
-from hevc_vit.encode.readers.memory import MemorySource, collect_memory
-from hevc_vit.encode.readers.units import Share, first_listings, list_share, ordered_paths
+from hevc_vit.encode.readers.memory import collect_memory
+from hevc_vit.encode.readers.units import Share, first_listings, ordered_paths
 
 
 def encode_folder(
@@ -85,15 +84,12 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
     with reporting_full_disk(folder):
         plan = prepare_folder(inputs, folder, options.resume, options.overwrite, settings, say, sources)
     start = time.perf_counter()
-    memory_sources = {m.number: m for m in inputs or [] if isinstance(m, MemorySource)}
-    share = list_share(
-        plan.units, 0, 1, sources.path_column, sources.keep_columns, sources.network, memory_sources, plan.keys
-    )
+    share = list_run_share(plan, 0, 1, options, memory_sources(inputs))
     todo = _todo(share, plan.done)
     before = set(owned_files(folder))
     result = EncodeResult(out_dir=folder.resolve(), skipped=len(plan.done), repairs=list(plan.repairs))
     result.output_format = options.output_format
-    show = sys.stderr.isatty() if options.progress is None else options.progress
+    show = shows_progress(options)
     tally = _Tally(len(todo), show, "encode (ray)")
     try:
         with reporting_full_disk(folder):

@@ -4,8 +4,9 @@
   row with the ``item`` column, the pickled :class:`~hevc_vit.encode.decode.load.LoadedItem` (patches, grid, or the
   reason it failed), through ``encode.loading.load_item``;
 * model (actors): :class:`ModelStage` — the items of a batch packed to the token budget and encoded by
-  ``encode.forward.GroupEncoder``, as the local engine does; out comes one result per item, pickled
-  (``result``: the index row, the tensors, the patch count) or as feature columns (:func:`.dataset.encode_dataset`);
+  ``encode.model.forward.GroupEncoder`` (through ``engines.pipeline.encode_groups``, as the local engine does);
+  out comes one result per item, pickled (``result``: an ``EncodedItem``: the index row, the tensors, the patch
+  count) or as feature columns (:func:`feature_columns`, for :func:`.dataset.encode_dataset`);
 * write (CPU tasks): :func:`write_block` — the results of a block become one part in the output folder through
   ``encode.shards.ShardWriter``, with its rows in an index file of its own, ``index.rankNNNNN.jsonl``, where
   ``NNNNN`` is the number of the block's first input in the run's listing (``ordinal``), so the parts read
@@ -35,13 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hevc_vit.encode.decode.load import LoadedItem, LoadOptions
+from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
 from hevc_vit.encode.decode.workers import load_items
-from hevc_vit.encode.engines.local import feed_groups
-from hevc_vit.encode.model.forward import GroupEncoder
+from hevc_vit.encode.engines.pipeline import encode_groups
+from hevc_vit.encode.model.forward import EncodedItem, GroupEncoder
 from hevc_vit.encode.model.loader import prepare_encoder
 from hevc_vit.encode.options import EncodeOptions
-from hevc_vit.encode.output.index import rank_index_name, read_jsonl
+from hevc_vit.encode.output.index import rank_index_name, read_jsonl, row_json
 from hevc_vit.encode.output.shards import ShardWriter
 from hevc_vit.encode.readers.spec import InputSpec
 from hevc_vit.runtime.devices import resolve_dtype
@@ -134,22 +135,6 @@ def _located(spec: InputSpec, cwd: str) -> InputSpec:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Results:
-    """What ``GroupEncoder`` hands its writer, kept by shard key: ``(row, tensors)``."""
-
-    def __init__(self) -> None:
-        self.by_key: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-
-    def add(self, row: dict[str, Any], tensors: dict[str, Any]) -> None:
-        self.by_key[row["key"]] = (row, tensors)
-
-    def add_failure(self, row: dict[str, Any]) -> None:
-        self.by_key[row["key"]] = (row, {})
-
-    def end_forward(self) -> None:
-        pass
-
-
 class DoneKeys:
     """The keys of the inputs the model stage has finished (a Ray actor, zero CPUs): the run's progress. A key is
     counted once, however often Ray retried its call."""
@@ -164,18 +149,13 @@ class DoneKeys:
         return len(self.keys)
 
 
-class _Uncounted:
-    def add(self, encoded: int, failed: int, tokens: int) -> None:
-        pass
-
-
 class ModelStage:
     """A model replica (a Ray actor): the model loaded once, then each batch of decoded items packed into
     forwards of at most ``max_tokens`` patches (first-fit decreasing) and encoded, as the local engine does.
 
     options: the run's options, with ``model`` the model object or a path every node can read; device: ``cuda``
     (the GPU Ray assigned to the actor) or ``cpu``. With ``columns`` the results become feature columns
-    (:func:`.dataset.feature_columns`), else one pickled ``(row, tensors, patches)`` per item.
+    (:func:`feature_columns`), else one pickled :class:`~hevc_vit.encode.model.forward.EncodedItem` per item.
     """
 
     def __init__(
@@ -197,8 +177,6 @@ class ModelStage:
         if self.progress is not None:
             self.progress.add.remote(keys)  # not waited for: the bar may lag, never the run
         if self.columns:
-            from hevc_vit.encode.engines.ray.dataset import feature_columns
-
             width, pool = self.encoder.model.config.hidden_size, self.encoder.pool
             columns = feature_columns(results, width, self.options, pool, self.pooled_only)
             return {**passed_through(batch, ITEM), **columns}
@@ -206,31 +184,53 @@ class ModelStage:
 
     def encode(
         self, items: list[LoadedItem], keys: list[str], extras: list[dict[str, Any]] | None
-    ) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
-        """``(row, tensors, patches)`` per item, in order (item ``j``: shard key ``keys[j]``, source fields
-        ``extras[j]``); a failed item has no tensors and 0 patches."""
+    ) -> list[EncodedItem]:
+        """The result of each item, in order (item ``j``: shard key ``keys[j]``, source fields ``extras[j]``)."""
         for j, item in enumerate(items):
             item.index = j  # the forward finds its key and extras by index
-        results, uncounted, encoder = _Results(), _Uncounted(), self.encoder
+        encoder = self.encoder
         forward = GroupEncoder(
             encoder.model,
             self.device,
             self.dtype,
             encoder.pool,
             self.pooled_only,
-            results,
-            uncounted.add,
             keys,
             extras,
             normalize=self.options.normalizes,
         )
-        feed_groups(iter(items), forward, results, uncounted, self.options.max_tokens)
-        forward.close()
-        out = []
-        for item, key in zip(items, keys):
-            row, tensors = results.by_key[key]
-            out.append((row, tensors, item.num_tokens if tensors else 0))
-        return out
+        by_key = {}  # a failed item's result comes at once, before those of the forward pending then
+        for results in encode_groups(iter(items), forward, self.options.max_tokens):
+            by_key.update((result.row["key"], result) for result in results)
+        return [by_key[key] for key in keys]
+
+
+def feature_columns(
+    results: list[EncodedItem], width: int, options: EncodeOptions, pool: str, pooled_only: bool
+) -> Batch:
+    """The results of a model call as columns (see :func:`.dataset.encode_dataset`)."""
+    dtype = torch.float16 if options.storage_dtype == "float16" else torch.float32
+    columns: dict[str, list] = {"status": [], "error": [], "grid_thw": [], "index_row": []}
+    if pool != "none":
+        columns["pooled"] = []
+    if not pooled_only:
+        columns["patches"] = []
+    for result in results:
+        row, tensors = result.row, result.tensors
+        columns["status"].append(row["status"])
+        columns["error"].append(row["error"])
+        columns["index_row"].append(row_json(row))  # strict JSON: no NaN
+        columns["grid_thw"].append(tensors["grid_thw"].numpy() if tensors else np.zeros(3, np.int64))
+        if "pooled" in columns:
+            empty = torch.full((width,), float("nan"))
+            columns["pooled"].append(tensors.get("pooled", empty).to(dtype).numpy())
+        if "patches" in columns:
+            columns["patches"].append(tensors.get("patches", torch.zeros(0, width)).to(dtype).numpy())
+    out = {name: np.array(values) for name, values in columns.items() if name != "patches"}
+    if "patches" in columns:  # one (N, D) array per row, N varying
+        out["patches"] = np.empty(len(results), dtype=object)
+        out["patches"][:] = columns["patches"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,26 +258,26 @@ def write_block(batch: Batch, out_dir: str, output_format: str, storage: Any, fa
     """Write stage: one part (and the block's index file) for the block's results; returns the block's counts
     (``encoded``, ``failed``, ``tokens``, ``parts``), one row."""
     hold(fault, "write")
-    results = [pickle.loads(blob) for blob in batch[RESULT]]
-    rows = [row for row, _, _ in results]
+    results: list[EncodedItem] = [pickle.loads(blob) for blob in batch[RESULT]]
+    rows = [result.row for result in results]
     folder, parts = Path(out_dir), 0
     number = block_number(batch[ORDINAL]) if rows else 0
     if rows and not block_written(folder, number, rows):
         writer = ShardWriter(folder, number, 0, False, output_format, storage)
         try:
-            for row, tensors, _ in results:
-                if tensors:
-                    writer.add(row, tensors)
+            for result in results:
+                if result.ok:
+                    writer.add(result.row, result.tensors)
                 else:
-                    writer.add_failure(row)
+                    writer.add_failure(result.row)
             writer.close()
         except BaseException:
             writer.abandon()
             raise
         parts = writer.shards_written
     fail_once(fault, "write")
-    encoded = sum(1 for _, tensors, _ in results if tensors)
-    tokens = sum(patches for _, _, patches in results)
+    encoded = sum(1 for result in results if result.ok)
+    tokens = sum(result.tokens for result in results)
     return {
         name: np.array([value])
         for name, value in (

@@ -2,12 +2,11 @@
 Ray down (``kill -9``), which Ray's own fate-sharing does not do for all of them (its dashboard and runtime-env
 agents outlive the raylet).
 
-``python -m hevc_vit.encode.engines.ray.watchdog PID...``: the PIDs are the processes ``ray.init`` started (GCS,
-raylet, ...).
-Once a second it notes them and their descendants (workers, agents); when its stdin, a pipe from the driver,
-ends (the driver shut Ray down and closed it, or died), it sends SIGTERM to each noted process still running,
-then SIGKILL to those left after :data:`GRACE` seconds, and exits. psutil (a Ray dependency) guards against PIDs
-reused by other processes.
+``python -m hevc_vit.encode.engines.ray.watchdog PID...``: the PIDs are the processes ``ray.init`` started
+(GCS, raylet, ...). Once a second it notes them and their descendants (workers, agents); when its stdin, a pipe
+from the driver, ends (the driver shut Ray down and closed it, or died), it sends SIGTERM to each noted process
+still running, then SIGKILL to those left after :data:`GRACE` seconds, and exits. psutil (a Ray dependency)
+guards against PIDs reused by other processes.
 """
 
 from __future__ import annotations
