@@ -3,11 +3,13 @@ block numbers and written blocks, the fault seams that do nothing unless asked."
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 from hevc_vit.encode.decode.item import LoadOptions
@@ -17,12 +19,15 @@ from hevc_vit.encode.engines.ray.stages import (
     block_number,
     block_written,
     fail_once,
+    feature_columns,
     hold,
     load_specs,
     passed_through,
     pickled,
 )
-from hevc_vit.encode.output.index import rank_index_name, rows_bytes
+from hevc_vit.encode.model.forward import EncodedItem
+from hevc_vit.encode.options import EncodeOptions
+from hevc_vit.encode.output.index import make_row, rank_index_name, rows_bytes
 from hevc_vit.encode.readers.spec import InputSpec, RemoteFile
 from hevc_vit.processing.processors import NativeResolutionProcessor
 
@@ -75,3 +80,18 @@ def test_the_fault_seams_do_nothing_unless_they_name_the_stage(tmp_path):
     fault.write_text("model")
     fail_once(str(fault), "decode")
     assert fault.read_text() == "model" and time.monotonic() - start < 1  # untouched, and no wait
+
+
+def test_feature_columns_one_row_per_result():
+    ok = make_row("a", status="ok", key="k", grid_thw=[1, 2, 2])
+    failed = make_row("b", status="failed", error="broken")
+    tensors = {"grid_thw": torch.tensor([1, 2, 2]), "pooled": torch.ones(4), "patches": torch.ones(4, 4)}
+    results = [EncodedItem(ok, tensors, 4), EncodedItem(failed)]
+    out = feature_columns(results, 4, EncodeOptions(storage_dtype="float16"), pool="head", pooled_only=False)
+    assert list(out["status"]) == ["ok", "failed"] and list(out["error"]) == ["", "broken"]
+    assert [json.loads(r)["path"] for r in out["index_row"]] == ["a", "b"]
+    assert out["pooled"].dtype == np.float16 and np.isnan(out["pooled"][1]).all()  # a failed row: NaN
+    assert out["patches"][0].shape == (4, 4) and out["patches"][1].shape == (0, 4)
+    pooled_only = feature_columns(results, 4, EncodeOptions(), pool="mean", pooled_only=True)
+    assert "patches" not in pooled_only and pooled_only["pooled"].dtype == np.float32
+    assert "pooled" not in feature_columns(results, 4, EncodeOptions(), pool="none", pooled_only=False)
