@@ -19,12 +19,12 @@ from hevc_vit.encode.engines.pipeline import (
     list_run_share,
     load_options,
     memory_sources,
+    prepare_folder,
     shows_progress,
 )
 from hevc_vit.encode.model.forward import GroupEncoder
 from hevc_vit.encode.model.loader import Encoder
 from hevc_vit.encode.options import EncodeOptions
-from hevc_vit.encode.output.folder import prepare_folder
 from hevc_vit.encode.readers.expand import SourceOptions
 from hevc_vit.encode.readers.memory import MemorySource, collect_memory
 from hevc_vit.packing import grid_positions

@@ -16,8 +16,7 @@ from hevc_vit.encode.output.index import (
 )
 from hevc_vit.encode.output.recovery import resume_state
 from hevc_vit.encode.output.shards import save_shard
-from hevc_vit.encode.readers.spec import InputSpec
-from hevc_vit.encode.readers.units import WorkUnit
+from hevc_vit.encode.readers.spec import InputSpec, WorkUnit
 
 
 def _part(folder, name: str, keys: list[str]) -> str:

@@ -8,7 +8,6 @@ import pytest
 import hevc_vit.encode.readers.remote as remote
 from hevc_vit.encode.readers.remote import (
     Network,
-    describe_error,
     describe_network_error,
     http_status,
     is_final,
@@ -18,6 +17,7 @@ from hevc_vit.encode.readers.remote import (
     url_protocols,
     with_retries,
 )
+from hevc_vit.encode.readers.spec import describe_error
 
 pytest.importorskip("fsspec")
 

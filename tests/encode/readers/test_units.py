@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.encode import read_index
-from hevc_vit.encode.output.folder import prepare_folder
+from hevc_vit.encode.engines.pipeline import prepare_folder
 from hevc_vit.encode.output.index import INDEX_NAME, rank_index_files, read_jsonl
 from hevc_vit.encode.readers.expand import SourceOptions, expand_inputs, expand_units
 from hevc_vit.encode.readers.units import list_share, ordered_paths

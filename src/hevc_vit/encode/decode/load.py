@@ -19,9 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
 from hevc_vit.encode.decode.sparse import load_codec_video
 from hevc_vit.encode.readers.fetch import fetch
-from hevc_vit.encode.readers.remote import describe_error
 from hevc_vit.encode.readers.sidecars import read_sidecars
-from hevc_vit.encode.readers.spec import Fetched, InputSpec
+from hevc_vit.encode.readers.spec import Fetched, InputSpec, describe_error
 from hevc_vit.media.kinds import VIDEO_EXTENSIONS
 from hevc_vit.media.sniff import read_head, refusal, sniff
 from hevc_vit.media.video import read_video, temporal_positions, video_patch_positions

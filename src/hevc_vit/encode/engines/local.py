@@ -23,17 +23,19 @@ import torch
 from hevc_vit.encode.decode.workers import default_workers, load_items
 from hevc_vit.encode.engines.distributed import Ranks
 from hevc_vit.encode.engines.pipeline import (
+    RunPlan,
     Tally,
     encode_groups,
     list_run_share,
     load_options,
     memory_sources,
+    prepare_folder,
     shows_progress,
 )
 from hevc_vit.encode.model.forward import EncodedItem, GroupEncoder
 from hevc_vit.encode.model.loader import Encoder, prepare_encoder, run_settings
 from hevc_vit.encode.options import EncodeOptions
-from hevc_vit.encode.output.folder import RunPlan, claim_out_dir, prepare_folder, reporting_full_disk
+from hevc_vit.encode.output.folder import claim_out_dir, reporting_full_disk
 from hevc_vit.encode.output.formats import storage_dtype
 from hevc_vit.encode.output.index import failed_row, merge_index
 from hevc_vit.encode.output.result import EncodeResult

@@ -7,6 +7,7 @@ from __future__ import annotations
 OUTPUT_FORMATS = ("safetensors", "npy-parquet", "parquet", "clip-retrieval")
 POOLED_FORMATS = ("npy-parquet", "clip-retrieval")  # one pooled vector per item in a .npy, its row in a .parquet
 STORAGE_DTYPES = ("float16", "float32", "bfloat16")
+INSTALL_HINT = "pip install 'hevc-vit[data]'"  # what the 'data' extra brings (URLs, tables, parquet)
 DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read of a URL may wait
 
 ROW_FIELDS = ("path", "shard", "key", "shape", "grid_thw", "status", "error")

@@ -13,9 +13,8 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,9 @@ from hevc_vit.encode.output.index import (
     INDEX_NAME,
     LOCK_NAME,
     DamagedFolderError,
-    KeyBook,
     rank_index_files,
 )
 from hevc_vit.encode.output.lock import FolderLock
-from hevc_vit.encode.output.recovery import resume_state
-from hevc_vit.encode.readers.expand import SourceOptions, expand_units, sample_inputs
-from hevc_vit.encode.readers.units import WorkUnit
-from hevc_vit.files import write_json_atomic
 from hevc_vit.processing.files import current_processor_record
 
 # encode_config.json fields that change the features: a resumed run must match them
@@ -108,77 +102,6 @@ def claim_out_dir(
 # --------------------------------------------------------------------------------------------------
 # preparing
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunPlan:
-    """What rank 0 decides and every rank follows: the folder, the work units (:mod:`.units`; unit ``u`` goes to
-    rank ``u % world``), the inputs already done, the keys the folder holds, what was repaired in the folder; or
-    the error every rank raises (its kind's name and its message)."""
-
-    out_dir: str
-    units: list[WorkUnit] = field(default_factory=list)
-    done: set[str] = field(default_factory=set)
-    keys: KeyBook = field(default_factory=KeyBook)
-    repairs: list[str] = field(default_factory=list)
-    error: tuple[str, str] | None = None
-
-    @classmethod
-    def refused(cls, e: BaseException) -> RunPlan:
-        kind = next(k for k in _ERROR_KINDS if isinstance(e, k))
-        return cls("", error=(kind.__name__, str(e)))
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            kind, message = self.error
-            raise {k.__name__: k for k in _ERROR_KINDS}[kind](message)
-
-
-_ERROR_KINDS = (FileExistsError, FileNotFoundError, ValueError, OSError, ImportError)  # the first match names an error
-
-
-def prepare_folder(
-    inputs: Sequence[str | os.PathLike] | None,
-    path: Path,
-    resume: bool,
-    overwrite: bool,
-    settings: dict[str, Any],
-    say: Callable[[str], None],
-    sources: SourceOptions | None = None,
-) -> RunPlan:
-    """Rank 0, holding the folder's lock: the inputs expanded to work units (a tar shard or a table's row group
-    is one unit, listed by the rank that takes it), the inputs already done and the folder's keys (with resume,
-    which first settles what an interrupted run left: :mod:`.recovery`), and the folder made ready. The output
-    folder itself is never an input, even inside an input folder. ``sources``: how tables and
-    URLs are read."""
-    given: set[str] = set()
-    units = expand_units(inputs if inputs else sample_inputs(), exclude=[path], sources=sources, given=given)
-    if not units:
-        raise ValueError(f"no inputs: {[os.fspath(i) for i in inputs or []]} name no files")
-    refuse_nothing_to_encode(units)
-    plan = RunPlan(str(path), units)
-    if resume and path.is_dir():
-        check_resume_config(path, settings, say)
-        plan.done, plan.keys = resume_state(path, units, given, plan.repairs)  # the folder settled (.recovery)
-    if overwrite and path.is_dir():
-        for owned in owned_outputs(path):
-            owned.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path / ENCODE_CONFIG_NAME, settings)
-    return plan
-
-
-def refuse_nothing_to_encode(units: list[WorkUnit]) -> None:
-    """``ValueError`` when no input names anything to encode: every unit is an input that failed while it was
-    expanded (a path that does not exist, a glob that matches nothing, an empty folder or list, an unreadable
-    folder). Refused before the folder is prepared, so a typo leaves no folder with failed rows behind. Inputs
-    that are found but fail later (a file that is no image, a damaged tar or table row) are a run like any other:
-    their rows say why."""
-    if any(unit.kind != "item" or not unit.spec.error for unit in units):
-        return
-    shown = "; ".join(f"{unit.spec.path!r}: {unit.spec.error}" for unit in units[:5])
-    more = f"; and {len(units) - 5} more" if len(units) > 5 else ""
-    raise ValueError(f"nothing to encode: {shown}{more}; expected files, folders, globs or URLs that exist")
 
 
 def owned_outputs(out_dir: Path) -> list[Path]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hevc_vit.encode.options.choices import (  # noqa: F401  (the choices were public here before)
+    INSTALL_HINT,
     METADATA_COLUMNS,
     OUTPUT_FORMATS,
     POOLED_FORMATS,
@@ -39,7 +40,6 @@ from hevc_vit.encode.options.choices import (  # noqa: F401  (the choices were p
     check_storage_dtype,
 )
 from hevc_vit.encode.output.index import shard_name
-from hevc_vit.encode.readers.remote import INSTALL_HINT
 from hevc_vit.files import publish_new, temporary_sibling
 
 FOLDERS = {

@@ -26,8 +26,7 @@ from hevc_vit.encode.output.index import (
     write_index,
 )
 from hevc_vit.encode.output.shards import holds_features, shard_keys
-from hevc_vit.encode.readers.remote import describe_error
-from hevc_vit.encode.readers.units import WorkUnit
+from hevc_vit.encode.readers.spec import WorkUnit, describe_error
 
 
 def resume_state(

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hevc_vit.encode.readers.remote import INSTALL_HINT, Network, read_location
+from hevc_vit.encode.options.choices import INSTALL_HINT
+from hevc_vit.encode.readers.remote import Network, read_location
 from hevc_vit.encode.readers.spec import Fetched, InputSpec, MemoryRow, json_value
 
 

@@ -14,17 +14,15 @@ caller, who records it as a failed row. What another attempt cannot cure is not 
 from __future__ import annotations
 
 import posixpath
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
-from hevc_vit.encode.options.choices import DEFAULT_TIMEOUT
+from hevc_vit.encode.options.choices import DEFAULT_TIMEOUT, INSTALL_HINT
+from hevc_vit.encode.readers.spec import describe_error, is_url  # noqa: F401  (is_url: public here before)
 from hevc_vit.media.kinds import FILE_SUFFIXES
 
-INSTALL_HINT = "pip install 'hevc-vit[data]'"
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 GLOB_CHARS = frozenset("*?[")  # a path holding one of these is a pattern
 # errors that another attempt cannot cure: the file is not there, may not be read, or the call was wrong
 _FINAL_ERRORS = (
@@ -53,11 +51,6 @@ class Network:
 
     retries: int = 2
     timeout: float = DEFAULT_TIMEOUT
-
-
-def is_url(location: str) -> bool:
-    """``location`` names a protocol (``s3://...``, ``file://...``, a chained ``tar://m::s3://...``)."""
-    return bool(_URL.match(location))
 
 
 def import_fsspec():
@@ -204,12 +197,6 @@ def _retry_after(e: BaseException) -> float:
             except ValueError:
                 return 0.0  # an HTTP date: the doubling pause instead
     return 0.0
-
-
-def describe_error(e: BaseException) -> str:
-    """``"TypeName: message"`` (the message alone when it already starts with the type's name)."""
-    message = str(e).strip() or type(e).__name__
-    return message if message.startswith(type(e).__name__) else f"{type(e).__name__}: {message}"
 
 
 def describe_network_error(e: BaseException) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,8 +22,6 @@ from urllib.parse import quote, unquote
 
 import numpy as np
 from PIL import Image
-
-from hevc_vit.encode.readers.remote import is_url
 
 TAR_PREFIX, QUOTED_TAR_PREFIX = "tar://", "tar-quoted://"
 
@@ -175,3 +174,45 @@ def json_value(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(bytes(value))} bytes>"
     return str(value)  # decimals (exact text), timedeltas, UUIDs, paths, ...
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One unit of work. kind: ``item`` (``spec``, listed already), ``tar`` (the shard ``location``), ``table``
+    (the csv/tsv/jsonl ``location``), ``row_group`` (group ``group`` of the parquet ``location``, whose first row
+    is row ``start`` of the table) or ``memory`` (rows ``start`` to ``stop`` of the memory source ``source``)."""
+
+    kind: str
+    location: str = ""
+    spec: InputSpec | None = None
+    group: int = 0
+    start: int = 0
+    stop: int = 0
+    source: int = 0
+
+    @classmethod
+    def item(cls, spec: InputSpec) -> WorkUnit:
+        return cls("item", spec.path, spec=spec)
+
+    @property
+    def name(self) -> str:
+        """Unique among the units of a run: the item's path, the shard or table, the row group, the rows."""
+        if self.kind == "row_group":
+            return f"{self.location}#rowgroup{self.group}"
+        if self.kind == "memory":
+            return f"memory[{self.source}][{self.start}:{self.stop}]"
+        return self.location
+
+
+def describe_error(e: BaseException) -> str:
+    """``"TypeName: message"`` (the message alone when it already starts with the type's name)."""
+    message = str(e).strip() or type(e).__name__
+    return message if message.startswith(type(e).__name__) else f"{type(e).__name__}: {message}"
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(location: str) -> bool:
+    """``location`` names a protocol (``s3://...``, ``file://...``, a chained ``tar://m::s3://...``)."""
+    return bool(_URL.match(location))

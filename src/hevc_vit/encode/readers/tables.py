@@ -19,7 +19,8 @@ import posixpath
 from collections.abc import Sequence
 from typing import Any
 
-from hevc_vit.encode.readers.remote import INSTALL_HINT, Network, is_url, open_location, with_retries
+from hevc_vit.encode.options.choices import INSTALL_HINT
+from hevc_vit.encode.readers.remote import Network, is_url, open_location, with_retries
 from hevc_vit.encode.readers.spec import InputSpec, RemoteFile, json_value
 from hevc_vit.media.kinds import TABLE_EXTENSIONS
 

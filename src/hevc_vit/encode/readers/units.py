@@ -20,41 +20,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hevc_vit.encode.readers.memory import MemorySource
-from hevc_vit.encode.readers.remote import Network, check_url_packages, describe_error, is_url
-from hevc_vit.encode.readers.spec import InputSpec, KeyBook, RemoteFile
+from hevc_vit.encode.readers.remote import Network, check_url_packages, is_url
+from hevc_vit.encode.readers.spec import InputSpec, KeyBook, RemoteFile, WorkUnit, describe_error
 from hevc_vit.encode.readers.tables import TableColumnError, check_columns, first_value, table_layout, table_specs
 from hevc_vit.encode.readers.tar import list_tar
 
 DEFAULT_NETWORK = Network()
 MEMORY_UNIT_ROWS = 1024  # rows of an in-memory source (a dataset) per unit
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """One unit of work. kind: ``item`` (``spec``, listed already), ``tar`` (the shard ``location``), ``table``
-    (the csv/tsv/jsonl ``location``), ``row_group`` (group ``group`` of the parquet ``location``, whose first row
-    is row ``start`` of the table) or ``memory`` (rows ``start`` to ``stop`` of the memory source ``source``)."""
-
-    kind: str
-    location: str = ""
-    spec: InputSpec | None = None
-    group: int = 0
-    start: int = 0
-    stop: int = 0
-    source: int = 0
-
-    @classmethod
-    def item(cls, spec: InputSpec) -> WorkUnit:
-        return cls("item", spec.path, spec=spec)
-
-    @property
-    def name(self) -> str:
-        """Unique among the units of a run: the item's path, the shard or table, the row group, the rows."""
-        if self.kind == "row_group":
-            return f"{self.location}#rowgroup{self.group}"
-        if self.kind == "memory":
-            return f"memory[{self.source}][{self.start}:{self.stop}]"
-        return self.location
 
 
 def memory_units(source: MemorySource) -> list[WorkUnit]:

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from hevc_vit.encode.engines.pipeline import Tally, list_run_share, memory_sources, shows_progress
+from hevc_vit.encode.engines.pipeline import Tally, list_run_share, memory_sources, prepare_folder, shows_progress
 from hevc_vit.encode.engines.ray.cluster import import_ray, quiet_data, ray_session
 from hevc_vit.encode.engines.ray.dataset import DECODE_ROWS, Stages, prepare
 from hevc_vit.encode.engines.ray.stages import FAULT_ENV, ORDINAL, DoneKeys, load_specs, write_block
 from hevc_vit.encode.model.loader import run_settings
 from hevc_vit.encode.options import EncodeOptions
-from hevc_vit.encode.output.folder import claim_out_dir, prepare_folder, reporting_full_disk
+from hevc_vit.encode.output.folder import claim_out_dir, reporting_full_disk
 from hevc_vit.encode.output.formats import embeddings_file, owned_files, storage_dtype
 from hevc_vit.encode.output.index import merge_index
 from hevc_vit.encode.output.result import EncodeResult
