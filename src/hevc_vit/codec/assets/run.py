@@ -1,0 +1,175 @@
+"""A codec-assets run: every input to ``OUT/assets/<key>/``, accounted for in ``OUT/index.jsonl`` (one row per
+job: ``ok`` or ``failed`` with its reason) and listed in ``OUT/manifest.jsonl`` (one training record per
+finished video: the job's fields plus ``images`` and ``positions_thw``, the shape the reference's ``train.py``
+reads). The run's settings are recorded in ``OUT/codec_assets.json``; ``resume`` skips finished keys and
+refuses other settings. Videos are processed in this process (``workers=0``) or in worker processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from hevc_vit.codec.assets.inputs import Job, expand_jobs
+from hevc_vit.codec.assets.settings import FORMAT, AssetSettings
+from hevc_vit.codec.assets.video import compute_assets
+from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, mosaic_name, write_asset_folder
+from hevc_vit.files import json_bytes, write_atomic, write_json_atomic
+
+RUN_RECORD = "codec_assets.json"
+INDEX = "index.jsonl"
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class AssetsReport:
+    """The rows of ``index.jsonl`` in input order, and where the run wrote."""
+
+    out: Path
+    rows: list[dict]
+
+    @property
+    def failed(self) -> list[dict]:
+        return [row for row in self.rows if row["status"] != "ok"]
+
+    @property
+    def ok(self) -> list[dict]:
+        return [row for row in self.rows if row["status"] == "ok"]
+
+
+class AssetTimeout(TimeoutError):
+    """A video took longer than the run's ``timeout``."""
+
+
+def _on_alarm(signum, frame):
+    raise AssetTimeout("timed out")
+
+
+def process_job(job: Job, out: str, settings: AssetSettings, timeout: float | None = None) -> dict:
+    """One job's index row; the asset folder is written unless it failed. ``timeout`` (seconds; armed with
+    SIGALRM, so only in a worker process) turns a hung video into a failed row."""
+    clock = time.perf_counter()
+    row = dict(key=job.key, video=job.video, source=job.source)
+    if timeout:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        folder = asset_dir(out, job.key)
+        assets = compute_assets(job.video, settings)
+        timings = write_asset_folder(folder, assets, settings, job.video, job.key)
+        row.update(status="ok", asset_dir=str(folder), tokens=int(len(assets.positions)), timings=timings)
+    except AssetTimeout:
+        row.update(status="failed", error=f"video {job.video} took longer than timeout={timeout}s")
+    except Exception as e:  # every input is accounted for: its error becomes the row's reason
+        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+    finally:
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    row["seconds"] = round(time.perf_counter() - clock, 6)
+    return row
+
+
+def manifest_record(row: dict, job: Job, settings: AssetSettings) -> dict:
+    """The training record of a finished job: its fields, ``images`` (the mosaic paths) and ``positions_thw``."""
+    folder = Path(row["asset_dir"]).resolve()
+    images = [str(folder / mosaic_name(i)) for i in range(settings.num_images)]
+    return {**job.fields, "images": images, "positions_thw": str(folder / "positions_thw.npy")}
+
+
+def _check_run_record(out: Path, settings: AssetSettings, resume: bool) -> None:
+    record = out / RUN_RECORD
+    if not record.exists():
+        return
+    if not resume:
+        raise ValueError(
+            f"{out} already holds a codec-assets run ({RUN_RECORD}); pass resume=True (--resume) to "
+            "continue it, or choose a new output folder"
+        )
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{record} is unreadable ({e}); expected the run's settings there") from None
+    if recorded != settings.as_dict():
+        changed = sorted(k for k, v in settings.as_dict().items() if (recorded or {}).get(k) != v)
+        raise ValueError(
+            f"{out} was written with other settings ({', '.join(changed)} differ); resume needs the same settings, "
+            "or choose a new output folder"
+        )
+
+
+def _triage(jobs: list[Job], out: Path, settings: AssetSettings, resume: bool) -> tuple[dict[int, dict], list[int]]:
+    """Rows decided without decoding (bad or repeated keys, finished folders) and the job numbers to process."""
+    rows: dict[int, dict] = {}
+    todo: list[int] = []
+    first: dict[str, int] = {}
+    for n, job in enumerate(jobs):
+        base = dict(key=job.key, video=job.video, source=job.source)
+        try:
+            folder = asset_dir(out, check_key(job.key))
+        except ValueError as e:
+            rows[n] = {**base, "status": "failed", "error": f"ValueError: {e}"}
+            continue
+        if job.key in first:
+            other = jobs[first[job.key]]
+            rows[n] = {
+                **base,
+                "status": "failed",
+                "error": f"ValueError: duplicate key {job.key!r}: {other.source or other.video} has it too; "
+                "expected one video per key",
+            }
+            continue
+        first[job.key] = n
+        if resume and is_done(folder, settings):
+            rows[n] = {**base, "status": "ok", "asset_dir": str(folder), "resumed": True, "tokens": settings.tokens}
+        else:
+            todo.append(n)
+    return rows, todo
+
+
+def write_assets(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike | Job],
+    out: str | os.PathLike,
+    settings: AssetSettings | None = None,
+    *,
+    key_column: str = "key",
+    path_column: str = "video",
+    workers: int = 0,
+    resume: bool = False,
+    timeout: float | None = None,
+) -> AssetsReport:
+    """Write the codec assets of ``inputs`` under ``out`` (see the module doc) and return the index rows.
+
+    inputs: video files, folders, globs, ``.jsonl`` job lists (``path_column`` / ``key_column``, ``exists:
+    false`` skipped) or :class:`Job` objects. workers: 0 processes videos here, ``n`` in ``n`` worker processes
+    (``timeout`` seconds per video there). Failed videos are rows with ``status: failed`` and an ``error``; a
+    broken job list, or settings other than a resumed run's, raise ``ValueError`` before anything is written.
+    """
+    settings = settings or AssetSettings()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers={workers!r}; expected 0 (this process) or a number of worker processes")
+    out = Path(out)
+    jobs = expand_jobs(inputs, key_column, path_column)
+    _check_run_record(out, settings, resume)
+    (out / "assets").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RUN_RECORD, dict(format=FORMAT, settings=settings.as_dict()))
+    rows, todo = _triage(jobs, out, settings, resume)
+    if workers == 0 or len(todo) <= 1:
+        for n in todo:
+            rows[n] = process_job(jobs[n], str(out), settings)
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's threads
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
+            futures = {n: pool.submit(process_job, jobs[n], str(out), settings, timeout) for n in todo}
+            for n, future in futures.items():
+                rows[n] = future.result()
+    ordered = [rows[n] for n in range(len(jobs))]
+    write_atomic(out / INDEX, b"".join(json_bytes(row).replace(b"\n", b" ").strip() + b"\n" for row in ordered))
+    records = [manifest_record(row, jobs[n], settings) for n, row in enumerate(ordered) if row["status"] == "ok"]
+    write_atomic(out / MANIFEST, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    return AssetsReport(out, ordered)
