@@ -20,7 +20,7 @@ from hevc_vit.codec.assets.inputs import Job, expand_jobs
 from hevc_vit.codec.assets.settings import FORMAT, AssetSettings
 from hevc_vit.codec.assets.video import compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, mosaic_name, write_asset_folder
-from hevc_vit.files import json_bytes, write_atomic, write_json_atomic
+from hevc_vit.files import write_atomic, write_json_atomic
 
 RUN_RECORD = "codec_assets.json"
 INDEX = "index.jsonl"
@@ -169,7 +169,8 @@ def write_assets(
             for n, future in futures.items():
                 rows[n] = future.result()
     ordered = [rows[n] for n in range(len(jobs))]
-    write_atomic(out / INDEX, b"".join(json_bytes(row).replace(b"\n", b" ").strip() + b"\n" for row in ordered))
+    lines = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in ordered)
+    write_atomic(out / INDEX, "".join(lines).encode("utf-8"))
     records = [manifest_record(row, jobs[n], settings) for n, row in enumerate(ordered) if row["status"] == "ok"]
     write_atomic(out / MANIFEST, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
     return AssetsReport(out, ordered)
