@@ -1,8 +1,8 @@
 """The inputs of a codec-assets run, as jobs ``(key, video, fields)``: the reference's job list (a jsonl with
 ``video`` and ``key`` per line, ``exists: false`` skipped; other column names by option), plain video files,
 folders (searched recursively for video extensions) and globs. Keys of plain files are their stems, made
-unique in input order (``clip``, ``clip-2``, …); keys from a job list are kept as given (a bad or repeated
-one becomes a failed row when it is processed)."""
+unique in input order (``clip``, ``clip-2``, …; a suffix never takes another file's stem); keys from a
+job list are kept as given (a bad or repeated one becomes a failed row when it is processed)."""
 
 from __future__ import annotations
 
@@ -88,12 +88,14 @@ def expand_jobs(
         for path in matches:
             plain.append((len(jobs), path))
             jobs.append(Job("", path, {path_column: path}, path))
-    taken = {job.key for job in jobs if job.key}
-    for index, path in plain:
-        stem, key, n = Path(path).stem or "video", Path(path).stem or "video", 1
-        while key in taken:
+    stems = [Path(path).stem or "video" for _, path in plain]
+    taken = {job.key for job in jobs if job.key} | set(stems)  # a file's own stem is never another's suffix
+    seen: set[str] = set()
+    for (index, path), stem in zip(plain, stems):
+        key, n = stem, 1
+        while key in seen or (key != stem and key in taken):
             n += 1
             key = f"{stem}-{n}"
-        taken.add(key)
+        seen.add(key)
         jobs[index] = Job(key, path, jobs[index].fields, jobs[index].source)
     return jobs
