@@ -62,6 +62,8 @@ def process_job(job: Job, out: str, settings: AssetSettings, timeout: float | No
     try:
         folder = asset_dir(out, job.key)
         assets = compute_assets(job.video, settings)
+        if timeout and time.perf_counter() - clock > timeout:  # the alarm's exception can be swallowed (e.g. in a
+            raise AssetTimeout("timed out")  # finaliser): the clock decides before anything is written
         timings = write_asset_folder(folder, assets, settings, job.video, job.key)
         row.update(status="ok", asset_dir=str(folder), tokens=int(len(assets.positions)), timings=timings)
     except AssetTimeout:
@@ -163,7 +165,7 @@ def write_assets(
         for n in todo:
             rows[n] = process_job(jobs[n], str(out), settings)
     else:
-        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's threads
+        context = multiprocessing.get_context()  # the platform's default, as encode's decode workers use
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
             futures = {n: pool.submit(process_job, jobs[n], str(out), settings, timeout) for n in todo}
             for n, future in futures.items():
