@@ -6,7 +6,8 @@ patches), ``positions_thw.npy`` ``(N·S, 3)`` int32, ``visible_indices.npy`` ``(
 and its lmms-eval ``llava_ov_encoder`` read (OneVision-Encoder ``llava_next/Compressed_Video_Reader/tool/
 offline_precompute_llava_codec_assets.py``). Frames are sampled and prepared as it does (:mod:`.frames`), scored
 with our signals (:mod:`.scores`), selected by its rules (:mod:`.selection`), laid out as its mosaics
-(:mod:`.mosaics`), written atomically (:mod:`.writer`); :func:`write_assets` runs many videos (:mod:`.run`).
+(:mod:`.mosaics`), written atomically (:mod:`.writer`); :func:`write_assets` runs many videos (:mod:`.run`);
+:mod:`.read` reads them back and encodes mosaics + positions on the towers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from hevc_vit.codec.assets.frames import SquareGeometry, prepare_square, resize_linear, sample_frame_ids, window_range
 from hevc_vit.codec.assets.inputs import Job, expand_jobs, read_job_list
 from hevc_vit.codec.assets.mosaics import build_mosaics
+from hevc_vit.codec.assets.read import AssetFolder, encode_mosaics, mosaic_pixels, read_asset_folder
 from hevc_vit.codec.assets.run import INDEX, MANIFEST, RUN_RECORD, AssetsReport, process_job, write_assets
 from hevc_vit.codec.assets.scores import score_squares
 from hevc_vit.codec.assets.selection import select_asset_positions, top_patches, visible_indices
@@ -23,6 +25,7 @@ from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, write_as
 
 __all__ = [
     "ASSET_SIGNALS",
+    "AssetFolder",
     "INDEX",
     "MANIFEST",
     "MODES",
@@ -36,10 +39,13 @@ __all__ = [
     "build_mosaics",
     "check_key",
     "compute_assets",
+    "encode_mosaics",
     "expand_jobs",
     "is_done",
+    "mosaic_pixels",
     "prepare_square",
     "process_job",
+    "read_asset_folder",
     "read_job_list",
     "resize_linear",
     "sample_frame_ids",
