@@ -92,13 +92,20 @@ def resize_linear(image: np.ndarray, height: int, width: int) -> np.ndarray:
         raise ValueError(f"image {image.dtype} {image.shape}; expected uint8 (H, W) or (H, W, C)")
     squeeze = image.ndim == 2
     x = image[..., None] if squeeze else image
-    y0, y1, wy0, wy1 = _linear_taps(height, x.shape[0])
-    x0, x1, wx0, wx1 = _linear_taps(width, x.shape[1])
-    src = x.astype(np.int32)  # every intermediate fits: 255·2^11, then (2^15)·2^11
-    rows = src[:, x0] * wx0[None, :, None] + src[:, x1] * wx1[None, :, None]  # (H, width, C), scaled 2^11
-    # OpenCV's vertical pass: both terms shifted by 4 then 16 bits, rounded by +2 >> 2 (total 2^22)
-    out = ((wy0[:, None, None] * (rows[y0] >> 4)) >> 16) + ((wy1[:, None, None] * (rows[y1] >> 4)) >> 16)
-    out = np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)  # (height, width, C)
+    H, W, C = x.shape
+    y0, y1, wy0, wy1 = _linear_taps(height, H)
+    x0, x1, wx0, wx1 = _linear_taps(width, W)
+    flat = x.reshape(H, W * C)  # columns gathered on a 2-D view: channels follow their pixel
+    c = np.arange(C)
+    i0, i1 = (x0[:, None] * C + c).ravel(), (x1[:, None] * C + c).ravel()
+    w0, w1 = np.repeat(wx0, C), np.repeat(wx1, C)
+    # every intermediate fits int32: 255·2^11 after the horizontal pass, (2^15)·2^11 in the vertical one
+    rows = flat.take(i0, axis=1).astype(np.int32) * w0 + flat.take(i1, axis=1).astype(np.int32) * w1  # (H, w·C)
+    rows >>= 4  # OpenCV's vertical pass: each term shifted by 4 then 16 bits, rounded by +2 >> 2 (total 2^22)
+    out = ((wy0[:, None] * rows[y0]) >> 16) + ((wy1[:, None] * rows[y1]) >> 16)  # (height, width·C)
+    out += 2
+    out >>= 2
+    out = np.clip(out, 0, 255).astype(np.uint8).reshape(height, width, C)
     return out[..., 0] if squeeze else out
 
 
