@@ -5,6 +5,7 @@ bad input, and worker processes."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from hevc_vit.cli import main
 from hevc_vit.codec import AssetSettings, write_assets
-from hevc_vit.codec.assets import INDEX, MANIFEST, Job, writer
+from hevc_vit.codec.assets import INDEX, MANIFEST, Job, run, writer
 from tests.helpers.codec_clips import write_moving_clip
 from tests.helpers.media import write_clip
 from tests.helpers.reference_codec_assets import _is_done, _offline_load_visuals_and_positions, reference_read_record
@@ -182,3 +183,17 @@ def test_worker_processes_write_the_same_bytes_and_time_out(tmp_path, clips):
     late = write_assets([clips], tmp_path / "late", SETTINGS, workers=2, timeout=1e-4)
     assert [r["status"] for r in late.rows] == ["failed", "failed"]
     assert all("took longer than timeout" in r["error"] for r in late.rows)
+
+
+def _die(*args, **kwargs):
+    os._exit(3)  # a decoder crash takes the whole worker process down
+
+
+def test_a_worker_that_dies_fails_its_videos_and_the_index_is_still_written(tmp_path, clips, monkeypatch):
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the crash is patched in before the workers fork")
+    monkeypatch.setattr(run, "compute_assets", _die)
+    report = write_assets([clips], tmp_path / "out", SETTINGS, workers=2)
+    assert [r["status"] for r in report.rows] == ["failed", "failed"]
+    assert all("BrokenProcessPool" in r["error"] for r in report.rows)
+    assert read_jsonl(tmp_path / "out" / INDEX) == report.rows and read_jsonl(tmp_path / "out" / MANIFEST) == []

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +170,13 @@ def write_assets(
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
             futures = {n: pool.submit(process_job, jobs[n], str(out), settings, timeout) for n in todo}
             for n, future in futures.items():
-                rows[n] = future.result()
+                try:
+                    rows[n] = future.result()
+                except BrokenProcessPool as e:  # a worker died (e.g. a decoder crash): the pool's videos fail
+                    error = f"BrokenProcessPool: a worker process died while this video was queued or running ({e})"
+                    rows[n] = dict(
+                        key=jobs[n].key, video=jobs[n].video, source=jobs[n].source, status="failed", error=error
+                    )
     ordered = [rows[n] for n in range(len(jobs))]
     lines = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in ordered)
     write_atomic(out / INDEX, "".join(lines).encode("utf-8"))

@@ -20,7 +20,8 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, the Y of FFmpeg's
 
 def luma(square_rgb: np.ndarray) -> np.ndarray:
     """``(size, size, 3)`` uint8 RGB -> ``(size, size)`` float32 luma."""
-    return square_rgb.astype(np.float32) @ _LUMA
+    x = square_rgb.astype(np.float32)
+    return x[..., 0] * _LUMA[0] + x[..., 1] * _LUMA[1] + x[..., 2] * _LUMA[2]  # no BLAS: no threads per worker
 
 
 def difference_maps(
