@@ -5,7 +5,7 @@ patches), ``positions_thw.npy`` ``(N·S, 3)`` int32, ``visible_indices.npy`` ``(
 ``t·S + h·g + w``, ``frame_ids.npy`` ``(T,)`` int32 and ``meta.json``: what the reference's LLaVA ``train.py``
 and its lmms-eval ``llava_ov_encoder`` read (OneVision-Encoder ``llava_next/Compressed_Video_Reader/tool/
 offline_precompute_llava_codec_assets.py``). Frames are sampled and prepared as it does (:mod:`.frames`), scored
-with our signals (:mod:`.scores`), selected by its rules (:mod:`.selection`), laid out as its mosaics
+with our signals and selected by its rules (:mod:`.selection`), laid out as its mosaics
 (:mod:`.mosaics`), written atomically (:mod:`.writer`); :func:`write_assets` runs many videos (:mod:`.run`);
 :mod:`.read` reads them back and encodes mosaics + positions on the towers.
 """
@@ -17,8 +17,7 @@ from hevc_vit.codec.assets.inputs import Job, expand_jobs, read_job_list
 from hevc_vit.codec.assets.mosaics import build_mosaics
 from hevc_vit.codec.assets.read import AssetFolder, encode_mosaics, mosaic_pixels, read_asset_folder
 from hevc_vit.codec.assets.run import INDEX, MANIFEST, RUN_RECORD, AssetsReport, process_job, write_assets
-from hevc_vit.codec.assets.scores import score_squares
-from hevc_vit.codec.assets.selection import select_asset_positions, top_patches, visible_indices
+from hevc_vit.codec.assets.selection import score_squares, select_asset_positions, top_patches, visible_indices
 from hevc_vit.codec.assets.settings import ASSET_SIGNALS, MODES, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets, compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, write_asset_folder

@@ -10,8 +10,7 @@ import numpy as np
 
 from hevc_vit.codec.assets.frames import SquareGeometry, prepare_square, sample_frame_ids, window_range
 from hevc_vit.codec.assets.mosaics import build_mosaics
-from hevc_vit.codec.assets.scores import luma, score_squares
-from hevc_vit.codec.assets.selection import select_asset_positions, visible_indices
+from hevc_vit.codec.assets.selection import luma, score_squares, select_asset_positions, visible_indices
 from hevc_vit.codec.assets.settings import AssetSettings
 from hevc_vit.codec.decode import StreamEnded, check_path, open_video
 
