@@ -7,7 +7,7 @@ import json
 import sys
 
 from hevc_vit.cli.common import EXIT_FAILED, EXIT_OK, integer_in, number_in, run_guarded
-from hevc_vit.codec.assets import ASSET_SIGNALS, MODES, AssetSettings, write_assets
+from hevc_vit.codec.assets import ASSET_SIGNALS, MODES, AssetSettings, launcher_shard, write_assets
 from hevc_vit.codec.assets.frames import WINDOW_PICKS
 from hevc_vit.codec.config import NORMALIZE
 
@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="For every video of INPUTS write OUT/assets/<key>/ with mosaic_000.jpg..., positions_thw.npy, "
         "visible_indices.npy, frame_ids.npy and meta.json (the layout of the reference's offline_precompute_llava_"
         "codec_assets.py), OUT/index.jsonl (one row per input, ok or failed with a reason) and OUT/manifest.jsonl "
-        "(training records: the input line's fields, images, positions_thw). Exit 1 when any input failed.",
+        "(training records: the input line's fields, images, positions_thw). Exit 1 when any input failed. Under "
+        "torchrun every rank takes its shard of the inputs (index-RANK-of-WORLD.jsonl).",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUTS", help="videos, folders, globs or .jsonl job lists")
     p.add_argument("--out", required=True, help="the output folder")
@@ -41,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--path-column", default="video", help="job-list column of the video path (default: video)")
     p.add_argument("--workers", type=integer_in(0, 1024), default=0, help="worker processes (default: 0, this one)")
     p.add_argument("--timeout", type=number_in(0, 1e9, low_open=True), help="seconds per video in a worker")
+    p.add_argument(
+        "--num-shards", type=integer_in(1, 1 << 20), help="split the jobs (default: torchrun's WORLD_SIZE, 1)"
+    )
+    p.add_argument("--shard-id", type=integer_in(0, 1 << 20), help="this process's shard (default: torchrun's RANK, 0)")
     p.add_argument("--resume", action="store_true", help="continue a run in OUT: finished keys are skipped")
     p.add_argument("--allow-failures", action="store_true", help="exit 0 when some inputs fail")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
@@ -72,6 +77,7 @@ def settings_of(args: argparse.Namespace) -> AssetSettings:
 
 
 def _write(args: argparse.Namespace) -> int:
+    shard_id, num_shards = launcher_shard()
     report = write_assets(
         args.inputs,
         args.out,
@@ -81,6 +87,8 @@ def _write(args: argparse.Namespace) -> int:
         workers=args.workers,
         resume=args.resume,
         timeout=args.timeout,
+        shard_id=shard_id if args.shard_id is None else args.shard_id,
+        num_shards=num_shards if args.num_shards is None else args.num_shards,
     )
     if not args.quiet:
         for row in report.failed:

@@ -14,7 +14,8 @@ import torch
 
 from hevc_vit.cli import main
 from hevc_vit.codec import AssetSettings, write_assets
-from hevc_vit.codec.assets import INDEX, MANIFEST, Job, run, writer
+from hevc_vit.codec.assets import INDEX, MANIFEST, Job, read_index, run, writer
+from tests.helpers import run_encode_cli
 from tests.helpers.codec_clips import write_moving_clip
 from tests.helpers.media import write_clip
 from tests.helpers.reference_codec_assets import _is_done, _offline_load_visuals_and_positions, reference_read_record
@@ -197,3 +198,44 @@ def test_a_worker_that_dies_fails_its_videos_and_the_index_is_still_written(tmp_
     assert [r["status"] for r in report.rows] == ["failed", "failed"]
     assert all("BrokenProcessPool" in r["error"] for r in report.rows)
     assert read_jsonl(tmp_path / "out" / INDEX) == report.rows and read_jsonl(tmp_path / "out" / MANIFEST) == []
+
+
+def test_shards_into_one_folder_equal_one_run(tmp_path, clips):
+    whole = write_assets([clips], tmp_path / "whole", SETTINGS)
+    parts = [write_assets([clips], tmp_path / "parts", SETTINGS, shard_id=i, num_shards=2) for i in (0, 1)]
+    assert [[r["key"] for r in part.rows] for part in parts] == [["a"], ["b"]]
+    assert sorted(os.listdir(tmp_path / "parts")) == [
+        "assets",
+        "codec_assets.json",
+        "index-00000-of-00002.jsonl",
+        "index-00001-of-00002.jsonl",
+        "manifest-00000-of-00002.jsonl",
+        "manifest-00001-of-00002.jsonl",
+    ]
+    strip = lambda rows: sorted((r["key"], r["status"]) for r in rows)  # noqa: E731
+    assert strip(read_index(tmp_path / "parts")) == strip(whole.rows)
+    for key in ("a", "b"):
+        for name in ("positions_thw.npy", "visible_indices.npy", "frame_ids.npy", "mosaic_000.jpg", "mosaic_001.jpg"):
+            got = (tmp_path / "parts" / "assets" / key / name).read_bytes()
+            assert got == (tmp_path / "whole" / "assets" / key / name).read_bytes(), (key, name)
+    with pytest.raises(ValueError, match="shard_id=2; expected an integer from 0 to num_shards - 1 = 1"):
+        write_assets([clips], tmp_path / "x", SETTINGS, shard_id=2, num_shards=2)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_ranks_take_their_shards(tmp_path, clips):
+    out = tmp_path / "out"
+    result = run_encode_cli(2, ["codec-assets", str(clips), "--out", str(out), *ARGS], timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("index*.jsonl")) == [
+        "index-00000-of-00002.jsonl",
+        "index-00001-of-00002.jsonl",
+    ]
+    assert sorted((r["key"], r["status"]) for r in read_index(out)) == [("a", "ok"), ("b", "ok")]
+    whole = write_assets([clips], tmp_path / "whole", SETTINGS)
+    for row in whole.rows:
+        name = "positions_thw.npy"
+        assert (out / "assets" / row["key"] / name).read_bytes() == (
+            tmp_path / "whole" / "assets" / row["key"] / name
+        ).read_bytes()

@@ -16,7 +16,16 @@ from hevc_vit.codec.assets.frames import SquareGeometry, prepare_square, resize_
 from hevc_vit.codec.assets.inputs import Job, expand_jobs, read_job_list
 from hevc_vit.codec.assets.mosaics import build_mosaics
 from hevc_vit.codec.assets.read import AssetFolder, encode_mosaics, mosaic_pixels, read_asset_folder
-from hevc_vit.codec.assets.run import INDEX, MANIFEST, RUN_RECORD, AssetsReport, process_job, write_assets
+from hevc_vit.codec.assets.run import (
+    INDEX,
+    MANIFEST,
+    RUN_RECORD,
+    AssetsReport,
+    launcher_shard,
+    process_job,
+    read_index,
+    write_assets,
+)
 from hevc_vit.codec.assets.selection import score_squares, select_asset_positions, top_patches, visible_indices
 from hevc_vit.codec.assets.settings import ASSET_SIGNALS, MODES, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets, compute_assets
@@ -41,10 +50,12 @@ __all__ = [
     "encode_mosaics",
     "expand_jobs",
     "is_done",
+    "launcher_shard",
     "mosaic_pixels",
     "prepare_square",
     "process_job",
     "read_asset_folder",
+    "read_index",
     "read_job_list",
     "resize_linear",
     "sample_frame_ids",

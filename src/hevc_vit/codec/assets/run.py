@@ -2,7 +2,12 @@
 job: ``ok`` or ``failed`` with its reason) and listed in ``OUT/manifest.jsonl`` (one training record per
 finished video: the job's fields plus ``images`` and ``positions_thw``, the shape the reference's ``train.py``
 reads). The run's settings are recorded in ``OUT/codec_assets.json``; ``resume`` skips finished keys and
-refuses other settings. Videos are processed in this process (``workers=0``) or in worker processes."""
+refuses other settings. Videos are processed in this process (``workers=0``) or in worker processes.
+
+Shards (the reference's ``--num_shards/--shard_id``; torchrun ranks via :func:`launcher_shard`): shard ``i`` of
+``n`` processes jobs ``j`` with ``j % n == i`` into the same ``OUT`` and writes ``index-{i:05d}-of-{n:05d}.jsonl``
+and ``manifest-{i:05d}-of-{n:05d}.jsonl``; keys are checked for repeats over the whole job list, so every
+shard decides alike. :func:`read_index` reads all of a folder's index rows."""
 
 from __future__ import annotations
 
@@ -85,14 +90,16 @@ def manifest_record(row: dict, job: Job, settings: AssetSettings) -> dict:
     return {**job.fields, "images": images, "positions_thw": str(folder / "positions_thw.npy")}
 
 
-def _check_run_record(out: Path, settings: AssetSettings, resume: bool) -> None:
+def _check_run_record(out: Path, settings: AssetSettings, resume: bool, index: str) -> None:
+    """Refuse settings other than the folder's run's, and a second run of a shard without ``resume`` (its
+    ``index`` file exists); the shards of one run share the record."""
     record = out / RUN_RECORD
     if not record.exists():
         return
-    if not resume:
+    if not resume and (out / index).exists():
         raise ValueError(
-            f"{out} already holds a codec-assets run ({RUN_RECORD}); pass resume=True (--resume) to "
-            "continue it, or choose a new output folder"
+            f"{out} already holds a codec-assets run ({index}); pass resume=True (--resume) to continue it, "
+            "or choose a new output folder"
         )
     try:
         recorded = json.loads(record.read_text(encoding="utf-8")).get("settings")
@@ -104,6 +111,25 @@ def _check_run_record(out: Path, settings: AssetSettings, resume: bool) -> None:
             f"{out} was written with other settings ({', '.join(changed)} differ); resume needs the same settings, "
             "or choose a new output folder"
         )
+
+
+def launcher_shard() -> tuple[int, int]:
+    """``(shard_id, num_shards)`` of this process under torchrun (``RANK``, ``WORLD_SIZE``), else ``(0, 1)``."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard_names(shard_id: int, num_shards: int) -> tuple[str, str]:
+    """The index and manifest file names of a shard (``index.jsonl`` and ``manifest.jsonl`` unsharded)."""
+    if num_shards == 1:
+        return INDEX, MANIFEST
+    tail = f"-{shard_id:05d}-of-{num_shards:05d}.jsonl"
+    return "index" + tail, "manifest" + tail
+
+
+def read_index(out: str | os.PathLike) -> list[dict]:
+    """Every index row of ``out``, over all its shards' index files (in file-name order)."""
+    names = sorted(Path(out).glob("index*.jsonl"))
+    return [json.loads(line) for name in names for line in name.read_text(encoding="utf-8").splitlines() if line]
 
 
 def _triage(jobs: list[Job], out: Path, settings: AssetSettings, resume: bool) -> tuple[dict[int, dict], list[int]]:
@@ -145,23 +171,33 @@ def write_assets(
     workers: int = 0,
     resume: bool = False,
     timeout: float | None = None,
+    shard_id: int = 0,
+    num_shards: int = 1,
 ) -> AssetsReport:
     """Write the codec assets of ``inputs`` under ``out`` (see the module doc) and return the index rows.
 
     inputs: video files, folders, globs, ``.jsonl`` job lists (``path_column`` / ``key_column``, ``exists:
     false`` skipped) or :class:`Job` objects. workers: 0 processes videos here, ``n`` in ``n`` worker processes
-    (``timeout`` seconds per video there). Failed videos are rows with ``status: failed`` and an ``error``; a
-    broken job list, or settings other than a resumed run's, raise ``ValueError`` before anything is written.
+    (``timeout`` seconds per video there). shard_id / num_shards: process only the jobs ``j`` with
+    ``j % num_shards == shard_id`` (see the module doc); the report holds this shard's rows. Failed videos are
+    rows with ``status: failed`` and an ``error``; a broken job list, or settings other than a resumed run's,
+    raise ``ValueError`` before anything is written.
     """
     settings = settings or AssetSettings()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers={workers!r}; expected 0 (this process) or a number of worker processes")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards={num_shards!r}; expected a positive integer")
+    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id!r}; expected an integer from 0 to num_shards - 1 = {num_shards - 1}")
     out = Path(out)
     jobs = expand_jobs(inputs, key_column, path_column)
-    _check_run_record(out, settings, resume)
+    _check_run_record(out, settings, resume, shard_names(shard_id, num_shards)[0])
     (out / "assets").mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RUN_RECORD, dict(format=FORMAT, settings=settings.as_dict()))
     rows, todo = _triage(jobs, out, settings, resume)
+    mine = [n for n in range(len(jobs)) if n % num_shards == shard_id]
+    todo = [n for n in todo if n % num_shards == shard_id]
     if workers == 0 or len(todo) <= 1:
         for n in todo:
             rows[n] = process_job(jobs[n], str(out), settings)
@@ -177,9 +213,10 @@ def write_assets(
                     rows[n] = dict(
                         key=jobs[n].key, video=jobs[n].video, source=jobs[n].source, status="failed", error=error
                     )
-    ordered = [rows[n] for n in range(len(jobs))]
+    ordered = [rows[n] for n in mine]
+    index, manifest = shard_names(shard_id, num_shards)
     lines = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in ordered)
-    write_atomic(out / INDEX, "".join(lines).encode("utf-8"))
-    records = [manifest_record(row, jobs[n], settings) for n, row in enumerate(ordered) if row["status"] == "ok"]
-    write_atomic(out / MANIFEST, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    write_atomic(out / index, "".join(lines).encode("utf-8"))
+    records = [manifest_record(rows[n], jobs[n], settings) for n in mine if rows[n]["status"] == "ok"]
+    write_atomic(out / manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
     return AssetsReport(out, ordered)
