@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shard-id", type=integer_in(0, 1 << 20), help="this process's shard (default: torchrun's RANK, 0)")
     p.add_argument("--resume", action="store_true", help="continue a run in OUT: finished keys are skipped")
+    p.add_argument(
+        "--preview", action="store_true", help="draw each selection beside its mosaics: OUT/previews/KEY.png"
+    )
     p.add_argument("--allow-failures", action="store_true", help="exit 0 when some inputs fail")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     p.set_defaults(run=run)
@@ -89,6 +92,7 @@ def _write(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         shard_id=shard_id if args.shard_id is None else args.shard_id,
         num_shards=num_shards if args.num_shards is None else args.num_shards,
+        preview=args.preview,
     )
     if not args.quiet:
         for row in report.failed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hevc_vit.codec.assets import build_mosaics
+from hevc_vit.codec.assets import build_mosaics, render_sheet
 from tests.helpers.reference_codec_assets import _build_mosaics_time_spatial_np
 
 
@@ -40,3 +40,17 @@ def test_build_mosaics_checks_the_rows():
         build_mosaics(frames, np.zeros((3, 3), np.int32), 1, 16)
     with pytest.raises(ValueError, match="outside the"):
         build_mosaics(frames, np.full((4, 3), 2, np.int32), 1, 16)
+
+
+def test_render_sheet_dims_the_patches_not_kept_and_appends_the_mosaics():
+    squares = np.full((3, 32, 32, 3), 200, np.uint8)
+    positions = np.array([[0, 0, 0], [2, 1, 1]], np.int32)
+    mosaics = np.full((1, 32, 32, 3), 50, np.uint8)
+    sheet = np.asarray(render_sheet(squares, positions, mosaics, 16, tile=32, columns=2, gap=2))
+    assert sheet.shape == (2 * 34 + 34 + 6, 2 + 2 * 34, 3)  # 2 frame rows, 1 mosaic row; 2 columns
+    frame = lambda i: sheet[2 + (i // 2) * 34 : 2 + (i // 2) * 34 + 32, 2 + (i % 2) * 34 :][:, :32]  # noqa: E731
+    assert frame(0)[:16, :16].min() == 200 and frame(0)[16:, 16:].max() == 60  # kept, and dimmed to 0.3
+    assert frame(2)[16:, 16:].min() == 200 and frame(1).max() == 60
+    assert (sheet[2 + 2 * 34 + 4 : 2 + 2 * 34 + 4 + 32, 2:34] == 50).all()  # the mosaic, below a wider gap
+    with pytest.raises(ValueError, match="columns=0"):
+        render_sheet(squares, positions, mosaics, 16, columns=0)

@@ -158,10 +158,19 @@ def test_bad_inputs_are_failed_rows_and_nothing_lands_outside(tmp_path, clips):
 
 
 def test_the_command_line_exit_statuses(tmp_path, clips, capsys):
-    assert main(["codec-assets", str(clips), "--out", str(tmp_path / "o1"), *ARGS]) == 0
+    assert main(["codec-assets", str(clips), "--out", str(tmp_path / "o1"), "--preview", *ARGS]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary == {"out": str(tmp_path / "o1"), "ok": 2, "failed": 0, "total": 2}
     assert (tmp_path / "o1" / "assets" / "a" / "mosaic_001.jpg").is_file()
+    assert sorted(os.listdir(tmp_path / "o1" / "previews")) == ["a.png", "b.png"]  # outside assets/: the lookup
+    assert sorted(os.listdir(tmp_path / "o1" / "assets" / "a")) == [
+        "frame_ids.npy",
+        "meta.json",
+        "mosaic_000.jpg",
+        "mosaic_001.jpg",
+        "positions_thw.npy",
+        "visible_indices.npy",
+    ]
     missing = str(tmp_path / "missing.mp4")
     assert main(["codec-assets", str(clips / "a.mp4"), missing, "--out", str(tmp_path / "o2"), *ARGS]) == 1
     assert "missing.mp4 does not exist" in capsys.readouterr().err

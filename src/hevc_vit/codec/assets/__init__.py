@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from hevc_vit.codec.assets.frames import SquareGeometry, prepare_square, resize_linear, sample_frame_ids, window_range
 from hevc_vit.codec.assets.inputs import Job, expand_jobs, read_job_list
-from hevc_vit.codec.assets.mosaics import build_mosaics
+from hevc_vit.codec.assets.mosaics import build_mosaics, render_sheet
 from hevc_vit.codec.assets.read import AssetFolder, encode_mosaics, mosaic_pixels, read_asset_folder
 from hevc_vit.codec.assets.run import (
     INDEX,
@@ -57,6 +57,7 @@ __all__ = [
     "read_asset_folder",
     "read_index",
     "read_job_list",
+    "render_sheet",
     "resize_linear",
     "sample_frame_ids",
     "score_squares",

@@ -11,6 +11,7 @@ shard decides alike. :func:`read_index` reads all of a folder's index rows."""
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -23,14 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hevc_vit.codec.assets.inputs import Job, expand_jobs
+from hevc_vit.codec.assets.mosaics import render_sheet
 from hevc_vit.codec.assets.settings import FORMAT, AssetSettings
-from hevc_vit.codec.assets.video import compute_assets
+from hevc_vit.codec.assets.video import VideoAssets, compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, mosaic_name, write_asset_folder
 from hevc_vit.files import write_atomic, write_json_atomic
 
 RUN_RECORD = "codec_assets.json"
 INDEX = "index.jsonl"
 MANIFEST = "manifest.jsonl"
+PREVIEWS = "previews"
 
 
 @dataclass
@@ -57,9 +60,13 @@ def _on_alarm(signum, frame):
     raise AssetTimeout("timed out")
 
 
-def process_job(job: Job, out: str, settings: AssetSettings, timeout: float | None = None) -> dict:
+def process_job(
+    job: Job, out: str, settings: AssetSettings, timeout: float | None = None, preview: bool = False
+) -> dict:
     """One job's index row; the asset folder is written unless it failed. ``timeout`` (seconds; armed with
-    SIGALRM, so only in a worker process) turns a hung video into a failed row."""
+    SIGALRM, so only in a worker process) turns a hung video into a failed row. ``preview``: also draw the
+    selection beside the mosaics to ``OUT/previews/<key>.png`` (outside ``assets/``, where the lmms-eval lookup
+    takes any image of a folder)."""
     clock = time.perf_counter()
     row = dict(key=job.key, video=job.video, source=job.source)
     if timeout:
@@ -67,11 +74,13 @@ def process_job(job: Job, out: str, settings: AssetSettings, timeout: float | No
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
         folder = asset_dir(out, job.key)
-        assets = compute_assets(job.video, settings)
+        assets = compute_assets(job.video, settings, keep_squares=preview)
         if timeout and time.perf_counter() - clock > timeout:  # the alarm's exception can be swallowed (e.g. in a
             raise AssetTimeout("timed out")  # finaliser): the clock decides before anything is written
         timings = write_asset_folder(folder, assets, settings, job.video, job.key)
         row.update(status="ok", asset_dir=str(folder), tokens=int(len(assets.positions)), timings=timings)
+        if preview:
+            row["preview"] = str(write_preview(Path(out), job.key, assets, settings))
     except AssetTimeout:
         row.update(status="failed", error=f"video {job.video} took longer than timeout={timeout}s")
     except Exception as e:  # every input is accounted for: its error becomes the row's reason
@@ -81,6 +90,17 @@ def process_job(job: Job, out: str, settings: AssetSettings, timeout: float | No
             signal.setitimer(signal.ITIMER_REAL, 0)
     row["seconds"] = round(time.perf_counter() - clock, 6)
     return row
+
+
+def write_preview(out: Path, key: str, assets: VideoAssets, settings: AssetSettings) -> Path:
+    """``OUT/previews/<key>.png``: :func:`render_sheet` of the video's prepared frames and mosaics."""
+    sheet = render_sheet(assets.squares, assets.positions, assets.mosaics, settings.patch_size)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    path = out / PREVIEWS / f"{check_key(key)}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buffer.getvalue())
+    return path
 
 
 def manifest_record(row: dict, job: Job, settings: AssetSettings) -> dict:
@@ -173,6 +193,7 @@ def write_assets(
     timeout: float | None = None,
     shard_id: int = 0,
     num_shards: int = 1,
+    preview: bool = False,
 ) -> AssetsReport:
     """Write the codec assets of ``inputs`` under ``out`` (see the module doc) and return the index rows.
 
@@ -181,7 +202,8 @@ def write_assets(
     (``timeout`` seconds per video there). shard_id / num_shards: process only the jobs ``j`` with
     ``j % num_shards == shard_id`` (see the module doc); the report holds this shard's rows. Failed videos are
     rows with ``status: failed`` and an ``error``; a broken job list, or settings other than a resumed run's,
-    raise ``ValueError`` before anything is written.
+    raise ``ValueError`` before anything is written. preview: draw each video's selection beside its mosaics
+    (:func:`write_preview`).
     """
     settings = settings or AssetSettings()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
@@ -200,11 +222,11 @@ def write_assets(
     todo = [n for n in todo if n % num_shards == shard_id]
     if workers == 0 or len(todo) <= 1:
         for n in todo:
-            rows[n] = process_job(jobs[n], str(out), settings)
+            rows[n] = process_job(jobs[n], str(out), settings, preview=preview)
     else:
         context = multiprocessing.get_context()  # the platform's default, as encode's decode workers use
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
-            futures = {n: pool.submit(process_job, jobs[n], str(out), settings, timeout) for n in todo}
+            futures = {n: pool.submit(process_job, jobs[n], str(out), settings, timeout, preview) for n in todo}
             for n, future in futures.items():
                 try:
                     rows[n] = future.result()

@@ -23,7 +23,8 @@ class VideoAssets:
 
     frame_ids: ``(T,)`` int32 source frame of each ``t``; positions: ``(N·S, 3)`` int32 sorted ``(t, h, w)``;
     visible: ``(N·S,)`` int64; mosaics: ``(N, size, size, 3)`` uint8 RGB; scores: ``(T, g, g)`` float32;
-    info: JSON-ready facts (frame counts, sizes, window, selection summary); timings: seconds per stage."""
+    info: JSON-ready facts (frame counts, sizes, window, selection summary); timings: seconds per stage;
+    squares: ``(T, S, S, 3)`` uint8 prepared frames, kept only when asked (for a preview)."""
 
     frame_ids: np.ndarray
     positions: np.ndarray
@@ -32,6 +33,7 @@ class VideoAssets:
     scores: np.ndarray
     info: dict
     timings: dict = field(default_factory=dict)
+    squares: np.ndarray | None = None
 
 
 def probe_video(path: str) -> tuple[int, int, int, float]:
@@ -66,7 +68,7 @@ def decode_squares(path: str, frame_ids: np.ndarray, size: int) -> tuple[np.ndar
     return np.stack([got[int(f)] for f in frame_ids]), decoded
 
 
-def compute_assets(video: str | os.PathLike, settings: AssetSettings) -> VideoAssets:
+def compute_assets(video: str | os.PathLike, settings: AssetSettings, keep_squares: bool = False) -> VideoAssets:
     """The assets of the first video stream of ``video`` (see :mod:`hevc_vit.codec.assets`).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that is not a
@@ -116,7 +118,8 @@ def compute_assets(video: str | os.PathLike, settings: AssetSettings) -> VideoAs
         kept_unique=int(len(np.unique(positions, axis=0))),
         camera_shift_max=int(np.abs(shifts).max()) if len(shifts) else 0,
     )
-    return VideoAssets(frame_ids, positions, visible_indices(positions, settings.grid), mosaics, scores, info, timings)
+    visible = visible_indices(positions, settings.grid)
+    return VideoAssets(frame_ids, positions, visible, mosaics, scores, info, timings, squares if keep_squares else None)
 
 
 def _frame_ids(path: str, total: int, settings: AssetSettings) -> tuple[np.ndarray, int, int]:
