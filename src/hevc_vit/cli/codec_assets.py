@@ -9,6 +9,7 @@ import sys
 from hevc_vit.cli.common import EXIT_FAILED, EXIT_OK, integer_in, number_in, run_guarded
 from hevc_vit.codec.assets import ASSET_SIGNALS, MODES, AssetSettings, launcher_shard, write_assets
 from hevc_vit.codec.assets.frames import WINDOW_PICKS
+from hevc_vit.codec.assets.run import ENGINES
 from hevc_vit.codec.config import NORMALIZE
 
 
@@ -40,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=NORMALIZE, default="volume", help="signal normalisation (default: volume)")
     p.add_argument("--key-column", default="key", help="job-list column of the asset key (default: key)")
     p.add_argument("--path-column", default="video", help="job-list column of the video path (default: video)")
+    p.add_argument("--engine", choices=ENGINES, default="local", help="local processes or one Ray task a video")
+    p.add_argument("--ray-address", help="the Ray cluster to use (default: a local instance on 127.0.0.1)")
     p.add_argument("--workers", type=integer_in(0, 1024), default=0, help="worker processes (default: 0, this one)")
     p.add_argument("--timeout", type=number_in(0, 1e9, low_open=True), help="seconds per video in a worker")
     p.add_argument(
@@ -93,6 +96,8 @@ def _write(args: argparse.Namespace) -> int:
         shard_id=shard_id if args.shard_id is None else args.shard_id,
         num_shards=num_shards if args.num_shards is None else args.num_shards,
         preview=args.preview,
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
     if not args.quiet:
         for row in report.failed:

@@ -248,3 +248,19 @@ def test_torchrun_ranks_take_their_shards(tmp_path, clips):
         assert (out / "assets" / row["key"] / name).read_bytes() == (
             tmp_path / "whole" / "assets" / row["key"] / name
         ).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_tasks_write_the_same_bytes_as_local(tmp_path, clips):
+    pytest.importorskip("ray", reason="Ray is not installed")
+    local = write_assets([clips], tmp_path / "local", SETTINGS)
+    on_ray = write_assets([clips], tmp_path / "ray", SETTINGS, engine="ray", preview=True)
+    assert [(r["key"], r["status"]) for r in on_ray.rows] == [(r["key"], r["status"]) for r in local.rows]
+    for key in ("a", "b"):
+        for name in ("positions_thw.npy", "visible_indices.npy", "frame_ids.npy", "mosaic_000.jpg", "mosaic_001.jpg"):
+            got = (tmp_path / "ray" / "assets" / key / name).read_bytes()
+            assert got == (tmp_path / "local" / "assets" / key / name).read_bytes(), (key, name)
+    assert (tmp_path / "ray" / "previews" / "a.png").is_file()
+    with pytest.raises(ValueError, match="engine='spark'"):
+        write_assets([clips], tmp_path / "x", SETTINGS, engine="spark")

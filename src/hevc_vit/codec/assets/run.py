@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -34,6 +35,8 @@ RUN_RECORD = "codec_assets.json"
 INDEX = "index.jsonl"
 MANIFEST = "manifest.jsonl"
 PREVIEWS = "previews"
+ENGINES = ("local", "ray")
+LOOPBACK = "127.0.0.1"  # a local Ray instance listens here only
 
 
 @dataclass
@@ -69,7 +72,8 @@ def process_job(
     takes any image of a folder)."""
     clock = time.perf_counter()
     row = dict(key=job.key, video=job.video, source=job.source)
-    if timeout:
+    alarm = bool(timeout) and threading.current_thread() is threading.main_thread()  # signals: main thread only
+    if alarm:
         signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
@@ -86,7 +90,7 @@ def process_job(
     except Exception as e:  # every input is accounted for: its error becomes the row's reason
         row.update(status="failed", error=f"{type(e).__name__}: {e}")
     finally:
-        if timeout:
+        if alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
     row["seconds"] = round(time.perf_counter() - clock, 6)
     return row
@@ -181,6 +185,36 @@ def _triage(jobs: list[Job], out: Path, settings: AssetSettings, resume: bool) -
     return rows, todo
 
 
+def _failed(job: Job, error: str) -> dict:
+    return dict(key=job.key, video=job.video, source=job.source, status="failed", error=error)
+
+
+def _run_on_ray(
+    jobs: list[Job], todo: list[int], out: Path, settings: AssetSettings, timeout, preview: bool, address
+) -> dict[int, dict]:
+    """The rows of ``todo``, one Ray task each (1 CPU, no retry: a failure is the row's reason)."""
+    import ray  # optional: only engine="ray" needs it
+
+    started = not ray.is_initialized()
+    if started and address:
+        ray.init(address=address, configure_logging=False)
+    elif started:
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=0)(process_job)
+        refs = {n: task.remote(jobs[n], str(out.resolve()), settings, timeout, preview) for n in todo}
+        rows = {}
+        for n, ref in refs.items():
+            try:
+                rows[n] = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the worker died or the task could not run
+                rows[n] = _failed(jobs[n], f"{type(e).__name__}: {e}")
+        return rows
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def write_assets(
     inputs: str | os.PathLike | Sequence[str | os.PathLike | Job],
     out: str | os.PathLike,
@@ -194,6 +228,8 @@ def write_assets(
     shard_id: int = 0,
     num_shards: int = 1,
     preview: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> AssetsReport:
     """Write the codec assets of ``inputs`` under ``out`` (see the module doc) and return the index rows.
 
@@ -203,8 +239,12 @@ def write_assets(
     ``j % num_shards == shard_id`` (see the module doc); the report holds this shard's rows. Failed videos are
     rows with ``status: failed`` and an ``error``; a broken job list, or settings other than a resumed run's,
     raise ``ValueError`` before anything is written. preview: draw each video's selection beside its mosaics
-    (:func:`write_preview`).
+    (:func:`write_preview`). engine: ``local`` (this process and ``workers``) or ``ray`` (one task a video on
+    the Ray cluster at ``ray_address``, else a local instance on the loopback address; ``OUT`` must be on a
+    filesystem every node sees).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; expected one of {ENGINES}")
     settings = settings or AssetSettings()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers={workers!r}; expected 0 (this process) or a number of worker processes")
@@ -220,7 +260,9 @@ def write_assets(
     rows, todo = _triage(jobs, out, settings, resume)
     mine = [n for n in range(len(jobs)) if n % num_shards == shard_id]
     todo = [n for n in todo if n % num_shards == shard_id]
-    if workers == 0 or len(todo) <= 1:
+    if engine == "ray":
+        rows.update(_run_on_ray(jobs, todo, out, settings, timeout, preview, ray_address))
+    elif workers == 0 or len(todo) <= 1:
         for n in todo:
             rows[n] = process_job(jobs[n], str(out), settings, preview=preview)
     else:
@@ -231,10 +273,8 @@ def write_assets(
                 try:
                     rows[n] = future.result()
                 except BrokenProcessPool as e:  # a worker died (e.g. a decoder crash): the pool's videos fail
-                    error = f"BrokenProcessPool: a worker process died while this video was queued or running ({e})"
-                    rows[n] = dict(
-                        key=jobs[n].key, video=jobs[n].video, source=jobs[n].source, status="failed", error=error
-                    )
+                    error = f"a worker process died while this video was queued or running ({e})"
+                    rows[n] = _failed(jobs[n], f"BrokenProcessPool: {error}")
     ordered = [rows[n] for n in mine]
     index, manifest = shard_names(shard_id, num_shards)
     lines = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in ordered)
