@@ -1,13 +1,15 @@
 """Throughput of ``hevc-vit codec-assets`` on the CPU: videos per second and where the time goes.
 
     PYTHONPATH=src python benchmarks/codec_assets.py [--clips 8] [--clip-frames 96] [--width 640] [--height 360]
-        [--frames 64] [--square-size 576] [--workers 0 4]
+        [--frames 64] [--square-size 576] [--workers 0 4] [--ray]
 
 Writes ``--clips`` synthetic clips (a textured square moving over a textured, slowly panning background,
 ``libx264`` when present, else ``mpeg4``), then for each ``--workers`` value runs :func:`hevc_vit.codec.write_assets`
 into a fresh folder and reports videos/s (wall clock, the whole run) and the share of the per-video time in
 decode (+ frame preparation), signals (+ selection), mosaics and writing (JPEG + npy + meta), summed over the
-videos. It also checks that every run wrote the same bytes for the ``npy`` files. Prints one JSON object.
+videos; ``--ray`` adds a run on a local Ray instance (one task a video). It checks that every run wrote the same
+bytes (``npy`` files and mosaics; the JPEG encoder is deterministic, so equal JPEG bytes mean equal canvases
+before JPEG). Prints one JSON object.
 Timings on a shared machine are noisy: read the split and the ratio, not the last digit.
 """
 
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--square-size", type=int, default=576)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, os.cpu_count() or 1])
+    parser.add_argument("--ray", action="store_true", help="also run on a local Ray instance")
     args = parser.parse_args()
     settings = AssetSettings(frames=args.frames, num_images=args.num_images, square_size=args.square_size)
     result: dict = dict(
@@ -78,16 +81,18 @@ def main() -> None:
         for i in range(args.clips):
             result["codec"] = write_clip(folder / f"clip{i:03d}.mp4", args.clip_frames, args.width, args.height, i)
         arrays = None
-        for workers in args.workers:
-            out = Path(tmp) / f"out{workers}"
+        engines = [("local", w) for w in args.workers] + ([("ray", 0)] if args.ray else [])
+        for engine, workers in engines:
+            out = Path(tmp) / f"out-{engine}{workers}"
             start = time.perf_counter()
-            report = write_assets([folder], out, settings, workers=workers)
+            report = write_assets([folder], out, settings, workers=workers, engine=engine)
             wall = time.perf_counter() - start
             assert not report.failed, report.failed
             split = {k: sum(r["timings"][k] for r in report.rows) for k in ("decode", "signals", "mosaics", "write")}
             total = sum(split.values())
             result["runs"].append(
                 dict(
+                    engine=engine,
                     workers=workers,
                     videos_per_s=round(len(report.rows) / wall, 3),
                     wall_s=round(wall, 2),
@@ -98,12 +103,13 @@ def main() -> None:
             got = {
                 (row["key"], name): (Path(row["asset_dir"]) / name).read_bytes()
                 for row in report.rows
-                for name in ("positions_thw.npy", "visible_indices.npy", "frame_ids.npy")
+                for name in os.listdir(row["asset_dir"])
+                if name != "meta.json"  # timings and the creation time differ
             }
             if arrays is not None:
-                assert got == arrays, f"workers={workers} wrote other npy bytes"
+                assert got == arrays, f"engine={engine} workers={workers} wrote other bytes"
             arrays = got
-    result["identical_npy_across_runs"] = True
+    result["identical_assets_across_runs"] = True
     print(json.dumps(result, indent=2))
 
 
