@@ -20,6 +20,7 @@ def test_job_list_keeps_fields_skips_missing_and_names_broken_lines(tmp_path):
         [
             {"video": "/v/a.mp4", "key": "ka", "conversations": [{"from": "human", "value": "<image>"}]},
             {"video": "/v/b.mp4", "key": "kb", "exists": False},
+            {"video": "/v/d.mp4", "key": "kd", "exists": 0},  # any false value, as the reference
             "",
             {"video": "/v/c.mp4"},
         ],

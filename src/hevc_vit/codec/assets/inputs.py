@@ -44,7 +44,7 @@ def read_job_list(path: str | os.PathLike, key_column: str = "key", path_column:
                 raise ValueError(f"{path} line {number} is not valid JSON ({e}); expected one object a line") from None
             if not isinstance(record, dict) or not isinstance(record.get(path_column), str):
                 raise ValueError(f"{path} line {number} has no string {path_column!r}; expected a video path there")
-            if record.get("exists", True) is False:
+            if not record.get("exists", True):  # the reference skips any false value
                 continue
             video = record[path_column]
             key = record.get(key_column)
