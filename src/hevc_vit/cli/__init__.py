@@ -19,6 +19,7 @@ COMMANDS = (
     "hevc_vit.cli.convert",  # convert and info
     "hevc_vit.cli.bench",
     "hevc_vit.cli.codec",  # codec-preview
+    "hevc_vit.cli.codec_assets",
 )
 
 

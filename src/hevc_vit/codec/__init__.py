@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from hevc_vit.codec.assets import AssetSettings, write_assets
 from hevc_vit.codec.config import DEFAULT_RATIO, NORMALIZE, SIGNALS, CodecSparseConfig, Preprocess, Selection
 from hevc_vit.codec.decode import StreamEnded, check_path, motion_vectors_of, pict_letter, probe, sampled_frames
 from hevc_vit.codec.signals import (
@@ -239,6 +240,7 @@ def render_preview(
 
 __all__ = [
     "DEFAULT_RATIO",
+    "AssetSettings",
     "NORMALIZE",
     "SIGNALS",
     "CodecSparseConfig",
@@ -255,4 +257,5 @@ __all__ = [
     "select_patches",
     "select_topk",
     "selection_as_frames",
+    "write_assets",
 ]
