@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hevc_vit.media.video import VIDEO_EXTENSIONS
+from hevc_vit.media.kinds import VIDEO_EXTENSIONS
 
 JOB_LIST_EXTENSIONS = (".jsonl",)
 _GLOB_CHARS = "*?["

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from hevc_vit.encode.readers.memory import MemorySource
-from hevc_vit.encode.readers.remote import GLOB_CHARS, Network, is_url, list_url, read_location
+from hevc_vit.encode.readers.remote import GLOB_CHARS, Network, list_url, read_location
 from hevc_vit.encode.readers.sidecars import folder_inputs
-from hevc_vit.encode.readers.spec import InputSpec, WorkUnit, describe_error
+from hevc_vit.encode.readers.spec import InputSpec, WorkUnit, describe_error, is_url
 from hevc_vit.encode.readers.tables import is_table
 from hevc_vit.encode.readers.tar import is_tar_shard
 from hevc_vit.encode.readers.units import list_unit, memory_units, remote_item, table_units

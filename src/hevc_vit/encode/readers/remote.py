@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from hevc_vit.encode.options.choices import DEFAULT_TIMEOUT, INSTALL_HINT
-from hevc_vit.encode.readers.spec import describe_error, is_url  # noqa: F401  (is_url: public here before)
+from hevc_vit.encode.readers.spec import describe_error, is_url
 from hevc_vit.media.kinds import FILE_SUFFIXES
 
 GLOB_CHARS = frozenset("*?[")  # a path holding one of these is a pattern

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from hevc_vit.encode.options.choices import INSTALL_HINT
-from hevc_vit.encode.readers.remote import Network, is_url, open_location, with_retries
-from hevc_vit.encode.readers.spec import InputSpec, RemoteFile, json_value
+from hevc_vit.encode.readers.remote import Network, open_location, with_retries
+from hevc_vit.encode.readers.spec import InputSpec, RemoteFile, is_url, json_value
 from hevc_vit.media.kinds import TABLE_EXTENSIONS
 
 DEFAULT_PATH_COLUMNS = ("path", "url", "image")

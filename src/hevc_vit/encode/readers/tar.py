@@ -26,8 +26,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hevc_vit.encode.readers.remote import Network, is_url, open_location, url_filesystem, with_retries
-from hevc_vit.encode.readers.spec import InputSpec, TarMember, describe_error, tar_path
+from hevc_vit.encode.readers.remote import Network, open_location, url_filesystem, with_retries
+from hevc_vit.encode.readers.spec import InputSpec, TarMember, describe_error, is_url, tar_path
 from hevc_vit.media.kinds import MEDIA_EXTENSIONS, TAR_EXTENSION
 
 # "dir/000123.seg.png" -> ("dir/000123", "seg.png"); a newline is a character of a name like any other

@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hevc_vit.encode.readers.memory import MemorySource
-from hevc_vit.encode.readers.remote import Network, check_url_packages, is_url
-from hevc_vit.encode.readers.spec import InputSpec, KeyBook, RemoteFile, WorkUnit, describe_error
+from hevc_vit.encode.readers.remote import Network, check_url_packages
+from hevc_vit.encode.readers.spec import InputSpec, KeyBook, RemoteFile, WorkUnit, describe_error, is_url
 from hevc_vit.encode.readers.tables import TableColumnError, check_columns, first_value, table_layout, table_specs
 from hevc_vit.encode.readers.tar import list_tar
 
