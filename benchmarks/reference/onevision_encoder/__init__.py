@@ -1,0 +1,2 @@
+from .configuration_onevision_encoder import OneVisionEncoderConfig
+from .modeling_onevision_encoder import OneVisionEncoderModel
