@@ -97,3 +97,35 @@ def small_matmul_peak(monkeypatch):
 
     monkeypatch.setattr(bench, "matmul_peak_flops", small)
     monkeypatch.setattr(dtypes, "matmul_peak_flops", small)
+
+
+# Parametrized tests whose cases each take a few hundred ms: the fast core (-m "not slow ...") runs their first case,
+# the full suite runs them all. One place, so that what the fast core leaves out is visible.
+FAST_CORE_RUNS_FIRST_CASE_ONLY = {
+    "tests/llava/test_llava_checkpoints.py::test_from_pretrained_restores_the_tower_or_refuses",
+    "tests/llava/test_llava_checkpoints.py::test_load_state_dict_restores_the_tower",
+    "tests/llava/test_towers.py::test_every_select_feature_against_the_encoder",
+    "tests/llava/test_towers.py::test_select_layer_minus_2_matches_golden",
+    "tests/seams/test_durability.py::test_a_full_disk_in_any_format_ends_with_one_line_and_resumes",
+    "tests/seams/test_durability.py::test_a_fixed_failure_resumed_has_one_ok_row_and_the_summary_agrees",
+    "tests/seams/test_processes.py::test_whatever_stops_a_run_leaves_an_index_of_what_it_wrote",
+    "tests/convert/test_convert.py::test_an_error_inside_the_commit_is_finished_by_the_run_itself",
+    "tests/codec/assets/test_frames.py::test_prepare_square_matches_the_reference_within_one_level",
+    "tests/encode/readers/test_expand.py::test_every_source_gives_the_features_and_rows_of_loose_files",
+    "tests/encode/output/test_folder.py::test_resume_on_a_damaged_folder_says_what_and_what_to_do",
+    "tests/encode/output/test_folder.py::test_a_full_disk_ends_the_run_with_one_line_and_resume_continues",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    seen: set[str] = set()
+    for item in items:
+        function = item.nodeid.split("[", 1)[0]
+        if function in FAST_CORE_RUNS_FIRST_CASE_ONLY and "[" in item.nodeid:
+            if function in seen:
+                item.add_marker(pytest.mark.slow)
+            seen.add(function)
+    files = {item.nodeid.split("::", 1)[0] for item in items}
+    stale = {name for name in FAST_CORE_RUNS_FIRST_CASE_ONLY - seen if name.split("::", 1)[0] in files}
+    if stale and not config.option.keyword:  # its file was collected whole, and the test was not in it
+        raise pytest.UsageError(f"FAST_CORE_RUNS_FIRST_CASE_ONLY names tests that are gone: {sorted(stale)}")

@@ -130,6 +130,7 @@ def test_explicit_float32_wins_on_a_cpu_where_bf16_is_faster(measured, model, im
     assert '"dtype": "float32"' in stored["forced"] and '"dtype": "bfloat16"' in stored["auto"]
 
 
+@pytest.mark.slow  # a benchmark run, a torch.compile or the base preset: seconds
 def test_bench_reports_its_choice_and_takes_an_explicit_dtype(measured, small_matmul_peak):
     measured(fp32=330.0, bf16=165.0)
     args = build_parser().parse_args(["bench", "--dtype", "float32", "--device", "cpu"])

@@ -217,6 +217,7 @@ def test_resume_of_a_folder_made_before_jpeg_draft_compares_with_full_decoding(t
     assert (result.skipped, result.encoded) == (1, 1)
 
 
+@pytest.mark.video  # decodes a clip with PyAV
 def test_pipeline_benchmark_report_is_consistent(tmp_path):
     pytest.importorskip("av")
     small = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128)

@@ -47,6 +47,7 @@ def test_model_flops_counts_dense_and_attention_work():
     assert model_flops(config, [4, 9]) == 13 * (2 * P * D + L * 2 * D * (4 * D + 2 * M)) + L * 4 * D * (16 + 81)
 
 
+@pytest.mark.slow  # a benchmark run, a torch.compile or the base preset: seconds
 def test_report_is_consistent(tmp_path, small_matmul_peak):
     setup = BenchSetup(
         preset="small", workload="uniform", iters=1, warmup=1, accuracy=True, device="cpu",
@@ -83,6 +84,7 @@ def test_cli_writes_json(tmp_path, capsys, small_matmul_peak):
     assert "packing_vs_loop" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a benchmark run, a torch.compile or the base preset: seconds
 def test_compiled_blocks_give_the_same_outputs():
     """The compile path traces the same maths (aot_eager here: no code generation on the CI machine;
     the GPU check runs inductor and reports its accuracy)."""
@@ -107,6 +109,7 @@ def test_cli_reports_bad_options(capsys):
     assert "preset='tiny'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a benchmark run, a torch.compile or the base preset: seconds
 def test_compare_dtypes_reports_each_dtype_against_its_own_peak(capsys, small_matmul_peak):
     small = dict(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128)
     setup = BenchSetup(workload="uniform", device="cpu", iters=2, warmup=1, config_overrides=small)

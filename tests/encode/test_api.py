@@ -288,6 +288,7 @@ def test_cli_refuses_an_existing_folder_and_reports_errors(model, data, tmp_path
     assert "neither a preset" in capsys.readouterr().err
 
 
+@pytest.mark.video  # decodes a clip with PyAV
 def test_cli_demo_default_encodes_the_shipped_samples(tmp_path, monkeypatch, capsys):
     """The README's first command: no arguments at all."""
     monkeypatch.chdir(tmp_path)

@@ -107,6 +107,7 @@ def mixed_items() -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a benchmark run, a torch.compile or the base preset: seconds
 def test_seed_example_flow_base_preset(tmp_path):
     config = HEVCViTConfig.from_preset("base", num_hidden_layers=1, image_size=224)
     HEVCViTPackingModel(config).save_pretrained(tmp_path / "hevc_vit_packing_base")

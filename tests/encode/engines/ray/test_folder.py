@@ -203,6 +203,7 @@ def test_missing_ray_names_the_extra(monkeypatch):
         import_ray()
 
 
+@pytest.mark.ray  # imports Ray Data (about 1 s)
 def test_actors_use_the_dtype_the_driver_resolved(ckpt, monkeypatch):
     """``auto`` is resolved once, on the driver, and handed to every model actor: an actor on a node of another CPU
     kind (here: the rule changed after the driver chose) must not choose for itself."""
