@@ -315,7 +315,7 @@ def test_other_errors_are_retried_then_named_with_the_attempts(monkeypatch):
     assert len(calls) == 2
 
 
-def test_asaved_dataset_of_several_splits_and_no_train_split_names_them(tmp_path):
+def test_a_saved_dataset_of_several_splits_and_no_train_split_names_them(tmp_path):
     datasets = pytest.importorskip("datasets")
     from hevc_vit.encode.readers.memory import open_hf_dataset
 
