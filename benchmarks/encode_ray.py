@@ -25,7 +25,7 @@ import torch
 from encode_sources import make_images
 
 from hevc_vit.encode import EncodeOptions, encode, iter_features
-from hevc_vit.encode.decode.load import load_items
+from hevc_vit.encode.decode.workers import load_items
 
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 

@@ -37,7 +37,7 @@ from onevision_encoder import OneVisionEncoderModel  # noqa: E402
 from onevision_encoder.configuration_onevision_encoder import OneVisionEncoderConfig  # noqa: E402
 
 from hevc_vit.bench import make_workload  # noqa: E402
-from hevc_vit.checkpoints import convert_from_native  # noqa: E402
+from hevc_vit.checkpoints.names import convert_from_native  # noqa: E402
 from hevc_vit.configuration import HEVCViTConfig  # noqa: E402
 from hevc_vit.runtime.devices import parse_dtype  # noqa: E402
 from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel  # noqa: E402
