@@ -39,9 +39,9 @@ from onevision_encoder.configuration_onevision_encoder import OneVisionEncoderCo
 from hevc_vit.bench import make_workload  # noqa: E402
 from hevc_vit.checkpoints.names import convert_from_native  # noqa: E402
 from hevc_vit.configuration import HEVCViTConfig  # noqa: E402
-from hevc_vit.runtime.devices import parse_dtype  # noqa: E402
 from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel  # noqa: E402
 from hevc_vit.packing import PackingPlan, patchify_items  # noqa: E402
+from hevc_vit.runtime.devices import parse_dtype  # noqa: E402
 
 VARIANTS = ("reference_sdpa", "packing", "per_item")
 # the architecture keys the reference's config takes (it has no head_norm_eps: its head norm uses layer_norm_eps)

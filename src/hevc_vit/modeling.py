@@ -27,7 +27,7 @@ from hevc_vit.attention import (
     transformers_name,
 )
 from hevc_vit.checkpoints.embedded import attach_load_hooks, check_reinitialisation
-from hevc_vit.checkpoints.load import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
+from hevc_vit.checkpoints.pretrained import load_pretrained, load_state_dict_checked  # noqa: F401 — load_state_dict_checked is public here too
 from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
 from hevc_vit.packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify, unpack_per_item
@@ -95,7 +95,7 @@ class HEVCViTPreTrainedModel(PreTrainedModel):
         cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
     ) -> HEVCViTPreTrainedModel:
         """Load a checkpoint of any supported format (hevc_vit, packing, standard, legacy) into this model;
-        see :func:`hevc_vit.checkpoints.load.load_pretrained` for the arguments and which loader runs."""
+        see :func:`hevc_vit.checkpoints.pretrained.load_pretrained` for the arguments and which loader runs."""
         return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
 

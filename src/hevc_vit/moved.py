@@ -27,14 +27,14 @@ MOVED = {
     # round 3: the top level keeps the model core; the rest joined the packages of its concern
     "hevc_vit.devices": "hevc_vit.runtime.devices",
     "hevc_vit.calibration": "hevc_vit.runtime.calibration",
-    "hevc_vit.loading": "hevc_vit.checkpoints.load",
+    "hevc_vit.loading": "hevc_vit.checkpoints.pretrained",
     "hevc_vit.embedded": "hevc_vit.checkpoints.embedded",
     "hevc_vit.image_processing": "hevc_vit.processing.image_processing",
     # round 3: the Ray engine beside the local one
     "hevc_vit.ray": "hevc_vit.encode.engines.ray",
     "hevc_vit.ray.cluster": "hevc_vit.encode.engines.ray.cluster",
     "hevc_vit.ray.dataset": "hevc_vit.encode.engines.ray.dataset",
-    "hevc_vit.ray.folder": "hevc_vit.encode.engines.ray.folder",
+    "hevc_vit.ray.folder": "hevc_vit.encode.engines.ray.run",
     "hevc_vit.ray.stages": "hevc_vit.encode.engines.ray.stages",
     "hevc_vit.ray.watchdog": "hevc_vit.encode.engines.ray.watchdog",
     # round 3: encode by stage; processors, pixels and media below encode

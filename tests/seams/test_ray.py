@@ -318,7 +318,7 @@ def test_an_exception_in_the_run_stops_the_ray_it_started(ray_tmp, tmp_path, ckp
     import psutil
     import ray
 
-    from hevc_vit.encode.engines.ray import folder
+    from hevc_vit.encode.engines.ray import run
 
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     seen, seen_names = [], []
@@ -328,9 +328,9 @@ def test_an_exception_in_the_run_stops_the_ray_it_started(ray_tmp, tmp_path, ckp
         seen_names.extend(p.name() for p in seen)
         raise RuntimeError("a bug on the driver")
 
-    monkeypatch.setattr(folder, "_encode_claimed", broken)
+    monkeypatch.setattr(run, "_encode_claimed", broken)
     with pytest.raises(RuntimeError, match="a bug on the driver"):
-        folder.encode_folder([_images(tmp_path, 2)], tmp_path / "out", EncodeOptions(model=ckpt, progress=False))
+        run.encode_folder([_images(tmp_path, 2)], tmp_path / "out", EncodeOptions(model=ckpt, progress=False))
     assert not ray.is_initialized()
     assert "raylet" in seen_names and "gcs_server" in seen_names, seen_names
     left = _still_running(seen, 60)

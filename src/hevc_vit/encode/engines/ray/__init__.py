@@ -21,6 +21,6 @@ local instance's processes when the driver dies without shutting it down. Ray is
 from __future__ import annotations
 
 from hevc_vit.encode.engines.ray.dataset import encode_dataset
-from hevc_vit.encode.engines.ray.folder import encode_folder
+from hevc_vit.encode.engines.ray.run import encode_folder
 
 __all__ = ["encode_dataset", "encode_folder"]
