@@ -29,7 +29,7 @@ from hevc_vit.codec import (
 )
 from hevc_vit.media.video import temporal_positions, video_patch_positions
 from tests.helpers import assert_close_rel, tiny_config
-from tests.helpers.codec_clips import ENCODERS, FRAMES, GRID, SQUARE, P, write_moving_clip
+from tests.helpers.codec_clips import ENCODERS, FRAMES, GRID, P, square_patches, write_moving_clip
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 
@@ -45,19 +45,6 @@ def _has_encoder(name: str) -> bool:
     except ValueError:  # UnknownCodecError: a wheel built without it
         return False
     return True
-
-
-def square_patches(boxes, frame_ids, min_cover: float = 1 / 8) -> np.ndarray:
-    """``(T, h, w)`` bool: the patches at least ``min_cover`` of whose pixels the square covers in each sampled
-    frame (1/8 = a 2-px strip; a 1-px sliver changes fewer pixels than codec noise does)."""
-    edges = np.arange(GRID) * P
-    truth = np.zeros((len(frame_ids), GRID, GRID), bool)
-    for t, f in enumerate(frame_ids):
-        y, x = boxes[int(f)]
-        cover_y = np.clip(np.minimum(y + SQUARE, edges + P) - np.maximum(y, edges), 0, None)
-        cover_x = np.clip(np.minimum(x + SQUARE, edges + P) - np.maximum(x, edges), 0, None)
-        truth[t] = np.outer(cover_y, cover_x) >= min_cover * P * P
-    return truth
 
 
 def recall(positions: np.ndarray, truth: np.ndarray) -> float:

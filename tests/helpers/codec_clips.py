@@ -51,3 +51,17 @@ def write_moving_clip(
         for packet in stream.encode():
             container.mux(packet)
     return boxes
+
+
+def square_patches(boxes, frame_ids, grid: int = GRID, min_cover: float = 1 / 8) -> np.ndarray:
+    """``(T, grid, grid)`` bool: the patches at least ``min_cover`` of whose pixels the moving square covers in each
+    sampled frame (1/8 = a 2-px strip; a 1-px sliver changes fewer pixels than codec noise does). The clip is
+    ``SIZE`` px, its patches ``P`` px."""
+    edges = np.arange(grid) * P
+    truth = np.zeros((len(frame_ids), grid, grid), bool)
+    for t, f in enumerate(frame_ids):
+        y, x = boxes[int(f)]
+        cover_y = np.clip(np.minimum(y + SQUARE, edges + P) - np.maximum(y, edges), 0, None)
+        cover_x = np.clip(np.minimum(x + SQUARE, edges + P) - np.maximum(x, edges), 0, None)
+        truth[t] = np.outer(cover_y, cover_x) >= min_cover * P * P
+    return truth

@@ -8,7 +8,7 @@ import pytest
 
 from hevc_vit.codec.assets import AssetSettings, compute_assets, visible_indices
 from hevc_vit.codec.assets.video import decode_squares
-from tests.helpers.codec_clips import ENCODERS, FRAMES, SIZE, SQUARE, P, write_moving_clip
+from tests.helpers.codec_clips import ENCODERS, FRAMES, SIZE, P, square_patches, write_moving_clip
 from tests.helpers.reference_codec_assets import (
     _build_mosaics_time_spatial_np,
     _preprocess_bgr_to_square,
@@ -23,19 +23,6 @@ pytestmark = pytest.mark.video  # PyAV encodes and decodes the clips
 def decoded_frames(path) -> list[np.ndarray]:
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
-def square_truth(boxes, frame_ids, grid: int, min_cover: float = 1 / 8) -> np.ndarray:
-    """``(T, g, g)`` bool: the patches the moving square covers by at least ``min_cover`` in each sampled frame
-    (the clip is ``SIZE`` px and the squares are ``SIZE`` px: the grids coincide)."""
-    edges = np.arange(grid) * P
-    truth = np.zeros((len(frame_ids), grid, grid), bool)
-    for t, f in enumerate(frame_ids):
-        y, x = boxes[int(f)]
-        cover_y = np.clip(np.minimum(y + SQUARE, edges + P) - np.maximum(y, edges), 0, None)
-        cover_x = np.clip(np.minimum(x + SQUARE, edges + P) - np.maximum(x, edges), 0, None)
-        truth[t] = np.outer(cover_y, cover_x) >= min_cover * P * P
-    return truth
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +84,7 @@ def test_kept_patches_cover_the_moving_square(tmp_path, codec, pan):
     boxes = write_moving_clip(path, codec, pan=pan)
     settings = AssetSettings(frames=FRAMES, num_images=4, square_size=SIZE, patch_size=P)  # 12.5 % of the patches
     assets = compute_assets(path, settings)
-    truth = square_truth(boxes, assets.frame_ids, SIZE // P)
+    truth = square_patches(boxes, assets.frame_ids, SIZE // P)
     keep = np.zeros_like(truth)
     keep[tuple(assets.positions.T)] = True
     recall = (keep & truth)[1:].sum() / truth[1:].sum()
