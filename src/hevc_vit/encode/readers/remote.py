@@ -157,15 +157,16 @@ def _causes(e: BaseException) -> list[BaseException]:
     return chain
 
 
+def _own_status(e: BaseException) -> int | None:
+    """The HTTP status ``e`` itself carries (aiohttp's ``status``, requests' ``response.status_code``), if any."""
+    status = getattr(e, "status", None)  # aiohttp.ClientResponseError
+    status = status if isinstance(status, int) else getattr(getattr(e, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
 def http_status(e: BaseException) -> int | None:
     """The HTTP status of the answer that caused ``e`` (aiohttp's or requests' error), if one did."""
-    for cause in _causes(e):
-        status = getattr(cause, "status", None)  # aiohttp.ClientResponseError
-        response = getattr(cause, "response", None)  # requests.HTTPError
-        status = status if isinstance(status, int) else getattr(response, "status_code", None)
-        if isinstance(status, int):
-            return status
-    return None
+    return next((s for s in map(_own_status, _causes(e)) if s is not None), None)
 
 
 def is_final(e: BaseException) -> bool:
@@ -203,7 +204,7 @@ def describe_network_error(e: BaseException) -> str:
     """What went wrong reading a URL: the HTTP status, or the error at the root of fsspec's wrapping."""
     status = http_status(e)
     if status is not None:
-        cause = next(c for c in _causes(e) if http_status(c) == status)
+        cause = next(c for c in _causes(e) if _own_status(c) == status)  # the answer's error, not a wrapper
         reason = getattr(cause, "message", "") or getattr(getattr(cause, "response", None), "reason", "") or ""
         return f"HTTP {status} {reason}".strip()
     chain = _causes(e)
