@@ -20,7 +20,8 @@ from hevc_vit.encode.output.index import rank_index_files
 from tests.helpers import assert_close_rel, cli_args, without_shard, write_tar
 from tests.helpers.encode import read_npy_parquet
 
-# Ray takes the node's address from these before it is imported: every server it starts binds 127.0.0.1
+# Every server the test instance starts binds 127.0.0.1: Ray's processes read the first variable when they start;
+# this process, which may have imported Ray in an earlier test module, reads ray_constants (set in the fixture)
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 TOKENS = dict(min_image_tokens=4, max_image_tokens=48, max_tokens=64)  # max_tokens: several forwards and blocks
 QUIET = dict(progress=False, log=lambda message: None)
@@ -32,7 +33,16 @@ def local_ray():
     os.environ.update(LOOPBACK)
     ray = pytest.importorskip("ray", reason="Ray (the 'ray' extra) is not installed")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from ray._private import ray_constants
+
+    saved_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(
+            num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False,
+            log_to_driver=False,
+        )  # fmt: skip
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
     try:
         assert ray.util.get_node_ip_address() == "127.0.0.1", "the test instance must bind the loopback alone"
         yield ray
