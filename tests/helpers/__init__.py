@@ -153,3 +153,25 @@ def fill_the_disk_at_the_second_shard(monkeypatch) -> None:
         raise disk_full_error(str(path))
 
     monkeypatch.setattr(shards, "save_shard", save_shard)
+
+
+def register_unlisting_filesystem(monkeypatch) -> list[str]:
+    """Register ``nols://``, an fsspec filesystem whose folders exist but cannot be listed (fsspec's base ``ls``
+    raises ``NotImplementedError``, as for a store without listing); returns the calls it gets, in order."""
+    fsspec = pytest.importorskip("fsspec", reason="fsspec (the 'data' extra) is not installed")
+    calls: list[str] = []
+
+    class NoListing(fsspec.AbstractFileSystem):
+        protocol = "nols"
+
+        def info(self, path, **kwargs):
+            calls.append("info")
+            return {"name": path, "type": "directory", "size": 0}
+
+        def ls(self, path, detail=True, **kwargs):
+            calls.append("ls")
+            return super().ls(path, detail=detail, **kwargs)  # the base: NotImplementedError
+
+    registry = sys.modules["fsspec.registry"]._registry  # fsspec's table (public: a read-only view of it)
+    monkeypatch.setitem(registry, "nols", NoListing)  # restored after the test
+    return calls

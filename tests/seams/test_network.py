@@ -27,7 +27,7 @@ from hevc_vit.encode import encode, read_index
 from hevc_vit.encode.readers.remote import with_retries
 from hevc_vit.encode.readers.spec import split_tar_path, tar_path
 from hevc_vit.processing.processors import NativeResolutionProcessor
-from tests.helpers import FIXTURES, assert_close_rel, features_by_path, write_tar
+from tests.helpers import FIXTURES, assert_close_rel, features_by_path, register_unlisting_filesystem, write_tar
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow (the 'data' extra) is not installed")
 fsspec = pytest.importorskip("fsspec", reason="fsspec (the 'data' extra) is not installed")
@@ -421,3 +421,11 @@ def test_split_tar_path_refuses_other_paths():
     for path in ("a.jpg", "tar://no-shard", "http://h/x.tar"):
         with pytest.raises(ValueError, match="tar://MEMBER::SHARD"):
             split_tar_path(path)
+
+
+def test_a_url_folder_that_cannot_be_listed_is_refused_naming_it(monkeypatch, tmp_path):
+    """A store without listing, given as a folder: refused before anything is made, the URL and the fix named."""
+    register_unlisting_filesystem(monkeypatch)
+    with pytest.raises(ValueError, match=r"'nols://bucket/folder': the nols:// filesystem cannot list .* \.txt file"):
+        encode(["nols://bucket/folder"], tmp_path / "out", model=str(FIXTURES / "llava_vit_packing_tiny"), **OPTIONS)
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from hevc_vit.encode.readers.remote import (
     with_retries,
 )
 from hevc_vit.encode.readers.spec import describe_error
+from tests.helpers import register_unlisting_filesystem
 
 pytest.importorskip("fsspec")
 
@@ -117,3 +118,11 @@ def test_list_url_globs_folders_and_says_why_nothing_is_there(tmp_path):
     assert [f.rsplit("/", 1)[1] for f in files] == ["b.jpg"]
     assert list_url(base + "/*.gif", Network(retries=0)) == ([], "no file matches this pattern")
     assert list_url(base + "/nothing/", Network(retries=0)) == ([], "no such file or folder")
+
+
+def test_a_filesystem_without_listing_says_so_once_for_a_folder_and_a_glob(monkeypatch):
+    calls = register_unlisting_filesystem(monkeypatch)
+    for url in ("nols://bucket/folder", "nols://bucket/*.jpg"):
+        files, reason = list_url(url, Network(retries=3))
+        assert files == [] and reason.startswith("the nols:// filesystem cannot list a folder or match a pattern")
+    assert calls.count("ls") == 2  # once per URL: no further attempt can cure a missing operation

@@ -32,7 +32,7 @@ _FINAL_ERRORS = (
     NotADirectoryError,
     ValueError,
     TypeError,
-    NotImplementedError,  # fsspec: the filesystem has no such operation (e.g. listing over plain HTTP)
+    NotImplementedError,  # fsspec: the filesystem has no such operation (AbstractFileSystem.ls: no listing)
     ImportError,  # a protocol's package is missing: no attempt installs it
 )
 _TRANSIENT_ERRORS = (TimeoutError, ConnectionError)  # anywhere in an error's causes: another attempt may cure it
@@ -249,6 +249,12 @@ def _is_http(url: str) -> bool:
     return url.startswith(("http://", "https://"))
 
 
+_CANNOT_LIST = (
+    "the {scheme}:// filesystem cannot list a folder or match a pattern (fsspec: no listing); "
+    "name its files, or list them in a .txt file"
+)
+
+
 def list_url(url: str, network: Network) -> tuple[list[str], str]:
     """The files a URL names, sorted: a glob's matches, every file under a folder (names starting with ``.``
     skipped; over HTTP a URL ending in ``/`` is a folder, its files the links of its listing page, followed into
@@ -256,7 +262,10 @@ def list_url(url: str, network: Network) -> tuple[list[str], str]:
     fs, path = url_filesystem(url, network)
     what = f"listing {url}"
     if (GLOB_CHARS - {"?"} if _is_http(url) else GLOB_CHARS) & set(path):  # over HTTP a ? starts the query
-        matches = with_retries(lambda: sorted(fs.glob(path)), network.retries, what)
+        try:
+            matches = with_retries(lambda: sorted(fs.glob(path)), network.retries, what)
+        except NotImplementedError:
+            return [], _CANNOT_LIST.format(scheme=url.split("://", 1)[0])
         files = [fs.unstrip_protocol(m) for m in matches if not _hidden(m)]
         return files, "" if files else "no file matches this pattern"
     if _names_a_file(path) or (_is_http(url) and not url.endswith("/")):
@@ -273,6 +282,8 @@ def list_url(url: str, network: Network) -> tuple[list[str], str]:
         found = with_retries(lambda: sorted(fs.find(path, on_error="raise")), network.retries, what)
     except FileNotFoundError:
         return [], "no such file or folder"
+    except NotImplementedError:
+        return [], _CANNOT_LIST.format(scheme=url.split("://", 1)[0])
     root = path.rstrip("/")
     # the files as the folder's URL was given, followed by their paths under it; over HTTP a link with a query or
     # a fragment (a listing's sort links) is no file of the folder
