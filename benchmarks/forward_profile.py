@@ -69,7 +69,9 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     config = HEVCViTConfig.from_preset(args.preset)
-    patches, grid = patchify_items(make_workload(args.workload, 1, config.num_channels), config.patch_size)
+    patches, grid = patchify_items(
+        make_workload(args.workload, 1, config.num_channels, patch_size=config.patch_size), config.patch_size
+    )
     plan = PackingPlan.from_grid_thw(grid, device=device)
     flops = model_flops(config, list(plan.seqlens))
     report = {"auto_dtype": describe_dtype_choice(device), "tokens": plan.total_tokens, "dtypes": {}}

@@ -134,7 +134,7 @@ def main() -> None:
     dtypes = [parse_dtype(name) for name in args.dtypes.split(",")]
     packing32, standard32, reference32 = build_models(args.preset, args.model)
     config = packing32.config
-    pixels = make_workload(args.workload, args.repeat, config.num_channels)
+    pixels = make_workload(args.workload, args.repeat, config.num_channels, patch_size=config.patch_size)
     models, items = {}, {}
     for dtype in dtypes:
         models[dtype] = {

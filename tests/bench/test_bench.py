@@ -30,6 +30,21 @@ def test_workloads():
         make_workload("odd")
 
 
+@pytest.mark.parametrize("patch", [14, 16])
+def test_varied_workload_has_the_issue_token_count_at_every_patch_size(patch):
+    """The round-2 workload (7 images 160×96 … 1008×1008 and an 8-frame clip, 11,965 tokens), counted from the
+    pixel shapes and from the packing plan."""
+    items = make_workload("varied", patch_size=patch)
+    assert len(items) == 8 and items[-1].shape[1] == 8  # 7 images, then the clip (C, T, H, W)
+    shapes = [tuple(x.shape[-2:]) for x in items]
+    assert (
+        any(h != w for h, w in shapes) and min(shapes) == (6 * patch, 10 * patch) and max(shapes) == (63 * patch,) * 2
+    )
+    by_shape = sum((x.shape[1] if x.dim() == 4 else 1) * x.shape[-2] * x.shape[-1] // patch**2 for x in items)
+    _, grid = patchify_items(items, patch)
+    assert by_shape == int(grid.prod(dim=1).sum()) == 11_965
+
+
 def test_padded_baseline_equals_the_standard_model_item_by_item():
     model = HEVCViTModel(tiny_config()).eval()
     items = [torch.randn(3, 28, 42), torch.randn(3, 2, 28, 28), torch.randn(3, 56, 14)]

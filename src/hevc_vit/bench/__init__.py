@@ -33,7 +33,10 @@ from hevc_vit.packing import PackingPlan, grid_positions, patchify_items, unpack
 from hevc_vit.runtime.devices import describe_dtype_choice, resolve_device, resolve_dtype
 
 METHODS = ("packing", "per_item_loop", "padded")
-WORKLOADS = ("mixed", "uniform")
+WORKLOADS = ("mixed", "varied", "uniform")
+# varied: 7 images of different aspect ratios and an 8-frame clip, as (t, h, w) in patches so that every patch size
+# gets the same 11,965 tokens (at patch 16: 96×160, 224², 336×448, 448×672, 576×768, 640×1072, 1008² and 8 × 224²)
+VARIED_GRIDS = ((1, 6, 10), (1, 14, 14), (1, 21, 28), (1, 28, 42), (1, 36, 48), (1, 40, 67), (1, 63, 63), (8, 14, 14))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,11 +44,15 @@ WORKLOADS = ("mixed", "uniform")
 # --------------------------------------------------------------------------------------------------
 
 
-def make_workload(name: str, repeat: int = 1, channels: int = 3, seed: int = 0) -> list[torch.Tensor]:
+def make_workload(
+    name: str, repeat: int = 1, channels: int = 3, seed: int = 0, patch_size: int = 16
+) -> list[torch.Tensor]:
     """Random pixels for a named workload, on the CPU, float32.
 
     mixed:   images 224, 336, 448 and 1008 pixels square and two 8-frame 224 videos ``(C, T, H, W)``,
              the set repeated ``repeat`` times (every side is a multiple of both 14 and 16).
+    varied:  :data:`VARIED_GRIDS` — 7 images from 6 x 10 to 63 x 63 patches of ``patch_size`` pixels (non-square
+             ones included) and an 8-frame clip, 11,965 tokens per repeat whatever the patch size.
     uniform: ``8 · repeat`` images of 448 x 448.
     """
     if name not in WORKLOADS:
@@ -55,6 +62,9 @@ def make_workload(name: str, repeat: int = 1, channels: int = 3, seed: int = 0) 
     g = torch.Generator().manual_seed(seed)
     if name == "uniform":
         return [torch.randn(channels, 448, 448, generator=g) for _ in range(8 * repeat)]
+    if name == "varied":
+        sides = [(t, h * patch_size, w * patch_size) for t, h, w in VARIED_GRIDS] * repeat
+        return [torch.randn(channels, *((t,) if t > 1 else ()), h, w, generator=g) for t, h, w in sides]
     items = []
     for _ in range(repeat):
         items += [torch.randn(channels, s, s, generator=g) for s in (224, 336, 448, 1008)]
@@ -202,7 +212,10 @@ def run_benchmark(setup: BenchSetup, log: Callable[[str], None] = lambda s: None
         packing.compile_blocks()
         standard.compile_blocks()
     tower = HEVCViTPackingVisionTower.from_model(packing, {"mm_vision_select_layer": -1})
-    items = [x.to(device, dtype) for x in make_workload(setup.workload, setup.repeat, config.num_channels)]
+    items = [
+        x.to(device, dtype)
+        for x in make_workload(setup.workload, setup.repeat, config.num_channels, patch_size=config.patch_size)
+    ]
     seqlens = list(packing_input(tower, items)[1].seqlens)
     tokens = sum(seqlens)
     log(f"{len(items)} items, {tokens} tokens, {config.matching_preset() or 'custom'} model, {dtype_name} on {device}")

@@ -34,7 +34,7 @@ def compare_dtypes(setup: BenchSetup, log: Callable[[str], None] = lambda s: Non
         model.compile_blocks()
     config = model.config
     towers, items, outputs = {}, {}, {}
-    pixels = make_workload(setup.workload, setup.repeat, config.num_channels)
+    pixels = make_workload(setup.workload, setup.repeat, config.num_channels, patch_size=config.patch_size)
     for dtype in COMPARED:
         copy_ = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
         towers[dtype] = HEVCViTPackingVisionTower.from_model(copy_, {"mm_vision_select_layer": -1})

@@ -33,7 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", default="small", help="random weights of this size preset (default: small)")
     source.add_argument("--model", dest="model_path", help="a checkpoint folder instead of a preset")
-    p.add_argument("--workload", choices=WORKLOADS, default="mixed", help="mixed sizes and videos, or equal 448 images")
+    p.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="mixed",
+        help="mixed: square sizes and videos; varied: 7 aspect ratios and a clip (11,965 tokens); uniform: 448² images",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
         "--dtype",
