@@ -190,6 +190,20 @@ def test_output_attentions_eager_shapes_and_values():
     assert_close_rel(packed.attentions[-1], out.attentions[-1])
 
 
+def test_packing_attentions_of_items_of_different_sizes_are_each_items_own():
+    torch.manual_seed(0)
+    model = HEVCViTPackingModel(tiny_config(attn_implementation="eager")).eval()
+    small, wide = torch.randn(1, 3, 28, 28), torch.randn(1, 3, 28, 56)
+    patches = torch.cat([patchify(small, 14)[0], patchify(wide, 14)[0]])
+    with torch.no_grad():
+        packed = model(patches, [[1, 2, 2], [1, 2, 4]], output_attentions=True)
+        alone = [model(*patchify(x, 14), output_attentions=True) for x in (small, wide)]
+    for layer, weights in enumerate(packed.attentions):
+        assert isinstance(weights, tuple) and [w.shape for w in weights] == [(2, 4, 4), (2, 8, 8)]
+        for w, single in zip(weights, alone):
+            assert_close_rel(w, single.attentions[layer][0])
+
+
 def test_output_attentions_on_a_fused_backend_is_an_error_naming_the_switch():
     model = HEVCViTModel(tiny_config(attn_implementation="sdpa"))
     with pytest.raises(ValueError, match=r"needs the 'eager' attention backend; this model runs 'sdpa'.*eager"):
@@ -262,4 +276,12 @@ def test_full_feature_select_does_not_warn(caplog):
 def test_default_feature_select_warns_once_for_the_anyres_classes(kind, caplog):
     with caplog.at_level(logging.WARNING, logger="hevc_vit"):
         build(kind, strategy="default")
+    assert len(_strategy_warnings(caplog)) == 1
+
+
+def test_default_feature_select_warns_once_when_loaded(caplog, tmp_path):
+    build("llava", strategy="default").save_pretrained(tmp_path / "m")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hevc_vit"):
+        CLASSES["llava"][0].from_pretrained(tmp_path / "m")
     assert len(_strategy_warnings(caplog)) == 1
