@@ -11,6 +11,7 @@ from hevc_vit import moved
 from hevc_vit.attention import available_backends, get_attention
 from hevc_vit.checkpoints.embedded import register_transformers_conversions
 from hevc_vit.configuration import PRESETS, HEVCViTConfig
+from hevc_vit.llava.transformers_classes import register_feature_select_warning
 from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
 from hevc_vit.packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
 from hevc_vit.processing.image_processing import HEVCViTImageProcessor, HEVCViTNativeImageProcessor
@@ -49,6 +50,8 @@ def _register_reference_model_types() -> None:
 _register_reference_model_types()
 # transformers 5: a model holding ours (a LLaVA tower) loads tower weights saved under the reference names
 register_transformers_conversions((HEVCViTModel.__name__, HEVCViTPackingModel.__name__))
+# transformers' LlavaForConditionalGeneration & co. with this encoder as the vision tower: warn about "default"
+register_feature_select_warning()
 
 __all__ = [
     "PRESETS",

@@ -54,7 +54,15 @@ class AttendFn(Protocol):
 
 def eager_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """The specification: for each item, ``softmax(q kᵀ · scale) v`` with the softmax in float32."""
-    outs = []
+    return eager_attention_with_weights(q, k, v, plan, scale, dropout_p)[0]
+
+
+def eager_attention_with_weights(
+    q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`eager_attention` and its attention weights: one ``(H, N, N)`` tensor per item in ``q``'s dtype,
+    the probabilities that multiply ``v`` (after dropout, as transformers' eager attention returns them)."""
+    outs, weights = [], []
     for qi, ki, vi in zip(*(t.split(plan.seqlens) for t in (q, k, v))):
         qi, ki, vi = (t.transpose(0, 1) for t in (qi, ki, vi))  # (H, N, Dh)
         scores = torch.matmul(qi.float(), ki.float().transpose(-1, -2)) * scale  # (H, N, N)
@@ -62,7 +70,36 @@ def eager_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float =
         if dropout_p:
             probs = F.dropout(probs, p=dropout_p)
         outs.append(torch.matmul(probs, vi.float()).transpose(0, 1).to(q.dtype))  # (N, H, Dh)
-    return torch.cat(outs)
+        weights.append(probs.to(q.dtype))  # (H, N, N)
+    return torch.cat(outs), weights
+
+
+def recording_attention(backend: str) -> tuple[AttendFn, list[list[torch.Tensor]]]:
+    """What ``output_attentions=True`` runs: the eager backend, appending each call's per-item weights (one call
+    per layer) to the list returned with it. A model on any other ``backend`` raises ``ValueError`` naming the
+    switch: the other backends never form the weights, and returning None for them would hide it."""
+    if backend != "eager":
+        raise ValueError(
+            f"output_attentions=True needs the 'eager' attention backend; this model runs {backend!r}, which does "
+            f"not compute attention weights. Switch with model.set_attn_implementation('eager') or "
+            f"attn_implementation='eager' at from_pretrained (as a LLaVA vision tower: "
+            f"attn_implementation={{'vision_config': 'eager', 'text_config': ...}})"
+        )
+    store: list[list[torch.Tensor]] = []
+
+    def attend(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+        out, weights = eager_attention_with_weights(q, k, v, plan, scale, dropout_p)
+        store.append(weights)
+        return out
+
+    return attend, store
+
+
+def stack_attention_weights(store: list[list[torch.Tensor]]) -> tuple:
+    """Per layer, :func:`recording_attention`'s per-item ``(H, N, N)`` weights as transformers shapes them,
+    ``(n, H, N, N)``; a tuple of the per-item tensors where the items' token counts differ."""
+    same = all(len({w.shape for w in layer}) == 1 for layer in store)
+    return tuple(torch.stack(layer) if same else tuple(layer) for layer in store)
 
 
 def sdpa_attention(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
@@ -195,9 +232,21 @@ def backend_name(name: str) -> str:
     return backend
 
 
-def transformers_name(backend: str) -> str:
+class ChosenName(str):
+    """A backend name this library wrote into ``config._attn_implementation`` (it says what runs). Any other
+    string found there was written by transformers — a caller's ``attn_implementation=`` (one name, or a
+    ``{"vision_config": ...}`` dict resolved by transformers), or a parent model's ``set_attn_implementation`` —
+    and is a request the model follows."""
+
+
+def transformers_name(backend: str) -> ChosenName:
     """The name transformers gives a backend (``flash_attn`` -> ``flash_attention_2``); ours where it has none."""
-    return _TO_TRANSFORMERS.get(backend, backend)
+    return ChosenName(_TO_TRANSFORMERS.get(backend, backend))
+
+
+def requested_backend(written: object) -> str | None:
+    """The attention request in a config's ``_attn_implementation`` (see :class:`ChosenName`), or None."""
+    return written if isinstance(written, str) and not isinstance(written, ChosenName) else None
 
 
 def check_backend_name(name: str) -> None:

@@ -137,7 +137,9 @@ class HEVCViTConfig(PretrainedConfig):
         head_norm_eps: None — eps of the pooling head's RMSNorm; None means ``layer_norm_eps``. Legacy
             training checkpoints used PyTorch's default there (float32 machine epsilon, ~1.19e-7).
         attn_implementation: "auto" — attention backend: "auto", "eager", "sdpa", "torch_varlen" or
-            "flash_attn" (see ``hevc_vit.attention``). Also accepted as ``attention_backend``.
+            "flash_attn" (see ``hevc_vit.attention``). Also accepted as ``attention_backend``. A name
+            transformers sets in ``_attn_implementation`` (``attn_implementation=`` on a model holding this
+            encoder, e.g. ``{"vision_config": "eager"}`` on a LLaVA class) takes precedence when the model is built.
     """
 
     model_type = "hevc_vit"

@@ -24,6 +24,9 @@ from hevc_vit.attention import (
     backend_name,
     choose_backend,
     get_attention,
+    recording_attention,
+    requested_backend,
+    stack_attention_weights,
     transformers_name,
 )
 from hevc_vit.checkpoints.embedded import attach_load_hooks, check_reinitialisation
@@ -32,6 +35,7 @@ from hevc_vit.configuration import HEVCViTConfig
 from hevc_vit.layers import HEVCViTEncoder, HEVCViTPatchEmbed, HEVCViTPoolingHead, make_norm
 from hevc_vit.packing import GridLike, PackingPlan, check_pixels, grid_positions, patchify, unpack_per_item
 from hevc_vit.rope import rope_cos_sin
+from hevc_vit.runtime.transformers_kwargs import check_tower_kwargs, wants_hidden_states
 
 
 class HEVCViTPreTrainedModel(PreTrainedModel):
@@ -104,6 +108,7 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
     library is built through its ``__init__``)."""
 
     def __init__(self, config: HEVCViTConfig):
+        requested = requested_backend(getattr(config, "_attn_implementation", None))  # transformers' request
         if getattr(config, "_attn_implementation", None) not in (None, *TRANSFORMERS_NAMES):
             config._attn_implementation = None  # one of ours (torch_varlen): transformers checks only its own names
         super().__init__(config)
@@ -114,7 +119,7 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
         self.head = HEVCViTPoolingHead(config) if config.use_head else None
         attach_load_hooks(self)  # load_state_dict of a model holding this one converts reference names
         self.post_init()
-        self.set_attn_implementation(config.attention_backend)
+        self.set_attn_implementation(requested or config.attention_backend)
 
     def compile_blocks(self, **compile_kwargs: Any) -> HEVCViTCore:
         """Compile the dense parts of every block (see :meth:`HEVCViTEncoder.compile_blocks`); returns self."""
@@ -132,6 +137,8 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
 
         ``attend`` replaces the model's attention backend for this call (benchmark baselines use it).
         """
+        if request := requested_backend(self.config._attn_implementation):  # a parent's set_attn_implementation
+            self.set_attn_implementation(request)
         dtype = self.patch_embed.proj.weight.dtype
         x = self.layernorm_pre(self.patch_embed(patches.to(dtype)))  # (T, D)
         if attend is None and self.config.attention_backend == "auto":  # say what runs, as transformers does
@@ -151,6 +158,7 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         per_item: bool = False,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """Packed patches ``(T, C·p·p)`` + ``grid_thw`` (or a ``plan``) through the layers: what
         :meth:`HEVCViTPackingModel.forward` runs, and the standard model for packed input. ``per_item``: the
@@ -186,14 +194,19 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
             )
         if plan.device != hidden_states.device:
             raise ValueError(f"plan is on {plan.device}; hidden_states is on {hidden_states.device}")
-        output_hidden_states = (
-            bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        last, pooled, hidden = self.encode_packed(hidden_states, plan, output_hidden_states)
+        output_hidden_states = wants_hidden_states(output_hidden_states, self.config.output_hidden_states)
+        attend, weights = self._attention_recorder(output_attentions)
+        last, pooled, hidden = self.encode_packed(hidden_states, plan, output_hidden_states, attend)
         if per_item:  # (n, N, D), or jagged (n, j, D) when the items' token counts differ
             last = unpack_per_item(last, plan)
             hidden = tuple(unpack_per_item(h, plan) for h in hidden) if hidden is not None else None
-        return _output(last, pooled, hidden, return_dict, self.config.return_dict)
+        return _output(last, pooled, hidden, weights, return_dict, self.config.return_dict)
+
+    def _attention_recorder(self, output_attentions: bool | None) -> tuple[AttendFn | None, list | None]:
+        """The attention that records its weights (and their store) for ``output_attentions``, or None, None."""
+        if not (output_attentions if output_attentions is not None else self.config.output_attentions):
+            return None, None
+        return recording_attention(self.config.attention_backend)
 
     def _check_channels(self, what: str, shape: tuple[int, ...], channels: int) -> None:
         if channels != self.config.num_channels:
@@ -227,6 +240,8 @@ class HEVCViTPackingModel(HEVCViTCore):
         return_dict: bool | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: GridLike | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple:
         """
         hidden_states: ``(T, C·p·p)`` — flattened ``(C, p, p)`` patches of all items, packed.
@@ -243,21 +258,22 @@ class HEVCViTPackingModel(HEVCViTCore):
         ``[i]`` is image ``i``'s ``(N_i, D)`` — so ``pipeline("image-feature-extraction", batch_size=k)`` gives
         every image ``(1, N_i, D)``, as one call per image does. ``pixel_values`` images ``(B, C, H, W)`` or videos
         ``(B, C, T, H, W)`` of one size (a fixed-size processor's, e.g. ``CLIPImageProcessor``) are patchified and
-        come back as the standard model's ``(B, N, D)``.
+        come back as the standard model's ``(B, N, D)``. ``output_attentions`` and ``**kwargs``: as in
+        :meth:`HEVCViTModel.forward`.
         """
+        check_tower_kwargs(f"{type(self).__name__}.forward", kwargs)
         if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() in (4, 5):
             return self._forward_images(pixel_values, hidden_states, grid_thw, image_grid_thw, patch_positions, plan,
-                                        output_hidden_states, return_dict)  # fmt: skip
+                                        output_hidden_states, return_dict, output_attentions)  # fmt: skip
         hidden_states = _one_of("hidden_states", hidden_states, "pixel_values", pixel_values)
         per_item = image_grid_thw is not None
         grid_thw = _one_of("grid_thw", grid_thw, "image_grid_thw", image_grid_thw, required=False)
-        return self.forward_packed(
-            hidden_states, grid_thw, patch_positions, plan, output_hidden_states, return_dict, per_item
-        )
+        return self.forward_packed(hidden_states, grid_thw, patch_positions, plan, output_hidden_states, return_dict,
+                                   per_item, output_attentions)  # fmt: skip
 
     def _forward_images(
         self, pixel_values, hidden_states, grid_thw, image_grid_thw, patch_positions, plan, output_hidden_states,
-        return_dict,
+        return_dict, output_attentions,
     ) -> BaseModelOutputWithPooling | tuple:  # fmt: skip
         given = {"hidden_states": hidden_states, "grid_thw": grid_thw, "image_grid_thw": image_grid_thw,
                  "patch_positions": patch_positions, "plan": plan}  # fmt: skip
@@ -269,7 +285,9 @@ class HEVCViTPackingModel(HEVCViTCore):
             )
         self._check_channels("pixel_values", tuple(pixel_values.shape), pixel_values.shape[1])
         patches, grid = patchify(pixel_values, self.config.patch_size)  # (B·N, C·p·p), (B, 3)
-        return self.forward_packed(patches, grid, None, None, output_hidden_states, return_dict, per_item=True)
+        return self.forward_packed(
+            patches, grid, None, None, output_hidden_states, return_dict, True, output_attentions
+        )
 
 
 class HEVCViTModel(HEVCViTCore):
@@ -283,6 +301,8 @@ class HEVCViTModel(HEVCViTCore):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         image_grid_thw: GridLike | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple:
         """
         pixel_values: ``(B, C, H, W)`` or ``(B, C, T, H, W)``; ``H``, ``W`` multiples of ``p``. Packed patches
@@ -292,18 +312,25 @@ class HEVCViTModel(HEVCViTCore):
         patch_positions: optional ``(B, N, 3)`` int — explicit ``(t, h, w)`` per patch (``N = T·H/p·W/p``).
         visible_indices: optional ``(B, K)`` int — keep only these patches of each item (sparse input);
             on the CPU they are range-checked here, on a device the gather checks them.
+        output_hidden_states: a flag, or (transformers 5) the layer index / indices a LLaVA class selects: then
+            all ``num_hidden_layers + 1`` are returned, the tuple those indices select from.
+        output_attentions: the attention weights of every layer, ``(B, H, N, N)`` as transformers shapes them
+            (a packed input: ``(n, H, N, N)``, or a tuple of ``(H, N_i, N_i)`` per item when sizes differ); only
+            the ``eager`` backend computes them — any other raises ``ValueError`` naming the switch.
+        kwargs: what transformers' LLaVA classes pass a vision tower besides (``vision_aspect_ratio``, ...: see
+            :mod:`hevc_vit.runtime.transformers_kwargs`), accepted and ignored; other names raise ``TypeError``.
         Returns ``last_hidden_state (B, N or K, D)``, ``pooler_output (B, D)`` (with the head),
-        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(B, N or K, D)`` when asked.
+        ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(B, N or K, D)`` when asked, ``attentions``.
         """
+        check_tower_kwargs(f"{type(self).__name__}.forward", kwargs)
         if image_grid_thw is not None or (isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 2):
             if image_grid_thw is None or visible_indices is not None:
                 raise ValueError(
                     "pixel_values is 2-D (packed patches); expected image_grid_thw (n, 3) with it and no "
                     "visible_indices — or images (B, C, H, W) / videos (B, C, T, H, W)"
                 )
-            return self.forward_packed(
-                pixel_values, image_grid_thw, patch_positions, None, output_hidden_states, return_dict, per_item=True
-            )
+            return self.forward_packed(pixel_values, image_grid_thw, patch_positions, None, output_hidden_states,
+                                       return_dict, True, output_attentions)  # fmt: skip
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() not in (4, 5):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values has shape {shape}; expected (B, C, H, W) images or (B, C, T, H, W) videos")
@@ -331,14 +358,13 @@ class HEVCViTModel(HEVCViTCore):
             positions = positions.to(device).view(B, N, 3).gather(1, idx[..., None].expand(B, K, 3)).reshape(B * K, 3)
             seqlens, grid_thw = [K] * B, None
         plan = PackingPlan.from_seqlens(seqlens, positions, device=device, grid_thw=grid_thw)
-        output_hidden_states = (
-            bool(output_hidden_states) if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        last, pooled, hidden = self.encode_packed(patches, plan, output_hidden_states)
+        output_hidden_states = wants_hidden_states(output_hidden_states, self.config.output_hidden_states)
+        attend, weights = self._attention_recorder(output_attentions)
+        last, pooled, hidden = self.encode_packed(patches, plan, output_hidden_states, attend)
         n = seqlens[0]
         last = last.view(B, n, -1)  # (B, N, D)
         hidden = tuple(h.view(B, n, -1) for h in hidden) if hidden is not None else None
-        return _output(last, pooled, hidden, return_dict, self.config.return_dict)
+        return _output(last, pooled, hidden, weights, return_dict, self.config.return_dict)
 
 
 def _one_of(name: str, value: Any, alias: str, alias_value: Any, required: bool = True) -> Any:
@@ -367,7 +393,8 @@ def _check_visible_indices(visible_indices: torch.Tensor, B: int, N: int) -> tor
     return visible_indices.long()
 
 
-def _output(last, pooled, hidden, return_dict, default_return_dict) -> BaseModelOutputWithPooling | tuple:
+def _output(last, pooled, hidden, weights, return_dict, default_return_dict) -> BaseModelOutputWithPooling | tuple:
+    attentions = stack_attention_weights(weights) if weights is not None else None
     if return_dict if return_dict is not None else default_return_dict:
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
-    return tuple(v for v in (last, pooled, hidden) if v is not None)
+        return BaseModelOutputWithPooling(last, pooled, hidden, attentions)
+    return tuple(v for v in (last, pooled, hidden, attentions) if v is not None)
