@@ -76,15 +76,11 @@ def eager_attention_with_weights(
 
 def recording_attention(backend: str) -> tuple[AttendFn, list[list[torch.Tensor]]]:
     """What ``output_attentions=True`` runs: the eager backend, appending each call's per-item weights (one call
-    per layer) to the list returned with it. A model on any other ``backend`` raises ``ValueError`` naming the
-    switch: the other backends never form the weights, and returning None for them would hide it."""
+    per layer) to the list returned with it. The other backends never form the weights, so on a model set to one
+    of them this call falls back to eager (as transformers' own SDPA models do) and says so once, naming the
+    switch; returning None instead would hide that nothing was computed."""
     if backend != "eager":
-        raise ValueError(
-            f"output_attentions=True needs the 'eager' attention backend; this model runs {backend!r}, which does "
-            f"not compute attention weights. Switch with model.set_attn_implementation('eager') or "
-            f"attn_implementation='eager' at from_pretrained (as a LLaVA vision tower: "
-            f"attn_implementation={{'vision_config': 'eager', 'text_config': ...}})"
-        )
+        _warn_eager_fallback(backend)
     store: list[list[torch.Tensor]] = []
 
     def attend(q, k, v, plan: PackingPlan, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
@@ -93,6 +89,17 @@ def recording_attention(backend: str) -> tuple[AttendFn, list[list[torch.Tensor]
         return out
 
     return attend, store
+
+
+@functools.cache
+def _warn_eager_fallback(backend: str) -> None:
+    logger.warning(
+        "output_attentions=True: attention backend %r does not compute attention weights, so this call runs the "
+        "'eager' backend (slower, more memory). To run eager always: model.set_attn_implementation('eager') or "
+        "attn_implementation='eager' at from_pretrained (as a LLaVA vision tower: "
+        "attn_implementation={'vision_config': 'eager', 'text_config': ...})",
+        backend,
+    )
 
 
 def stack_attention_weights(store: list[list[torch.Tensor]]) -> tuple:

@@ -316,9 +316,9 @@ class HEVCViTModel(HEVCViTCore):
             all ``num_hidden_layers + 1`` are returned, the tuple those indices select from.
         output_attentions: the attention weights of every layer, ``(B, H, N, N)`` as transformers shapes them
             (a packed input: ``(n, H, N, N)``, or a tuple of ``(H, N_i, N_i)`` per item when sizes differ); only
-            the ``eager`` backend computes them — any other raises ``ValueError`` naming the switch.
+            the ``eager`` backend computes them — on any other this call runs eager, with a warning (once).
         kwargs: what transformers' LLaVA classes pass a vision tower besides (``vision_aspect_ratio``, ...: see
-            :mod:`hevc_vit.runtime.transformers_kwargs`), accepted and ignored; other names raise ``TypeError``.
+            :mod:`hevc_vit.runtime.transformers_kwargs`), accepted and ignored; other names ignored with a warning.
         Returns ``last_hidden_state (B, N or K, D)``, ``pooler_output (B, D)`` (with the head),
         ``hidden_states``: ``num_hidden_layers + 1`` tensors ``(B, N or K, D)`` when asked, ``attentions``.
         """

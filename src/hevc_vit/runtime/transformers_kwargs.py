@@ -6,14 +6,19 @@
 encoder: the language model's own keyword arguments (transformers' ``TransformersKwargs`` /
 ``FlashAttentionKwargs`` reach the tower in 5.x: ``position_ids``, ``cu_seq_lens_q``, ...), the anyres and
 video settings filled in from the parent config (``vision_aspect_ratio``, ``use_cache``, ``is_causal``) and
-the image sizes (``image_sizes``, ``batch_num_images``). The encoder's forwards accept and ignore exactly these;
-any other name is a ``TypeError``, as an unknown keyword argument is in Python.
+the image sizes (``image_sizes``, ``batch_num_images``). The encoder's forwards accept and ignore these. Any other
+name is ignored with a warning naming it (once per name): a newer transformers release that passes one more
+argument to its vision tower must not break a model that worked, and a misspelt argument is still reported.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
+
+logger = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()
 
 # transformers 4.57 and 5.x, read from the three classes' get_image_features / get_video_features and
 # from the kwargs types their forwards pass on (TransformersKwargs, FlashAttentionKwargs)
@@ -30,14 +35,16 @@ IGNORED_TOWER_KWARGS = frozenset(
 
 
 def check_tower_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
-    """Raise ``TypeError`` naming the keyword arguments in ``kwargs`` that are not transformers' tower
-    arguments (:data:`IGNORED_TOWER_KWARGS`); ``owner`` names the forward that got them."""
-    unknown = sorted(set(kwargs) - IGNORED_TOWER_KWARGS)
+    """Warn, once per name, about the keyword arguments in ``kwargs`` that are not transformers' tower arguments
+    (:data:`IGNORED_TOWER_KWARGS`) and so are ignored; ``owner`` names the forward that got them."""
+    unknown = sorted(name for name in set(kwargs) - IGNORED_TOWER_KWARGS if (owner, name) not in _warned)
     if unknown:
-        raise TypeError(
-            f"{owner}() got unexpected keyword arguments {unknown}; besides its own it accepts (and ignores) "
-            f"only those transformers' LLaVA classes pass to a vision tower: {sorted(IGNORED_TOWER_KWARGS)}"
-        )
+        _warned.update((owner, name) for name in unknown)
+        logger.warning(
+            "%s() ignores the keyword arguments %s: they are neither its own nor those transformers' LLaVA classes "
+            "pass to a vision tower (%s)",
+            owner, unknown, sorted(IGNORED_TOWER_KWARGS),
+        )  # fmt: skip
 
 
 def wants_hidden_states(value: bool | int | list[int] | None, default: bool) -> bool:
