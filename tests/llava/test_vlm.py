@@ -10,7 +10,7 @@ import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import hevc_vit  # noqa: F401 — registers the Auto classes
-from hevc_vit import HEVCViTPackingModel
+from hevc_vit import HEVCViTPackingModel, grid_positions
 from hevc_vit.llava.vlm_config import HEVCViTLlavaConfig, projected_grid_thw
 from tests.helpers.tiny_vlm import TOWER, tiny_tokenizer, tiny_vlm
 
@@ -154,7 +154,9 @@ def test_pixels_without_placeholders_run_the_tower_with_zero_gradient():
         reference = model(**text_only).logits
     assert torch.equal(out.logits, reference)
     out.loss.backward()
-    vision = list(model.model.vision_tower.named_parameters()) + list(model.model.multi_modal_projector.named_parameters())
+    vision = list(model.model.vision_tower.named_parameters()) + list(
+        model.model.multi_modal_projector.named_parameters()
+    )
     zero_grads = {name: p.grad for name, p in vision}
     model.zero_grad(set_to_none=True)
     model(**with_image, labels=with_image["input_ids"]).loss.backward()
@@ -261,3 +263,40 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_tokenizer_keeps_placeholders_whole():
     tokenizer = tiny_tokenizer()
     assert tokenizer("<image><video> the")["input_ids"] == [3, 4, 6]
+
+
+def test_patch_positions_reach_the_tower(tower):
+    model, processor = tiny_vlm("mlp2x_gelu")
+    rng = np.random.default_rng(5)
+    image, video = _image(rng, 40, 60), _video(rng, 3, 42, 56)
+    plain = processor(images=[image], videos=[video], text=["<video> and <image>"])
+    grid = plain["image_grid_thw"]  # the video first: items follow their placeholders
+    spread = grid_positions(grid[:1]) * torch.tensor([20, 1, 1])  # 3 frames spread over a 60-frame context
+    positions = [spread, grid_positions(grid[1:])]
+    batch = processor(images=[image], videos=[video], text=["<video> and <image>"], patch_positions=positions)
+    assert torch.equal(batch["patch_positions"], torch.cat(positions))
+    with torch.no_grad():
+        packed = model.model.get_vision_features(batch["pixel_values"], grid, batch["patch_positions"])
+        n = int(grid[0].prod())
+        alone = tower(batch["pixel_values"][:n], grid_thw=grid[:1], patch_positions=spread, output_hidden_states=True)
+        torch.testing.assert_close(packed[:n], alone.hidden_states[-2], atol=ATOL, rtol=0)
+        moved = model(**batch).logits
+        default = model(**plain).logits
+    assert not torch.allclose(moved, default, atol=1e-3)  # the positions change the video's features
+
+
+def test_inputs_embeds_and_tied_weights(tmp_path):
+    model, processor = tiny_vlm("mlp2x_gelu", tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    batch = _batch(processor, _samples()[:1])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        by_ids = model(**batch).logits
+        vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "attention_mask")}
+        by_embeds = model(inputs_embeds=embeds, **vision).logits
+    assert torch.equal(by_ids, by_embeds)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, by_ids)

@@ -146,6 +146,7 @@ class HEVCViTLlavaConfig(PretrainedConfig):
         self.video_pool_stride = video_pool_stride
         if tie_word_embeddings is None:
             tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        self.text_config.tie_word_embeddings = tie_word_embeddings  # transformers 4 reads the text config's
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -169,9 +170,7 @@ class HEVCViTLlavaConfig(PretrainedConfig):
 
     def tokens_per_item(self, grid_thw: GridLike, is_video: Sequence[bool] | torch.Tensor | None = None) -> list[int]:
         """Placeholder tokens of every item: the projector's (and video pool's) output length for its grid."""
-        grid = projected_grid_thw(
-            grid_thw, self.projector_type, is_video, self.video_pool_mode, self.video_pool_stride
-        )
+        grid = projected_grid_thw(grid_thw, self.projector_type, is_video, self.video_pool_mode, self.video_pool_stride)
         return grid.prod(-1).tolist()
 
     def to_dict(self) -> dict[str, Any]:

@@ -87,13 +87,17 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         for token in (image_token, video_token):
             ids = tokenizer.encode(token, add_special_tokens=False) if tokenizer is not None else [0]
             if len(ids) != 1:
-                raise ValueError(f"the tokenizer encodes {token!r} as {ids}; expected one token (add it as a special token)")
+                raise ValueError(
+                    f"the tokenizer encodes {token!r} as {ids}; expected one token (add it as a special token)"
+                )
 
     @classmethod
-    def from_model_config(cls, image_processor: Any, tokenizer: Any, config: Any, **kwargs: Any) -> HEVCViTLlavaProcessor:
+    def from_model_config(
+        cls, image_processor: Any, tokenizer: Any, config: Any, **kwargs: Any
+    ) -> HEVCViTLlavaProcessor:
         """A processor whose token counts follow ``config`` (:class:`HEVCViTLlavaConfig`)."""
-        return cls(image_processor, tokenizer, projector_type=config.projector_type,
-                   video_pool_mode=config.video_pool_mode, video_pool_stride=config.video_pool_stride, **kwargs)  # fmt: skip
+        settings = {name: getattr(config, name) for name in ("projector_type", "video_pool_mode", "video_pool_stride")}
+        return cls(image_processor, tokenizer, **settings, **kwargs)
 
     @property
     def image_token_id(self) -> int:
