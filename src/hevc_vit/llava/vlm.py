@@ -313,7 +313,8 @@ class HEVCViTLlavaForConditionalGeneration(HEVCViTLlavaPreTrainedModel, Generati
         logits = self.lm_head(hidden[:, keep])  # (B, S, vocab)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size)
+            vocab = self.config.text_config.vocab_size
+            loss = self.loss_function(logits, labels, vocab, num_items_in_batch=kwargs.get("num_items_in_batch"))
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
