@@ -80,9 +80,10 @@ def test_features_equal_tower_and_projector_on_each_item(tower, projector_type):
     assert at == len(packed)
 
 
+@pytest.mark.parametrize("pool", [None, "bilinear"])
 @pytest.mark.parametrize("projector_type", ["mlp2x_gelu", "spatial_merge"])
-def test_placeholder_count_is_the_projector_output_length(projector_type):
-    model, processor = tiny_vlm(projector_type, video_pool_mode="bilinear")
+def test_placeholder_count_is_the_projector_output_length(projector_type, pool):
+    model, processor = tiny_vlm(projector_type, video_pool_mode=pool)
     rng = np.random.default_rng(1)
     images = [_image(rng, int(rng.integers(14, 200)), int(rng.integers(14, 200))) for _ in range(10)]
     videos = [_video(rng, int(rng.integers(1, 5)), int(rng.integers(30, 120)), int(rng.integers(30, 120)))
@@ -108,14 +109,18 @@ def test_placeholder_count_is_the_projector_output_length(projector_type):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_mixed_batch_gives_each_sample_its_own_logits():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_mixed_batch_gives_each_sample_its_own_logits(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the same comparison on the GPU's kernels")
     model, processor = tiny_vlm("spatial_merge", video_pool_mode="average")
+    model.to(device)
     samples = _samples()
-    batch = _batch(processor, samples)
+    batch = _batch(processor, samples).to(device)
     with torch.no_grad():
         logits = model(**batch).logits
         for i, sample in enumerate(samples):
-            alone = _batch(processor, [sample])
+            alone = _batch(processor, [sample]).to(device)
             single = model(**alone).logits[0]
             n = int(batch["attention_mask"][i].sum())  # right padding: the sample's tokens come first
             assert n == single.shape[0]
