@@ -162,6 +162,9 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
                              f"take {at}, expected equal")  # fmt: skip
         return mask, is_video
 
+    def _has_placeholders(self, ids: torch.Tensor) -> bool:
+        return bool(((ids == self.config.image_token_id) | (ids == self.config.video_token_id)).any())
+
     def _ids_from_embeds(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Placeholder ids found in ``inputs_embeds`` (rows equal to the placeholders' embeddings), else -1."""
         embed = self.get_input_embeddings()
@@ -189,8 +192,7 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
         grid = as_grid_thw(image_grid_thw)
         ids = input_ids if input_ids is not None else self._ids_from_embeds(inputs_embeds)
         features = self.get_vision_features(pixel_values, grid, patch_positions)  # (T, D')
-        has_placeholder = bool(((ids == self.config.image_token_id) | (ids == self.config.video_token_id)).any())
-        if not has_placeholder:
+        if not self._has_placeholders(ids):
             anchor = self.project(features, grid).sum()
             return inputs_embeds + 0 * anchor.to(inputs_embeds.dtype)
         mask, is_video = self.placeholder_layout(ids, grid)
@@ -222,9 +224,7 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, L)
         if pixel_values is not None:
             inputs_embeds = self.merge_vision(inputs_embeds, input_ids, pixel_values, image_grid_thw, patch_positions)
-        elif input_ids is not None and bool(
-            ((input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)).any()
-        ) and not _is_decoding(cache):  # fmt: skip
+        elif input_ids is not None and not _is_decoding(cache) and self._has_placeholders(input_ids):
             raise ValueError("input_ids holds <image>/<video> placeholders but pixel_values is None")
         if cache is not None:
             kwargs[self._cache_arg or "past_key_values"] = cache
