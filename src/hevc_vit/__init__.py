@@ -5,13 +5,17 @@ sequence ``(T, C·p·p)`` with a ``grid_thw`` row ``(t, h, w)`` per item, the tr
 variable-length attention with 3D RoPE, and the output is split back per item.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
 from hevc_vit import moved
 from hevc_vit.attention import available_backends, get_attention
 from hevc_vit.checkpoints.embedded import register_transformers_conversions
 from hevc_vit.configuration import PRESETS, HEVCViTConfig
 from hevc_vit.llava.transformers_classes import register_feature_select_warning
+from hevc_vit.llava.vlm import HEVCViTLlavaForConditionalGeneration, HEVCViTLlavaModel
+from hevc_vit.llava.vlm_config import HEVCViTLlavaConfig
+from hevc_vit.llava.vlm_processing import HEVCViTLlavaProcessor
 from hevc_vit.modeling import HEVCViTModel, HEVCViTPackingModel, HEVCViTPreTrainedModel
 from hevc_vit.packing import PackingPlan, grid_positions, patchify, patchify_items, unpack, unpack_batch
 from hevc_vit.processing.image_processing import HEVCViTImageProcessor, HEVCViTNativeImageProcessor
@@ -48,6 +52,21 @@ def _register_reference_model_types() -> None:
 
 
 _register_reference_model_types()
+
+
+def _register_llava() -> None:
+    """The whole LLaVA model (:mod:`hevc_vit.llava.vlm`): ``AutoConfig``, ``AutoModel`` (the base model),
+    ``AutoModelForImageTextToText`` (and ``AutoModelForVision2Seq`` where it exists), ``AutoProcessor``."""
+    AutoConfig.register(HEVCViTLlavaConfig.model_type, HEVCViTLlavaConfig, exist_ok=True)
+    AutoModel.register(HEVCViTLlavaConfig, HEVCViTLlavaModel, exist_ok=True)
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+        auto = getattr(transformers, name, None)
+        if auto is not None:
+            auto.register(HEVCViTLlavaConfig, HEVCViTLlavaForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(HEVCViTLlavaConfig, HEVCViTLlavaProcessor, exist_ok=True)
+
+
+_register_llava()
 # transformers 5: a model holding ours (a LLaVA tower) loads tower weights saved under the reference names
 register_transformers_conversions((HEVCViTModel.__name__, HEVCViTPackingModel.__name__))
 # transformers' LlavaForConditionalGeneration & co. with this encoder as the vision tower: warn about "default"
@@ -57,6 +76,10 @@ __all__ = [
     "PRESETS",
     "HEVCViTConfig",
     "HEVCViTImageProcessor",
+    "HEVCViTLlavaConfig",
+    "HEVCViTLlavaForConditionalGeneration",
+    "HEVCViTLlavaModel",
+    "HEVCViTLlavaProcessor",
     "HEVCViTModel",
     "HEVCViTPackingModel",
     "HEVCViTPreTrainedModel",

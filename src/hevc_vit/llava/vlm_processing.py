@@ -1,0 +1,218 @@
+"""The processor of the native-resolution LLaVA model: images and videos at their own sizes -> packed patches,
+text with every ``<image>`` / ``<video>`` expanded to exactly the tokens its item takes.
+
+Legend: ``T`` packed patches, ``n`` items, ``p`` patch size, ``C`` channels, ``B`` batch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from hevc_vit.llava.vlm_config import SPATIAL_MERGE, projected_grid_thw
+from hevc_vit.processing.image_processing import as_pil_image
+
+
+def _is_frame(x: Any) -> bool:
+    """One image / frame: a PIL image, or a 2-D / 3-D array or tensor."""
+    return isinstance(x, Image.Image) or (isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim in (2, 3))
+
+
+def _flat_images(images: Any) -> list[Any]:
+    """One image, a list, or a list per sample -> one flat list of images."""
+    if images is None:
+        return []
+    if _is_frame(images):
+        return [images]
+    out = []
+    for item in images:
+        out += _flat_images(item) if isinstance(item, (list, tuple)) else [item]
+    return out
+
+
+def _flat_videos(videos: Any) -> list[list[Any]]:
+    """One video (a list of frames, or a ``(t, ...)`` array / tensor), a list of them, or a list per sample ->
+    one flat list of videos, each a list of frames."""
+    if videos is None:
+        return []
+    if isinstance(videos, (np.ndarray, torch.Tensor)) and videos.ndim == 4:
+        return [list(videos)]
+    if isinstance(videos, (list, tuple)) and videos and all(_is_frame(f) for f in videos):
+        return [list(videos)]
+    out = []
+    for item in videos:
+        out += _flat_videos(item)
+    return out
+
+
+class HEVCViTLlavaProcessor(ProcessorMixin):
+    """Image processor (:class:`~hevc_vit.processing.image_processing.HEVCViTImageProcessor`) + any tokenizer.
+
+    ``__call__(images=..., text=..., videos=..., patch_positions=...)`` returns ``input_ids``,
+    ``attention_mask``, ``pixel_values (T, C·p·p)`` (all items packed, in the order of their placeholders),
+    ``image_grid_thw (n, 3)`` and, when given, ``patch_positions (T, 3)``. Each ``<image>`` / ``<video>`` becomes
+    ``tokens(item)`` placeholder tokens — :func:`~hevc_vit.llava.vlm_config.projected_grid_thw` with the
+    model's ``projector_type``, ``video_pool_mode`` and ``video_pool_stride`` (saved with the processor),
+    the function the model checks its input with.
+    """
+
+    attributes = ["image_processor", "tokenizer"]  # transformers 4 reads these; 5 reads __init__'s signature
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        video_token: str = "<video>",
+        projector_type: str = "mlp2x_gelu",
+        video_pool_mode: str | None = None,
+        video_pool_stride: int = 2,
+        **kwargs: Any,
+    ):
+        self.image_token, self.video_token = image_token, video_token
+        self.projector_type = projector_type
+        self.video_pool_mode, self.video_pool_stride = video_pool_mode, video_pool_stride
+        projected_grid_thw([[1, 8, 8]], projector_type, [True], video_pool_mode, video_pool_stride)  # validates
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        for token in (image_token, video_token):
+            ids = tokenizer.encode(token, add_special_tokens=False) if tokenizer is not None else [0]
+            if len(ids) != 1:
+                raise ValueError(
+                    f"the tokenizer encodes {token!r} as {ids}; expected one token (add it as a special token)"
+                )
+
+    @classmethod
+    def from_model_config(
+        cls, image_processor: Any, tokenizer: Any, config: Any, **kwargs: Any
+    ) -> HEVCViTLlavaProcessor:
+        """A processor whose token counts follow ``config`` (:class:`HEVCViTLlavaConfig`)."""
+        settings = {name: getattr(config, name) for name in ("projector_type", "video_pool_mode", "video_pool_stride")}
+        return cls(image_processor, tokenizer, **settings, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.video_token)
+
+    def tokens_per_item(self, image_grid_thw: Any, is_video: Sequence[bool] | None = None) -> list[int]:
+        """Placeholder tokens of every item of ``image_grid_thw (n, 3)``."""
+        grid = projected_grid_thw(
+            image_grid_thw, self.projector_type, is_video, self.video_pool_mode, self.video_pool_stride
+        )
+        return grid.prod(-1).tolist()
+
+    def native_processor(self) -> Any:
+        """The image processor's native-resolution rule; for ``spatial_merge`` on blocks of ``2 x 2`` patches
+        (every side an even number of patches, the patch bounds divided by 4), so every item merges."""
+        ip = self.image_processor
+        if self.projector_type != "spatial_merge":
+            return ip.native_processor()
+        m = SPATIAL_MERGE
+        return ip.native_processor(patch_size=ip.patch_size * m, min_tokens=max(1, -(-ip.min_tokens // m**2)),
+                                   max_tokens=max(1, ip.max_tokens // m**2),
+                                   max_video_tokens=max(1, ip.max_video_tokens // m**2))  # fmt: skip
+
+    def _patches(self, frames: Any, what: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One image (``frames`` one image) or video (a list of frames) -> ``(t·h·w, C·p·p)``, ``(t, h, w)``."""
+        if isinstance(frames, list):
+            if not frames:
+                raise ValueError(f"{what} has no frames; expected at least one")
+            pil: Any = [as_pil_image(frame, f"{what} frame {k}") for k, frame in enumerate(frames)]
+        else:
+            pil = as_pil_image(frames, what)
+        return self.native_processor().patchify(pil, self.image_processor.patch_size)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        videos: Any = None,
+        patch_positions: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """images: one image or a list (or a list per sample; PIL, numpy, torch). videos: one video (a list of
+        frames or a ``(t, H, W, C)`` / ``(t, C, H, W)`` array) or a list of them. text: one string or a batch;
+        the k-th ``<image>`` of the batch (row by row) is ``images[k]``, the j-th ``<video>`` is ``videos[j]``.
+        patch_positions: explicit ``(t, h, w)`` positions: ``(T, 3)`` for all items in placeholder order, or one
+        ``(N_i, 3)`` per item. Other keywords go to the tokenizer (``padding`` defaults to True)."""
+        if text is None:
+            raise ValueError("text is None; expected a string or a list of strings holding the placeholders")
+        texts = [text] if isinstance(text, str) else list(text)
+        images, videos = _flat_images(images), _flat_videos(videos)
+        pattern = f"({re.escape(self.image_token)}|{re.escape(self.video_token)})"
+        found = [m for t in texts for m in re.findall(pattern, t)]
+        counts = {"image": found.count(self.image_token), "video": found.count(self.video_token)}
+        for kind, items in (("image", images), ("video", videos)):
+            if counts[kind] != len(items):
+                token = self.image_token if kind == "image" else self.video_token
+                raise ValueError(f"text holds {counts[kind]} {token} placeholders and {kind}s has {len(items)} "
+                                 f"{kind}s; expected one {token} per {kind}")  # fmt: skip
+        patches, grids, is_video = [], [], []
+        pending = {"image": iter(range(len(images))), "video": iter(range(len(videos)))}
+        for token in found:
+            video = token == self.video_token
+            i = next(pending["video" if video else "image"])
+            x, thw = self._patches(videos[i] if video else images[i], f"{'video' if video else 'image'} {i}")
+            patches.append(x)
+            grids.append(torch.tensor(thw))
+            is_video.append(video)
+        data: dict[str, Any] = {}
+        expanded = texts
+        if grids:
+            grid = torch.stack(grids).long()  # (n, 3)
+            tokens = iter(self.tokens_per_item(grid, is_video))
+            expanded = [
+                re.sub(pattern, lambda m: m.group(0) * next(tokens), t) for t in texts
+            ]  # in placeholder order, as the items
+            data["pixel_values"] = torch.cat(patches)  # (T, C·p·p)
+            data["image_grid_thw"] = grid
+            if patch_positions is not None:
+                data["patch_positions"] = self._positions(patch_positions, grid)
+        elif patch_positions is not None:
+            raise ValueError("patch_positions was given without any image or video")
+        kwargs.setdefault("padding", True)
+        kwargs.setdefault("return_token_type_ids", False)  # the model takes none
+        encoded = self.tokenizer(expanded, return_tensors=return_tensors, **kwargs)
+        data.update(encoded)
+        return BatchFeature(data=data, tensor_type=None if return_tensors in (None, "pt") else return_tensors)
+
+    @staticmethod
+    def _positions(patch_positions: Any, grid: torch.Tensor) -> torch.Tensor:
+        sizes = grid.prod(-1).tolist()
+        if isinstance(patch_positions, (list, tuple)):
+            if len(patch_positions) != len(sizes):
+                raise ValueError(f"patch_positions has {len(patch_positions)} entries; expected one per item, "
+                                 f"{len(sizes)}")  # fmt: skip
+            parts = [torch.as_tensor(p).reshape(-1, 3) for p in patch_positions]
+            for i, (part, size) in enumerate(zip(parts, sizes)):
+                if len(part) != size:
+                    raise ValueError(f"patch_positions[{i}] has {len(part)} rows; item {i} has {size} patches")
+            positions = torch.cat(parts)
+        else:
+            positions = torch.as_tensor(patch_positions).reshape(-1, 3)
+        if len(positions) != sum(sizes):
+            raise ValueError(f"patch_positions has {len(positions)} rows; the items hold {sum(sizes)} patches")
+        return positions.long()  # (T, 3)
+
+    def post_process_image_text_to_text(self, generated_outputs: Any, skip_special_tokens: bool = True, **kwargs):
+        """The generated ids as text (what ``pipeline("image-text-to-text")`` decodes with)."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = list(self.tokenizer.model_input_names) + ["pixel_values", "image_grid_thw", "patch_positions"]
+        return list(dict.fromkeys(names))
