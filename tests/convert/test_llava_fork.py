@@ -20,6 +20,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import hevc_vit.convert.llava_fork as llava_fork
 from hevc_vit.cli import main as cli_main
 from hevc_vit.configuration import HEVCViTConfig, architecture_keys
 from hevc_vit.convert.llava_fork import convert_llava_fork, map_fork_state
@@ -214,6 +215,28 @@ def test_tower_given_explicitly_when_mm_vision_tower_is_a_hub_name(fork, tmp_pat
     assert cli_main(["convert", str(bad), str(out), *TOKEN_ARGS, "--vision-tower", str(TOWER_DIR)]) == 0
     a, b = load_file(out / "model.safetensors"), load_file(dst / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("prefix", ["model.vision_tower.", "model.language_model.layers.1.", "lm_head."])
+def test_a_wrong_weight_fails_verification_and_leaves_no_dst(fork, tmp_path, monkeypatch, capsys, prefix):
+    """A weight written wrong (one element changed) is caught before DST moves in: exit 1, nothing left."""
+    _, _, src, _ = fork
+    real_save = llava_fork.save_file
+
+    def save_one_wrong(tensors, path, metadata=None):
+        key = next(k for k in sorted(tensors) if k.startswith(prefix) and tensors[k].dim() == 2)
+        wrong = tensors[key].clone()
+        wrong.view(-1)[0] += 1.0
+        real_save({**tensors, key: wrong}, path, metadata=metadata)
+
+    monkeypatch.setattr(llava_fork, "save_file", save_one_wrong)
+    dst = tmp_path / "out"
+    assert cli_main(["convert", str(src), str(dst), *TOKEN_ARGS]) == 1
+    out = capsys.readouterr().out
+    assert f"weight {prefix}" in out and "differs from SRC's" in out
+    if prefix == "model.vision_tower.":
+        assert "FAIL" in out.split("thresholds")[0]  # the tower's features differ too
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tower_options_are_refused_for_a_tower_src(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """From the reference's LLaVA-NeXT fork to transformers: a ``LlavaQwenForCausalLM`` checkpoint (``model_type``
 ``llava_qwen`` / ``llava_qwen3``: the Qwen text model with ``mm_*`` fields, the tower at
 ``model.vision_tower.vision_tower.*``, the projector at ``model.mm_projector.*``) into an ``hevc_vit_llava``
-folder (``HEVCViTLlavaForConditionalGeneration``; names and fields in the module docstring of
-:mod:`hevc_vit.llava`'s model, see ``LLAVA_SPEC``).
+folder (``HEVCViTLlavaForConditionalGeneration``): the tower at ``model.vision_tower.*`` (native names), the
+projector at ``model.multi_modal_projector.*`` (the same module names), the text model at
+``model.language_model.*``, ``lm_head.weight`` as it is.
 
 The fork stores the tower's weights but not its architecture: ``mm_vision_tower`` names the tower it was
 built from (a folder or a Hub name). Its ``config.json`` is read from ``vision_tower`` when given, else from
@@ -288,8 +289,8 @@ def convert_llava_fork(
     """Convert the fork checkpoint SRC into a verified ``hevc_vit_llava`` folder DST.
 
     vision_tower: the tower's checkpoint folder, when SRC's ``mm_vision_tower`` is not a folder here.
-    image_token_id / video_token_id: the placeholder ids of the converted model (default: SRC's
-        ``image_token_index`` / ``video_token_index``; one of the two is needed).
+    image_token_id / video_token_id: the placeholder ids of the converted model, in ``[0, vocab_size)``;
+        default: SRC's ``image_token_index`` / ``video_token_index`` (a ``ValueError`` when neither is there).
     dtype: of DST's weights (default: as stored in SRC). Errors and the all-or-nothing DST as for
     :func:`hevc_vit.convert.convert_checkpoint`: nothing is written for bad input, a failed verification or
     an interrupt.
@@ -312,7 +313,7 @@ def convert_llava_fork(
         tensors = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in ckpt.state.items()}
         folder = tx.make_folder()
         log(f"writing {TARGET_MODEL_TYPE} checkpoint ({config['dtype']}) to {folder.name}")
-        save_file({k: v.clone() for k, v in tensors.items()}, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})  # read from files: none shared
         stage("write")
         write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         for name in (*COPIED_FILES, PREPROCESSOR_NAME):
