@@ -121,7 +121,7 @@ def test_text_model_rebuilt_by_transformers_gives_the_forks_text_only_logits(for
     )
     lm = {"model." + k[len("model.language_model.") :]: v for k, v in written.items() if "language_model" in k}
     text_model.load_state_dict({**lm, "lm_head.weight": written["lm_head.weight"]}, strict=True)
-    sample = make_samples(projector)[-1]
+    sample = make_samples()[-1]
     assert not sample.has_placeholder
     with torch.no_grad():
         got = text_model.eval()(input_ids=sample.fork_input_ids()).logits
@@ -143,7 +143,7 @@ def test_tower_and_projector_rebuilt_give_the_forks_image_features(fork):
     ).eval()
     prefix = "model.multi_modal_projector."
     proj.load_state_dict({k[len(prefix) :]: v for k, v in written.items() if k.startswith(prefix)})
-    for sample in make_samples(projector)[:2]:
+    for sample in make_samples()[:2]:
         with torch.no_grad():
             want = model.encode_images(sample.images[0], grid_thw=sample.grid_thw)[0]  # (tokens, L)
             patches, grid = patchify_items([sample.images[0][0]], 14, 3)
@@ -160,7 +160,7 @@ def test_converted_model_logits_equal_the_forks(fork, case):
     vlm = pytest.importorskip("hevc_vit.llava.vlm", reason="HEVCViTLlavaForConditionalGeneration not merged yet")
     projector, model, _, dst = fork
     converted = vlm.HEVCViTLlavaForConditionalGeneration.from_pretrained(dst, attn_implementation="eager").eval()
-    sample = make_samples(projector)[case]
+    sample = make_samples()[case]
     want = fork_logits(model, sample)
     with torch.no_grad():
         got = converted(**converted_inputs(model, sample)).logits

@@ -149,15 +149,15 @@ def spread_positions(num_frames: int, total_frames: int, h: int, w: int) -> torc
     return grid.reshape(1, -1, 3)
 
 
-def make_samples(projector_type: str, seed: int = 0) -> list[ForkSample]:
+def make_samples(seed: int = 0) -> list[ForkSample]:
     """Four single-sample batches: images of two sizes, an 8-frame clip over a 64-frame context, text only.
 
-    The clip's frames are the tower's side (``image_size / patch_size`` patches after the projector): the
-    fork's ``get_2dPool`` views every video feature as that square grid. ``spatial_merge`` halves the sides.
+    The clip's frames are the tower's ``image_size`` (4x4 patches), as the fork's recipe processes them: its
+    ``get_2dPool`` views every video item's features as a square of the tower's ``num_patches_per_side``
+    (halved by our tower for ``spatial_merge``), a view that silently mixes features of frames of other sizes.
     """
     g = torch.Generator().manual_seed(seed)
-    p, side = 14, 4  # the fixture tower: patch 14, image_size 56
-    merge = 2 if projector_type == "spatial_merge" else 1
+    p, s, frames = 14, 4, 8  # the fixture tower: patch 14, image_size 56 (4 patches a side)
 
     def text(n: int) -> torch.Tensor:
         return torch.randint(0, TEXT_VOCAB, (n,), generator=g)
@@ -165,35 +165,19 @@ def make_samples(projector_type: str, seed: int = 0) -> list[ForkSample]:
     def pixels(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g)
 
-    def image(h: int, w: int, name: str) -> ForkSample:
-        return ForkSample(
-            name, [pixels(1, 3, h * p, w * p)], ["image"], torch.tensor([[1, h, w]]), text(5), text(4),
-            patch_positions=[spread_positions(1, 1, h, w)],
-        )  # fmt: skip
+    def sample(name: str, images: torch.Tensor, modality: str, positions: torch.Tensor | None, **kw) -> ForkSample:
+        n, _, H, W = images.shape
+        grid = torch.tensor([[1, H // p, W // p]] * n)
+        pos = None if positions is None else [positions]
+        return ForkSample(name, [images], [modality], grid, text(5), text(4), patch_positions=pos, **kw)
 
-    s = side * merge
-    frames = 8
     return [
-        image(4, 4, "image_56x56"),
-        image(6, 8, "image_84x112"),
-        ForkSample(
-            "video_8x" + f"{s * p}x{s * p}",
-            [pixels(frames, 3, s * p, s * p)],
-            ["video"],
-            torch.tensor([[1, s, s]] * frames),
-            text(3),
-            text(6),
-            patch_positions=[spread_positions(frames, 64, s, s)],
-        ),  # fmt: skip
-        ForkSample(
-            "text_only",
-            [pixels(1, 3, 4 * p, 4 * p)],
-            ["image"],
-            torch.tensor([[1, 4, 4]]),
-            text(9),
-            text(0),
-            has_placeholder=False,
-        ),  # fmt: skip
+        sample("image_56x56", pixels(1, 3, 4 * p, 4 * p), "image", spread_positions(1, 1, 4, 4)),
+        sample("image_84x112", pixels(1, 3, 6 * p, 8 * p), "image", spread_positions(1, 1, 6, 8)),
+        sample(
+            f"video_8x{s * p}x{s * p}", pixels(frames, 3, s * p, s * p), "video", spread_positions(frames, 64, s, s)
+        ),
+        sample("text_only", pixels(1, 3, 4 * p, 4 * p), "image", None, has_placeholder=False),
     ]
 
 
