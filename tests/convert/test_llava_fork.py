@@ -183,6 +183,15 @@ def test_cli_writes_the_same_folder_as_the_api(fork, tmp_path):
     assert cli_main(["convert", str(src), str(tmp_path / "cli"), *TOKEN_ARGS]) == 2  # DST exists: refused
 
 
+def test_dtype_casts_every_floating_weight(fork, tmp_path):
+    _, model, src, _ = fork
+    assert cli_main(["convert", str(src), str(tmp_path / "bf16"), *TOKEN_ARGS, "--dtype", "bfloat16"]) == 0
+    written = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.bfloat16}
+    assert torch.equal(written["lm_head.weight"], model.lm_head.weight.to(torch.bfloat16))
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize(
     "changes, args, message",
     [

@@ -60,10 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_convert(subparsers: argparse._SubParsersAction) -> None:
     convert = subparsers.add_parser(
         "convert",
-        help="convert a checkpoint of any format into a verified packing or standard folder",
+        help="convert a checkpoint of any format into a verified packing or standard folder (a LLaVA fork "
+        "checkpoint: into hevc_vit_llava)",
         description="Convert SRC (HF standard or packing folder, or legacy training .pt) into a Hugging Face\n"
         "folder DST (config.json, model.safetensors, preprocessor_config.json), verified before it is\n"
-        "moved into place.",
+        "moved into place. A LLaVA-NeXT fork checkpoint (llava_qwen) becomes an hevc_vit_llava folder.",
         epilog=_CONVERT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
