@@ -15,6 +15,7 @@ from hevc_vit.convert import (
     convert_checkpoint,
     describe_checkpoint,
 )
+from hevc_vit.convert.llava_fork import FORK_MODEL_TYPES, TARGET_MODEL_TYPE, convert_llava_fork, is_fork_checkpoint
 
 # for convert and info every OSError is about the input (unreadable SRC, DST refused, a commit in the way)
 INVALID_INPUT = (ValueError, OSError, ImportError)
@@ -27,6 +28,12 @@ formats:
   legacy    training .pt file without config: keys conv1, ln_pre, transformer.layers.N.*, ln_post, head.*
             (architecture from --preset / --config, else the .json beside the file, checked against
             the tensor shapes; LayerNorm eps 1e-5 kept)
+  llava     the reference's LLaVA-NeXT fork (model_type llava_qwen / llava_qwen3, save_pretrained of
+            LlavaQwenForCausalLM): always written as hevc_vit_llava (HEVCViTLlavaForConditionalGeneration).
+            The tower's config.json comes from --vision-tower, else from SRC's mm_vision_tower when that is
+            a folder here; the placeholder ids from --image-token-id / --video-token-id, else SRC's
+            image_token_index / video_token_index. Only mm_patch_merge_type=flat, no resampler, no
+            add_faster_video; the tower's features and every weight are checked before DST is moved in.
 
 DST is written in a temporary folder beside it, reloaded and compared with SRC on generated inputs
 (two image sizes, a non-square image, a video, a mixed packed batch), and moved into place only when
@@ -53,10 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_convert(subparsers: argparse._SubParsersAction) -> None:
     convert = subparsers.add_parser(
         "convert",
-        help="convert a checkpoint of any format into a verified packing or standard folder",
+        help="convert a checkpoint of any format into a verified packing or standard folder (a LLaVA fork "
+        "checkpoint: into hevc_vit_llava)",
         description="Convert SRC (HF standard or packing folder, or legacy training .pt) into a Hugging Face\n"
         "folder DST (config.json, model.safetensors, preprocessor_config.json), verified before it is\n"
-        "moved into place.",
+        "moved into place. A LLaVA-NeXT fork checkpoint (llava_qwen) becomes an hevc_vit_llava folder.",
         epilog=_CONVERT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -65,9 +73,9 @@ def _register_convert(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument(
         "--to",
         choices=TARGET_FORMATS,
-        default="packing",
-        help="format of DST: packing (model_type llava_vit_packing, fused qkv) or standard (model_type "
-        "onevision_encoder, separate q/k/v); default: %(default)s",
+        default=None,
+        help="format of DST for a vision tower SRC: packing (model_type llava_vit_packing, fused qkv) or standard "
+        f"(model_type onevision_encoder, separate q/k/v); default: packing (a LLaVA fork SRC: {TARGET_MODEL_TYPE})",
     )
     _add_arch_options(convert)
     convert.add_argument(
@@ -91,6 +99,14 @@ def _register_convert(subparsers: argparse._SubParsersAction) -> None:
         default="cpu",
         help="device for the verification forwards, e.g. cpu, cuda, cuda:1; default: %(default)s",
     )
+    llava = convert.add_argument_group(f"LLaVA fork SRC (model_type {' / '.join(FORK_MODEL_TYPES)})")
+    llava.add_argument(
+        "--vision-tower",
+        metavar="PATH",
+        help="the tower's checkpoint folder (its config.json); needed when SRC's mm_vision_tower is not a folder here",
+    )
+    llava.add_argument("--image-token-id", type=int, metavar="ID", help="placeholder id of image features in input_ids")
+    llava.add_argument("--video-token-id", type=int, metavar="ID", help="placeholder id of video features in input_ids")
     convert.set_defaults(run=run_convert)
 
 
@@ -118,10 +134,16 @@ def run_convert(args: argparse.Namespace) -> int:
 
     def convert() -> int:
         try:
+            if is_fork_checkpoint(args.src):
+                _convert_fork(args)
+                return EXIT_OK
+            llava_only = [f"--{k.replace('_', '-')}" for k in LLAVA_OPTIONS if getattr(args, k) is not None]
+            if llava_only:
+                raise ValueError(f"{', '.join(llava_only)} apply to a LLaVA fork SRC; {args.src} is a vision tower")
             convert_checkpoint(
                 args.src,
                 args.dst,
-                to=args.to,
+                to=args.to or "packing",
                 preset=args.preset,
                 config_json=args.config_json,
                 dtype=args.dtype,
@@ -140,6 +162,27 @@ def run_convert(args: argparse.Namespace) -> int:
         return f"{outcome}, temporary files removed"
 
     return run_guarded("convert", convert, interrupted=interrupted, input_errors=INVALID_INPUT)
+
+
+LLAVA_OPTIONS = ("vision_tower", "image_token_id", "video_token_id")
+
+
+def _convert_fork(args: argparse.Namespace) -> None:
+    """A LLaVA fork SRC: the tower-only options refused, the rest passed to :func:`convert_llava_fork`."""
+    tower_only = {"--to": args.to, "--preset": args.preset, "--config": args.config_json}
+    given = [name for name, value in tower_only.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to a vision tower SRC; {args.src} is a LLaVA fork checkpoint")
+    convert_llava_fork(
+        args.src,
+        args.dst,
+        vision_tower=args.vision_tower,
+        image_token_id=args.image_token_id,
+        video_token_id=args.video_token_id,
+        dtype=args.dtype,
+        force=args.force,
+        device=args.device,
+    )
 
 
 def run_info(args: argparse.Namespace) -> int:

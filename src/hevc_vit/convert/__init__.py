@@ -14,7 +14,8 @@ commit is finished by the next conversion to that DST (:func:`finish_interrupted
 
 The modules: :mod:`.verify` (inputs, tolerances, comparison, report), :mod:`.write` (the target folder),
 :mod:`.transaction` (signals, the temporary folder, stages), :mod:`.commit` (the journaled commit),
-:mod:`.info` (``hevc-vit info``). The command line is :mod:`hevc_vit.cli.convert`.
+:mod:`.info` (``hevc-vit info``), :mod:`.llava_fork` (a whole LLaVA model from the reference's LLaVA-NeXT
+fork to ``hevc_vit_llava``: :func:`convert_llava_fork`). The command line is :mod:`hevc_vit.cli.convert`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from hevc_vit.convert.info import (
     describe_checkpoint,
     format_size,
 )
+from hevc_vit.convert.llava_fork import LlavaConversionResult, convert_llava_fork, is_fork_checkpoint
 from hevc_vit.convert.transaction import STAGES, ConversionInterrupted, check_paths, transaction
 from hevc_vit.convert.verify import (
     TOLERANCES,
@@ -81,6 +83,7 @@ __all__ = [
     "ConversionInterrupted",
     "ConversionResult",
     "InterruptedCommitError",
+    "LlavaConversionResult",
     "Tolerance",
     "VerificationCase",
     "VerificationFailed",
@@ -90,10 +93,12 @@ __all__ = [
     "commit_folder",
     "compare_outputs",
     "convert_checkpoint",
+    "convert_llava_fork",
     "describe_architecture",
     "describe_checkpoint",
     "finish_interrupted_commit",
     "format_size",
+    "is_fork_checkpoint",
     "make_verification_cases",
     "reference_config_dict",
     "stored_dtype",
