@@ -26,12 +26,12 @@ from pathlib import Path
 
 from hevc_vit.codec.assets.inputs import Job, expand_jobs, local_video
 from hevc_vit.codec.assets.mosaics import render_sheet
+from hevc_vit.codec.assets.read import RUN_RECORD
 from hevc_vit.codec.assets.settings import FORMAT, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets, compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, mosaic_name, write_asset_folder
 from hevc_vit.files import write_atomic, write_json_atomic
 
-RUN_RECORD = "codec_assets.json"
 INDEX = "index.jsonl"
 MANIFEST = "manifest.jsonl"
 PREVIEWS = "previews"
