@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import threading
 
 import numpy as np
@@ -145,3 +146,57 @@ def test_a_key_from_a_table_never_writes_outside_the_output_folder(clips, tmp_pa
     assert [(r["key"], r["status"]) for r in rows] == keys
     assert not (tmp_path / "escape").exists() and sorted(p.name for p in (out / "assets").iterdir()) == ["fine"]
     assert np.load(out / "assets" / "fine" / "positions_thw.npy").shape == (2 * 16, 3)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray instance of this module on the loopback address alone (as the library's own local start binds it)."""
+    loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {name: os.environ.get(name) for name in loopback}
+    os.environ.update(loopback)
+    ray = pytest.importorskip("ray", reason="Ray (the 'ray' extra) is not installed")
+    from ray._private import ray_constants
+
+    saved_flag, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, configure_logging=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+
+
+@pytest.mark.ray
+def test_ray_and_local_write_identical_assets_from_files_tars_and_urls(local_ray, server, tmp_path):
+    """The same few clips as local files, a tar shard and URLs: Ray tasks write the local run's bytes (npy and
+    JPEG; the JPEG encoder is deterministic), and the mosaics before JPEG are equal too."""
+    ray = local_ray
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for seed in range(4):
+        write_moving_clip(folder / f"c{seed}.mp4", frames=10, size=64, seed=seed + 2)
+    shard = write_tar(tmp_path / "shard.tar", [("t0.mp4", (folder / "c0.mp4").read_bytes())])
+    inputs = [str(folder), str(shard), f"{server}/clip.mp4"]
+    runs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        args = ["codec-assets", *inputs, "--out", str(out), "--engine", engine, *ARGS]
+        assert main(args) == 0
+        runs[engine] = read_index(out)
+    keys = [r["key"] for r in runs["local"]]
+    assert keys == ["c0", "c1", "c2", "c3", "t0", "clip"] and [r["key"] for r in runs["ray"]] == keys
+    for key in keys:
+        for name in FILES:
+            local = (tmp_path / "local" / "assets" / key / name).read_bytes()
+            assert (tmp_path / "ray" / "assets" / key / name).read_bytes() == local, f"{key}/{name}"
+    from hevc_vit.codec.assets import AssetSettings, compute_assets
+
+    settings = AssetSettings(frames=8, num_images=2, square_size=64, patch_size=16)
+    task = ray.remote(num_cpus=1)(lambda path: compute_assets(path, settings))
+    for path in sorted(folder.iterdir()):
+        here, there = compute_assets(path, settings), ray.get(task.remote(str(path)))
+        assert np.array_equal(here.mosaics, there.mosaics) and np.array_equal(here.positions, there.positions)
