@@ -116,6 +116,11 @@ def test_an_http_url_gives_the_assets_of_the_local_clip(server, local, tmp_path)
     assert ok["status"] == "ok" and ok["key"] == "clip" and ok["video"] == f"{server}/clip.mp4"
     assert missing["status"] == "failed" and missing["error"] == f"FileNotFoundError: {server}/missing.mp4"
     assert_same_assets(out, "clip", local, "clip")
+    assert main([*args, "--resume"]) == 1  # the URL's key is the same again: its folder is done
+    assert [(r["key"], r["status"], r.get("resumed", False)) for r in read_index(out)] == [
+        ("clip", "ok", True),
+        ("missing", "failed", False),
+    ]
 
 
 def test_a_glob_and_a_folder_give_the_assets_of_the_local_clips(clips, local, tmp_path):
