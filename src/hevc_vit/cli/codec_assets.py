@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from hevc_vit.cli.codec_sources import expand_codec_inputs
 from hevc_vit.cli.common import EXIT_FAILED, EXIT_OK, integer_in, number_in, run_guarded
 from hevc_vit.codec.assets import ASSET_SIGNALS, MODES, AssetSettings, launcher_shard, write_assets
 from hevc_vit.codec.assets.frames import WINDOW_PICKS
@@ -24,7 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(training records: the input line's fields, images, positions_thw). Exit 1 when any input failed. Under "
         "torchrun every rank takes its shard of the inputs (index-RANK-of-WORLD.jsonl).",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUTS", help="videos, folders, globs or .jsonl job lists")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUTS",
+        help="videos, folders, globs, brace ranges, list files, webdataset .tar shards, .parquet/.csv/.tsv/.jsonl "
+        "tables, URLs (https://, s3://, hf://, ...) as encode takes them; a local .jsonl is the reference's job list",
+    )
     p.add_argument("--out", required=True, help="the output folder")
     p.add_argument("--frames", type=integer_in(1, 4096), default=64, help="frames sampled per clip (default: 64)")
     p.add_argument("--num-images", type=integer_in(1, 1024), default=8, help="mosaics per clip (default: 8)")
@@ -39,8 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--window-pick", choices=WINDOW_PICKS, default="none", help="where the window lies")
     p.add_argument("--signals", default="aligned_difference", help=f"comma-separated, from {', '.join(ASSET_SIGNALS)}")
     p.add_argument("--normalize", choices=NORMALIZE, default="volume", help="signal normalisation (default: volume)")
-    p.add_argument("--key-column", default="key", help="job-list column of the asset key (default: key)")
-    p.add_argument("--path-column", default="video", help="job-list column of the video path (default: video)")
+    p.add_argument("--key-column", default="key", help="job-list/table column of the asset key (default: key)")
+    p.add_argument(
+        "--path-column", default="video", help="job-list/table column of the video path or URL (default: video)"
+    )
     p.add_argument("--engine", choices=ENGINES, default="local", help="local processes or one Ray task a video")
     p.add_argument("--ray-address", help="the Ray cluster to use (default: a local instance on 127.0.0.1)")
     p.add_argument("--workers", type=integer_in(0, 1024), default=0, help="worker processes (default: 0, this one)")
@@ -85,7 +94,7 @@ def settings_of(args: argparse.Namespace) -> AssetSettings:
 def _write(args: argparse.Namespace) -> int:
     shard_id, num_shards = launcher_shard()
     report = write_assets(
-        args.inputs,
+        expand_codec_inputs(args.inputs, args.path_column, args.key_column),
         args.out,
         settings_of(args),
         key_column=args.key_column,

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="*",
         metavar="INPUT",
         help="files, folders (recursive), globs, .txt lists of paths, webdataset .tar shards (data-{000..009}.tar), "
-        ".parquet/.csv/.tsv/.jsonl tables of paths, URLs (s3://, gs://, hf://, https://, file://, memory://)",
+        ".parquet/.csv/.tsv/.jsonl tables of paths, URLs (s3://, gs://, hf://, https://, file://, memory://), "
+        "codec-assets folders (OUT/assets/KEY, or OUT: mosaics at their positions_thw)",
     )
     p.add_argument("--out", "-o", metavar="DIR", help=f"output folder (default: ./{DEFAULT_OUT}, numbered if taken)")
     p.add_argument(

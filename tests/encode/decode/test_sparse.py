@@ -149,3 +149,50 @@ def test_codec_sparse_reads_a_clip_inside_a_tar_like_the_loose_clip(models, data
     (a_row, a), (b_row, b) = next(iter_features(tmp_path / "loose")), next(iter_features(tmp_path / "tar"))
     assert b_row["codec"]["tokens"] == a_row["codec"]["tokens"] and b_row["id"] == "000"
     assert torch.equal(a["positions"], b["positions"]) and torch.equal(a["patches"], b["patches"])
+
+
+@pytest.mark.parametrize("context", [None, 64])
+def test_codec_assets_folders_encode_to_the_features_of_their_mosaics_at_their_positions(
+    models, data, tmp_path, context
+):
+    """``encode`` on a codec-assets folder (or on the run's output folder) cuts the mosaics into patches in row
+    order at ``positions_thw``: equal to ``encode_mosaics`` on the standard model with the same decoded JPEGs; the
+    JPEG's cost against the mosaics before JPEG is measured (docs/codec-assets.md)."""
+    from hevc_vit.codec import write_assets
+    from hevc_vit.codec.assets import AssetSettings, compute_assets, encode_mosaics, mosaic_pixels, read_asset_folder
+
+    standard, packing = models
+    settings = AssetSettings(frames=8, num_images=3, square_size=56, patch_size=14)  # a 4x4 grid, 48 rows
+    assets = tmp_path / "assets"
+    assert not write_assets([data / "clip.mp4"], assets, settings, preview=True).failed
+    folder = assets / "assets" / "clip"
+    out = tmp_path / "out"
+    result = encode([folder], out, model=packing, temporal_context=context, pool="head", **OPTIONS)
+    assert result.failed == 0
+    ((row, tensors),) = list(iter_features(out))
+    read = read_asset_folder(folder)
+    positions = torch.from_numpy(read.positions)
+    positions[:, 0] = torch.tensor(temporal_positions(8, context))[positions[:, 0]]
+    mean, std = PROCESSOR.normalization[:2]
+    with torch.no_grad():
+        expected, pooled = encode_mosaics(standard, mosaic_pixels(read.mosaics, mean, std), positions)
+        before_jpeg, _ = encode_mosaics(
+            standard, mosaic_pixels(compute_assets(data / "clip.mp4", settings).mosaics, mean, std), positions
+        )
+    assert row["grid_thw"] == [8, 4, 4] and row["codec"]["tokens"] == 48 and row["frames"] == read.frame_ids.tolist()
+    assert torch.equal(tensors["positions"], positions)
+    assert_close_rel(tensors["patches"], expected, what="patches")
+    assert_close_rel(tensors["pooled"], pooled[0], what="pooled")
+    jpeg = ((tensors["patches"] - before_jpeg).norm() / before_jpeg.norm()).item()
+    pixels = np.abs(read.mosaics.astype(int) - compute_assets(data / "clip.mp4", settings).mosaics).mean()
+    print(f"JPEG q95: mean |pixel difference| {pixels:.2f} levels, features moved by {jpeg:.4f} (relative L2)")
+    assert jpeg > 0  # JPEG is lossy: the folder's canvases are the decoded files, not the mosaics before JPEG
+    whole = tmp_path / "whole"  # the run's output folder: its asset folders only, not its index or previews
+    assert encode([assets], whole, model=packing, temporal_context=context, **OPTIONS).failed == 0
+    ((whole_row, whole_tensors),) = list(iter_features(whole))
+    assert whole_row["path"] == str(folder) and torch.equal(whole_tensors["patches"], tensors["patches"])
+    other = tmp_path / "p16"
+    write_assets([data / "clip.mp4"], other, AssetSettings(frames=8, num_images=2, square_size=64, patch_size=16))
+    assert encode([other], tmp_path / "bad", model=packing, **OPTIONS).failed == 1
+    (bad,) = read_index(tmp_path / "bad")
+    assert "patch_size=16; the model's patch size is 14" in bad["error"]

@@ -2,15 +2,22 @@
 ``video`` and ``key`` per line, ``exists: false`` skipped; other column names by option), plain video files,
 folders (searched recursively for video extensions) and globs. Keys of plain files are their stems, made
 unique in input order (``clip``, ``clip-2``, …; a suffix never takes another file's stem); keys from a
-job list are kept as given (a bad or repeated one becomes a failed row when it is processed)."""
+job list are kept as given (a bad or repeated one becomes a failed row when it is processed).
+
+Inputs that are not local files (a tar shard's member, a URL: what ``hevc-vit codec-assets`` expands with
+``encode``'s readers, which this package may not import) come as :class:`Job` objects carrying a ``fetch``
+callable that returns the video's bytes; :func:`local_video` gives the decoder a temporary copy. A job with an
+``error`` (an input that could not be found or listed) is a failed row with that reason."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +29,37 @@ _GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class Job:
-    """One video to process. fields: the job-list line (kept in the manifest); source: where it was listed."""
+    """One video to process.
+
+    key: its folder name (empty, with a ``name``: the stem of the name, made unique as a plain file's is; empty
+    without one: a failed row); video: its name in the index; fields: the job-list line (kept in the manifest);
+    source: where it was listed; fetch: returns the video's bytes when ``video`` is not a local file (picklable:
+    it travels to worker processes and Ray tasks); name: its file name (the extension tells the container);
+    error: why the input could not be found or listed (the job is a failed row)."""
 
     key: str
     video: str
     fields: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    fetch: Callable[[], bytes] | None = None
+    name: str = ""
+    error: str = ""
+
+
+@contextmanager
+def local_video(job: Job) -> Iterator[str]:
+    """A local path of the job's video: ``video`` itself, or a temporary copy of the fetched bytes (named with
+    the extension of ``name``, removed on exit)."""
+    if job.fetch is None:
+        yield job.video
+        return
+    data = job.fetch()
+    suffix = Path(job.name or job.video).suffix
+    with tempfile.TemporaryDirectory(prefix="hevc-vit-codec-") as folder:
+        path = os.path.join(folder, "video" + suffix)
+        with open(path, "wb") as f:
+            f.write(data)
+        yield path
 
 
 def read_job_list(path: str | os.PathLike, key_column: str = "key", path_column: str = "video") -> list[Job]:
@@ -70,12 +102,15 @@ def expand_jobs(
     key_column: str = "key",
     path_column: str = "video",
 ) -> list[Job]:
-    """Every input as jobs, in the order given (see the module doc). ``Job`` objects pass through."""
+    """Every input as jobs, in the order given (see the module doc). ``Job`` objects pass through (one with a ``name``
+    but no key and no error is keyed by the stem of its name, as a plain file is)."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike, Job)) else list(inputs)
     jobs: list[Job] = []
     plain: list[tuple[int, str]] = []  # (index in jobs, path) of plain files, keyed after all are known
     for item in items:
         if isinstance(item, Job):
+            if not item.key and item.name and not item.error:  # keyed by its name's stem, as a plain file is
+                plain.append((len(jobs), item.name))
             jobs.append(item)
             continue
         arg = os.fspath(item)
@@ -87,15 +122,15 @@ def expand_jobs(
             raise ValueError(f"input {arg!r} matches no file; expected a video, a folder, a glob or a .jsonl job list")
         for path in matches:
             plain.append((len(jobs), path))
-            jobs.append(Job("", path, {path_column: path}, path))
+            jobs.append(Job("", path, {path_column: path}, path))  # keyed below
     stems = [Path(path).stem or "video" for _, path in plain]
     taken = {job.key for job in jobs if job.key} | set(stems)  # a file's own stem is never another's suffix
     seen: set[str] = set()
-    for (index, path), stem in zip(plain, stems):
+    for (index, _path), stem in zip(plain, stems):
         key, n = stem, 1
         while key in seen or (key != stem and key in taken):
             n += 1
             key = f"{stem}-{n}"
         seen.add(key)
-        jobs[index] = Job(key, path, jobs[index].fields, jobs[index].source)
+        jobs[index] = replace(jobs[index], key=key)
     return jobs

@@ -22,6 +22,8 @@ from hevc_vit.codec.assets.writer import ARRAYS, META, mosaic_name
 from hevc_vit.packing import PackingPlan, patchify
 from hevc_vit.processing.processors import CLIP_MEAN, CLIP_STD
 
+RUN_RECORD = "codec_assets.json"  # the run's settings, in the output folder (see :mod:`.run`)
+
 
 @dataclass
 class AssetFolder:
@@ -33,6 +35,19 @@ class AssetFolder:
     visible: np.ndarray
     frame_ids: np.ndarray
     meta: dict
+
+
+def is_asset_folder(folder: str | os.PathLike) -> bool:
+    """``folder`` holds an asset folder's ``meta.json`` and ``positions_thw.npy`` (its mosaics are checked when
+    it is read)."""
+    folder = Path(folder)
+    return (folder / META).is_file() and (folder / ARRAYS[0]).is_file()
+
+
+def is_assets_output(folder: str | os.PathLike) -> bool:
+    """``folder`` is the output folder of a codec-assets run (its run record and an ``assets`` folder)."""
+    folder = Path(folder)
+    return (folder / RUN_RECORD).is_file() and (folder / "assets").is_dir()
 
 
 def read_asset_folder(folder: str | os.PathLike) -> AssetFolder:

@@ -24,14 +24,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-from hevc_vit.codec.assets.inputs import Job, expand_jobs
+from hevc_vit.codec.assets.inputs import Job, expand_jobs, local_video
 from hevc_vit.codec.assets.mosaics import render_sheet
+from hevc_vit.codec.assets.read import RUN_RECORD
 from hevc_vit.codec.assets.settings import FORMAT, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets, compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, mosaic_name, write_asset_folder
 from hevc_vit.files import write_atomic, write_json_atomic
 
-RUN_RECORD = "codec_assets.json"
 INDEX = "index.jsonl"
 MANIFEST = "manifest.jsonl"
 PREVIEWS = "previews"
@@ -72,13 +72,18 @@ def process_job(
     takes any image of a folder)."""
     clock = time.perf_counter()
     row = dict(key=job.key, video=job.video, source=job.source)
+    copy = ""  # the temporary copy of a fetched video
     alarm = bool(timeout) and threading.current_thread() is threading.main_thread()  # signals: main thread only
     if alarm:
         signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
+        if job.error:
+            raise ValueError(job.error)
         folder = asset_dir(out, job.key)
-        assets = compute_assets(job.video, settings, keep_squares=preview)
+        with local_video(job) as path:
+            copy = path
+            assets = compute_assets(path, settings, keep_squares=preview)
         if timeout and time.perf_counter() - clock > timeout:  # the alarm's exception can be swallowed (e.g. in a
             raise AssetTimeout("timed out")  # finaliser): the clock decides before anything is written
         timings = write_asset_folder(folder, assets, settings, job.video, job.key)
@@ -88,7 +93,9 @@ def process_job(
     except AssetTimeout:
         row.update(status="failed", error=f"video {job.video} took longer than timeout={timeout}s")
     except Exception as e:  # every input is accounted for: its error becomes the row's reason
-        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+        error = f"{type(e).__name__}: {e}"
+        # a temporary copy's path means nothing to the user: the input's name stands for it
+        row.update(status="failed", error=error.replace(copy, job.video) if copy else error)
     finally:
         if alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -163,6 +170,9 @@ def _triage(jobs: list[Job], out: Path, settings: AssetSettings, resume: bool) -
     first: dict[str, int] = {}
     for n, job in enumerate(jobs):
         base = dict(key=job.key, video=job.video, source=job.source)
+        if job.error:  # not found or not listed: nothing to decode, and its key (if any) claims no folder
+            rows[n] = {**base, "status": "failed", "error": job.error}
+            continue
         try:
             folder = asset_dir(out, check_key(job.key))
         except ValueError as e:

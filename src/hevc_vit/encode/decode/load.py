@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
-from hevc_vit.encode.decode.sparse import load_codec_video
+from hevc_vit.encode.decode.sparse import load_asset_folder, load_codec_video
 from hevc_vit.encode.readers.fetch import fetch
 from hevc_vit.encode.readers.sidecars import read_sidecars
 from hevc_vit.encode.readers.spec import Fetched, InputSpec, describe_error
@@ -56,6 +56,9 @@ def load_item(index: int, path: str | InputSpec, options: LoadOptions) -> Loaded
 
 def _load_into(item: LoadedItem, options: LoadOptions) -> None:
     path = Path(item.path)
+    if path.is_dir():  # a codec-assets folder (the expansion lists no other folder)
+        load_asset_folder(item, options)
+        return
     size = path.stat().st_size
     if size == 0:
         item.error = "empty file (0 bytes)"

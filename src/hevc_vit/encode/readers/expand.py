@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hevc_vit.codec.assets.read import is_asset_folder, is_assets_output
 from hevc_vit.encode.readers.memory import MemorySource
 from hevc_vit.encode.readers.remote import GLOB_CHARS, Network, list_url, read_location
 from hevc_vit.encode.readers.sidecars import folder_inputs
@@ -285,13 +286,20 @@ def _walk(folder: Path, ctx: _Expansion) -> int:
     loop or a second link to one folder adds a failed row for the link instead of running forever. A folder
     that cannot be read gets a failed row with the reason. A tar shard found is listed (one row per sample); a
     sidecar (``KEY.txt`` beside ``KEY.jpg``) and a dataset's metadata file (``.parquet``, ``.json``) are not
-    inputs (:mod:`.sidecars`)."""
+    inputs (:mod:`.sidecars`). A codec-assets folder (``OUT/assets/KEY``) is one input, read whole by the loader;
+    in a codec-assets output folder only ``assets/`` is searched."""
     add, skip = ctx.add, ctx.skip
     visited = {os.path.realpath(folder)}
     count = 0
     stack = [folder]  # depth first: a folder's files, then each of its sub-folders in sorted order
     while stack:
         current = stack.pop()
+        if is_asset_folder(current):  # a codec-assets folder is one input: its mosaics at its positions
+            add(InputSpec(str(current)))
+            count += 1
+            continue
+        if is_assets_output(current):  # a codec-assets output: its asset folders, not its index or previews
+            current = current / "assets"
         try:
             with os.scandir(current) as it:
                 entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
