@@ -11,6 +11,7 @@ from hevc_vit.cli.common import EXIT_FAILED, EXIT_OK, integer_in, number_in, run
 from hevc_vit.codec.assets import ASSET_SIGNALS, MODES, AssetSettings, launcher_shard, write_assets
 from hevc_vit.codec.assets.frames import WINDOW_PICKS
 from hevc_vit.codec.assets.run import ENGINES
+from hevc_vit.codec.assets.settings import MOSAIC_FORMATS
 from hevc_vit.codec.config import NORMALIZE
 
 
@@ -19,9 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "codec-assets",
         help="write codec-selected patch mosaics + positions (the reference's LLaVA asset layout)",
-        description="For every video of INPUTS write OUT/assets/<key>/ with mosaic_000.jpg..., positions_thw.npy, "
-        "visible_indices.npy, frame_ids.npy and meta.json (the layout of the reference's offline_precompute_llava_"
-        "codec_assets.py), OUT/index.jsonl (one row per input, ok or failed with a reason) and OUT/manifest.jsonl "
+        description="For every video of INPUTS write OUT/assets/<key>/ with mosaic_000.jpg... (or .png), "
+        "positions_thw.npy, visible_indices.npy, frame_ids.npy and meta.json (the layout of the reference's "
+        "offline_precompute_llava_codec_assets.py), OUT/index.jsonl (one row per input, ok or failed with a "
+        "reason) and OUT/manifest.jsonl "
         "(training records: the input line's fields, images, positions_thw). Exit 1 when any input failed. Under "
         "torchrun every rank takes its shard of the inputs (index-RANK-of-WORLD.jsonl).",
     )
@@ -38,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--square-size", type=integer_in(1, 1 << 14), default=576, help="square side, px (default: 576)")
     p.add_argument("--patch-size", type=integer_in(1, 1024), default=16, help="patch side, px (default: 16)")
     p.add_argument("--jpeg-quality", type=integer_in(1, 100), default=95, help="mosaic JPEG quality (default: 95)")
+    p.add_argument(
+        "--mosaic-format",
+        choices=MOSAIC_FORMATS,
+        default="jpg",
+        help="mosaic files: jpg (the reference's, lossy) or png (lossless: the selection's exact pixels)",
+    )
     p.add_argument("--mode", choices=MODES, default="global", help="top-K over all frames or per time bucket")
     p.add_argument("--time-bucket-count", type=int, default=-1, help="time_bucket mode: buckets (-1: one a mosaic)")
     p.add_argument("--keep-mid-full-frame", action="store_true", help="also keep a whole middle frame")
@@ -80,6 +88,7 @@ def settings_of(args: argparse.Namespace) -> AssetSettings:
         square_size=args.square_size,
         patch_size=args.patch_size,
         jpeg_quality=args.jpeg_quality,
+        mosaic_format=args.mosaic_format,
         mode=args.mode,
         time_bucket_count=args.time_bucket_count,
         keep_mid_full_frame=args.keep_mid_full_frame,

@@ -76,6 +76,41 @@ def test_the_reference_consumers_read_our_assets(tmp_path, clips):
     assert meta["key"] == "first" and meta["settings"] == SETTINGS.as_dict() and decoded.shape == (64, 64, 3)
 
 
+def test_png_mosaics_are_found_by_the_reference_consumers_and_never_mix_with_jpeg(tmp_path, clips):
+    """``mosaic_format="png"``: the manifest lists the PNGs, train.py's record lines and the lmms-eval lookup (its
+    ``mosaic*.png`` glob) read them, and they hold the mosaics exactly; a format is part of "done" and of the
+    settings check, and a folder rewritten in the other format keeps no file of the first."""
+    from hevc_vit.codec.assets import compute_assets
+
+    png = AssetSettings(frames=8, num_images=2, square_size=64, patch_size=16, mosaic_format="png")
+    out = tmp_path / "out"
+    assert not write_assets([clips / "a.mp4"], out, png).failed
+    folder = out / "assets" / "a"
+    assert sorted(p.name for p in folder.glob("mosaic*")) == ["mosaic_000.png", "mosaic_001.png"]
+    mosaics = compute_assets(clips / "a.mp4", png).mosaics
+    (record,) = read_jsonl(out / MANIFEST)
+    assert record["images"] == [str(folder.resolve() / f"mosaic_00{i}.png") for i in range(2)]
+    patch_positions, branch, images = reference_read_record(record)
+    assert branch == "image" and np.array_equal(np.stack([np.asarray(im) for im in images]), mosaics)
+    visuals, pos, chosen = _offline_load_visuals_and_positions(str(clips / "a.mp4"), str(out), max_images=8)
+    assert chosen == str(folder) and np.array_equal(np.stack([np.asarray(v) for v in visuals]), mosaics)
+    assert torch.equal(pos, patch_positions.long())
+    cli = tmp_path / "cli"
+    assert main(["codec-assets", str(clips / "a.mp4"), "--out", str(cli), *ARGS, "--mosaic-format", "png", "-q"]) == 0
+    assert (cli / "assets" / "a" / "mosaic_001.png").read_bytes() == (folder / "mosaic_001.png").read_bytes()
+    assert not writer.is_done(folder, SETTINGS) and writer.is_done(folder, png)  # the format is part of "done"
+    with pytest.raises(ValueError, match="mosaic_format differ"):
+        write_assets([clips / "a.mp4"], out, SETTINGS, resume=True)
+    jpeg = tmp_path / "jpeg"
+    write_assets([clips / "a.mp4"], jpeg, png)
+    writer.write_asset_folder(jpeg / "assets" / "a", compute_assets(clips / "a.mp4", SETTINGS), SETTINGS, "a", "a")
+    assert sorted(p.name for p in (jpeg / "assets" / "a").glob("mosaic*")) == ["mosaic_000.jpg", "mosaic_001.jpg"]
+    meta = json.loads((jpeg / "assets" / "a" / "meta.json").read_text())
+    legacy = {k: v for k, v in meta["settings"].items() if k != "mosaic_format"}  # written before the option
+    (jpeg / "assets" / "a" / "meta.json").write_text(json.dumps({**meta, "settings": legacy}))
+    assert writer.is_done(jpeg / "assets" / "a", SETTINGS)  # a record without the format is a jpg one
+
+
 def test_resume_skips_done_keys_and_refuses_other_settings(tmp_path, clips, monkeypatch):
     out = tmp_path / "out"
     real, calls = writer.write_atomic, []

@@ -196,3 +196,32 @@ def test_codec_assets_folders_encode_to_the_features_of_their_mosaics_at_their_p
     assert encode([other], tmp_path / "bad", model=packing, **OPTIONS).failed == 1
     (bad,) = read_index(tmp_path / "bad")
     assert "patch_size=16; the model's patch size is 14" in bad["error"]
+
+
+def test_png_codec_assets_encode_to_the_features_of_the_selection_they_came_from(models, data, tmp_path):
+    """Lossless mosaics (``mosaic_format="png"``): ``encode`` on the asset folder equals the standard model run
+    on the selection itself — the prepared dense squares of ``compute_assets`` with its ``visible_indices`` and
+    dense positions, no mosaic in between — to fp32 rounding. (``encode --codec-sparse`` selects at the
+    processor's size, not on the 576-px-style squares, so it is not the comparison here.)"""
+    from hevc_vit.codec import write_assets
+    from hevc_vit.codec.assets import AssetSettings, compute_assets, mosaic_pixels, read_asset_folder
+
+    standard, packing = models
+    settings = AssetSettings(frames=8, num_images=3, square_size=56, patch_size=14, mosaic_format="png")
+    assert not write_assets([data / "clip.mp4"], tmp_path / "assets", settings).failed
+    folder = tmp_path / "assets" / "assets" / "clip"
+    assert sorted(p.name for p in folder.glob("mosaic_*")) == ["mosaic_000.png", "mosaic_001.png", "mosaic_002.png"]
+    out = tmp_path / "out"
+    assert encode([folder], out, model=packing, pool="head", **OPTIONS).failed == 0
+    ((row, tensors),) = list(iter_features(out))
+    assets = compute_assets(data / "clip.mp4", settings, keep_squares=True)
+    assert np.array_equal(read_asset_folder(folder).mosaics, assets.mosaics)  # PNG: the canvases exactly
+    mean, std = PROCESSOR.normalization[:2]
+    video = mosaic_pixels(assets.squares, mean, std).permute(1, 0, 2, 3)[None]  # (1, C, T, S, S)
+    dense = video_patch_positions((8, 4, 4), temporal_positions(8, None))[None]  # (1, T·g·g, 3)
+    visible = torch.from_numpy(assets.visible)[None]  # (1, K)
+    with torch.no_grad():
+        expected = standard(video, visible_indices=visible, patch_positions=dense)
+    assert torch.equal(tensors["positions"], torch.from_numpy(assets.positions.astype(np.int64)))
+    assert_close_rel(tensors["patches"], expected.last_hidden_state[0], what="patches")
+    assert_close_rel(tensors["pooled"], expected.pooler_output[0], what="pooled")

@@ -1,12 +1,12 @@
 """Codec-sparse assets in the layout of the reference's offline tool, without a patched FFmpeg.
 
-Per video, ``OUT/assets/<key>/`` holds ``mosaic_000.jpg … mosaic_{N-1}.jpg`` (N square canvases of the kept
-patches), ``positions_thw.npy`` ``(N·S, 3)`` int32, ``visible_indices.npy`` ``(N·S,)`` int64
-``t·S + h·g + w``, ``frame_ids.npy`` ``(T,)`` int32 and ``meta.json``: what the reference's LLaVA ``train.py``
-and its lmms-eval ``llava_ov_encoder`` read (OneVision-Encoder ``llava_next/Compressed_Video_Reader/tool/
-offline_precompute_llava_codec_assets.py``). Frames are sampled and prepared as it does (:mod:`.frames`), scored
-with our signals and selected by its rules (:mod:`.selection`), laid out as its mosaics
-(:mod:`.mosaics`), written atomically (:mod:`.writer`); :func:`write_assets` runs many videos (:mod:`.run`);
+Per video, ``OUT/assets/<key>/`` holds ``mosaic_000.jpg … mosaic_{N-1}.jpg`` (N square canvases of the kept patches;
+``.png``, lossless, with ``mosaic_format="png"``), ``positions_thw.npy`` ``(N·S, 3)`` int32, ``visible_indices.npy``
+``(N·S,)`` int64 ``t·S + h·g + w``, ``frame_ids.npy`` ``(T,)`` int32 and ``meta.json``: what the reference's LLaVA
+``train.py`` and its lmms-eval ``llava_ov_encoder`` read (OneVision-Encoder
+``llava_next/Compressed_Video_Reader/tool/offline_precompute_llava_codec_assets.py``). Frames are sampled and prepared
+as it does (:mod:`.frames`), scored with our signals and selected by its rules (:mod:`.selection`), laid out as its
+mosaics (:mod:`.mosaics`), written atomically (:mod:`.writer`); :func:`write_assets` runs many videos (:mod:`.run`);
 :mod:`.read` reads them back and encodes mosaics + positions on the towers.
 """
 
@@ -27,7 +27,7 @@ from hevc_vit.codec.assets.run import (
     write_assets,
 )
 from hevc_vit.codec.assets.selection import score_squares, select_asset_positions, top_patches, visible_indices
-from hevc_vit.codec.assets.settings import ASSET_SIGNALS, MODES, AssetSettings
+from hevc_vit.codec.assets.settings import ASSET_SIGNALS, MODES, MOSAIC_FORMATS, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets, compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, write_asset_folder
 
@@ -37,6 +37,7 @@ __all__ = [
     "INDEX",
     "MANIFEST",
     "MODES",
+    "MOSAIC_FORMATS",
     "RUN_RECORD",
     "AssetSettings",
     "AssetsReport",

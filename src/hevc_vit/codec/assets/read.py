@@ -27,8 +27,8 @@ RUN_RECORD = "codec_assets.json"  # the run's settings, in the output folder (se
 
 @dataclass
 class AssetFolder:
-    """One asset folder read back: mosaics ``(N, S, S, 3)`` uint8 RGB (decoded JPEG), positions ``(K, 3)``
-    int64, visible ``(K,)`` int64, frame_ids ``(T,)`` int64 and the ``meta.json`` dict."""
+    """One asset folder read back: mosaics ``(N, S, S, 3)`` uint8 RGB (the decoded JPEG or PNG files),
+    positions ``(K, 3)`` int64, visible ``(K,)`` int64, frame_ids ``(T,)`` int64 and the ``meta.json`` dict."""
 
     mosaics: np.ndarray
     positions: np.ndarray
@@ -58,10 +58,11 @@ def read_asset_folder(folder: str | os.PathLike) -> AssetFolder:
         raise FileNotFoundError(f"{meta_path} does not exist; expected a finished asset folder")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     num_images = int(meta["settings"]["num_images"])
-    missing = [n for n in (*ARRAYS, *(mosaic_name(i) for i in range(num_images))) if not (folder / n).is_file()]
+    names = [mosaic_name(i, meta["settings"].get("mosaic_format", "jpg")) for i in range(num_images)]
+    missing = [n for n in (*ARRAYS, *names) if not (folder / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; expected a finished asset folder")
-    mosaics = np.stack([np.asarray(Image.open(folder / mosaic_name(i)).convert("RGB")) for i in range(num_images)])
+    mosaics = np.stack([np.asarray(Image.open(folder / name).convert("RGB")) for name in names])
     positions, visible, frame_ids = (np.load(folder / name).astype(np.int64) for name in ARRAYS)
     return AssetFolder(mosaics, positions, visible, frame_ids, meta)
 

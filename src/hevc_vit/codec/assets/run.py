@@ -117,7 +117,7 @@ def write_preview(out: Path, key: str, assets: VideoAssets, settings: AssetSetti
 def manifest_record(row: dict, job: Job, settings: AssetSettings) -> dict:
     """The training record of a finished job: its fields, ``images`` (the mosaic paths) and ``positions_thw``."""
     folder = Path(row["asset_dir"]).resolve()
-    images = [str(folder / mosaic_name(i)) for i in range(settings.num_images)]
+    images = [str(folder / mosaic_name(i, settings.mosaic_format)) for i in range(settings.num_images)]
     return {**job.fields, "images": images, "positions_thw": str(folder / "positions_thw.npy")}
 
 
@@ -136,8 +136,9 @@ def _check_run_record(out: Path, settings: AssetSettings, resume: bool, index: s
         recorded = json.loads(record.read_text(encoding="utf-8")).get("settings")
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{record} is unreadable ({e}); expected the run's settings there") from None
-    if recorded != settings.as_dict():
-        changed = sorted(k for k, v in settings.as_dict().items() if (recorded or {}).get(k) != v)
+    if not settings.same_as(recorded):
+        recorded = {"mosaic_format": "jpg", **(recorded if isinstance(recorded, dict) else {})}
+        changed = sorted(k for k, v in settings.as_dict().items() if recorded.get(k) != v)
         raise ValueError(
             f"{out} was written with other settings ({', '.join(changed)} differ); resume needs the same settings, "
             "or choose a new output folder"

@@ -8,6 +8,7 @@ from hevc_vit.codec.assets.frames import WINDOW_PICKS
 from hevc_vit.codec.config import NORMALIZE
 
 MODES = ("global", "time_bucket")
+MOSAIC_FORMATS = ("jpg", "png")  # jpg: the reference's (lossy); png: lossless, the selection's exact pixels
 ASSET_SIGNALS = ("aligned_difference", "difference")  # computed on the prepared squares (no motion vectors there)
 FORMAT = "hevc_vit.codec_assets.v1"  # meta.json "format": the layout of the reference's offline tool
 
@@ -21,13 +22,14 @@ def _positive_int(name: str, value: object) -> None:
 class AssetSettings:
     """The layout and the selection of the assets, named after the reference's options.
 
-    frames: ``T`` frames sampled per clip (``--seq_len_frames``, 64); num_images: ``N`` mosaics (8);
-    square_size: side of each square frame and mosaic in pixels (576); patch_size: 16 (a 36x36 grid);
-    jpeg_quality: of the mosaics (95). mode: ``global`` (one top-K over frames 1..T-1) or ``time_bucket`` (one
-    mosaic per contiguous bucket of frames); time_bucket_count: buckets, -1 = the mosaics left after the whole
-    frames. keep_mid_full_frame / mid_full_frame_index: also keep one middle frame whole (-1 = ``T // 2``).
-    window_len / window_pick: sample within a ``window_len``-frame window (0 = the whole clip) at its
-    ``begin``, ``mid`` or ``end``. signals / weights / normalize / diff_floor / static_fallback: the scores, as
+    frames: ``T`` frames sampled per clip (``--seq_len_frames``, 64); num_images: ``N`` mosaics (8); square_size: side
+    of each square frame and mosaic in pixels (576); patch_size: 16 (a 36x36 grid); jpeg_quality: of JPEG mosaics (95).
+    mosaic_format: ``jpg`` (the reference's ``mosaic_000.jpg …``) or ``png`` (``mosaic_000.png …``, lossless: the
+    canvases hold the selection's pixels exactly). mode: ``global`` (one top-K over frames 1..T-1) or ``time_bucket``
+    (one mosaic per contiguous bucket of frames); time_bucket_count: buckets, -1 = the mosaics left after the whole
+    frames. keep_mid_full_frame / mid_full_frame_index: also keep one middle frame whole (-1 = ``T // 2``). window_len /
+    window_pick: sample within a ``window_len``-frame window (0 = the whole clip) at its ``begin``, ``mid`` or ``end``.
+    signals / weights / normalize / diff_floor / static_fallback: the scores, as
     :class:`hevc_vit.codec.CodecSparseConfig` (signals from :data:`ASSET_SIGNALS`).
     """
 
@@ -36,6 +38,7 @@ class AssetSettings:
     square_size: int = 576
     patch_size: int = 16
     jpeg_quality: int = 95
+    mosaic_format: str = "jpg"
     mode: str = "global"
     time_bucket_count: int = -1
     keep_mid_full_frame: bool = False
@@ -59,6 +62,8 @@ class AssetSettings:
         q = self.jpeg_quality
         if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 100:
             raise ValueError(f"jpeg_quality={q!r}; expected an integer from 1 to 100")
+        if self.mosaic_format not in MOSAIC_FORMATS:
+            raise ValueError(f"mosaic_format={self.mosaic_format!r}; expected one of {MOSAIC_FORMATS}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; expected one of {MODES}")
         if self.window_pick not in WINDOW_PICKS:
@@ -94,6 +99,11 @@ class AssetSettings:
         values["signals"] = list(self.signals)
         values["weights"] = None if self.weights is None else list(self.weights)
         return values
+
+    def same_as(self, recorded: dict | None) -> bool:
+        """``recorded`` (a ``meta.json``'s or a run record's settings) are these settings; a record written before
+        ``mosaic_format`` existed is a ``jpg`` one."""
+        return isinstance(recorded, dict) and {"mosaic_format": "jpg", **recorded} == self.as_dict()
 
     def reference_cfg(self) -> dict:
         """The reference tool's ``cfg`` block (its option names), for readers of its ``meta.json``."""

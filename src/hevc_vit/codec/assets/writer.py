@@ -1,7 +1,8 @@
-"""One asset folder on disk: ``OUT/assets/<key>/`` with ``mosaic_000.jpg …``, ``positions_thw.npy``,
-``visible_indices.npy``, ``frame_ids.npy`` and ``meta.json``, each written atomically (temporary file, then a
-rename). ``meta.json`` goes last and is removed first when a folder is rewritten, so a folder is "done" (the
-reference's rule: every file exists, plus our settings check in ``meta.json``) only once all of it is there."""
+"""One asset folder on disk: ``OUT/assets/<key>/`` with ``mosaic_000.jpg …`` (``.png`` with
+``mosaic_format="png"``), ``positions_thw.npy``, ``visible_indices.npy``, ``frame_ids.npy`` and ``meta.json``,
+each written atomically (temporary file, then a rename). ``meta.json`` goes last and is removed first when a
+folder is rewritten, so a folder is "done" (the reference's rule: every file exists, plus our settings check in
+``meta.json``) only once all of it is there."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hevc_vit.codec.assets.settings import FORMAT, AssetSettings
+from hevc_vit.codec.assets.settings import FORMAT, MOSAIC_FORMATS, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets
 from hevc_vit.files import write_atomic, write_json_atomic
 
@@ -23,8 +24,10 @@ ARRAYS = ("positions_thw.npy", "visible_indices.npy", "frame_ids.npy")
 META = "meta.json"
 
 
-def mosaic_name(i: int) -> str:
-    return f"mosaic_{i:03d}.jpg"
+def mosaic_name(i: int, mosaic_format: str = "jpg") -> str:
+    """``mosaic_000.jpg`` (or ``.png``): what the lmms-eval lookup globs (``mosaic*.jpg`` … ``mosaic*.png``, sorted
+    by the number) and the manifest's ``images`` list."""
+    return f"mosaic_{i:03d}.{mosaic_format}"
 
 
 def check_key(key: object) -> str:
@@ -49,11 +52,11 @@ def asset_dir(out: str | os.PathLike, key: str) -> Path:
 
 
 def is_done(folder: Path, settings: AssetSettings) -> bool:
-    """Every file exists and ``meta.json`` records these settings."""
-    names = [META, *ARRAYS, *(mosaic_name(i) for i in range(settings.num_images))]
+    """Every file exists (the mosaics in the settings' format) and ``meta.json`` records these settings."""
+    names = [META, *ARRAYS, *(mosaic_name(i, settings.mosaic_format) for i in range(settings.num_images))]
     if not all((folder / name).is_file() for name in names):
         return False
-    return recorded_settings(folder) == settings.as_dict()
+    return settings.same_as(recorded_settings(folder))
 
 
 def recorded_settings(folder: Path) -> dict | None:
@@ -77,6 +80,15 @@ def jpeg_bytes(rgb: np.ndarray, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def mosaic_bytes(rgb: np.ndarray, settings: AssetSettings) -> bytes:
+    """One mosaic file's bytes: JPEG at ``settings.jpeg_quality``, or PNG (lossless, deterministic)."""
+    if settings.mosaic_format == "jpg":
+        return jpeg_bytes(rgb, settings.jpeg_quality)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_asset_folder(
     folder: Path, assets: VideoAssets, settings: AssetSettings, video: str, key: str, extra: dict | None = None
 ) -> dict:
@@ -85,10 +97,11 @@ def write_asset_folder(
     clock = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META).unlink(missing_ok=True)  # not done until everything below is rewritten
-    for stale in folder.glob("mosaic_*.jpg"):  # a previous run's extra canvases
-        stale.unlink()
+    for fmt in MOSAIC_FORMATS:  # a previous run's extra canvases, or its other format: the lmms-eval lookup
+        for stale in folder.glob(f"mosaic_*.{fmt}"):  # takes every mosaic* image, so never leave two formats
+            stale.unlink()
     for i, canvas in enumerate(assets.mosaics):
-        write_atomic(folder / mosaic_name(i), jpeg_bytes(canvas, settings.jpeg_quality))
+        write_atomic(folder / mosaic_name(i, settings.mosaic_format), mosaic_bytes(canvas, settings))
     arrays = (assets.positions.astype(np.int32), assets.visible.astype(np.int64), assets.frame_ids.astype(np.int32))
     for name, array in zip(ARRAYS, arrays):
         write_atomic(folder / name, _npy_bytes(array))
