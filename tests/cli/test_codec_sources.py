@@ -153,6 +153,63 @@ def test_a_key_from_a_table_never_writes_outside_the_output_folder(clips, tmp_pa
     assert np.load(out / "assets" / "fine" / "positions_thw.npy").shape == (2 * 16, 3)
 
 
+def test_hugging_face_datasets_on_disk_and_in_memory(clips, local, tmp_path):
+    """``--hf-dataset`` (a dataset saved to disk: video bytes, a path and a ``datasets.Video`` column) and an
+    in-memory ``datasets.Dataset`` given to :func:`expand_codec_inputs` (run in worker processes: the jobs carry
+    what they need) give the local clips' assets; ``exists: false`` rows are skipped, other columns kept."""
+    datasets = pytest.importorskip("datasets", reason="datasets (the 'data' extra) is not installed")
+    from hevc_vit.codec import write_assets
+    from hevc_vit.codec.assets import AssetSettings
+
+    clip, other = (clips / "clip.mp4").read_bytes(), (clips / "other.mp4").read_bytes()
+    features = datasets.Features(
+        {"video": datasets.Value("binary"), "name": datasets.Value("string"), "exists": datasets.Value("bool")}
+    )
+    rows = {"video": [clip, other, b"gone"], "name": ["one", "two", "three"], "exists": [True, True, False]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "out"
+    args = ["codec-assets", "--hf-dataset", str(tmp_path / "saved"), "--key-column", "name", "--out", str(out)]
+    assert main([*args, "--workers", "2", *ARGS]) == 0
+    rows = read_index(out)
+    assert [(r["key"], r["status"], r["video"]) for r in rows] == [
+        ("one", "ok", f"{tmp_path / 'saved'}[0]"),
+        ("two", "ok", f"{tmp_path / 'saved'}[1]"),
+    ]
+    assert_same_assets(out, "one", local, "clip")
+    assert_same_assets(out, "two", local, "other")
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["exists"], r["video"], len(r["images"])) for r in records] == [
+        ("one", True, rows[0]["video"], 2),
+        ("two", True, rows[1]["video"], 2),
+    ]  # every column kept; the bytes column names the row instead of holding the bytes
+    if hasattr(datasets, "Video"):  # datasets >= 3.2: a Video column (a path, or bytes with the file's name)
+        values = [{"bytes": other, "path": "named/other.mp4"}, str(clips / "clip.mp4")]
+        video = datasets.Dataset.from_dict({"clip": values}, features=datasets.Features({"clip": datasets.Video()}))
+    else:  # the same values as plain {bytes, path} structs
+        values = [{"bytes": other, "path": "named/other.mp4"}, {"bytes": None, "path": str(clips / "clip.mp4")}]
+        video = datasets.Dataset.from_dict({"clip": values})
+    video.save_to_disk(str(tmp_path / "video"))
+    jobs = expand_codec_inputs([datasets.load_from_disk(str(tmp_path / "video"))], path_column="clip")
+    assert [(j.name, j.key) for j in jobs] == [("other.mp4", ""), ("clip.mp4", "")]  # keyed by the stems
+    paths = datasets.Dataset.from_dict({"video": [str(clips / "clip.mp4"), ""], "caption": ["a", "b"]})
+    memory = datasets.Dataset.from_dict({"video": [other]})  # no key column, no file name: keyed by row number
+    settings = AssetSettings(frames=8, num_images=2, square_size=64, patch_size=16)
+    inputs = [*jobs, *expand_codec_inputs([paths, memory])]
+    report = write_assets(inputs, tmp_path / "mixed", settings, workers=2)
+    assert [(r["key"], r["status"]) for r in report.rows] == [
+        ("other", "ok"), ("clip", "ok"), ("clip-2", "ok"), ("", "failed"), ("0", "ok"),
+    ]  # fmt: skip
+    assert "the video column is ''" in report.rows[3]["error"]
+    for key, source in (("other", "other"), ("clip", "clip"), ("clip-2", "clip"), ("0", "other")):
+        assert_same_assets(tmp_path / "mixed", key, local, source)
+    assert main(["codec-assets", "--out", str(tmp_path / "none"), *ARGS]) == 2  # no input at all
+    assert main(["codec-assets", str(clips / "clip.mp4"), "--split", "train", "--out", str(tmp_path / "s")]) == 2
+    (streamed,) = expand_codec_inputs([memory.to_iterable_dataset()])  # an IterableDataset: cached, then as one
+    assert streamed.fetch() == other and streamed.name == "0"
+    with pytest.raises(ValueError, match="path_column='video' is not a column of the dataset"):
+        expand_codec_inputs([video])
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A Ray instance of this module on the loopback address alone (as the library's own local start binds it)."""

@@ -13,6 +13,7 @@ from hevc_vit.codec.assets.frames import WINDOW_PICKS
 from hevc_vit.codec.assets.run import ENGINES
 from hevc_vit.codec.assets.settings import MOSAIC_FORMATS
 from hevc_vit.codec.config import NORMALIZE
+from hevc_vit.encode.readers.memory import open_hf_dataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,12 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUTS",
         help="videos, folders, globs, brace ranges, list files, webdataset .tar shards, .parquet/.csv/.tsv/.jsonl "
         "tables, URLs (https://, s3://, hf://, ...) as encode takes them; a local .jsonl is the reference's job list",
     )
     p.add_argument("--out", required=True, help="the output folder")
+    p.add_argument(
+        "--hf-dataset",
+        metavar="PATH|NAME",
+        help="also a Hugging Face dataset (save_to_disk folder or Hub name): one video a row, from --path-column "
+        "(a path, URL or the video's bytes), keyed by --key-column",
+    )
+    p.add_argument("--split", metavar="NAME", help="--hf-dataset: the split (default: train, or the only one)")
     p.add_argument("--frames", type=integer_in(1, 4096), default=64, help="frames sampled per clip (default: 64)")
     p.add_argument("--num-images", type=integer_in(1, 1024), default=8, help="mosaics per clip (default: 8)")
     p.add_argument("--square-size", type=integer_in(1, 1 << 14), default=576, help="square side, px (default: 576)")
@@ -102,8 +110,15 @@ def settings_of(args: argparse.Namespace) -> AssetSettings:
 
 def _write(args: argparse.Namespace) -> int:
     shard_id, num_shards = launcher_shard()
+    inputs: list = list(args.inputs)
+    if args.hf_dataset is not None:
+        inputs.append(open_hf_dataset(args.hf_dataset, args.split))
+    elif args.split is not None:
+        raise ValueError(f"--split {args.split} was given without --hf-dataset; it chooses a split of the dataset")
+    if not inputs:
+        raise ValueError("no input; expected INPUTS (videos, folders, tables, ...) or --hf-dataset")
     report = write_assets(
-        expand_codec_inputs(args.inputs, args.path_column, args.key_column),
+        expand_codec_inputs(inputs, args.path_column, args.key_column),
         args.out,
         settings_of(args),
         key_column=args.key_column,
