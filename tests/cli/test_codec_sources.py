@@ -4,6 +4,7 @@ matched by a glob gives the assets of the same clip given as a local path, byte 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -36,18 +37,27 @@ def clips(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(clips):
-    """An http server on the loopback address serving ``clips``, stopped after the module."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clips))
+@contextlib.contextmanager
+def serving(folder):
+    """An http server on the loopback address serving ``folder``: its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.func.log_message = lambda *args: None  # quiet
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(clips):
+    """An http server on the loopback address serving ``clips``, stopped after the module."""
+    with serving(clips) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +161,42 @@ def test_a_key_from_a_table_never_writes_outside_the_output_folder(clips, tmp_pa
     assert [(r["key"], r["status"]) for r in rows] == keys
     assert not (tmp_path / "escape").exists() and sorted(p.name for p in (out / "assets").iterdir()) == ["fine"]
     assert np.load(out / "assets" / "fine" / "positions_thw.npy").shape == (2 * 16, 3)
+
+
+def test_a_jsonl_behind_a_url_or_a_glob_is_a_table_and_skips_rows_that_do_not_exist(clips, local, tmp_path):
+    """A ``.jsonl`` named directly is the reference's job list; behind a URL or matched by a glob it is read as
+    a table (encode's reader: a relative path is taken from the table's folder), with the same rule for a
+    false ``exists`` and every field kept for the manifest."""
+    pytest.importorskip("pyarrow", reason="tables need pyarrow (the 'data' extra)")
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("clip.mp4", "other.mp4"):
+        (served / name).write_bytes((clips / name).read_bytes())
+    lines = [
+        {"video": "clip.mp4", "key": "first", "exists": True, "caption": "a"},
+        {"video": "other.mp4", "key": "skipped", "exists": False, "caption": "b"},
+        {"video": "other.mp4", "key": "second", "exists": True, "caption": "c"},
+    ]
+    (served / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    relative = [{**line, "video": os.path.relpath(clips / line["video"], lists)} for line in lines]  # ../clips..
+    (lists / "jobs-1.jsonl").write_text("".join(json.dumps(line) + "\n" for line in relative))
+    with serving(served) as url:
+        for given in (f"{url}/jobs.jsonl", str(lists / "jobs-*.jsonl")):
+            out = tmp_path / ("url" if given.startswith("http") else "glob")
+            assert main(["codec-assets", given, "--out", str(out), *ARGS]) == 0
+            rows = read_index(out)
+            assert [(r["key"], r["status"]) for r in rows] == [("first", "ok"), ("second", "ok")], given
+            expected = f"{url}/clip.mp4" if given.startswith("http") else os.path.join(lists, relative[0]["video"])
+            assert rows[0]["video"] == expected  # a relative path is taken from the table's folder
+            assert_same_assets(out, "first", local, "clip")
+            assert_same_assets(out, "second", local, "other")
+            records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+            assert [(r["key"], r["caption"], r["exists"]) for r in records] == [
+                ("first", "a", True),
+                ("second", "c", True),
+            ]
 
 
 def test_hugging_face_datasets_on_disk_and_in_memory(clips, local, tmp_path):
