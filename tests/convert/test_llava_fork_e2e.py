@@ -17,7 +17,10 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast
 
 from hevc_vit.cli import main as cli_main
 from hevc_vit.convert.llava_processor import FORK_NATIVE_MAX_PIXELS, placeholder_ids
@@ -203,3 +206,12 @@ def test_missing_placeholders_are_added_as_the_next_ids_inside_the_vocabulary():
     with pytest.raises(ValueError, match=rf"next id, {n + 1}, but the text model's vocab_size is {n + 1}"):
         placeholder_ids(fork_tokenizer(), {"vocab_size": n + 1}, log=lambda s: None)
     assert placeholder_ids(None, {"vocab_size": 3}, 7, 8) == (7, 8)  # no tokenizer: as given
+
+
+def test_an_unknown_word_is_no_placeholder_token():
+    """A tokenizer that reads ``<image>`` as one unknown word (one id: ``<unk>``'s) has no ``<image>`` token."""
+    backend = Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert tokenizer.encode("<image>", add_special_tokens=False) == [0]
+    assert placeholder_ids(tokenizer, {"vocab_size": 8}, log=lambda s: None) == (2, 3)

@@ -77,7 +77,7 @@ def placeholder_ids(
     ids = {}
     for name, token in PLACEHOLDERS.items():
         found = tokenizer.encode(token, add_special_tokens=False)
-        missing = len(found) != 1
+        missing = len(found) != 1 or tokenizer.decode(found).strip() != token  # not one id, or an unknown word
         tid = len(tokenizer) if missing else found[0]
         where = (
             f"the tokenizer has no {token} token, so the processor adds it (the fork's prompts write {token}) "
