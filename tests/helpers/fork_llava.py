@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
 from hevc_vit.llava.towers import build_vision_tower
 from hevc_vit.packing import patchify_items
@@ -218,3 +222,54 @@ def converted_inputs(model, sample: ForkSample) -> dict[str, torch.Tensor]:
     if sample.patch_positions is not None and sample.modalities[0] == "video":
         inputs["patch_positions"] = sample.patch_positions[0][0]  # (T, 3)
     return inputs
+
+
+# -- a fork checkpoint as its users hold it: with its tokenizer (no <image> token) and native-resolution images ----
+
+FORK_WORDS = ["<pad>", "<unk>", "<eos>", "user", "assistant", ":", "describe", "the", "image", "."]
+# a chat template as the fork's Qwen checkpoints carry one: an image part is written "<image>" (what
+# tokenizer_image_token splits the prompt on)
+FORK_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def fork_tokenizer():
+    """A word-level tokenizer of :data:`TEXT_VOCAB` ids (the words above, then ``w0``, ``w1``, ...), pad/unk/eos
+    0-2, no ``<image>`` / ``<video>`` token (as the fork's Qwen tokenizer), and a chat template."""
+    words = FORK_WORDS + [f"w{i}" for i in range(TEXT_VOCAB - len(FORK_WORDS))]
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    backend.add_special_tokens(FORK_WORDS[:3])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<eos>")  # fmt: skip
+    tokenizer.chat_template = FORK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def fork_native_pixels(model, image) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fork's own image path for ``image_aspect_ratio="native"`` (``mm_utils.process_images``, the tower's
+    ``CLIPImageProcessor``): ``(1, C, H, W)`` pixels and ``grid_thw (1, 3)``."""
+    import_fork()
+    from llava.mm_utils import process_images  # the vendored fork (a test-only package on sys.path)
+
+    out = process_images([image], CLIPImageProcessor.from_pretrained(TOWER_DIR), model.config)
+    return out["image_patchs"][0], torch.tensor(out["grid_thw"])
+
+
+def fork_prompt_ids(prompt: str, tokenizer) -> torch.Tensor:
+    """``(1, L)`` ids of the fork's ``tokenizer_image_token``: the prompt split on ``<image>``, one -200 between."""
+    import_fork()
+    from llava.mm_utils import tokenizer_image_token  # the vendored fork (a test-only package on sys.path)
+
+    return tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
+
+
+def unpatchify_image(pixel_values: torch.Tensor, grid_thw: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """One image's packed patches ``(h·w, C·p·p)`` back to ``(1, C, H, W)`` (the inverse of ``patchify``)."""
+    _, h, w = grid_thw.reshape(3).tolist()
+    p = patch_size
+    x = pixel_values.view(h, w, -1, p, p)  # (h, w, C, p, p)
+    return x.permute(2, 0, 3, 1, 4).reshape(1, -1, h * p, w * p)  # (1, C, H, W)

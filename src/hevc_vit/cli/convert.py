@@ -32,8 +32,10 @@ formats:
             LlavaQwenForCausalLM): always written as hevc_vit_llava (HEVCViTLlavaForConditionalGeneration).
             The tower's config.json comes from --vision-tower, else from SRC's mm_vision_tower when that is
             a folder here; the placeholder ids from --image-token-id / --video-token-id, else SRC's
-            image_token_index / video_token_index. Only mm_patch_merge_type=flat, no resampler, no
-            add_faster_video; the tower's features and every weight are checked before DST is moved in.
+            image_token_index / video_token_index; with a tokenizer in SRC, the ids of <image> / <video>
+            (added to it when missing) and a processor AutoProcessor opens. Only mm_patch_merge_type=flat,
+            no resampler, no add_faster_video; the tower's features and every weight are checked before
+            DST is moved in.
 
 DST is written in a temporary folder beside it, reloaded and compared with SRC on generated inputs
 (two image sizes, a non-square image, a video, a mixed packed batch), and moved into place only when

@@ -15,9 +15,10 @@ reference's standard names, this library's towers the packing names).
 Only the fork's recipe settings have a counterpart: ``mm_patch_merge_type="flat"``, no resampler, no
 ``add_faster_video``, ``mm_vision_select_feature="patch"``; anything else is a ``ValueError`` naming the setting.
 The fork marks each image with one ``-200`` in ``input_ids``, outside the vocabulary; the converted model needs
-real ids (``image_token_id`` / ``video_token_id``: the config's ``image_token_index`` / ``video_token_index``
-when it has them, else given). Videos: the fork's flat path pools every video item with ``get_2dPool`` at
-its default stride 2 (``mm_spatial_pool_stride`` is not read there) in ``mm_spatial_pool_mode``.
+real ids (``image_token_id`` / ``video_token_id``: given, else the config's ``image_token_index`` /
+``video_token_index``; with a tokenizer in SRC, those of ``<image>`` / ``<video>``, added when missing, and a
+processor is written: :mod:`hevc_vit.convert.llava_processor`). Videos: the fork's flat path pools every video
+item with ``get_2dPool`` at its default stride 2 in ``mm_spatial_pool_mode``.
 
 Verification before DST is moved into place (as for towers, :mod:`hevc_vit.convert`): the written weights
 re-read and compared with SRC's tensor by tensor (exactly, after the cast); the tower's features from the
@@ -39,6 +40,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import hevc_vit.convert.llava_processor as fork_processor
 from hevc_vit.checkpoints import load_checkpoint, read_folder_config
 from hevc_vit.checkpoints.architecture import check_weights_fit
 from hevc_vit.checkpoints.io import read_config_dict, read_state_dict
@@ -76,17 +78,11 @@ FORK_FIELDS = frozenset(
     "tokenizer_padding_side tune_mm_mlp_adapter unfreeze_mm_vision_tower use_mm_proj use_pos_skipping "
     "video_token_index vision_tower vision_tower_pretrained architectures transformers_version _name_or_path".split()
 )
-# files of SRC copied as they are (the tokenizer and generation settings the fork saved beside its weights)
-COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.json",
-    "chat_template.jinja",
+# files of SRC copied as they are (the tokenizer and generation settings the fork saved beside its weights; with
+# a tokenizer, only the generation settings: the processor's save_pretrained writes the tokenizer and template)
+COPIED_FILES = tuple(
+    "generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json "
+    "added_tokens.json vocab.json merges.txt chat_template.json chat_template.jinja".split()
 )
 
 
@@ -304,7 +300,9 @@ def convert_llava_fork(
         target = parse_dtype(dtype) if dtype is not None else stored_dtype(ckpt.state)
         if target not in TOLERANCES:
             raise ValueError(f"dtype={target}; expected one of {[str(d) for d in TOLERANCES]}")
-        config = llava_config_dict(ckpt, image_token_id, video_token_id, target)
+        tokenizer = fork_processor.read_tokenizer(src)
+        ids = fork_processor.placeholder_ids(tokenizer, ckpt.fork, image_token_id, video_token_id, log)
+        config = llava_config_dict(ckpt, *ids, target)
         log(
             f"SRC {src}: LLaVA fork ({ckpt.fork['model_type']}, projector {config['projector_type']}), tower "
             f"{ckpt.tower_dir} ({ckpt.tower_format} names)"
@@ -316,13 +314,15 @@ def convert_llava_fork(
         save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})  # read from files: none shared
         stage("write")
         write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-        for name in (*COPIED_FILES, PREPROCESSOR_NAME):
+        for name in (*COPIED_FILES, PREPROCESSOR_NAME) if tokenizer is None else COPIED_FILES[:1]:
             source = (ckpt.tower_dir if name == PREPROCESSOR_NAME else src) / name
             if source.is_file():
                 write_atomic(folder / name, source.read_bytes())
+        fork_processor.write_processor(folder, tokenizer, ckpt.tower_dir, ckpt.vision_config, config, log)
         fsync_folder(folder)
         stage("verify")
         report = verify_llava_folder(folder, ckpt, tensors, config, target, device)
+        report.config_mismatches += fork_processor.check_processor(folder, config, tokenizer is not None)
         log(report.table())
         if not report.passed:
             raise VerificationFailed(report)
