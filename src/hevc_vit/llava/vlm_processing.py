@@ -37,6 +37,13 @@ def _flat_images(images: Any) -> list[Any]:
     return out
 
 
+def _is_video(x: Any) -> bool:
+    """One video: a list of frames or a ``(t, ...)`` 4-D array / tensor."""
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.ndim == 4
+    return isinstance(x, (list, tuple)) and bool(x) and all(_is_frame(f) for f in x)
+
+
 def _flat_videos(videos: Any) -> list[list[Any]]:
     """One video (a list of frames, or a ``(t, ...)`` array / tensor), a list of them, or a list per sample ->
     one flat list of videos, each a list of frames."""
@@ -125,10 +132,11 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         return grid.prod(-1).tolist()
 
     def native_processor(self) -> Any:
-        """The image processor's native-resolution rule; for ``spatial_merge`` on blocks of ``2 x 2`` patches
-        (every side an even number of patches, the patch bounds divided by 4), so every item merges."""
+        """The image processor's native-resolution rule; for ``spatial_merge`` and ``patch_merger`` on blocks of
+        ``2 x 2`` patches (every side an even number of patches, the patch bounds divided by 4), so every item
+        merges (``patch_merger`` groups 4 tokens: an item's ``t·h·w`` must be a multiple of 4)."""
         ip = self.image_processor
-        if self.projector_type != "spatial_merge":
+        if self.projector_type not in ("spatial_merge", "patch_merger"):
             return ip.native_processor()
         m = SPATIAL_MERGE
         return ip.native_processor(patch_size=ip.patch_size * m, min_tokens=max(1, -(-ip.min_tokens // m**2)),
@@ -168,7 +176,8 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError(f"text is {text!r:.80}; expected a string or a non-empty list of strings")
         pattern = f"({re.escape(self.image_token)}|{re.escape(self.video_token)})"
-        self._check_per_sample(images, texts)
+        self._check_per_sample(images, texts, self.image_token, "images", lambda item: True)
+        self._check_per_sample(videos, texts, self.video_token, "videos", _is_video)
         images, videos = _flat_images(images), _flat_videos(videos)
         found = [m for t in texts for m in re.findall(pattern, t)]
         counts = {"image": found.count(self.image_token), "video": found.count(self.video_token)}
@@ -209,18 +218,20 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         data.update(encoded)
         return BatchFeature(data=data, tensor_type=None if return_tensors in (None, "pt") else return_tensors)
 
-    def _check_per_sample(self, images: Any, texts: list[str]) -> None:
-        """With images as one list per sample, sample ``b``'s list must hold its text's ``<image>`` count (the
-        items are matched to placeholders in flat order: a list on the wrong sample would go to another)."""
-        if not isinstance(images, (list, tuple)) or len(images) != len(texts) or len(texts) < 2:
+    @staticmethod
+    def _check_per_sample(items: Any, texts: list[str], token: str, what: str, is_item: Any) -> None:
+        """With items as one list per sample (every element of every list an item: ``is_item``), sample ``b``'s
+        list must hold its text's ``token`` count (the items are matched to placeholders in flat order: a list
+        on the wrong sample would go to another sample's placeholder)."""
+        if not isinstance(items, (list, tuple)) or len(items) != len(texts) or len(texts) < 2:
             return
-        if not all(isinstance(sample, (list, tuple)) for sample in images):
+        if not all(isinstance(sample, (list, tuple)) and all(map(is_item, sample)) for sample in items):
             return
-        for b, (sample, t) in enumerate(zip(images, texts)):
-            count = t.count(self.image_token)
+        for b, (sample, t) in enumerate(zip(items, texts)):
+            count = t.count(token)
             if len(sample) != count:
-                raise ValueError(f"images[{b}] holds {len(sample)} images and text[{b}] {count} {self.image_token} "
-                                 f"placeholders; expected one image per placeholder of its sample")  # fmt: skip
+                raise ValueError(f"{what}[{b}] holds {len(sample)} {what} and text[{b}] {count} {token} "
+                                 f"placeholders; expected one per placeholder of its sample")  # fmt: skip
 
     def _check_runs(self, input_ids: Any, wanted: list[int]) -> None:
         """Every row keeps all of its placeholder tokens after tokenization (truncation may not cut a run)."""
