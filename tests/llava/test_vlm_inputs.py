@@ -4,6 +4,8 @@ naming the value and what was expected — never a silent mismatch."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -146,12 +148,19 @@ def test_a_placeholder_run_split_by_text_raises(vlm):
         model(**inputs)
 
 
-def test_pixels_whose_placeholders_are_not_the_configs_raise_without_gradients():
-    """A processor whose tokenizer ids differ from the config's: without the check the images were dropped."""
+def test_pixels_whose_placeholders_are_not_the_configs_warn_once_and_equal_text_only(caplog):
+    """A processor whose tokenizer ids differ from the config's: the images are dropped (the fork's text-only
+    convention, kept) but no longer without a word."""
     model, processor = tiny_vlm(image_token_id=40, video_token_id=41)  # the tokenizer's are 3 and 4
     batch = processor(images=_image(7, 30, 40), text="<image> a cat")
-    with torch.no_grad(), pytest.raises(ValueError, match=r"no placeholder \(image_token_id=40, video_token_id=41\)"):
+    text_only = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="hevc_vit.llava.vlm"):
+        got = model(**batch).logits
         model(**batch)
+        want = model(**text_only).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    said = [r.getMessage() for r in caplog.records if "no placeholder" in r.getMessage()]
+    assert len(said) == 1 and "image_token_id=40, video_token_id=41" in said[0], said
 
 
 def _mixed_batch(processor):

@@ -12,6 +12,7 @@ length, ``D`` tower width, ``L`` LLM width.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from hevc_vit.llava.projector import build_projector
 from hevc_vit.llava.vlm_config import HEVCViTLlavaConfig, projected_grid_thw
 from hevc_vit.modeling import HEVCViTPackingModel
 from hevc_vit.packing import GridLike, as_grid_thw, split_sizes
+
+logger = logging.getLogger(__name__)
 
 # the cache's name in model inputs and outputs: "cache" from transformers 5.x's rename, "past_key_values" before
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -195,9 +198,9 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
         """``inputs_embeds (B, S, L)`` with every placeholder replaced by its item's token (masked_scatter).
 
         Without any placeholder (a text-only batch on a multimodal run) the tower and projector still run and
-        enter as ``0 * sum`` — the fork's convention: the same graph on every rank, zero gradient. That is a
-        training convention: with gradients off the images would be dropped without a word (a processor whose
-        placeholder ids are not the config's), so it raises ``ValueError`` there.
+        enter as ``0 * sum`` — the fork's convention: the same graph on every rank, zero gradient. With gradients
+        off (inference) that drops the items: a warning says so, once per model, since a processor whose
+        placeholder ids are not the config's would otherwise drop every image without a word.
         """
         if image_grid_thw is None:
             raise ValueError("pixel_values was given without image_grid_thw; expected (n, 3) rows (t, h, w)")
@@ -205,12 +208,14 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
         ids = input_ids if input_ids is not None else self._ids_from_embeds(inputs_embeds)
         features = self.get_vision_features(pixel_values, grid, patch_positions)  # (T, D')
         if not self._has_placeholders(ids):
-            if not torch.is_grad_enabled():
-                raise ValueError(
-                    f"pixel_values holds {len(grid)} items but input_ids has no placeholder (image_token_id="
-                    f"{self.config.image_token_id}, video_token_id={self.config.video_token_id}); expected each "
-                    "item's run of placeholders (do the processor's tokenizer ids match the config's?)"
-                )
+            if not torch.is_grad_enabled() and not getattr(self, "_warned_unplaced", False):
+                self._warned_unplaced = True  # once per model: a text-only batch may come every step
+                logger.warning(
+                    "pixel_values holds %d items but input_ids has no placeholder (image_token_id=%d, "
+                    "video_token_id=%d): the items are not used (the fork's text-only convention). If they were "
+                    "meant, the processor's tokenizer ids are not the config's.",
+                    len(grid), self.config.image_token_id, self.config.video_token_id,
+                )  # fmt: skip
             anchor = self.project(features, grid).sum()
             return inputs_embeds + 0 * anchor.to(inputs_embeds.dtype)
         mask, is_video = self.placeholder_layout(ids, grid)
