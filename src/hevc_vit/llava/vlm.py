@@ -12,6 +12,7 @@ length, ``D`` tower width, ``L`` LLM width.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ from hevc_vit.llava.projector import build_projector
 from hevc_vit.llava.vlm_config import HEVCViTLlavaConfig, projected_grid_thw
 from hevc_vit.modeling import HEVCViTPackingModel
 from hevc_vit.packing import GridLike, as_grid_thw, split_sizes
+
+logger = logging.getLogger(__name__)
 
 # the cache's name in model inputs and outputs: "cache" from transformers 5.x's rename, "past_key_values" before
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -131,36 +134,46 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
     def placeholder_layout(self, input_ids: torch.Tensor, image_grid_thw: GridLike) -> tuple[torch.Tensor, list[bool]]:
         """Which item is a video, read from its placeholder run; checks every run's length.
 
-        Items take the placeholder runs in order, row by row; item ``i`` takes ``tokens(item)`` ids all equal
-        to ``image_token_id`` or all ``video_token_id`` in one row. Returns the ``(B, S)`` bool mask of the
-        placeholders and ``is_video`` per item. Raises ``ValueError`` naming the item, expected and found counts.
+        Items take the placeholder runs in order, row by row; item ``i`` takes ``tokens(item)`` consecutive ids
+        all equal to ``image_token_id`` or all ``video_token_id`` in one row. Returns the ``(B, S)`` bool mask of
+        the placeholders and ``is_video`` per item. Raises ``ValueError`` naming the item, expected and found.
         """
+        mask, is_video, _ = self.item_layout(input_ids, image_grid_thw)
+        return mask, is_video
+
+    def item_layout(
+        self, input_ids: torch.Tensor, image_grid_thw: GridLike
+    ) -> tuple[torch.Tensor, list[bool], list[int]]:
+        """:meth:`placeholder_layout` and the row of ``input_ids`` each item sits in."""
         grid = as_grid_thw(image_grid_thw)
         ids = input_ids.detach().cpu()
         image_id, video_id = self.config.image_token_id, self.config.video_token_id
         mask = (ids == image_id) | (ids == video_id)  # (B, S)
         rows, cols = mask.nonzero(as_tuple=True)  # row-major order
         kinds = ids[rows, cols] == video_id  # (P,)
-        is_video, at = [], 0
+        is_video, item_rows, at = [], [], 0
         for i in range(len(grid)):
             if at >= len(rows):
                 raise ValueError(f"pixel_values holds {len(grid)} items; input_ids has placeholders for {i} of them "
                                  f"(item {i} (t, h, w) = {tuple(grid[i].tolist())} has none)")  # fmt: skip
-            video = bool(kinds[at])
+            video, row = bool(kinds[at]), int(rows[at])
             need = self.config.tokens_per_item(grid[i : i + 1], [video])[0]
-            same = (kinds[at : at + need] == video) & (rows[at : at + need] == rows[at])
+            # one unbroken run: same kind, same row, consecutive columns (text inside a run is no item's layout)
+            step = torch.arange(min(need, len(rows) - at)) + int(cols[at])
+            same = (kinds[at : at + need] == video) & (rows[at : at + need] == row) & (cols[at : at + need] == step)
             found = int(same.long().cumprod(0).sum())
             if found != need:
                 token = "<video>" if video else "<image>"
                 raise ValueError(f"item {i} ({'video' if video else 'image'}, (t, h, w) = {tuple(grid[i].tolist())}) "
-                                 f"takes {need} {token} placeholder tokens; found a run of {found} in row "
-                                 f"{int(rows[at])}")  # fmt: skip
+                                 f"takes {need} {token} placeholder tokens; found a run of {found} consecutive ones in "
+                                 f"row {row} from column {int(cols[at])}")  # fmt: skip
             is_video.append(video)
+            item_rows.append(row)
             at += need
         if at != len(rows):
             raise ValueError(f"input_ids holds {len(rows)} placeholder tokens; the {len(grid)} items of pixel_values "
                              f"take {at}, expected equal")  # fmt: skip
-        return mask, is_video
+        return mask, is_video, item_rows
 
     def _has_placeholders(self, ids: torch.Tensor) -> bool:
         return bool(((ids == self.config.image_token_id) | (ids == self.config.video_token_id)).any())
@@ -185,7 +198,9 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
         """``inputs_embeds (B, S, L)`` with every placeholder replaced by its item's token (masked_scatter).
 
         Without any placeholder (a text-only batch on a multimodal run) the tower and projector still run and
-        enter as ``0 * sum`` — the fork's convention: the same graph on every rank, zero gradient.
+        enter as ``0 * sum`` — the fork's convention: the same graph on every rank, zero gradient. With gradients
+        off (inference) that drops the items: a warning says so, once per model, since a processor whose
+        placeholder ids are not the config's would otherwise drop every image without a word.
         """
         if image_grid_thw is None:
             raise ValueError("pixel_values was given without image_grid_thw; expected (n, 3) rows (t, h, w)")
@@ -193,6 +208,14 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
         ids = input_ids if input_ids is not None else self._ids_from_embeds(inputs_embeds)
         features = self.get_vision_features(pixel_values, grid, patch_positions)  # (T, D')
         if not self._has_placeholders(ids):
+            if not torch.is_grad_enabled() and not getattr(self, "_warned_unplaced", False):
+                self._warned_unplaced = True  # once per model: a text-only batch may come every step
+                logger.warning(
+                    "pixel_values holds %d items but input_ids has no placeholder (image_token_id=%d, "
+                    "video_token_id=%d): the items are not used (the fork's text-only convention). If they were "
+                    "meant, the processor's tokenizer ids are not the config's.",
+                    len(grid), self.config.image_token_id, self.config.video_token_id,
+                )  # fmt: skip
             anchor = self.project(features, grid).sum()
             return inputs_embeds + 0 * anchor.to(inputs_embeds.dtype)
         mask, is_video = self.placeholder_layout(ids, grid)
@@ -323,9 +346,44 @@ class HEVCViTLlavaForConditionalGeneration(HEVCViTLlavaPreTrainedModel, Generati
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD, None)},
         )
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """transformers repeats every tensor along dim 0 (beams, ``num_return_sequences``); the packed vision
+        inputs have items, not samples, on dim 0: each sample's items are repeated with it here instead."""
+        vision = {name: kwargs.pop(name, None) for name in VISION_INPUTS}
+        if expand_size > 1 and vision["pixel_values"] is not None:
+            vision = self._expand_vision(vision, expand_size, input_ids, kwargs.get("inputs_embeds"))
+        input_ids, kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **kwargs
+        )
+        return input_ids, {**kwargs, **vision}
+
+    def _expand_vision(
+        self, vision: dict[str, Any], expand_size: int, input_ids: torch.Tensor | None, embeds: torch.Tensor | None
+    ) -> dict[str, Any]:
+        """Packed items ``(T, ...)`` and ``(n, 3)`` in the order of the expanded batch: sample ``b``'s items,
+        ``expand_size`` times, then sample ``b + 1``'s."""
+        grid = as_grid_thw(vision["image_grid_thw"])
+        ids = input_ids if input_ids is not None and input_ids.numel() else self.model._ids_from_embeds(embeds)
+        if not self.model._has_placeholders(ids):
+            return vision  # the zero-image convention: no sample owns the items
+        _, _, rows = self.model.item_layout(ids, grid)
+        starts = [0, *torch.cumsum(grid.prod(-1), 0).tolist()]
+        items = [i for b in range(len(ids)) for _ in range(expand_size) for i in range(len(grid)) if rows[i] == b]
+        patches = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in items])  # (T·expand,)
+        out = dict(vision, image_grid_thw=grid[items].to(getattr(vision["image_grid_thw"], "device", "cpu")))
+        for name in ("pixel_values", "patch_positions"):
+            if vision[name] is not None:
+                out[name] = vision[name][patches.to(vision[name].device)]
+        return out
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, *args: Any, inputs_embeds: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         """transformers' inputs for one step, with the vision inputs only where the prompt is encoded: the
-        prefill, or every step without a cache (the placeholders are then in every step's input)."""
+        prefill, or every step without a cache (the placeholders are then in every step's input).
+        ``inputs_embeds`` is named: transformers reads this signature to allow ``generate(inputs_embeds=...)``."""
         vision = {name: kwargs.pop(name, None) for name in VISION_INPUTS}
         if _SAYS_FIRST:
             first = kwargs.get("is_first_iteration", False)
@@ -333,7 +391,7 @@ class HEVCViTLlavaForConditionalGeneration(HEVCViTLlavaPreTrainedModel, Generati
             position = kwargs.get("cache_position")
             first = position is None or int(position[0]) == 0
         first = bool(first) or not kwargs.get("use_cache", True)
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         for name, value in vision.items():
             inputs[name] = value if first else None
         return inputs

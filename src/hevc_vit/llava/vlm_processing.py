@@ -29,12 +29,19 @@ def _flat_images(images: Any) -> list[Any]:
     """One image, a list, or a list per sample -> one flat list of images."""
     if images is None:
         return []
-    if _is_frame(images):
-        return [images]
+    if not isinstance(images, (list, tuple, np.ndarray, torch.Tensor)) or _is_frame(images):
+        return [images]  # one image; a str (a path) is not iterated letter by letter, as_pil_image names it
     out = []
     for item in images:
         out += _flat_images(item) if isinstance(item, (list, tuple)) else [item]
     return out
+
+
+def _is_video(x: Any) -> bool:
+    """One video: a list of frames or a ``(t, ...)`` 4-D array / tensor."""
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.ndim == 4
+    return isinstance(x, (list, tuple)) and bool(x) and all(_is_frame(f) for f in x)
 
 
 def _flat_videos(videos: Any) -> list[list[Any]]:
@@ -50,6 +57,16 @@ def _flat_videos(videos: Any) -> list[list[Any]]:
     for item in videos:
         out += _flat_videos(item)
     return out
+
+
+def _as_positions(value: Any, what: str) -> torch.Tensor:
+    """``(N, 3)`` integer positions, as the model takes them (a float or reshaped input is refused, not cast)."""
+    positions = torch.as_tensor(value)
+    if positions.dim() != 2 or positions.shape[-1] != 3:
+        raise ValueError(f"{what} has shape {tuple(positions.shape)}; expected (N, 3), one (t, h, w) per patch")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise ValueError(f"{what} has dtype {positions.dtype}; expected integers")
+    return positions
 
 
 class HEVCViTLlavaProcessor(ProcessorMixin):
@@ -115,10 +132,11 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         return grid.prod(-1).tolist()
 
     def native_processor(self) -> Any:
-        """The image processor's native-resolution rule; for ``spatial_merge`` on blocks of ``2 x 2`` patches
-        (every side an even number of patches, the patch bounds divided by 4), so every item merges."""
+        """The image processor's native-resolution rule; for ``spatial_merge`` and ``patch_merger`` on blocks of
+        ``2 x 2`` patches (every side an even number of patches, the patch bounds divided by 4), so every item
+        merges (``patch_merger`` groups 4 tokens: an item's ``t·h·w`` must be a multiple of 4)."""
         ip = self.image_processor
-        if self.projector_type != "spatial_merge":
+        if self.projector_type not in ("spatial_merge", "patch_merger"):
             return ip.native_processor()
         m = SPATIAL_MERGE
         return ip.native_processor(patch_size=ip.patch_size * m, min_tokens=max(1, -(-ip.min_tokens // m**2)),
@@ -133,7 +151,10 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
             pil: Any = [as_pil_image(frame, f"{what} frame {k}") for k, frame in enumerate(frames)]
         else:
             pil = as_pil_image(frames, what)
-        return self.native_processor().patchify(pil, self.image_processor.patch_size)
+        try:
+            return self.native_processor().patchify(pil, self.image_processor.patch_size)
+        except ValueError as error:  # say which item (the image processor sees one)
+            raise ValueError(f"{what}: {error}") from error
 
     def __call__(
         self,
@@ -152,8 +173,12 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         if text is None:
             raise ValueError("text is None; expected a string or a list of strings holding the placeholders")
         texts = [text] if isinstance(text, str) else list(text)
-        images, videos = _flat_images(images), _flat_videos(videos)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"text is {text!r:.80}; expected a string or a non-empty list of strings")
         pattern = f"({re.escape(self.image_token)}|{re.escape(self.video_token)})"
+        self._check_per_sample(images, texts, self.image_token, "images", lambda item: True)
+        self._check_per_sample(videos, texts, self.video_token, "videos", _is_video)
+        images, videos = _flat_images(images), _flat_videos(videos)
         found = [m for t in texts for m in re.findall(pattern, t)]
         counts = {"image": found.count(self.image_token), "video": found.count(self.video_token)}
         for kind, items in (("image", images), ("video", videos)):
@@ -187,8 +212,35 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         kwargs.setdefault("padding", True)
         kwargs.setdefault("return_token_type_ids", False)  # the model takes none
         encoded = self.tokenizer(expanded, return_tensors=return_tensors, **kwargs)
+        if grids:
+            wanted = [len(re.findall(pattern, t)) for t in expanded]  # placeholder tokens per row, as expanded
+            self._check_runs(encoded["input_ids"], wanted)
         data.update(encoded)
         return BatchFeature(data=data, tensor_type=None if return_tensors in (None, "pt") else return_tensors)
+
+    @staticmethod
+    def _check_per_sample(items: Any, texts: list[str], token: str, what: str, is_item: Any) -> None:
+        """With items as one list per sample (every element of every list an item: ``is_item``), sample ``b``'s
+        list must hold its text's ``token`` count (the items are matched to placeholders in flat order: a list
+        on the wrong sample would go to another sample's placeholder)."""
+        if not isinstance(items, (list, tuple)) or len(items) != len(texts) or len(texts) < 2:
+            return
+        if not all(isinstance(sample, (list, tuple)) and all(map(is_item, sample)) for sample in items):
+            return
+        for b, (sample, t) in enumerate(zip(items, texts)):
+            count = t.count(token)
+            if len(sample) != count:
+                raise ValueError(f"{what}[{b}] holds {len(sample)} {what} and text[{b}] {count} {token} "
+                                 f"placeholders; expected one per placeholder of its sample")  # fmt: skip
+
+    def _check_runs(self, input_ids: Any, wanted: list[int]) -> None:
+        """Every row keeps all of its placeholder tokens after tokenization (truncation may not cut a run)."""
+        ids = {self.image_token_id, self.video_token_id}
+        for b, (row, want) in enumerate(zip(input_ids, wanted)):
+            found = sum(int(i) in ids for i in np.asarray(row).reshape(-1).tolist())
+            if found != want:
+                raise ValueError(f"text[{b}] holds {found} placeholder tokens after tokenization; its items take "
+                                 f"{want} (truncation cut a run: raise max_length or shorten the text)")  # fmt: skip
 
     @staticmethod
     def _positions(patch_positions: Any, grid: torch.Tensor) -> torch.Tensor:
@@ -197,13 +249,13 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
             if len(patch_positions) != len(sizes):
                 raise ValueError(f"patch_positions has {len(patch_positions)} entries; expected one per item, "
                                  f"{len(sizes)}")  # fmt: skip
-            parts = [torch.as_tensor(p).reshape(-1, 3) for p in patch_positions]
+            parts = [_as_positions(p, f"patch_positions[{i}]") for i, p in enumerate(patch_positions)]
             for i, (part, size) in enumerate(zip(parts, sizes)):
                 if len(part) != size:
                     raise ValueError(f"patch_positions[{i}] has {len(part)} rows; item {i} has {size} patches")
             positions = torch.cat(parts)
         else:
-            positions = torch.as_tensor(patch_positions).reshape(-1, 3)
+            positions = _as_positions(patch_positions, "patch_positions")
         if len(positions) != sum(sizes):
             raise ValueError(f"patch_positions has {len(positions)} rows; the items hold {sum(sizes)} patches")
         return positions.long()  # (T, 3)

@@ -106,7 +106,10 @@ def as_pil_image(image: Any, what: str = "image") -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        if image.dtype == torch.bfloat16:  # numpy has no bfloat16
+            image = image.float()
+        image = image.numpy()
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{what} is a {type(image).__name__}; expected a PIL image, a numpy array or a torch tensor")
     array = image

@@ -6,7 +6,9 @@
 encoder: the language model's own keyword arguments (transformers' ``TransformersKwargs`` /
 ``FlashAttentionKwargs`` reach the tower in 5.x: ``position_ids``, ``cu_seq_lens_q``, ...), the anyres and
 video settings filled in from the parent config (``vision_aspect_ratio``, ``use_cache``, ``is_causal``) and
-the image sizes (``image_sizes``, ``batch_num_images``). The encoder's forwards accept and ignore these. Any other
+the image sizes (``image_sizes``, ``batch_num_images``). The encoder's forwards accept and ignore these, but for
+``image_sizes``: only ``LlavaForConditionalGeneration`` passes it to the tower, for pixtral's path (features
+packed across images cropped to their sizes), which this encoder does not give, so it is refused. Any other
 name is ignored with a warning naming it (once per name): a newer transformers release that passes one more
 argument to its vision tower must not break a model that worked, and a misspelt argument is still reported.
 """
@@ -36,7 +38,17 @@ IGNORED_TOWER_KWARGS = frozenset(
 
 def check_tower_kwargs(owner: str, kwargs: Mapping[str, Any]) -> None:
     """Warn, once per name, about the keyword arguments in ``kwargs`` that are not transformers' tower arguments
-    (:data:`IGNORED_TOWER_KWARGS`) and so are ignored; ``owner`` names the forward that got them."""
+    (:data:`IGNORED_TOWER_KWARGS`) and so are ignored; ``owner`` names the forward that got them. Raises
+    ``ValueError`` on ``image_sizes`` (see the module docstring): ignoring it would misalign the features."""
+    if kwargs.get("image_sizes") is not None:
+        sizes = kwargs["image_sizes"]
+        sizes = sizes.tolist() if hasattr(sizes, "tolist") else sizes
+        raise ValueError(
+            f"{owner}() got image_sizes={sizes}: transformers' LlavaForConditionalGeneration then reads pixtral's "
+            "features (one block, each image cropped to its size, read with vision_tower.patch_size), which this "
+            "encoder does not give; expected no image_sizes (images of one size) — for images at their own sizes "
+            "use hevc_vit.llava.vlm.HEVCViTLlavaForConditionalGeneration"
+        )
     unknown = sorted(name for name in set(kwargs) - IGNORED_TOWER_KWARGS if (owner, name) not in _warned)
     if unknown:
         _warned.update((owner, name) for name in unknown)
