@@ -83,6 +83,17 @@ def test_patch_merger_items_of_odd_patch_counts_are_sized_to_merge():
             torch.testing.assert_close(batched[i][keep], alone, atol=ATOL, rtol=0)
 
 
+def test_a_placeholder_the_tokenizer_does_not_know_is_refused_not_expanded_into_unk(vlm):
+    """A tokenizer without ``<image>`` encodes it as one id, its unknown word's: a processor built on it would expand
+    every image into ``<unk>`` runs, which the model never takes for images."""
+    _, processor = vlm
+    tokenizer = processor.tokenizer
+    assert tokenizer.encode("<image>", add_special_tokens=False) == [processor.image_token_id]  # known: accepted
+    with pytest.raises(ValueError, match=r"encodes 'PICTURE' as \[1\] \(its unknown token\).*add_special_tokens"):
+        type(processor)(processor.image_processor, tokenizer, image_token="PICTURE")
+    assert tokenizer.encode("PICTURE", add_special_tokens=False) == [tokenizer.unk_token_id]
+
+
 def test_empty_text_list_is_named(vlm):
     _, processor = vlm
     with pytest.raises(ValueError, match=r"text is \[\]; expected a string or a non-empty list"):

@@ -102,10 +102,17 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         projected_grid_thw([[1, 8, 8]], projector_type, [True], video_pool_mode, video_pool_stride)  # validates
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         for token in (image_token, video_token):
-            ids = tokenizer.encode(token, add_special_tokens=False) if tokenizer is not None else [0]
-            if len(ids) != 1:
+            if tokenizer is None:
+                continue
+            ids = tokenizer.encode(token, add_special_tokens=False)
+            # one id that is the unknown word's would expand every placeholder into <unk>: the images never reach
+            # the model, with no error
+            unknown = len(ids) == 1 and tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id
+            if len(ids) != 1 or unknown:
                 raise ValueError(
-                    f"the tokenizer encodes {token!r} as {ids}; expected one token (add it as a special token)"
+                    f"the tokenizer encodes {token!r} as {ids}{' (its unknown token)' if unknown else ''}; expected "
+                    f"one token of its own (add it: tokenizer.add_special_tokens({{'additional_special_tokens': "
+                    f"[{token!r}]}}) and resize the model's embeddings)"
                 )
 
     @classmethod
