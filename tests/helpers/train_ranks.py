@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -84,10 +85,10 @@ class StandInLlava(nn.Module):
         return CausalLMOutputWithPast(logits=self.lm_head(hidden))
 
 
-def build_model(seed: int = 0) -> nn.Module:
+def build_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model every run trains, identical in every process (the tower from the fixture, the rest seeded)."""
-    torch.manual_seed(seed)
     tower = HEVCViTPackingModel.from_pretrained(TOWER_DIR, attn_implementation="eager")
+    torch.manual_seed(seed)  # after the tower: whether loading draws random numbers depends on how it loads
     projector = build_projector({"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "hidden_size": 64})
     text = Qwen2Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -95,7 +96,7 @@ def build_model(seed: int = 0) -> nn.Module:
     )  # fmt: skip
     text._attn_implementation = "eager"
     lm = Qwen2ForCausalLM(text)
-    return StandInLlava(tower, projector, lm).float()
+    return StandInLlava(tower, projector, lm).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,43 +202,44 @@ def run(engine: str, out: Path, dtype: str = "fp32", checkpointing: str = "defau
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    model = build_model()
+    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    if engine == "zero3":
+        import deepspeed  # the "test" extra: DeepSpeed ZeRO-3 on its CPU accelerator (DS_ACCELERATOR=cpu)
+        from transformers.integrations import HfDeepSpeedConfig  # the same
+
+        # DeepSpeed's shared-memory all-reduce serves only its inference_all_reduce (training collectives go
+        # through gloo), and the op's JIT build (a C++ compile) costs ~70 s on first use. By module name:
+        # ``import deepspeed.comm.torch as m`` binds the torch package, which deepspeed.comm re-exports.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
+        config = zero3_config(dtype)
+        # as the HF Trainer sets it under ZeRO-3: from_pretrained builds the tower under zero.Init, so its
+        # parameters are partitioned (shape [0]) from construction on and the checkpoint loads into the shards
+        hf_zero3 = HfDeepSpeedConfig(config)  # noqa: F841 — transformers holds it by a weak reference
+    elif engine == "fsdp2":
+        dist.init_process_group("gloo", timeout=timeout)
+    elif engine != "single":
+        raise ValueError(f"engine={engine!r}; expected single, zero3 or fsdp2")
+    # ZeRO-3 bf16 keeps bf16 parameters (fp32 master copies in the optimizer); zero.Init built the tower so
+    model = build_model(dtype=torch.bfloat16 if engine == "zero3" and dtype == "bf16" else torch.float32)
+    # parameters already partitioned (shape [0]) when built: the tower's, under ZeRO-3 (zero.Init)
+    at_build = [n for n, p in model.named_parameters() if p.numel() == 0]
     if checkpointing != "off":  # "default": what the installed transformers does; else use_reentrant as named
         kwargs = {} if checkpointing == "default" else {"use_reentrant": checkpointing == "reentrant"}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
     model.train()
-    initial = gather_weights(model, "single")
-    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    sharded = 0
+    initial = gather_weights(model, engine if engine == "zero3" else "single")
     if engine == "single":
         optimizer = make_optimizer(model)
         train = model
+        sharded = 0
     elif engine == "zero3":
-        import deepspeed  # the "test" extra: DeepSpeed ZeRO-3 on its CPU accelerator (DS_ACCELERATOR=cpu)
-        import deepspeed.comm.torch as ds_torch_comm  # the same: DeepSpeed's torch.distributed wrapper
-
-        # its shared-memory all-reduce serves only inference_all_reduce; training collectives go through gloo,
-        # and the op's JIT build (a C++ compile) costs ~70 s on first use
-        ds_torch_comm.build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
-        config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            # threshold 0: every parameter is partitioned (the default keeps ones under 1e5 elements whole,
-            # which is every parameter of this tiny model)
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False},
-            "gradient_clipping": MAX_GRAD_NORM,
-            "zero_allow_untested_optimizer": True,  # a torch AdamW: DeepSpeed's CPU Adam is a C++ op not built here
-            "bf16": {"enabled": dtype == "bf16"},
-            "steps_per_print": 10**9,
-        }
         train, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
         sharded = sum(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters())  # partitioned: shape [0]
-    elif engine == "fsdp2":
+    else:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import DTensor
 
-        dist.init_process_group("gloo", timeout=timeout)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if dtype == "bf16" else MixedPrecisionPolicy()
         for layer in [*model.model.vision_tower.encoder.layers, *model.model.language_model.layers]:
             fully_shard(layer, mp_policy=policy)
@@ -245,8 +247,6 @@ def run(engine: str, out: Path, dtype: str = "fp32", checkpointing: str = "defau
         optimizer = make_optimizer(model)
         train = model
         sharded = sum(isinstance(p, DTensor) for p in model.parameters())
-    else:
-        raise ValueError(f"engine={engine!r}; expected single, zero3 or fsdp2")
 
     losses, counts, norms = [], [], []
     for step in step_samples():
@@ -273,6 +273,7 @@ def run(engine: str, out: Path, dtype: str = "fp32", checkpointing: str = "defau
         counts.append(int(total[0]))
         norms.append(norm)
 
+    external = external_parameters(model) if engine == "zero3" else {}
     weights = gather_weights(model, engine)
     if rank == 0:
         from safetensors.torch import save_file  # a dependency of hevc_vit
@@ -281,11 +282,37 @@ def run(engine: str, out: Path, dtype: str = "fp32", checkpointing: str = "defau
         save_file(weights, str(out / "weights.safetensors"))
         save_file(initial, str(out / "initial.safetensors"))
         result = {"engine": engine, "losses": losses, "tokens": counts, "grad_norms": norms, "sharded": sharded,
-                  "parameters": len(weights)}  # fmt: skip
+                  "parameters": len(weights), "partitioned_at_build": at_build, "external": external}  # fmt: skip
         (out / "result.json").write_text(json.dumps(result))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def zero3_config(dtype: str) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        # threshold 0: every parameter is partitioned (the default keeps ones under 1e5 elements whole, which is
+        # every parameter of this tiny model)
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False},
+        "gradient_clipping": MAX_GRAD_NORM,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW: DeepSpeed's CPU Adam is a C++ op not built here
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 10**9,
+    }
+
+
+def external_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """ZeRO-3's external parameters, by module: weights a module's forward read that are not its own, found by
+    DeepSpeed during the forward and gathered for all of that module's forward."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for name, module in model.named_modules():
+        params = [names[id(p)] for _, p in getattr(module, "ds_external_parameters", list)()]
+        if params:
+            found[name] = sorted(params)
+    return found
 
 
 def gather_weights(model: nn.Module, engine: str) -> dict[str, torch.Tensor]:
