@@ -150,9 +150,9 @@ def step_samples() -> list[list[list[Sample]]]:
     ]
 
 
-def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], dummy_image: bool = True) -> dict[str, torch.Tensor]:
     """Right-padded rows; the items of all rows packed. A batch without items gets the fork's dummy image (a
-    zero 2x2-patch image, no placeholder) so that the tower runs on every rank."""
+    zero 2x2-patch image, no placeholder) so that the tower runs on every rank; ``dummy_image=False``: none."""
     S = max(len(s.input_ids) for s in samples)
     pad = lambda xs, v: xs + [v] * (S - len(xs))  # noqa: E731
     batch = {
@@ -163,6 +163,8 @@ def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
     pixels = [p for s in samples for p in s.pixels]
     grids = [g for s in samples for g in s.grids]
     positions = [p for s in samples for p in s.positions]
+    if not pixels and not dummy_image:
+        return batch
     if not pixels:
         pixels, grids, positions = [torch.zeros(4, PATCH_DIM)], [(1, 2, 2)], [None]
     batch["pixel_values"] = torch.cat(pixels)  # (T, C·p·p)
@@ -196,13 +198,16 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups(model), weight_decay=0.0, foreach=False)
 
 
-def run(engine: str, out: Path, dtype: str = "fp32", checkpointing: str = "default") -> None:
+def run(
+    engine: str, out: Path, dtype: str = "fp32", checkpointing: str = "default", dummy_image: bool = True,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+) -> None:  # fmt: skip
     """Train :data:`STEPS` steps as this process's rank; rank 0 writes the losses, gradient norms and weights."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
     if engine == "zero3":
         import deepspeed  # the "test" extra: DeepSpeed ZeRO-3 on its CPU accelerator (DS_ACCELERATOR=cpu)
         from transformers.integrations import HfDeepSpeedConfig  # the same
@@ -251,7 +256,7 @@ def run(engine: str, out: Path, dtype: str = "fp32", checkpointing: str = "defau
     losses, counts, norms = [], [], []
     for step in step_samples():
         samples = [s for r in step for s in r] if engine == "single" else step[rank]
-        batch = collate(samples)
+        batch = collate(samples, dummy_image)
         labels = batch.pop("labels")
         logits = train(**batch).logits
         loss_sum, count = token_loss_sum(logits, labels)
@@ -333,9 +338,11 @@ def main() -> None:
     parser.add_argument("--engine", required=True, choices=["single", "zero3", "fsdp2"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--checkpointing", default="default", choices=["default", "reentrant", "non-reentrant", "off"])
+    parser.add_argument("--no-dummy-image", action="store_true", help="text-only ranks skip the tower")
+    parser.add_argument("--collective-timeout", type=float, default=COLLECTIVE_TIMEOUT_S)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    run(args.engine, args.out, args.dtype, args.checkpointing)
+    run(args.engine, args.out, args.dtype, args.checkpointing, not args.no_dummy_image, args.collective_timeout)
 
 
 if __name__ == "__main__":
