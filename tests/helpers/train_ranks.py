@@ -3,8 +3,9 @@ or as one rank of a run under DeepSpeed ZeRO-3 or PyTorch FSDP2; the test compar
 
 Run as a rank: ``python -m tests.helpers.train_ranks --engine zero3|fsdp2|single --out DIR`` with the usual
 ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` environment (``single``: one process, the union of
-every rank's samples in one batch). Rank 0 writes ``DIR/result.json`` (loss per step) and
-``DIR/weights.safetensors`` (every weight after the last step, gathered).
+every rank's samples in one batch). Rank 0 writes ``DIR/result.json`` (loss and gradient norm per step, what was
+sharded) and ``DIR/initial.safetensors`` / ``DIR/weights.safetensors`` (every weight before the first step and
+after the last, gathered).
 
 The loss is normalised so that the runs are exactly comparable: every rank's loss is its sum of token
 cross-entropies divided by the number of label tokens of the *whole* step (all ranks, an all-reduce), times the
@@ -36,7 +37,6 @@ from tests.helpers import FIXTURES
 TOWER_DIR = FIXTURES / "llava_vit_packing_tiny"
 VOCAB, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, PAD_ID = 128, 120, 121, 0
 PATCH_DIM = 3 * 14 * 14
-WORLD = 2
 LR, TOWER_LR = 1e-3, 2e-4  # the recipe's ratio (lr 1e-5, mm_vision_tower_lr 2e-6), scaled so 3 steps move weights
 STEPS = 3
 MAX_GRAD_NORM = 1.0  # the recipe's max_grad_norm; DeepSpeed's gradient_clipping (whose default is 1.0 too)
@@ -44,7 +44,7 @@ COLLECTIVE_TIMEOUT_S = 60  # a collective that waits longer raises (a rank that 
 
 
 # --------------------------------------------------------------------------------------------------
-# the model: ONE factory, a stand-in until HEVCViTLlavaForConditionalGeneration exists (LLAVA_SPEC.md)
+# the model: ONE factory, HEVCViTLlavaForConditionalGeneration or (a tree without it) a stand-in (LLAVA_SPEC.md)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -86,17 +86,29 @@ class StandInLlava(nn.Module):
 
 
 def build_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model every run trains, identical in every process (the tower from the fixture, the rest seeded)."""
+    """The model every run trains, identical in every process: HEVCViTLlavaForConditionalGeneration where this
+    tree has it (else :class:`StandInLlava`), its tower from the fixture checkpoint — built apart, as the fork's
+    ``initialize_vision_modules`` builds it — the projector and the text model seeded."""
     tower = HEVCViTPackingModel.from_pretrained(TOWER_DIR, attn_implementation="eager")
     torch.manual_seed(seed)  # after the tower: whether loading draws random numbers depends on how it loads
-    projector = build_projector({"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "hidden_size": 64})
     text = Qwen2Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
     )  # fmt: skip
     text._attn_implementation = "eager"
-    lm = Qwen2ForCausalLM(text)
-    return StandInLlava(tower, projector, lm).to(dtype)
+    try:
+        from hevc_vit.llava.vlm import HEVCViTLlavaForConditionalGeneration
+        from hevc_vit.llava.vlm_config import HEVCViTLlavaConfig
+    except ImportError:  # a tree from before the class (issue 24): the stand-in with its forward
+        projector = build_projector({"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 64, "hidden_size": 64})
+        return StandInLlava(tower, projector, Qwen2ForCausalLM(text)).to(dtype)
+    config = HEVCViTLlavaConfig(
+        vision_config=tower.config, text_config=text, projector_type="mlp2x_gelu", vision_feature_layer=-2,
+        image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
+    )  # fmt: skip
+    model = HEVCViTLlavaForConditionalGeneration(config)
+    model.model.vision_tower = tower
+    return model.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,17 +230,25 @@ def run(
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
         config = zero3_config(dtype)
+        start = build_model().state_dict()  # built plainly, as in every other run: the start all runs share
         # as the HF Trainer sets it under ZeRO-3: from_pretrained builds the tower under zero.Init, so its
-        # parameters are partitioned (shape [0]) from construction on and the checkpoint loads into the shards
+        # parameters are partitioned (shape [0]) from construction on and the checkpoint loads into the shards.
+        # A PreTrainedModel built under it is partitioned too, with zero.Init's own random init (other values)
         hf_zero3 = HfDeepSpeedConfig(config)  # noqa: F841 — transformers holds it by a weak reference
     elif engine == "fsdp2":
         dist.init_process_group("gloo", timeout=timeout)
     elif engine != "single":
         raise ValueError(f"engine={engine!r}; expected single, zero3 or fsdp2")
-    # ZeRO-3 bf16 keeps bf16 parameters (fp32 master copies in the optimizer); zero.Init built the tower so
+    # ZeRO-3 bf16 holds bf16 parameters (fp32 master copies in the optimizer), the tower built so by zero.Init
     model = build_model(dtype=torch.bfloat16 if engine == "zero3" and dtype == "bf16" else torch.float32)
     # parameters already partitioned (shape [0]) when built: the tower's, under ZeRO-3 (zero.Init)
     at_build = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if engine == "zero3":  # the shared start of the randomly initialised weights, written into their shards (rank
+        # 0's copy, partitioned again on exit); the tower keeps what its checkpoint loaded under zero.Init
+        rest = [(n, p) for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+        with deepspeed.zero.GatheredParameters([p for _, p in rest], modifier_rank=0), torch.no_grad():
+            for name, p in rest:
+                p.copy_(start[name])
     if checkpointing != "off":  # "default": what the installed transformers does; else use_reentrant as named
         kwargs = {} if checkpointing == "default" else {"use_reentrant": checkpointing == "reentrant"}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
