@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hevc_vit.checkpoints.pretrained import TRANSFORMERS_LOADS_FOLDERS
 from tests.helpers import RTOL, subprocess_env
 from tests.helpers.train_ranks import LR, STEPS, TOWER_LR
 
@@ -108,8 +109,10 @@ def test_two_ranks_train_the_tower_as_one_process_on_the_union(single, tmp_path,
     if engine == "zero3":
         # the recipe's path: with the HF Trainer's HfDeepSpeedConfig, from_pretrained builds the tower under
         # zero.Init — every tower weight partitioned from construction on, the checkpoint loaded into the shards
-        tower = [n for n in want_weights if n.startswith(TOWER)]
-        assert sorted(n for n in got["partitioned_at_build"] if n.startswith(TOWER)) == sorted(tower)
+        # (the losses and weights below check what loaded). That is transformers' loader; under 4.x ours loads
+        # the tower whole (on the meta device, then assigned), and deepspeed.initialize partitions it.
+        tower = sorted(n for n in want_weights if n.startswith(TOWER)) if TRANSFORMERS_LOADS_FOLDERS else []
+        assert sorted(n for n in got["partitioned_at_build"] if n.startswith(TOWER)) == tower
         # no tower weight is read outside its own module's forward (ZeRO-3 would gather it for a whole enclosing
         # module), but the pooling head's reads of its attention's in_proj, as that attention's forward is not run
         head = f"{TOWER}head"
