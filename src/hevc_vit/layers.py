@@ -23,17 +23,27 @@ def make_norm(config: HEVCViTConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
+class PatchProjection(nn.Conv2d):
+    """The patch embedding's Conv2d weight applied as one matmul to flattened patches, in its own forward: under
+    DeepSpeed ZeRO-3 a weight read by another module's forward is gathered for all of that module's forward."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches: ``(T, C·p·p)``, any float dtype -> ``(T, D)`` in the weight's dtype; equal to the strided
+        convolution."""
+        return F.linear(patches.to(self.weight.dtype), self.weight.flatten(1))  # (T, D)
+
+
 class HEVCViTPatchEmbed(nn.Module):
     """Linear embedding of flattened ``(C, p, p)`` patches; the weight keeps the Conv2d layout."""
 
     def __init__(self, config: HEVCViTConfig):
         super().__init__()
         p = config.patch_size
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=p, stride=p, bias=False)
+        self.proj = PatchProjection(config.num_channels, config.hidden_size, kernel_size=p, stride=p, bias=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches: ``(T, C·p·p)`` -> ``(T, D)``; one matmul, equal to the strided convolution."""
-        return F.linear(patches, self.proj.weight.flatten(1))  # (T, D)
+        """patches: ``(T, C·p·p)`` -> ``(T, D)``, in the weight's dtype."""
+        return self.proj(patches)  # (T, D)
 
 
 class HEVCViTAttention(nn.Module):

@@ -139,8 +139,7 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
         """
         if request := requested_backend(self.config._attn_implementation):  # a parent's set_attn_implementation
             self.set_attn_implementation(request)
-        dtype = self.patch_embed.proj.weight.dtype
-        x = self.layernorm_pre(self.patch_embed(patches.to(dtype)))  # (T, D)
+        x = self.layernorm_pre(self.patch_embed(patches))  # (T, D), cast to the weights' dtype there
         if attend is None and self.config.attention_backend == "auto":  # say what runs, as transformers does
             self.config._attn_implementation = transformers_name(choose_backend(x.device, x.dtype))
         cos, sin = rope_cos_sin(plan.positions, self.config.head_dim, self.config.rope_theta, dtype=x.dtype)
@@ -217,7 +216,7 @@ class HEVCViTCore(HEVCViTPreTrainedModel):
 
     def _check_data(self, what: str, x: torch.Tensor) -> None:
         """Meta tensors (shapes without values) only go through a model on the meta device, and back."""
-        weights = self.patch_embed.proj.weight
+        weights = next(self.parameters())  # not an attribute read: in a forward, ZeRO-3 would gather the weight
         if x.is_meta != weights.is_meta:
             raise ValueError(
                 f"{what} is on {x.device} but the model's weights are on {weights.device}; expected both to hold "
