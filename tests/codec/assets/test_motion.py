@@ -48,10 +48,11 @@ def test_on_an_unpadded_square_the_maps_are_select_patches_own(tmp_path):
 
 
 def write_letterboxed_clip(path, height: int, width: int, frames: int = 10) -> list[tuple[int, int]]:
-    """A static textured ``width x height`` clip with a 32-px textured square moving (2, 6) px a frame along
-    the longer side (the shorter one for the rows/columns); returns its top-left ``(y, x)`` in every frame."""
+    """A static textured ``width x height`` clip with a 32-px textured square moving 6 px a frame along the longer
+    side and 2 across; returns its top-left ``(y, x)`` in every frame."""
     rng = np.random.default_rng(0)
-    background = np.kron(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
+    coarse = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    background = np.kron(coarse, np.ones((8, 8, 1), np.uint8))
     square = np.kron(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
     wide = width >= height
     boxes = []

@@ -99,8 +99,10 @@ def test_settings_refuse_what_the_layout_cannot_hold():
         AssetSettings(square_size=100)
     with pytest.raises(ValueError, match="mode='bucket'"):
         AssetSettings(mode="bucket")
-    with pytest.raises(ValueError, match="signals=\\('motion_vectors',\\)"):
-        AssetSettings(signals=("motion_vectors",))
+    with pytest.raises(ValueError, match="signals=\\('residual',\\)"):  # the reference's, stock FFmpeg has none
+        AssetSettings(signals=("residual",))
+    with pytest.raises(ValueError, match="expected distinct names"):
+        AssetSettings(signals=("motion_vectors", "motion_vectors"))
     with pytest.raises(ValueError, match="jpeg_quality=0"):
         AssetSettings(jpeg_quality=0)
     with pytest.raises(ValueError, match=r"scores \(2, 5, 5\)"):
