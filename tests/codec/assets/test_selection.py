@@ -129,7 +129,8 @@ def test_motion_vectors_map_through_the_resize_and_the_padding(factor):
     # a (64·f) x (32·f) frame of still (16·f)-px blocks, one moving 8·f px: on the 64-px square the picture is
     # 64x32 at top 16, the moving block 16 px at x 32..48, y 16..32 -> cell (1, 2), 8 square px of motion
     f = factor
-    still = [(8 * f + 16 * f * i, 8 * f + 16 * f * j, 16 * f, 0) for i in range(4) for j in range(2) if (i, j) != (2, 0)]
+    cells = [(i, j) for i in range(4) for j in range(2) if (i, j) != (2, 0)]
+    still = [(8 * f + 16 * f * i, 8 * f + 16 * f * j, 16 * f, 0) for i, j in cells]
     vectors = block_vectors(still + [(40 * f, 8 * f, 16 * f, 8 * f)])
     geometry = SquareGeometry.of(32 * f, 64 * f, 64)
     assert (geometry.top, geometry.left, geometry.Hn, geometry.Wn) == (16, 0, 32, 64)
