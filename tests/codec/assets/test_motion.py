@@ -113,6 +113,7 @@ def test_a_codec_without_vectors_is_scored_by_the_fallback(tmp_path):
     base = dict(frames=12, num_images=3, square_size=96, patch_size=16)
     alone = compute_assets(tmp_path / "mjpeg.avi", AssetSettings(**base, signals=MV))
     assert alone.info["frames_with_vectors"] == 0 and alone.info["motion_fallback_frames"] == 11
+    assert alone.info["signals_without_vectors"] == ["aligned_difference"]
     difference = compute_assets(tmp_path / "mjpeg.avi", AssetSettings(**base))
     assert np.array_equal(alone.positions, difference.positions)  # aligned_difference alone, as documented
     both = compute_assets(tmp_path / "mjpeg.avi", AssetSettings(**base, signals=(*MV, "aligned_difference")))

@@ -135,7 +135,10 @@ def compute_assets(video: str | os.PathLike, settings: AssetSettings, keep_squar
         camera_shift_max=int(np.abs(shifts).max()) if len(shifts) else 0,
     )
     if motion is not None:  # which frames the decoder gave vectors for, and how many the fallback scored
-        info.update(frames_with_vectors=int(motion[1][1:].sum()), motion_fallback_frames=fallback)
+        others = [s for s in settings.signals if s != "motion_vectors"] or ["aligned_difference"]
+        info.update(
+            frames_with_vectors=int(motion[1][1:].sum()), signals_without_vectors=others, motion_fallback_frames=fallback
+        )
     visible = visible_indices(positions, settings.grid)
     return VideoAssets(frame_ids, positions, visible, mosaics, scores, info, timings, squares if keep_squares else None)
 
