@@ -136,9 +136,8 @@ def compute_assets(video: str | os.PathLike, settings: AssetSettings, keep_squar
     )
     if motion is not None:  # which frames the decoder gave vectors for, and how many the fallback scored
         others = [s for s in settings.signals if s != "motion_vectors"] or ["aligned_difference"]
-        info.update(
-            frames_with_vectors=int(motion[1][1:].sum()), signals_without_vectors=others, motion_fallback_frames=fallback
-        )
+        info.update(frames_with_vectors=int(motion[1][1:].sum()), signals_without_vectors=others)
+        info.update(motion_fallback_frames=fallback)
     visible = visible_indices(positions, settings.grid)
     return VideoAssets(frame_ids, positions, visible, mosaics, scores, info, timings, squares if keep_squares else None)
 
