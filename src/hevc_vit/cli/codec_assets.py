@@ -60,7 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mid-full-frame-index", type=int, default=-1, help="its t (-1: frames // 2)")
     p.add_argument("--window-len", type=integer_in(0, 1 << 30), default=0, help="sample a window of N frames (0: all)")
     p.add_argument("--window-pick", choices=WINDOW_PICKS, default="none", help="where the window lies")
-    p.add_argument("--signals", default="aligned_difference", help=f"comma-separated, from {', '.join(ASSET_SIGNALS)}")
+    p.add_argument(
+        "--signals",
+        default="aligned_difference",
+        help=f"comma-separated, from {', '.join(ASSET_SIGNALS)} (motion_vectors: the decoder's, H.264/MPEG-2/MPEG-4; "
+        "a frame without them is scored by the other signals, by aligned_difference when it is alone; the "
+        "reference's fusion: motion_vectors,aligned_difference --normalize frame)",
+    )
     p.add_argument("--normalize", choices=NORMALIZE, default="volume", help="signal normalisation (default: volume)")
     p.add_argument("--key-column", default="key", help="job-list/table column of the asset key (default: key)")
     p.add_argument(

@@ -75,10 +75,24 @@ def mv_grid(vectors: np.ndarray, frame_hw: tuple[int, int], grid_hw: tuple[int, 
     (Hs, Ws), (h, w) = frame_hw, grid_hw
     if len(vectors) == 0:
         return np.zeros((h, w), np.float32)
+    scale = (h * patch_size / Hs, w * patch_size / Ws)
+    edges = (np.linspace(0, Hs, h + 1), np.linspace(0, Ws, w + 1))
+    return mv_cells(vectors, scale, edges, (Hs / h) * (Ws / w))
+
+
+def mv_cells(
+    vectors: np.ndarray, scale_yx: tuple[float, float], edges_yx: tuple[np.ndarray, np.ndarray], cell_area: float
+) -> np.ndarray:
+    """``(len(edges_y) - 1, len(edges_x) - 1)`` float32 motion energy of ``vectors`` (see :func:`mv_grid`) on any
+    grid of cells laid over the coded frame: ``scale_yx`` model pixels per coded pixel (the resize), ``edges_yx``
+    the cells' edges in coded pixels (a cell outside the frame has equal edges: no area, no motion) and
+    ``cell_area`` a whole cell's area in coded pixels. :func:`mv_grid` is the grid that covers the frame exactly;
+    :func:`hevc_vit.codec.assets.selection.motion_map` places the frame on a padded square."""
+    edges_y, edges_x = edges_yx
     sign = np.where(vectors["source"] > 0, -1.0, 1.0)
     scale = np.maximum(vectors["motion_scale"].astype(np.float64), 1.0)
-    vx = sign * vectors["motion_x"] / scale * (w * patch_size / Ws)  # model pixels
-    vy = sign * vectors["motion_y"] / scale * (h * patch_size / Hs)
+    vx = sign * vectors["motion_x"] / scale * scale_yx[1]  # model pixels
+    vy = sign * vectors["motion_y"] / scale * scale_yx[0]
     keys = np.stack([vectors[k].astype(np.int64) for k in ("dst_x", "dst_y", "w", "h")], axis=1)
     blocks, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
@@ -86,15 +100,14 @@ def mv_grid(vectors: np.ndarray, frame_hw: tuple[int, int], grid_hw: tuple[int, 
     vy = np.bincount(inverse, vy) / counts
     area = (blocks[:, 2] * blocks[:, 3]).astype(np.float64)
     mag = np.hypot(vx - _weighted_median(vx, area), vy - _weighted_median(vy, area))
-    ox = _overlaps(blocks[:, 0] - blocks[:, 2] / 2, blocks[:, 0] + blocks[:, 2] / 2, Ws, w)  # (nb, w)
-    oy = _overlaps(blocks[:, 1] - blocks[:, 3] / 2, blocks[:, 1] + blocks[:, 3] / 2, Hs, h)  # (nb, h)
-    grid = np.einsum("b,bh,bw->hw", mag, oy, ox) / ((Hs / h) * (Ws / w))
+    ox = _overlaps(blocks[:, 0] - blocks[:, 2] / 2, blocks[:, 0] + blocks[:, 2] / 2, edges_x)  # (nb, w)
+    oy = _overlaps(blocks[:, 1] - blocks[:, 3] / 2, blocks[:, 1] + blocks[:, 3] / 2, edges_y)  # (nb, h)
+    grid = np.einsum("b,bh,bw->hw", mag, oy, ox) / cell_area
     return grid.astype(np.float32)
 
 
-def _overlaps(lo: np.ndarray, hi: np.ndarray, extent: int, cells: int) -> np.ndarray:
-    """``(nb, cells)`` length of each interval ``[lo, hi)`` inside each of ``cells`` equal cells of ``[0, extent)``."""
-    edges = np.linspace(0, extent, cells + 1)
+def _overlaps(lo: np.ndarray, hi: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``(nb, cells)`` length of each interval ``[lo, hi)`` inside each cell ``[edges[i], edges[i+1])``."""
     return np.clip(np.minimum(hi[:, None], edges[None, 1:]) - np.maximum(lo[:, None], edges[None, :-1]), 0, None)
 
 

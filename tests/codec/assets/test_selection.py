@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hevc_vit.codec.assets import AssetSettings, SquareGeometry, select_asset_positions, top_patches, visible_indices
+from hevc_vit.codec.assets import (
+    AssetSettings,
+    SquareGeometry,
+    motion_map,
+    select_asset_positions,
+    top_patches,
+    visible_indices,
+)
 from tests.helpers.reference_codec_assets import reference_select
 
 
@@ -99,9 +106,36 @@ def test_settings_refuse_what_the_layout_cannot_hold():
         AssetSettings(square_size=100)
     with pytest.raises(ValueError, match="mode='bucket'"):
         AssetSettings(mode="bucket")
-    with pytest.raises(ValueError, match="signals=\\('motion_vectors',\\)"):
-        AssetSettings(signals=("motion_vectors",))
+    with pytest.raises(ValueError, match="signals=\\('residual',\\)"):  # the reference's, stock FFmpeg has none
+        AssetSettings(signals=("residual",))
+    with pytest.raises(ValueError, match="expected distinct names"):
+        AssetSettings(signals=("motion_vectors", "motion_vectors"))
     with pytest.raises(ValueError, match="jpeg_quality=0"):
         AssetSettings(jpeg_quality=0)
     with pytest.raises(ValueError, match=r"scores \(2, 5, 5\)"):
         select_asset_positions(np.zeros((2, 5, 5)), np.ones((5, 5), bool), AssetSettings(square_size=96))
+
+
+def block_vectors(blocks) -> np.ndarray:
+    """FFmpeg's ``MOTION_VECTORS`` rows (the fields :func:`hevc_vit.codec.signals.mv_cells` reads) for
+    ``(dst_x, dst_y, size, motion_x)`` square blocks, past references, quarter-pel scale 1."""
+    dtype = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("dst_x", "<i2"), ("dst_y", "<i2")]
+    dtype += [("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
+    return np.array([(-1, s, s, x, y, mx, 0, 1) for x, y, s, mx in blocks], dtype=dtype)
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_motion_vectors_map_through_the_resize_and_the_padding(factor):
+    # a (64·f) x (32·f) frame of still (16·f)-px blocks, one moving 8·f px: on the 64-px square the picture is
+    # 64x32 at top 16, the moving block 16 px at x 32..48, y 16..32 -> cell (1, 2), 8 square px of motion
+    f = factor
+    cells = [(i, j) for i in range(4) for j in range(2) if (i, j) != (2, 0)]
+    still = [(8 * f + 16 * f * i, 8 * f + 16 * f * j, 16 * f, 0) for i, j in cells]
+    vectors = block_vectors(still + [(40 * f, 8 * f, 16 * f, 8 * f)])
+    geometry = SquareGeometry.of(32 * f, 64 * f, 64)
+    assert (geometry.top, geometry.left, geometry.Hn, geometry.Wn) == (16, 0, 32, 64)
+    expected = np.zeros((4, 4), np.float32)
+    expected[1, 2] = 8.0
+    np.testing.assert_allclose(motion_map(vectors, geometry, 16), expected, atol=1e-6)
+    tall = block_vectors([(y, x, s, m) for x, y, s, m in still + [(40 * f, 8 * f, 16 * f, 8 * f)]])  # transposed
+    np.testing.assert_allclose(motion_map(tall, SquareGeometry.of(64 * f, 32 * f, 64), 16), expected.T, atol=1e-6)

@@ -26,7 +26,13 @@ from hevc_vit.codec.assets.run import (
     read_index,
     write_assets,
 )
-from hevc_vit.codec.assets.selection import score_squares, select_asset_positions, top_patches, visible_indices
+from hevc_vit.codec.assets.selection import (
+    motion_map,
+    score_squares,
+    select_asset_positions,
+    top_patches,
+    visible_indices,
+)
 from hevc_vit.codec.assets.settings import ASSET_SIGNALS, MODES, MOSAIC_FORMATS, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets, compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, write_asset_folder
@@ -53,6 +59,7 @@ __all__ = [
     "is_done",
     "launcher_shard",
     "mosaic_pixels",
+    "motion_map",
     "prepare_square",
     "process_job",
     "read_asset_folder",

@@ -137,8 +137,7 @@ def _check_run_record(out: Path, settings: AssetSettings, resume: bool, index: s
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{record} is unreadable ({e}); expected the run's settings there") from None
     if not settings.same_as(recorded):
-        recorded = {"mosaic_format": "jpg", **(recorded if isinstance(recorded, dict) else {})}
-        changed = sorted(k for k, v in settings.as_dict().items() if recorded.get(k) != v)
+        changed = settings.differences(recorded if isinstance(recorded, dict) else {})
         raise ValueError(
             f"{out} was written with other settings ({', '.join(changed)} differ); resume needs the same settings, "
             "or choose a new output folder"

@@ -4,8 +4,9 @@ Scores (:func:`score_squares`, from :mod:`hevc_vit.codec.signals`): the differen
 ``t-1`` is taken per pixel on the resized frame only (the black padding is left out, so the camera's shift is
 found on the picture and pixels a shift exposes count as 0, as in ``select_patches``), placed on the square and
 averaged per patch; each frame's median over its valid patches is subtracted (codec noise and flicker lift a
-whole frame), then :func:`score_volume` fuses the signals with their noise floor. Repeated frame ids (a clip
-shorter than ``T``) differ by nothing and score 0.
+whole frame). ``motion_vectors`` are the decoder's own (:func:`motion_map`: mapped through the frame
+preparation onto the square's grid, the camera's median motion removed). Then :func:`score_volume` fuses the
+signals with their noise floors. Repeated frame ids (a clip shorter than ``T``) differ by nothing and score 0.
 
 Rules (:func:`select_asset_positions`, the reference's ``_compute_visible_indices_pack_topk_time_spatial``):
 the whole first sampled frame (raster order) comes first; optionally one whole middle frame; the rest is one
@@ -24,7 +25,7 @@ import numpy as np
 
 from hevc_vit.codec.assets.frames import SquareGeometry
 from hevc_vit.codec.assets.settings import AssetSettings
-from hevc_vit.codec.signals import aligned_difference, global_shift, score_volume, spread_order
+from hevc_vit.codec.signals import aligned_difference, global_shift, mv_cells, score_volume, spread_order
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # BT.601, the Y of FFmpeg's gray conversion
 
@@ -36,11 +37,16 @@ def luma(square_rgb: np.ndarray) -> np.ndarray:
 
 
 def difference_maps(
-    lumas: np.ndarray, geometry: SquareGeometry, patch_size: int, signals: tuple[str, ...]
+    lumas: np.ndarray,
+    geometry: SquareGeometry,
+    patch_size: int,
+    signals: tuple[str, ...],
+    frames: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Raw maps name -> ``(T, g, g)`` float32 and the camera shifts ``(T, 2)`` int64 (0 for ``t = 0``).
 
-    lumas: ``(T, size, size)`` float32 of the prepared squares."""
+    lumas: ``(T, size, size)`` float32 of the prepared squares; frames: ``(T,)`` bool, the frames to compute
+    (None: all; the others stay 0)."""
     T, size = lumas.shape[0], lumas.shape[1]
     g, p, G = size // patch_size, patch_size, geometry
     crop = (slice(G.top, G.top + G.Hn), slice(G.left, G.left + G.Wn))
@@ -48,6 +54,8 @@ def difference_maps(
     shifts = np.zeros((T, 2), np.int64)
     pixels = np.zeros((size, size), np.float32)
     for t in range(1, T):
+        if frames is not None and not frames[t]:
+            continue
         prev, cur = lumas[t - 1][crop], lumas[t][crop]
         if np.array_equal(prev, cur):  # a repeated frame id: nothing changed
             continue
@@ -60,23 +68,65 @@ def difference_maps(
     return maps, shifts
 
 
+def motion_map(vectors: np.ndarray, geometry: SquareGeometry, patch_size: int) -> np.ndarray:
+    """``(g, g)`` float32 motion energy per patch of the square (:func:`hevc_vit.codec.signals.mv_cells`: mean
+    ``|v - median v|`` in square pixels), the frame's motion vectors mapped through the frame preparation:
+    the ``height x width`` coded frame resized to ``Hn x Wn`` and placed at ``(top, left)``. Padding cells get no
+    motion (a cell the picture's edge crosses, the motion of its part inside; :func:`score_squares` drops it)."""
+    G, p = geometry, patch_size
+    g = G.size // p
+    if len(vectors) == 0:
+        return np.zeros((g, g), np.float32)
+    sy, sx = G.Hn / G.height, G.Wn / G.width  # square pixels per coded pixel
+    cells = np.arange(g + 1) * p
+    edges_y = np.clip((cells - G.top) / sy, 0, G.height)  # the square's cell edges in coded pixels
+    edges_x = np.clip((cells - G.left) / sx, 0, G.width)
+    return mv_cells(vectors, (sy, sx), (edges_y, edges_x), (p / sy) * (p / sx))
+
+
 def score_squares(
-    lumas: np.ndarray, geometry: SquareGeometry, settings: AssetSettings
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(T, g, g)`` float32 fused scores (invalid cells 0) and ``(T, 2)`` shifts of the prepared squares."""
+    lumas: np.ndarray,
+    geometry: SquareGeometry,
+    settings: AssetSettings,
+    motion: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(T, g, g)`` float32 fused scores (invalid cells 0), ``(T, 2)`` shifts of the prepared squares, and the
+    frames scored by the motion fallback.
+
+    motion: with ``motion_vectors`` in the signals, ``(T, g, g)`` float32 :func:`motion_map` maps and ``(T,)`` bool,
+    whether frame ``t`` has vectors (a repeated frame id: True, with no motion). Frame ``t >= 1`` without vectors
+    is scored by the other signals (``CodecSparseConfig``'s rule); with ``motion_vectors`` alone, by
+    ``aligned_difference`` (the fallback: an I-frame, or a codec whose decoder exports none, e.g. HEVC, VP9,
+    AV1, MJPEG)."""
     valid = geometry.valid_patches(settings.patch_size)
-    maps, shifts = difference_maps(lumas, geometry, settings.patch_size, settings.signals)
     T = lumas.shape[0]
+    has = compute = np.arange(T) > 0
+    mv = "motion_vectors" in settings.signals
+    others = tuple(s for s in settings.signals if s != "motion_vectors")
+    fallback = np.zeros(T, bool)
+    if mv:
+        if motion is None or motion[0].shape != (T, *valid.shape) or motion[1].shape != (T,):
+            raise ValueError(f"signals={settings.signals} include motion_vectors; expected (T, g, g) motion maps")
+        if not others:
+            fallback = has & ~motion[1]
+            if fallback.any():
+                others, compute = ("aligned_difference",), fallback
+    present = {name: compute for name in others}
+    maps, shifts = difference_maps(lumas, geometry, settings.patch_size, others, compute)
     for raw in maps.values():
         if valid.any():
             median = np.median(raw[:, valid], axis=1)  # (T,) over the picture's patches only
             raw[:] = np.maximum(raw - median[:, None, None], 0)
         raw[:, ~valid] = 0
-    has = np.arange(T) > 0
-    present = {name: has for name in maps}
     floors = {name: settings.diff_floor for name in maps}
+    if mv:
+        maps["motion_vectors"] = np.where(valid, motion[0], 0).astype(np.float32)  # (T, g, g)
+        present["motion_vectors"], floors["motion_vectors"] = motion[1] & has, settings.mv_floor
     weights = dict(zip(settings.signals, settings.weights)) if settings.weights else None
-    return score_volume(maps, present, floors, weights, settings.normalize), shifts
+    if weights is not None and fallback.any():
+        weights["aligned_difference"] = weights["motion_vectors"]
+    scores = score_volume(maps, present, floors, weights, settings.normalize)
+    return scores, shifts, int(fallback.sum())
 
 
 def whole_frame(t: int, g: int) -> np.ndarray:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from hevc_vit.codec.assets.frames import WINDOW_PICKS
-from hevc_vit.codec.config import NORMALIZE
+from hevc_vit.codec.config import NORMALIZE, SIGNALS
 
 MODES = ("global", "time_bucket")
 MOSAIC_FORMATS = ("jpg", "png")  # jpg: the reference's (lossy); png: lossless, the selection's exact pixels
-ASSET_SIGNALS = ("aligned_difference", "difference")  # computed on the prepared squares (no motion vectors there)
+ASSET_SIGNALS = SIGNALS  # the differences on the prepared squares, the decoder's motion vectors mapped onto them
+_RECORD_DEFAULTS = {"mosaic_format": "jpg", "mv_floor": 0.5}  # what a record older than these fields was written with
 FORMAT = "hevc_vit.codec_assets.v1"  # meta.json "format": the layout of the reference's offline tool
 
 
@@ -29,8 +30,10 @@ class AssetSettings:
     (one mosaic per contiguous bucket of frames); time_bucket_count: buckets, -1 = the mosaics left after the whole
     frames. keep_mid_full_frame / mid_full_frame_index: also keep one middle frame whole (-1 = ``T // 2``). window_len /
     window_pick: sample within a ``window_len``-frame window (0 = the whole clip) at its ``begin``, ``mid`` or ``end``.
-    signals / weights / normalize / diff_floor / static_fallback: the scores, as
-    :class:`hevc_vit.codec.CodecSparseConfig` (signals from :data:`ASSET_SIGNALS`).
+    signals / weights / normalize / diff_floor / mv_floor / static_fallback: the scores, as
+    :class:`hevc_vit.codec.CodecSparseConfig` (signals from :data:`ASSET_SIGNALS`; a frame without motion vectors
+    is scored by the other signals, by ``aligned_difference`` when ``motion_vectors`` is the only one).
+    :meth:`reference` is the reference tool's fusion (motion vectors + a difference, per-frame p95).
     """
 
     frames: int = 64
@@ -50,6 +53,7 @@ class AssetSettings:
     normalize: str = "volume"
     diff_floor: float = 2.0
     static_fallback: bool = True
+    mv_floor: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("frames", "num_images", "square_size", "patch_size"):
@@ -80,8 +84,20 @@ class AssetSettings:
                 raise ValueError(f"weights={self.weights}; expected {len(self.signals)} non-negative numbers")
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize={self.normalize!r}; expected one of {NORMALIZE}")
-        if not self.diff_floor >= 0:
-            raise ValueError(f"diff_floor={self.diff_floor}; expected a number >= 0")
+        if not self.diff_floor >= 0 or not self.mv_floor >= 0:
+            raise ValueError(f"diff_floor={self.diff_floor}, mv_floor={self.mv_floor}; expected numbers >= 0")
+
+    @classmethod
+    def reference(cls, **overrides) -> AssetSettings:
+        """The reference tool's fusion (``--w_mv 1 --w_res 1``, each map over its frame's p95, clipped), as
+        :meth:`hevc_vit.codec.CodecSparseConfig.reference`: motion vectors + aligned difference (for its codec
+        residual, which stock FFmpeg does not export), equal weights, ``normalize="frame"``."""
+        return cls(**{**dict(signals=("motion_vectors", "aligned_difference"), normalize="frame"), **overrides})
+
+    @property
+    def motion_vectors(self) -> bool:
+        """Whether the decoder's motion vectors are read (``motion_vectors`` in the signals)."""
+        return "motion_vectors" in self.signals
 
     @property
     def grid(self) -> int:
@@ -102,8 +118,14 @@ class AssetSettings:
 
     def same_as(self, recorded: dict | None) -> bool:
         """``recorded`` (a ``meta.json``'s or a run record's settings) are these settings; a record written before
-        ``mosaic_format`` existed is a ``jpg`` one."""
-        return isinstance(recorded, dict) and {"mosaic_format": "jpg", **recorded} == self.as_dict()
+        ``mosaic_format`` or ``mv_floor`` existed holds their defaults then (``jpg``, 0.5)."""
+        return isinstance(recorded, dict) and self.differences(recorded) == []
+
+    def differences(self, recorded: dict) -> list[str]:
+        """The names of the settings ``recorded`` holds other values of (sorted)."""
+        recorded, ours = {**_RECORD_DEFAULTS, **recorded}, self.as_dict()
+        missing = object()  # a key on one side only differs
+        return sorted(k for k in ours.keys() | recorded.keys() if recorded.get(k, missing) != ours.get(k, missing))
 
     def reference_cfg(self) -> dict:
         """The reference tool's ``cfg`` block (its option names), for readers of its ``meta.json``."""

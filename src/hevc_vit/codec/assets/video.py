@@ -10,9 +10,9 @@ import numpy as np
 
 from hevc_vit.codec.assets.frames import SquareGeometry, prepare_square, sample_frame_ids, window_range
 from hevc_vit.codec.assets.mosaics import build_mosaics
-from hevc_vit.codec.assets.selection import luma, score_squares, select_asset_positions, visible_indices
+from hevc_vit.codec.assets.selection import luma, motion_map, score_squares, select_asset_positions, visible_indices
 from hevc_vit.codec.assets.settings import AssetSettings
-from hevc_vit.codec.decode import StreamEnded, check_path, open_video
+from hevc_vit.codec.decode import StreamEnded, check_path, motion_vectors_of, open_video, sampled_frames
 
 MIN_FRAMES = 2  # a single picture has no motion to select by
 
@@ -49,23 +49,38 @@ def probe_video(path: str) -> tuple[int, int, int, float]:
     return total, height, width, rate
 
 
-def decode_squares(path: str, frame_ids: np.ndarray, size: int) -> tuple[np.ndarray, int]:
-    """``(T, size, size, 3)`` uint8 prepared squares of the sampled frames (repeated ids decoded once) and the
-    frames decoded. Raises :class:`StreamEnded` when the stream stops before the last sampled frame."""
-    wanted = {int(f) for f in frame_ids}
-    last, decoded, got = int(frame_ids.max()), 0, {}
-    with open_video(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            if decoded in wanted:
-                got[decoded] = prepare_square(frame.to_ndarray(format="rgb24"), size)
-            decoded += 1
-            if decoded > last:
-                break
-    if decoded <= last:
-        raise StreamEnded(path, decoded, last)
-    return np.stack([got[int(f)] for f in frame_ids]), decoded
+def decode_squares(
+    path: str, frame_ids: np.ndarray, size: int, motion_patch: int | None = None
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """``(T, size, size, 3)`` uint8 prepared squares of the sampled frames (repeated ids decoded once) and, with
+    ``motion_patch`` (the patch size), the decoder's motion vectors on the squares' grid: ``(T, g, g)`` float32
+    :func:`~hevc_vit.codec.assets.selection.motion_map` maps and ``(T,)`` bool whether frame ``t`` has vectors (a
+    repeated id: True, with no motion: nothing moved). Raises :class:`StreamEnded` when the stream stops before
+    the last sampled frame.
+
+    Motion vectors are exported as ``select_patches`` does (``flags2=+export_mvs``, slice threading: frame
+    threading drops them at random); without them every thread type is allowed."""
+    unique = np.unique(frame_ids)  # sorted: decoded in one pass from the start
+    got, vectors = {}, {}
+    motion = motion_patch is not None
+    for i, frame in sampled_frames(path, unique, "SLICE" if motion else "AUTO", export_mvs=motion):
+        rgb = frame.to_ndarray(format="rgb24")
+        got[int(unique[i])] = prepare_square(rgb, size)
+        if motion:
+            found = motion_vectors_of(frame)
+            geometry = SquareGeometry.of(rgb.shape[0], rgb.shape[1], size)
+            vectors[int(unique[i])] = None if found is None else motion_map(found, geometry, motion_patch)
+    squares = np.stack([got[int(f)] for f in frame_ids])
+    if not motion:
+        return squares, None
+    g = size // motion_patch
+    maps, has = np.zeros((len(frame_ids), g, g), np.float32), np.zeros(len(frame_ids), bool)
+    for t, f in enumerate(frame_ids.tolist()):
+        if t and f == frame_ids[t - 1]:
+            has[t] = True  # the same frame again: no motion
+        elif vectors[f] is not None:
+            maps[t], has[t] = vectors[f], True
+    return squares, (maps, has)
 
 
 def compute_assets(video: str | os.PathLike, settings: AssetSettings, keep_squares: bool = False) -> VideoAssets:
@@ -87,18 +102,19 @@ def compute_assets(video: str | os.PathLike, settings: AssetSettings, keep_squar
             f"video {path} is {width}x{height}: resized to {geometry.Wn}x{geometry.Hn} on the {settings.square_size}"
             f"-px square it holds no whole {settings.patch_size}-px patch; expected a less extreme aspect ratio"
         )
+    motion_patch = settings.patch_size if settings.motion_vectors else None
     try:
         frame_ids, start, end = _frame_ids(path, total, settings)
-        squares, decoded = decode_squares(path, frame_ids, settings.square_size)
+        squares, motion = decode_squares(path, frame_ids, settings.square_size, motion_patch)
     except StreamEnded as ended:
         if ended.decoded < max(MIN_FRAMES, total - max(2, total // 20)):  # more than rounding off: damaged
             raise
         total = ended.decoded  # the stated count was slightly off: sample again over the frames that exist
         frame_ids, start, end = _frame_ids(path, total, settings)
-        squares, decoded = decode_squares(path, frame_ids, settings.square_size)
+        squares, motion = decode_squares(path, frame_ids, settings.square_size, motion_patch)
     timings = {"decode": time.perf_counter() - clock}
     clock = time.perf_counter()
-    scores, shifts = score_squares(np.stack([luma(s) for s in squares]), geometry, settings)
+    scores, shifts, fallback = score_squares(np.stack([luma(s) for s in squares]), geometry, settings, motion)
     positions = select_asset_positions(scores, valid, settings)
     timings["signals"] = time.perf_counter() - clock
     clock = time.perf_counter()
@@ -118,6 +134,10 @@ def compute_assets(video: str | os.PathLike, settings: AssetSettings, keep_squar
         kept_unique=int(len(np.unique(positions, axis=0))),
         camera_shift_max=int(np.abs(shifts).max()) if len(shifts) else 0,
     )
+    if motion is not None:  # which frames the decoder gave vectors for, and how many the fallback scored
+        others = [s for s in settings.signals if s != "motion_vectors"] or ["aligned_difference"]
+        info.update(frames_with_vectors=int(motion[1][1:].sum()), signals_without_vectors=others)
+        info.update(motion_fallback_frames=fallback)
     visible = visible_indices(positions, settings.grid)
     return VideoAssets(frame_ids, positions, visible, mosaics, scores, info, timings, squares if keep_squares else None)
 
