@@ -5,8 +5,9 @@ bad input, and worker processes."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -234,14 +235,34 @@ def _die(*args, **kwargs):
     os._exit(3)  # a decoder crash takes the whole worker process down
 
 
-def test_a_worker_that_dies_fails_its_videos_and_the_index_is_still_written(tmp_path, clips, monkeypatch):
-    if multiprocessing.get_start_method() != "fork":
-        pytest.skip("the crash is patched in before the workers fork")
-    monkeypatch.setattr(run, "compute_assets", _die)
-    report = write_assets([clips], tmp_path / "out", SETTINGS, workers=2)
+def _hang(*args, **kwargs):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # as a decoder stuck in C code: no alarm gets in
+    time.sleep(3600)
+
+
+def test_a_worker_that_dies_fails_its_videos_and_the_index_is_still_written(tmp_path):
+    # the workers are fresh interpreters (no fork): the crash travels in the jobs, as a tar's or URL's fetch does
+    jobs = [Job(key=key, video=f"{key}.mp4", fetch=_die, name=f"{key}.mp4") for key in ("a", "b")]
+    report = write_assets(jobs, tmp_path / "out", SETTINGS, workers=2)
     assert [r["status"] for r in report.rows] == ["failed", "failed"]
     assert all("BrokenProcessPool" in r["error"] for r in report.rows)
     assert read_jsonl(tmp_path / "out" / INDEX) == report.rows and read_jsonl(tmp_path / "out" / MANIFEST) == []
+
+
+@pytest.mark.slow
+def test_a_worker_stuck_beyond_its_timeout_is_ended_and_its_video_fails(tmp_path, clips, monkeypatch):
+    """The main process never waits on a worker unbounded: a video whose decoder ignores the alarm fails after
+    the per-video timeout plus the margin; the stuck worker is ended and the other video is still written."""
+    monkeypatch.setattr(run, "WORKER_MARGIN_S", 2.0)
+    stuck = Job(key="stuck", video="stuck.mp4", fetch=_hang, name="stuck.mp4")
+    jobs = [stuck, Job(key="a", video=str(clips / "a.mp4"))]
+    start = time.monotonic()
+    report = write_assets(jobs, tmp_path / "out", SETTINGS, workers=2, timeout=15.0)
+    assert time.monotonic() - start < 60
+    stuck, done = report.rows
+    assert stuck["status"] == "failed" and stuck["error"].startswith("TimeoutError: no answer from the worker")
+    assert done["status"] == "ok" and writer.is_done(tmp_path / "out" / "assets" / "a", SETTINGS)
+    assert read_jsonl(tmp_path / "out" / INDEX) == report.rows
 
 
 def test_shards_into_one_folder_equal_one_run(tmp_path, clips):

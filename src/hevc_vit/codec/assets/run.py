@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,10 @@ MANIFEST = "manifest.jsonl"
 PREVIEWS = "previews"
 ENGINES = ("local", "ray")
 LOOPBACK = "127.0.0.1"  # a local Ray instance listens here only
+# how long the main process waits on its worker processes: each video's timeout (this when none is given) plus a
+# worker's start and its row's way back, times the videos each worker has in turn
+UNTIMED_VIDEO_S = 1800.0
+WORKER_MARGIN_S = 60.0
 
 
 @dataclass
@@ -225,6 +231,38 @@ def _run_on_ray(
             ray.shutdown()
 
 
+def _run_in_workers(
+    jobs: list[Job], todo: list[int], out: Path, settings: AssetSettings, workers: int, timeout, preview: bool
+) -> dict[int, dict]:
+    """The rows of ``todo`` from ``workers`` processes, every wait on them bounded (see ``UNTIMED_VIDEO_S``)."""
+    # fresh interpreters, never fork: a forked child inherits locks that other threads of this process held
+    # (FFmpeg's, OpenMP's) and its decoder then waited on one forever (seen in the test suite)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    size = min(workers, len(todo))
+    bound = ((timeout or UNTIMED_VIDEO_S) + WORKER_MARGIN_S) * math.ceil(len(todo) / size)
+    deadline = time.monotonic() + bound
+    rows: dict[int, dict] = {}
+    pool = ProcessPoolExecutor(max_workers=size, mp_context=multiprocessing.get_context(method))
+    futures = {n: pool.submit(process_job, jobs[n], str(out), settings, timeout, preview) for n in todo}
+    try:
+        for n, future in futures.items():
+            try:
+                rows[n] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except BrokenProcessPool as e:  # a worker died (e.g. a decoder crash): the pool's videos fail
+                error = f"a worker process died while this video was queued or running ({e})"
+                rows[n] = _failed(jobs[n], f"BrokenProcessPool: {error}")
+            except FuturesTimeout:
+                error = f"no answer from the worker processes within {bound:.0f} s (timeout={timeout} per video)"
+                rows[n] = _failed(jobs[n], f"TimeoutError: {error}")
+    finally:
+        stuck = [f for f in futures.values() if not f.done()]
+        if stuck:  # shutdown would wait for a stuck worker forever: end them (the executor keeps no public handle)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.kill()
+        pool.shutdown(wait=not stuck, cancel_futures=True)
+    return rows
+
+
 def write_assets(
     inputs: str | os.PathLike | Sequence[str | os.PathLike | Job],
     out: str | os.PathLike,
@@ -243,15 +281,16 @@ def write_assets(
 ) -> AssetsReport:
     """Write the codec assets of ``inputs`` under ``out`` (see the module doc) and return the index rows.
 
-    inputs: video files, folders, globs, ``.jsonl`` job lists (``path_column`` / ``key_column``, ``exists:
-    false`` skipped) or :class:`Job` objects. workers: 0 processes videos here, ``n`` in ``n`` worker processes
-    (``timeout`` seconds per video there). shard_id / num_shards: process only the jobs ``j`` with
-    ``j % num_shards == shard_id`` (see the module doc); the report holds this shard's rows. Failed videos are
-    rows with ``status: failed`` and an ``error``; a broken job list, or settings other than a resumed run's,
-    raise ``ValueError`` before anything is written. preview: draw each video's selection beside its mosaics
-    (:func:`write_preview`). engine: ``local`` (this process and ``workers``) or ``ray`` (one task a video on
-    the Ray cluster at ``ray_address``, else a local instance on the loopback address; ``OUT`` must be on a
-    filesystem every node sees).
+    inputs: video files, folders, globs, ``.jsonl`` job lists (``path_column`` / ``key_column``, ``exists: false``
+    skipped) or :class:`Job` objects. workers: 0 processes videos here, ``n`` in ``n`` worker processes (``timeout``
+    seconds per video there; the main process waits on them at most that, or ``UNTIMED_VIDEO_S``, plus
+    ``WORKER_MARGIN_S`` per video in turn, then fails the rest). shard_id / num_shards: process only the jobs ``j``
+    with ``j % num_shards == shard_id`` (see the module doc); the report holds this shard's rows. Failed videos are
+    rows with ``status: failed`` and an ``error``; a broken job list, or settings other than a resumed run's, raise
+    ``ValueError`` before anything is written. preview: draw each video's selection beside its mosaics
+    (:func:`write_preview`). engine: ``local`` (this process and ``workers``) or ``ray`` (one task a video on the
+    Ray cluster at ``ray_address``, else a local instance on the loopback address; ``OUT`` must be on a filesystem
+    every node sees).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}; expected one of {ENGINES}")
@@ -276,15 +315,7 @@ def write_assets(
         for n in todo:
             rows[n] = process_job(jobs[n], str(out), settings, preview=preview)
     else:
-        context = multiprocessing.get_context()  # the platform's default, as encode's decode workers use
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=context) as pool:
-            futures = {n: pool.submit(process_job, jobs[n], str(out), settings, timeout, preview) for n in todo}
-            for n, future in futures.items():
-                try:
-                    rows[n] = future.result()
-                except BrokenProcessPool as e:  # a worker died (e.g. a decoder crash): the pool's videos fail
-                    error = f"a worker process died while this video was queued or running ({e})"
-                    rows[n] = _failed(jobs[n], f"BrokenProcessPool: {error}")
+        rows.update(_run_in_workers(jobs, todo, out, settings, workers, timeout, preview))
     ordered = [rows[n] for n in mine]
     index, manifest = shard_names(shard_id, num_shards)
     lines = (json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in ordered)
