@@ -42,6 +42,7 @@ from hevc_vit.codec.signals import (
     score_volume,
     select_topk,
 )
+from hevc_vit.media.video import reformat_here
 from hevc_vit.packing import PackingPlan, patchify
 from hevc_vit.processing.processors import CLIP_MEAN, CLIP_STD
 
@@ -101,7 +102,8 @@ def read_signals(path: str, frame_ids: np.ndarray, size: tuple[int, int], p: int
     has_vectors, shifts, types = np.zeros(T, bool), np.zeros((T, 2), np.int64), []
     prev = None
     for t, frame in sampled_frames(path, frame_ids, thread_type="SLICE", export_mvs=True):
-        luma = frame.reformat(width=W, height=H, format="gray", interpolation="AREA").to_ndarray().astype(np.float32)
+        gray = reformat_here(frame, width=W, height=H, format="gray", interpolation="AREA")
+        luma = gray.to_ndarray().astype(np.float32)
         types.append(pict_letter(frame.pict_type))
         vectors = motion_vectors_of(frame)
         has_vectors[t] = vectors is not None
@@ -151,7 +153,7 @@ def gather_selected_patches(
         rows = local[starts[t] : starts[t + 1]]
         if len(rows) == 0:
             continue
-        x = preprocess(frame.to_ndarray(format="rgb24"))  # (C, H, W)
+        x = preprocess(reformat_here(frame, format="rgb24").to_ndarray())  # (C, H, W)
         if x.dim() != 3 or tuple(x.shape[1:]) != selection.size:
             raise ValueError(
                 f"preprocess returned shape {tuple(x.shape)}; expected (C, {selection.size[0]}, "
@@ -223,7 +225,7 @@ def render_preview(
     keep = np.zeros((T, h, w), bool)
     keep[tuple(selection.positions.numpy().T)] = True
     for t, frame in sampled_frames(check_path(video), selection.frame_ids.numpy(), thread_type="AUTO"):
-        rgb = frame.reformat(width=W, height=H, format="rgb24").to_ndarray().astype(np.float32)  # (H, W, 3)
+        rgb = reformat_here(frame, width=W, height=H, format="rgb24").to_ndarray().astype(np.float32)  # (H, W, 3)
         shade = np.where(keep[t].repeat(p, 0).repeat(p, 1), 1.0, dim)[..., None]  # (H, W, 1)
         tile = Image.fromarray((rgb * shade).round().clip(0, 255).astype(np.uint8))
         if labels:

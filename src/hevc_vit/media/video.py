@@ -55,6 +55,27 @@ def video_patch_positions(grid_thw: tuple[int, int, int], t_positions: list[int]
     return positions
 
 
+_SCALE_HERE = {"threads": 1}  # emptied once when the installed PyAV's reformat takes no ``threads``
+
+
+def reformat_here(frame, **kwargs):
+    """``frame.reformat(**kwargs)`` with swscale on the calling thread: PyAV 18 asks swscale for automatic
+    threads, and in a forked decoding worker its slice threads waited forever (a hung test suite); the workers
+    already take a core each. A PyAV whose reformat has no ``threads`` uses swscale's default, one thread."""
+    try:
+        return frame.reformat(**kwargs, **_SCALE_HERE)
+    except TypeError:
+        if not _SCALE_HERE:
+            raise
+        _SCALE_HERE.clear()
+        return frame.reformat(**kwargs)
+
+
+def rgb_image(frame) -> Image.Image:
+    """A decoded video frame as an RGB PIL image, scaled on this thread (:func:`reformat_here`)."""
+    return reformat_here(frame, format="rgb24").to_image()
+
+
 def _import_av():
     try:
         import av  # optional: the 'video' extra
@@ -146,7 +167,7 @@ def _decode_frames(av, path, wanted: list[int]) -> tuple[list[Image.Image], int]
         stream.thread_type = "AUTO"
         for frame in decode_stream(container, stream):
             if decoded in keep:
-                frames.append(frame.to_image())  # RGB
+                frames.append(rgb_image(frame))
             decoded += 1
             if decoded > last:
                 break
@@ -179,5 +200,5 @@ def _seek_frames(av, path, wanted: list[int]) -> list[Image.Image] | None:
                 return None  # the stream ended first
             if position != target:
                 return None
-            frames.append(frame.to_image())  # RGB
+            frames.append(rgb_image(frame))
     return frames

@@ -13,6 +13,7 @@ from hevc_vit.codec.assets.mosaics import build_mosaics
 from hevc_vit.codec.assets.selection import luma, motion_map, score_squares, select_asset_positions, visible_indices
 from hevc_vit.codec.assets.settings import AssetSettings
 from hevc_vit.codec.decode import StreamEnded, check_path, motion_vectors_of, open_video, sampled_frames
+from hevc_vit.media.video import reformat_here
 
 MIN_FRAMES = 2  # a single picture has no motion to select by
 
@@ -64,7 +65,7 @@ def decode_squares(
     got, vectors = {}, {}
     motion = motion_patch is not None
     for i, frame in sampled_frames(path, unique, "SLICE" if motion else "AUTO", export_mvs=motion):
-        rgb = frame.to_ndarray(format="rgb24")
+        rgb = reformat_here(frame, format="rgb24").to_ndarray()
         got[int(unique[i])] = prepare_square(rgb, size)
         if motion:
             found = motion_vectors_of(frame)
