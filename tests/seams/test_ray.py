@@ -322,9 +322,11 @@ def test_an_exception_in_the_run_stops_the_ray_it_started(ray_tmp, tmp_path, ckp
 
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     seen, seen_names = [], []
+    # processes this test process already had (e.g. multiprocessing's forkserver from an earlier test) are not the run's
+    earlier = {p.pid for p in psutil.Process().children(recursive=True)}
 
     def broken(*args, **kwargs):
-        seen.extend(psutil.Process().children(recursive=True))
+        seen.extend(p for p in psutil.Process().children(recursive=True) if p.pid not in earlier)
         seen_names.extend(p.name() for p in seen)
         raise RuntimeError("a bug on the driver")
 
