@@ -4,6 +4,7 @@ alike; what the spec carries goes into the row; a failure is returned, never rai
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
@@ -57,3 +58,10 @@ def test_failures_are_returned_with_their_reason(tmp_path):
     assert missing.error.startswith("FileNotFoundError") and "nothing.jpg" in missing.error
     text = load_item(2, str(tmp_path / "text.jpg"), options)
     assert text.error and text.patches is None and text.positions is None
+
+
+def test_a_named_pipe_is_refused_without_being_opened(tmp_path):
+    """Opening a FIFO blocks until something writes to it: the loader looks at the file type first."""
+    os.mkfifo(tmp_path / "pipe.png")
+    item = load_item(0, str(tmp_path / "pipe.png"), LoadOptions(PROCESSOR, 14))
+    assert item.error == "not a regular file but a named pipe (FIFO); expected an image or a video file"

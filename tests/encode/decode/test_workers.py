@@ -1,16 +1,19 @@
 """The decoding workers on their own: the same items in the same order as loading here, plain pickling of the
-items they send back, and the reason a worker's death gives its input."""
+items they send back, the reason a worker's death gives its input, and the bound on one input's load."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
+import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from hevc_vit.encode.decode.item import LoadOptions
+import hevc_vit.encode.decode.workers
+from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
 from hevc_vit.encode.decode.workers import _death_reason, default_workers, dumps_plain, load_items
 from hevc_vit.processing.processors import NativeResolutionProcessor
 
@@ -51,3 +54,44 @@ def test_a_dead_workers_reason_and_the_default_count(monkeypatch):
     assert default_workers() == 3  # 8 cores over 2 ranks, one left to the model
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert default_workers() == 0
+
+
+def _load_or_hang(index, path, options):
+    """``load_item`` as a decoder stuck in C code would be on one input: it never returns, whatever it is told."""
+    if path == "stuck":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM})
+        while True:
+            time.sleep(3600)
+    return LoadedItem(index, path, kind="image", info={"pid": os.getpid()})
+
+
+def test_a_worker_stuck_on_an_input_is_ended_and_its_queue_goes_to_another(monkeypatch):
+    """One worker holding the stuck input and the three queued behind it (prefetch 4): after decode_timeout the
+    worker is killed, the stuck input alone fails with the reason, the queued ones are loaded by its replacement,
+    in order; the killed worker is gone. (Worker processes fork, so they see this patch.)"""
+    monkeypatch.setattr(hevc_vit.encode.decode.workers, "load_item", _load_or_hang)
+    work = [(0, "a"), (1, "stuck"), (2, "b"), (3, "c"), (4, "d")]
+    options = LoadOptions(PROCESSOR, 14, decode_timeout=1.5)
+    start = time.monotonic()
+    items = list(load_items(work, options, workers=1, prefetch=4))
+    assert time.monotonic() - start < 60  # bounded: the limit plus a check interval and a restart, not forever
+    assert [item.index for item in items] == [0, 1, 2, 3, 4]
+    assert [item.error == "" for item in items] == [True, False, True, True, True]
+    assert items[1].error.startswith("TimeoutError: loading this input took longer than 1.5 s (decode_timeout")
+    first, second = items[0].info["pid"], items[2].info["pid"]
+    assert first != second and all(item.info["pid"] == second for item in items[2:])
+    try:
+        os.kill(first, 0)
+        alive = os.waitpid(first, os.WNOHANG) == (0, 0)
+    except (ProcessLookupError, ChildProcessError):
+        alive = False
+    assert not alive
+
+
+def test_no_input_is_ended_under_the_limit_and_the_limit_can_be_off(monkeypatch):
+    monkeypatch.setattr(hevc_vit.encode.decode.workers, "load_item", _load_or_hang)
+    work = [(i, name) for i, name in enumerate("abcdef")]
+    for limit in (None, 30.0):
+        items = list(load_items(work, LoadOptions(PROCESSOR, 14, decode_timeout=limit), workers=2, prefetch=2))
+        assert [item.error for item in items] == [""] * 6
+        assert len({item.info["pid"] for item in items}) <= 2  # no worker was replaced

@@ -399,6 +399,33 @@ def test_a_worker_that_dies_fails_only_its_input(model, images, tmp_path, monkey
     assert resumed.skipped == 5 and resumed.failed == 1  # --resume is not stopped by the same file forever
 
 
+def test_a_worker_stuck_on_an_input_is_ended_and_the_run_goes_on(model, images, tmp_path, monkeypatch):
+    """The decoder never returns on one file (a decoder stuck in C code, a hung mount): after --decode-timeout its
+    worker is killed, that file gets a failed row with the reason, every other file is encoded and the run ends;
+    --resume then tries that file again (a timeout may pass) and it fails the same way."""
+    import time
+
+    import hevc_vit.encode.decode.load
+
+    real_open = hevc_vit.encode.decode.load.open_image
+
+    def hang_on_3(path):
+        if Path(path).name == "3.png":
+            while True:
+                time.sleep(3600)
+        return real_open(path)
+
+    monkeypatch.setattr(hevc_vit.encode.decode.load, "open_image", hang_on_3)
+    options = {**OPTIONS, "workers": 2, "decode_timeout": 1.5}
+    result = encode([images], tmp_path / "out", model=model, **options)
+    rows = {Path(r["path"]).name: r for r in read_index(tmp_path / "out")}
+    assert [name for name, r in rows.items() if r["status"] != "ok"] == ["3.png"]
+    assert rows["3.png"]["error"].startswith("TimeoutError: loading this input took longer than 1.5 s")
+    assert result.encoded == 5 and result.failed == 1
+    resumed = encode([images], tmp_path / "out", model=model, resume=True, **options)
+    assert resumed.skipped == 5 and resumed.failed == 1
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_ranks_share_the_folder_and_a_held_folder_stops_every_rank(images, ckpt, tmp_path):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hevc_vit.codec.config import CodecSparseConfig
+from hevc_vit.encode.options.choices import DEFAULT_DECODE_TIMEOUT
 from hevc_vit.encode.readers.remote import Network
 from hevc_vit.processing.pixels import normalize_patches
 from hevc_vit.processing.processors import ImageProcessor
@@ -69,3 +70,4 @@ class LoadOptions:
     exif_transpose: bool = True  # images turned upright as their EXIF orientation says (transformers' load_image does)
     keys: Sequence[str] = ()  # the shard key of item ``index`` (names a codec preview); empty: item_key(index)
     video_backend: str = "pyav"  # decoder of the sampled frames: pyav or torchcodec (.video.read_video)
+    decode_timeout: float | None = DEFAULT_DECODE_TIMEOUT  # seconds a worker process may spend on one input

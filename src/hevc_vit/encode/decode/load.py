@@ -11,6 +11,7 @@ Legend: ``N`` patches of one item, ``C`` channels, ``p`` patch size, ``T`` frame
 from __future__ import annotations
 
 import io
+import stat
 from pathlib import Path
 
 import torch
@@ -59,11 +60,20 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
     if path.is_dir():  # a codec-assets folder (the expansion lists no other folder)
         load_asset_folder(item, options)
         return
-    size = path.stat().st_size
-    if size == 0:
+    status = path.stat()
+    if not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer forever
+        item.error = f"not a regular file but {_special_kind(status.st_mode)}; expected an image or a video file"
+        return
+    if status.st_size == 0:
         item.error = "empty file (0 bytes)"
         return
     _load_media(item, options, path, path.name)
+
+
+def _special_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), f"a special file (mode {stat.filemode(mode)})")
 
 
 def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesIO, name: str) -> None:

@@ -6,6 +6,8 @@ A worker's life is bound to the process that started it:
   send it SIGKILL, and every wait for work also checks its parent (other systems). A worker inherits the
   output folder's lock at fork, so one that outlived its run would keep ``--resume`` out;
 * SIGINT and SIGTERM are its parent's to handle: the run stops, keeps what finished and closes the pool;
+* one that spends longer than ``options.decode_timeout`` on an input (a decoder stuck in C code, a FIFO or a hung
+  mount that never answers) is killed: that input fails with the reason and the run goes on, as after a crash;
 * a loaded item comes back through the worker's pipe as bytes (its tensors pickled as numpy arrays), never as
   shared memory (``torch.multiprocessing`` would hold one file descriptor per tensor until it is freed): items
   waiting to be packed hold no descriptor, and a run's descriptors stay bounded (two per worker) whatever
@@ -21,6 +23,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +54,9 @@ def load_items(
     at a time, and at most ``workers * prefetch`` loaded items wait to be yielded. A worker that dies (killed
     for memory, a decoder that crashes the process) costs only the input it was loading: that input is yielded
     with the reason as its error, the inputs queued behind it go to the other workers, and a new worker takes
-    its place. (A ``DataLoader`` ends the whole run instead, from whatever line the main process is on.)
+    its place. (A ``DataLoader`` ends the whole run instead, from whatever line the main process is on.) A worker
+    still on one input after ``options.decode_timeout`` seconds is killed and treated the same way; with
+    ``workers=0`` nothing bounds the load (it runs in this process).
     Closing the generator (or an exception in its caller) stops the workers within :data:`JOIN_SECONDS`.
     """
     if workers == 0:
@@ -70,6 +75,7 @@ class _Worker:
     process: object
     conn: object  # the main process's end of a duplex pipe
     current: object  # shared int64: the position the worker is loading (-1: none)
+    started: object  # shared double: time.monotonic() when it began loading ``current`` (one clock machine-wide)
     assigned: deque = field(default_factory=deque)  # positions sent, in order, not yet returned
 
 
@@ -84,11 +90,12 @@ class _WorkerPool:
     def _start(self) -> _Worker:
         conn, child = self.ctx.Pipe(duplex=True)
         current = self.ctx.Value("q", -1, lock=False)
-        args = (child, self.options, current, os.getpid())
+        started = self.ctx.Value("d", 0.0, lock=False)
+        args = (child, self.options, current, started, os.getpid())
         process = self.ctx.Process(target=_worker_main, args=args, daemon=True)
         process.start()
         child.close()
-        return _Worker(process, conn, current)
+        return _Worker(process, conn, current, started)
 
     def run(self, work: list[tuple[int, str]]) -> Iterator[LoadedItem]:
         todo = deque(range(len(work)))  # positions not yet sent; those of a dead worker go back to the front
@@ -117,6 +124,26 @@ class _WorkerPool:
                             f"decoding worker processes keep dying before they load anything (exit code "
                             f"{worker.process.exitcode}); run with workers=0 to see the error"
                         )
+            self._end_overdue(work, todo, done)
+
+    def _end_overdue(self, work: list[tuple[int, str]], todo: deque, done: dict[int, LoadedItem]) -> None:
+        """Kill every worker that has been on one input for longer than ``decode_timeout``; that input fails with
+        the reason, the others it held go back to ``todo`` and a new worker takes its place."""
+        limit = self.options.decode_timeout
+        if limit is None:
+            return
+        for slot, worker in enumerate(self.workers):
+            pos = worker.current.value  # read before started: the worker writes started, then current
+            if pos < 0 or time.monotonic() - worker.started.value <= limit:
+                continue
+            worker.process.kill()
+            worker.process.join(timeout=JOIN_SECONDS)
+            self._receive(worker, done)  # it may have sent that result (or others) just before it was killed
+            reason = (
+                f"TimeoutError: loading this input took longer than {limit:g} s (decode_timeout, --decode-timeout); "
+                f"its decoding worker process was ended and the run went on"
+            )
+            self._replace(slot, work, todo, done, culprit=pos, reason=reason)
 
     def _send(self, work: list[tuple[int, str]], todo: deque, window_end: int) -> None:
         """Hand out inputs before ``window_end``, to the least busy workers, up to ``prefetch`` each."""
@@ -131,17 +158,20 @@ class _WorkerPool:
             except OSError:  # it has just died: noticed by the caller, and pos goes to another worker
                 return
 
-    def _replace(self, slot: int, work, todo: deque, done: dict[int, LoadedItem]) -> bool:
-        """The worker in ``slot`` is gone (whatever it sent is in): the input it was on fails with the reason, the
-        others it held go back to the front of ``todo``, a new worker takes its place. False when it was on none."""
+    def _replace(
+        self, slot: int, work, todo: deque, done: dict[int, LoadedItem], culprit: int | None = None, reason: str = ""
+    ) -> bool:
+        """The worker in ``slot`` is gone (whatever it sent is in): the input it was on (``culprit``, default the
+        one it last began) fails with ``reason`` (default: how it died), the others it held go back to the front of
+        ``todo``, a new worker takes its place. False when it was on none (one it had finished is not blamed)."""
         worker = self.workers[slot]
         worker.process.join(timeout=JOIN_SECONDS)
-        culprit = worker.current.value
+        culprit = worker.current.value if culprit is None else culprit
         blamed = culprit in worker.assigned
         if blamed:
             worker.assigned.remove(culprit)
             index, path = work[culprit]
-            done[culprit] = LoadedItem(index, spec_path(path), error=_death_reason(worker.process.exitcode))
+            done[culprit] = LoadedItem(index, spec_path(path), error=reason or _death_reason(worker.process.exitcode))
         todo.extendleft(reversed(worker.assigned))
         worker.conn.close()
         self.workers[slot] = self._start()
@@ -202,7 +232,7 @@ def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
         os._exit(0)
 
 
-def _worker_main(conn, options: LoadOptions, current, parent: int) -> None:
+def _worker_main(conn, options: LoadOptions, current, started, parent: int) -> None:
     """One worker: load the inputs it is sent until it is sent None, or its parent is gone."""
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the main process's to handle:
@@ -219,6 +249,7 @@ def _worker_main(conn, options: LoadOptions, current, parent: int) -> None:
         if task is None:
             return
         pos, index, path = task
+        started.value = time.monotonic()
         current.value = pos
         item = load_item(index, path, options)
         conn.send_bytes(dumps_plain((pos, item)))

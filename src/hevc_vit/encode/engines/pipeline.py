@@ -91,6 +91,7 @@ def load_options(options: EncodeOptions, encoder: Encoder, memory: list, keys: l
         exif_transpose=options.exif_transpose,
         keys=keys,
         video_backend=options.video_backend,
+        decode_timeout=options.decode_timeout,
     )
 
 

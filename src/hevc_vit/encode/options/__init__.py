@@ -22,6 +22,7 @@ import torch
 
 from hevc_vit.configuration import PRESETS
 from hevc_vit.encode.options.choices import (
+    DEFAULT_DECODE_TIMEOUT,
     DEFAULT_TIMEOUT,
     OUTPUT_FORMATS,
     POOLED_FORMATS,
@@ -220,6 +221,14 @@ class EncodeOptions:
         parse=int,
         metavar="N",
         check=optional(integer(0, MAX_WORKERS)),
+    )
+    decode_timeout: float = option(
+        DEFAULT_DECODE_TIMEOUT,
+        "seconds a decoding worker may spend on one input before it is ended and the input fails, the run going "
+        "on ({default}; with --workers 0 loading runs in this process, unbounded)",
+        parse=float,
+        metavar="SECONDS",
+        check=positive_number,
     )
     engine: str = option(
         "local",

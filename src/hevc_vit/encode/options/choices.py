@@ -9,6 +9,7 @@ POOLED_FORMATS = ("npy-parquet", "clip-retrieval")  # one pooled vector per item
 STORAGE_DTYPES = ("float16", "float32", "bfloat16")
 INSTALL_HINT = "pip install 'hevc-vit[data]'"  # what the 'data' extra brings (URLs, tables, parquet)
 DEFAULT_TIMEOUT = 30.0  # seconds a connection or a read of a URL may wait
+DEFAULT_DECODE_TIMEOUT = 1800.0  # seconds a decoding worker may spend on one input (a stuck decoder, a FIFO)
 
 ROW_FIELDS = ("path", "shard", "key", "shape", "grid_thw", "status", "error")
 # every other field a run writes in a row: the item's kind, its source id, and what the loaders record
