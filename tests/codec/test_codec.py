@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -462,3 +463,17 @@ def test_codec_preview_command(tmp_path, capsys):
     assert "signals=('flow',)" in capsys.readouterr().err
     args = parser.parse_args(["codec-preview", str(tmp_path / "none.mp4"), "-o", str(tmp_path / "x.png")])
     assert args.run(args) == 2 and "none.mp4 does not exist" in capsys.readouterr().err
+
+
+def test_a_named_pipe_is_refused_without_being_opened(tmp_path):
+    """Opening a FIFO waits for a writer forever: every codec entry point looks at the file type first."""
+    import os
+
+    from hevc_vit.codec.assets import AssetSettings, compute_assets
+
+    os.mkfifo(tmp_path / "pipe.mp4")
+    expected = "is not a regular file but a named pipe (FIFO); expected a video file"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        select_patches(tmp_path / "pipe.mp4", 16, CodecSparseConfig(frames=4))
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        compute_assets(tmp_path / "pipe.mp4", AssetSettings())

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from hevc_vit.codec.config import CodecSparseConfig
+from hevc_vit.media.kinds import special_file
 from hevc_vit.media.video import INSTALL_HINT
 from hevc_vit.packing import check_sides
 from hevc_vit.processing.pixels import native_grid_size
@@ -27,6 +28,8 @@ def check_path(video: str | os.PathLike) -> str:
     path = os.fspath(video)
     if not os.path.exists(path):
         raise FileNotFoundError(f"video {path} does not exist")
+    if special := special_file(os.stat(path).st_mode):
+        raise ValueError(f"video {path} is not a regular file but {special}; expected a video file")
     return path
 
 

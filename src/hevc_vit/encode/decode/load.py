@@ -11,7 +11,6 @@ Legend: ``N`` patches of one item, ``C`` channels, ``p`` patch size, ``T`` frame
 from __future__ import annotations
 
 import io
-import stat
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from hevc_vit.encode.decode.sparse import load_asset_folder, load_codec_video
 from hevc_vit.encode.readers.fetch import fetch
 from hevc_vit.encode.readers.sidecars import read_sidecars
 from hevc_vit.encode.readers.spec import Fetched, InputSpec, describe_error
-from hevc_vit.media.kinds import VIDEO_EXTENSIONS
+from hevc_vit.media.kinds import VIDEO_EXTENSIONS, special_file
 from hevc_vit.media.sniff import read_head, refusal, sniff
 from hevc_vit.media.video import read_video, temporal_positions, video_patch_positions
 from hevc_vit.packing import grid_positions
@@ -61,19 +60,13 @@ def _load_into(item: LoadedItem, options: LoadOptions) -> None:
         load_asset_folder(item, options)
         return
     status = path.stat()
-    if not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer forever
-        item.error = f"not a regular file but {_special_kind(status.st_mode)}; expected an image or a video file"
+    if special := special_file(status.st_mode):
+        item.error = f"not a regular file but {special}; expected an image or a video file"
         return
     if status.st_size == 0:
         item.error = "empty file (0 bytes)"
         return
     _load_media(item, options, path, path.name)
-
-
-def _special_kind(mode: int) -> str:
-    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
-    return next((name for test, name in kinds if test(mode)), f"a special file (mode {stat.filemode(mode)})")
 
 
 def _load_media(item: LoadedItem, options: LoadOptions, source: Path | io.BytesIO, name: str) -> None:
