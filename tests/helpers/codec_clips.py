@@ -65,3 +65,23 @@ def square_patches(boxes, frame_ids, grid: int = GRID, min_cover: float = 1 / 8)
         cover_x = np.clip(np.minimum(x + SQUARE, edges + P) - np.maximum(x, edges), 0, None)
         truth[t] = np.outer(cover_y, cover_x) >= min_cover * P * P
     return truth
+
+
+def moving_clip_or_skip(folder: Path, codec: str, pan=(0, 0)) -> tuple[Path, list[tuple[int, int]]]:
+    """:func:`write_moving_clip` at ``folder/<codec>.mp4`` (full size and length); the test is skipped where this
+    PyAV was built without the encoder. Returns the path and the square's boxes."""
+    try:
+        av.codec.Codec(codec, "w")
+    except ValueError:  # UnknownCodecError: a wheel built without it
+        pytest.skip(f"this PyAV has no {codec} encoder")
+    path = folder / f"{codec}.mp4"
+    return path, write_moving_clip(path, codec, pan=pan)
+
+
+def square_recall(boxes, frame_ids, positions, grid: int = GRID) -> float:
+    """The share of the moving square's patches (:func:`square_patches`) in sampled frames 1.. that the kept
+    ``(t, h, w)`` ``positions`` cover (frame 0 is kept whole by every selection)."""
+    truth = square_patches(boxes, frame_ids, grid)
+    keep = np.zeros_like(truth)
+    keep[tuple(np.asarray(positions).T)] = True
+    return (keep & truth)[1:].sum() / truth[1:].sum()

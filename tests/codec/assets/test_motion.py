@@ -13,7 +13,7 @@ from hevc_vit.codec import read_signals as encode_signals
 from hevc_vit.codec.assets import AssetSettings, SquareGeometry, compute_assets
 from hevc_vit.codec.assets.video import decode_squares
 from hevc_vit.codec.signals import sample_frame_ids
-from tests.helpers.codec_clips import ENCODERS, FRAMES, SIZE, P, square_patches, write_moving_clip
+from tests.helpers.codec_clips import ENCODERS, FRAMES, SIZE, P, moving_clip_or_skip, square_recall, write_moving_clip
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 
@@ -125,20 +125,12 @@ def test_a_codec_without_vectors_is_scored_by_the_fallback(tmp_path):
 @pytest.mark.parametrize("pan", [(0, 0), (3, 4)], ids=["square", "pan"])
 @pytest.mark.parametrize("codec", list(ENCODERS))
 def test_kept_patches_cover_the_moving_square_with_motion_vectors(tmp_path, codec, pan):
-    try:
-        av.codec.Codec(codec, "w")
-    except ValueError:  # UnknownCodecError: a wheel built without it
-        pytest.skip(f"this PyAV has no {codec} encoder")
-    path = tmp_path / f"{codec}.mp4"
-    boxes = write_moving_clip(path, codec, pan=pan)
+    path, boxes = moving_clip_or_skip(tmp_path, codec, pan)
     layout = dict(frames=FRAMES, num_images=4, square_size=SIZE, patch_size=P)  # 12.5 % of the patches
 
     def recall(settings: AssetSettings) -> tuple[float, dict]:
         assets = compute_assets(path, settings)
-        truth = square_patches(boxes, assets.frame_ids, SIZE // P)
-        keep = np.zeros_like(truth)
-        keep[tuple(assets.positions.T)] = True
-        return (keep & truth)[1:].sum() / truth[1:].sum(), assets.info
+        return square_recall(boxes, assets.frame_ids, assets.positions, SIZE // P), assets.info
 
     fused, _ = recall(AssetSettings.reference(**layout))
     assert fused >= 0.9, f"{codec} {pan}: motion vectors + aligned difference cover {fused:.3f} of the square"
@@ -149,10 +141,7 @@ def test_kept_patches_cover_the_moving_square_with_motion_vectors(tmp_path, code
     # the vectors alone mark the blocks the encoder moved, not the ones it coded intra at the square's edges:
     # the same signal as select_patches', so the same recall (measured 0.27-0.74 there, see docs/codec-assets.md)
     selection = select_patches(path, P, CodecSparseConfig(frames=FRAMES, signals=MV, budget=4 * (SIZE // P) ** 2))
-    truth = square_patches(boxes, selection.frame_ids.numpy())
-    keep = np.zeros_like(truth)
-    keep[tuple(selection.positions.numpy().T)] = True
-    theirs = (keep & truth)[1:].sum() / truth[1:].sum()
+    theirs = square_recall(boxes, selection.frame_ids.numpy(), selection.positions.numpy())
     assert alone >= theirs - 0.02, f"{codec} {pan}: motion vectors alone cover {alone:.3f}, select_patches {theirs:.3f}"
 
 
