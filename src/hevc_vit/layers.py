@@ -114,8 +114,15 @@ class HEVCViTEncoderLayer(nn.Module):
         if chunk is None:
             q, k, v = before(self, x, cos, sin)
         else:
-            parts = [before(self, *xs) for xs in zip(x.split(chunk), cos.split(chunk), sin.split(chunk))]
-            q, k, v = (torch.cat(p) for p in zip(*parts))  # (T, H, Dh) each
+            # each chunk's q, k, v go straight to one head-major (3, H, T, Dh) buffer: every head's rows adjacent,
+            # as the CPU attention kernel reads them, so neither a join of the chunks nor a layout copy is needed
+            T, H, Dh = x.shape[0], self.self_attn.num_heads, self.self_attn.head_dim
+            qkv = x.new_empty(3, H, T, Dh)
+            for start in range(0, T, chunk):
+                rows = slice(start, start + chunk)
+                for i, part in enumerate(before(self, x[rows], cos[rows], sin[rows])):
+                    qkv[i, :, rows] = part.transpose(0, 1)
+            q, k, v = (qkv[i].transpose(0, 1) for i in range(3))  # (T, H, Dh) views
         dropout = self.self_attn.dropout if self.training else 0.0
         out = attend(q, k, v, plan, self.self_attn.scale, dropout_p=dropout)  # (T, H, Dh)
         if chunk is None:
