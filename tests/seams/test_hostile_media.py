@@ -132,8 +132,8 @@ def test_a_variable_frame_rate_clip_gives_the_frames_its_row_names(model, tmp_pa
     assert [_number_of(frame) for frame in sampled.frames] == row["frames"]
 
 
-def test_an_audio_file_with_cover_art_is_a_failed_row_not_a_one_frame_clip(model, tmp_path):
-    path = tmp_path / "song.mp4"
+def _song(path: Path) -> Path:
+    """An AAC audio file with album art: a one-frame mjpeg stream marked as an attached picture."""
     with av.open(str(path), "w") as container:
         audio = container.add_stream("aac", rate=16000)
         cover = container.add_stream("mjpeg")
@@ -153,5 +153,25 @@ def test_an_audio_file_with_cover_art_is_a_failed_row_not_a_one_frame_clip(model
         container.mux(packet)
     with av.open(str(path)) as container:  # the file holds a cover picture, and no clip
         assert [int(s.disposition) & 0x0400 for s in container.streams.video] == [0x0400]
-    row = _rows(tmp_path, path, model=model)["song.mp4"]
+    return path
+
+
+def test_an_audio_file_with_cover_art_is_a_failed_row_not_a_one_frame_clip(model, tmp_path):
+    row = _rows(tmp_path, _song(tmp_path / "song.mp4"), model=model)["song.mp4"]
     assert row["status"] == "failed" and "no video stream" in row["error"] and "cover" in row["error"], row
+
+
+def test_codec_sparse_refuses_clips_it_would_encode_sideways_squeezed_or_from_a_cover(model, tmp_path):
+    # the selection works on the stored frames: each of these would be a wrong clip with status ok
+    frames = [_picture(64, 32)] * 4
+    files = {
+        "turned.mp4": _write(tmp_path / "turned.mp4", frames, rotation=90),
+        "anamorphic.mp4": _write(tmp_path / "anamorphic.mp4", frames, aspect=Fraction(2, 1)),
+        "song.mp4": _song(tmp_path / "song.mp4"),
+        "plain.mp4": _write(tmp_path / "plain.mp4", frames),
+    }
+    rows = _rows(tmp_path, *files.values(), model=model, codec_sparse=True)
+    assert rows["plain.mp4"]["status"] == "ok", rows["plain.mp4"]
+    for name, reason in (("turned.mp4", "turned by 90 degrees"), ("anamorphic.mp4", "sample aspect ratio 2"),
+                         ("song.mp4", "cover picture")):  # fmt: skip
+        assert rows[name]["status"] == "failed" and reason in rows[name]["error"], rows[name]
