@@ -15,6 +15,7 @@ from PIL import Image
 
 from hevc_vit.encode import encode, read_index
 from hevc_vit.media.video import read_video
+from tests.helpers import assert_close_rel, features_by_path
 from tests.helpers.encode import OPTIONS, PROC
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
@@ -175,3 +176,18 @@ def test_codec_sparse_refuses_clips_it_would_encode_sideways_squeezed_or_from_a_
     for name, reason in (("turned.mp4", "turned by 90 degrees"), ("anamorphic.mp4", "sample aspect ratio 2"),
                          ("song.mp4", "cover picture")):  # fmt: skip
         assert rows[name]["status"] == "failed" and reason in rows[name]["error"], rows[name]
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp", ".png", ".tif"])
+def test_an_animated_image_or_a_multi_page_tiff_is_encoded_as_its_first_frame(model, tmp_path, suffix):
+    pages = [Image.fromarray(np.roll(_picture(70, 40), 9 * i, axis=1)) for i in range(3)]  # each page differs
+    animated = tmp_path / f"animated{suffix}"
+    pages[0].save(animated, save_all=True, append_images=pages[1:], **({"lossless": True} if suffix == ".webp" else {}))
+    with Image.open(animated) as image:
+        assert getattr(image, "n_frames", 1) == 3
+        image.convert("RGB").save(tmp_path / "first.png")  # what Image.open and load_image give: the first frame
+    rows = _rows(tmp_path, animated, tmp_path / "first.png", model=model)
+    assert rows[animated.name]["status"] == "ok" and rows[animated.name]["kind"] == "image", rows[animated.name]
+    assert rows[animated.name]["grid_thw"] == rows["first.png"]["grid_thw"]
+    features = features_by_path(tmp_path / "out")
+    assert_close_rel(features[str(animated)]["pooled"], features[str(tmp_path / "first.png")]["pooled"])
