@@ -105,6 +105,16 @@ def test_an_anamorphic_clip_is_encoded_at_the_aspect_ratio_it_is_shown_at(model,
         assert _mean_difference(a, b) < 6  # stretched back: edges soften by one resample, nothing moves
 
 
+def test_a_sample_aspect_ratio_that_would_make_a_decompression_bomb_is_a_failed_row(model, tmp_path):
+    # a few kilobytes whose one 1024x768 frame is shown 255 times as wide: 200 M pixels, over Pillow's bomb limit;
+    # stretched, it took 7 s and 2.9 GiB (one frame; eight would be five times that)
+    bomb = _write(tmp_path / "bomb.mp4", [_picture(1024, 768)], aspect=Fraction(255, 1))
+    assert 1024 * 255 * 768 > 2 * Image.MAX_IMAGE_PIXELS
+    row = _rows(tmp_path, bomb, model=model)["bomb.mp4"]
+    assert row["status"] == "failed" and "sample aspect ratio 255" in row["error"], row
+    assert "decompression-bomb" in row["error"], row
+
+
 def _numbered(i: int) -> np.ndarray:
     """Frame ``i`` (< 320) of a clip: its left half says ``i // 16``, its right half ``i % 16``, in steps of 12."""
     pixels = np.empty((32, 64, 3), np.uint8)

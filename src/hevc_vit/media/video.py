@@ -108,6 +108,13 @@ def upright_image(frame, aspect: Fraction = Fraction(1)) -> Image.Image:
     (:func:`sample_aspect`; ``ffmpeg -vf scale=iw*sar:ih``), turned upright as its display matrix says
     (:func:`frame_rotation`). The processor then sizes the clip by its shown aspect ratio, as a player shows it."""
     width = max(1, round(frame.width * aspect))
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb bound; it refuses images over twice this
+    if limit and width * frame.height > 2 * limit:
+        raise ValueError(
+            f"the clip's frames are {frame.width}x{frame.height}, shown {width}x{frame.height} (sample aspect ratio "
+            f"{aspect}): {width * frame.height:,} pixels, over the {2 * limit:,} an image may have (Pillow's "
+            f"decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS x 2)"
+        )
     if width == frame.width:
         image = rgb_image(frame)
     else:
