@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from hevc_vit.encode import encode, read_index
-from hevc_vit.media.video import read_video
+from hevc_vit.media.video import matrix_rotation, read_video
 from tests.helpers import assert_close_rel, features_by_path
 from tests.helpers.encode import OPTIONS, PROC
 
@@ -88,6 +88,19 @@ def test_a_phone_clip_with_a_rotation_matrix_is_encoded_upright(model, tmp_path,
         assert rows[name]["grid_thw"] == [3, *expected] and rows[name]["size"] == [32, 64], rows[name]
     for a, b in zip(read_video(plain, 3).frames, read_video(turned, 3).frames):
         assert _mean_difference(a, b) < 4  # the same picture, up to the codec (a sideways frame differs by ~60)
+
+
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270, 45])
+def test_the_display_matrix_read_for_an_old_pyav_gives_pyavs_own_rotation(tmp_path, rotation):
+    if not hasattr(av.VideoFrame, "rotation"):
+        pytest.skip("this PyAV has no VideoFrame.rotation to compare with")
+    clip = _write(tmp_path / "turned.mp4", [_picture(32, 16)], rotation=rotation)
+    with av.open(str(clip)) as container:
+        frame = next(container.decode(video=0))
+        assert round(matrix_rotation(frame)) == round(frame.rotation)
+    if rotation % 90:  # no rectangle upright: refused, naming the angle
+        with pytest.raises(ValueError, match="turns its frames by 45"):
+            read_video(clip, 1)
 
 
 def test_an_anamorphic_clip_is_encoded_at_the_aspect_ratio_it_is_shown_at(model, tmp_path):

@@ -6,6 +6,7 @@ Legend: ``T`` sampled frames, ``h``/``w`` sides in patches.
 
 from __future__ import annotations
 
+import math
 import os
 from fractions import Fraction
 from typing import IO
@@ -85,13 +86,31 @@ _TURNS = {0: None, 90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_18
 def frame_rotation(frame) -> int:
     """The counterclockwise turn, 0, 90, 180 or 270 degrees, that shows ``frame`` upright: the rotation of its
     stream's display matrix (a phone stores a portrait clip as landscape frames and this matrix; ffmpeg, players and
-    torchcodec turn the frames). A PyAV without ``frame.rotation`` (before 14) gives 0. A turn that is not a multiple
-    of 90 degrees raises ``ValueError``: the frame would not be a rectangle upright."""
-    angle = getattr(frame, "rotation", 0) or 0
+    torchcodec turn the frames). A PyAV without ``frame.rotation`` (before 14): read from the frame's display matrix
+    (:func:`matrix_rotation`). A turn that is not a multiple of 90 degrees raises ``ValueError``: the frame would not
+    be a rectangle upright."""
+    angle = getattr(frame, "rotation", None)
+    angle = matrix_rotation(frame) if angle is None else angle
+    if not math.isfinite(angle):
+        raise ValueError(f"the video's display matrix is singular (rotation {angle}); expected a rotation")
     turn = round(angle)
     if turn % 90:
         raise ValueError(f"the video's display matrix turns its frames by {angle} degrees; expected a multiple of 90")
     return turn % 360
+
+
+def matrix_rotation(frame) -> float:
+    """The counterclockwise degrees of the frame's ``DISPLAYMATRIX`` side data, as FFmpeg's ``av_display_rotation_get``
+    computes them (what PyAV 14+ gives as ``frame.rotation``); 0 without one. The matrix is 9 int32 in 16.16 fixed
+    point, row-major ``[a b u; c d v; x y w]``: a stored point ``(p, q)`` goes to ``(a·p + c·q + x, b·p + d·q + y)``."""
+    for side in getattr(frame, "side_data", None) or ():
+        if str(getattr(side, "type", "")).upper().endswith("DISPLAYMATRIX"):
+            a, b, _, c, d = np.frombuffer(bytes(side), dtype="<i4")[:5].astype(np.float64)
+            scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+            if not scale_x or not scale_y:
+                return math.nan
+            return -math.degrees(math.atan2(b / scale_y, a / scale_x))
+    return 0.0
 
 
 def sample_aspect(stream) -> Fraction:
