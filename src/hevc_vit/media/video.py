@@ -6,9 +6,12 @@ Legend: ``T`` sampled frames, ``h``/``w`` sides in patches.
 
 from __future__ import annotations
 
+import math
 import os
+from fractions import Fraction
 from typing import IO
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -76,6 +79,69 @@ def rgb_image(frame) -> Image.Image:
     return reformat_here(frame, format="rgb24").to_image()
 
 
+# counterclockwise turn of the display matrix (PyAV's frame.rotation, 0 without one) -> PIL's transposition
+_TURNS = {0: None, 90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+def frame_rotation(frame) -> int:
+    """The counterclockwise turn, 0, 90, 180 or 270 degrees, that shows ``frame`` upright: the rotation of its
+    stream's display matrix (a phone stores a portrait clip as landscape frames and this matrix; ffmpeg, players and
+    torchcodec turn the frames). A PyAV without ``frame.rotation`` (before 14): read from the frame's display matrix
+    (:func:`matrix_rotation`). A turn that is not a multiple of 90 degrees raises ``ValueError``: the frame would not
+    be a rectangle upright."""
+    angle = getattr(frame, "rotation", None)
+    angle = matrix_rotation(frame) if angle is None else angle
+    if not math.isfinite(angle):
+        raise ValueError(f"the video's display matrix is singular (rotation {angle}); expected a rotation")
+    turn = round(angle)
+    if turn % 90:
+        raise ValueError(f"the video's display matrix turns its frames by {angle} degrees; expected a multiple of 90")
+    return turn % 360
+
+
+def matrix_rotation(frame) -> float:
+    """The counterclockwise degrees of the frame's ``DISPLAYMATRIX`` side data, as FFmpeg's ``av_display_rotation_get``
+    computes them (what PyAV 14+ gives as ``frame.rotation``); 0 without one. The matrix is 9 int32 in 16.16 fixed
+    point, row-major ``[a b u; c d v; x y w]``: a stored point ``(p, q)`` goes to ``(a·p + c·q + x, b·p + d·q + y)``."""
+    for side in getattr(frame, "side_data", None) or ():
+        if str(getattr(side, "type", "")).upper().endswith("DISPLAYMATRIX"):
+            a, b, _, c, d = np.frombuffer(bytes(side), dtype="<i4")[:5].astype(np.float64)
+            scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+            if not scale_x or not scale_y:
+                return math.nan
+            return -math.degrees(math.atan2(b / scale_y, a / scale_x))
+    return 0.0
+
+
+def sample_aspect(stream) -> Fraction:
+    """The width of one stored pixel over its height as the stream is shown (1 when it says nothing): an anamorphic
+    clip (DVD, HDV: 1440x1080 shown as 1920x1080) stores fewer columns than it shows."""
+    for aspect in (getattr(stream, "sample_aspect_ratio", None), stream.codec_context.sample_aspect_ratio):
+        if aspect and aspect > 0:
+            return Fraction(aspect)
+    return Fraction(1)
+
+
+def upright_image(frame, aspect: Fraction = Fraction(1)) -> Image.Image:
+    """The frame as it is shown: :func:`rgb_image` with its width scaled by the stream's ``aspect``
+    (:func:`sample_aspect`; ``ffmpeg -vf scale=iw*sar:ih``), turned upright as its display matrix says
+    (:func:`frame_rotation`). The processor then sizes the clip by its shown aspect ratio, as a player shows it."""
+    width = max(1, round(frame.width * aspect))
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb bound; it refuses images over twice this
+    if limit and width * frame.height > 2 * limit:
+        raise ValueError(
+            f"the clip's frames are {frame.width}x{frame.height}, shown {width}x{frame.height} (sample aspect ratio "
+            f"{aspect}): {width * frame.height:,} pixels, over the {2 * limit:,} an image may have (Pillow's "
+            f"decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS x 2)"
+        )
+    if width == frame.width:
+        image = rgb_image(frame)
+    else:
+        image = reformat_here(frame, format="rgb24", width=width, height=frame.height).to_image()
+    turn = _TURNS[frame_rotation(frame)]
+    return image if turn is None else image.transpose(turn)
+
+
 def _import_av():
     try:
         import av  # optional: the 'video' extra
@@ -85,12 +151,15 @@ def _import_av():
 
 
 def read_video(path: str | os.PathLike | IO[bytes], num_frames: int, backend: str = "pyav") -> DecodedVideo:
-    """Decode ``num_frames`` uniformly sampled frames of the first video stream of ``path``; ``backend``
-    ``"torchcodec"``: the same frames decoded by torchcodec (:func:`.video_torchcodec.read_video_torchcodec`).
+    """Decode ``num_frames`` uniformly sampled frames of the first video stream of ``path`` (a cover picture, an
+    audio file's album art, is not one); ``backend`` ``"torchcodec"``: the same frames decoded by torchcodec
+    (:func:`.video_torchcodec.read_video_torchcodec`). Frames come as they are shown (:func:`upright_image`):
+    turned upright by the stream's display matrix (a phone's portrait clip), stretched to square pixels.
 
     The clip is decoded once from the start, keeping only the sampled frames; sampled frames more than
     ``SEEK_MIN_GAP`` frames apart are reached by seeking instead (an hour sampled at 8 frames decodes a few
-    keyframe intervals, not the hour), with the same frames as a decode from the start. When the container does not
+    keyframe intervals, not the hour), with the same frames as a decode from the start (only when every frame's
+    timestamp shows a constant frame rate: see :func:`_steady`). When the container does not
     state its frame count, the packets are counted first. When it states a count and fewer frames decode, a
     shortfall of a few frames (at most 2, or 5 % of the count: containers round, and edit lists or decoder
     delay drop a frame or two) draws the sample again over the frames that decode; a larger one means the file
@@ -101,14 +170,15 @@ def read_video(path: str | os.PathLike | IO[bytes], num_frames: int, backend: st
             raise ValueError(f"backend={backend!r}; expected one of {VIDEO_BACKENDS}")
         return read_video_torchcodec(path, num_frames)
     av = _import_av()
-    total = _stated_frame_count(av, path)
-    if total is None:
-        total = _count_frames(av, path)
+    total, times = _stated_frame_count(av, path)
+    if total is None or (times is None and total > SEEK_MIN_GAP + 1):  # a seek needs every frame's timestamp
+        counted, times = _count_frames(av, path)
+        total = total or counted
     for _ in range(2):
         if total < 1:
             raise ValueError("the video stream has no frames")
         wanted = sample_frame_indices(total, num_frames)
-        frames, decoded = _decode_frames(av, path, wanted)
+        frames, decoded = _decode_frames(av, path, wanted, times)
         if len(frames) == len(wanted):
             return DecodedVideo(frames, wanted, total)
         if decoded < total - max(2, total // 20):
@@ -126,22 +196,55 @@ def _open(av, path):
         container = av.open(path)
     else:
         container = av.open(os.fspath(path))
-    if not container.streams.video:
+    if video_stream(container) is None:
+        covers = len(container.streams.video)
         container.close()
-        raise ValueError("the file has no video stream")
+        cover = f" (only {covers} attached cover picture: an audio file's album art)" if covers else ""
+        raise ValueError(f"the file has no video stream{cover}")
     return container
 
 
-def _stated_frame_count(av, path) -> int | None:
-    with _open(av, path) as container:
-        frames = container.streams.video[0].frames
-    return frames if frames and frames > 0 else None
+ATTACHED_PIC = 0x0400  # AV_DISPOSITION_ATTACHED_PIC: a still cover picture (a song's album art), not a clip
 
 
-def _count_frames(av, path) -> int:
+def video_stream(container):
+    """The first video stream of ``container`` that is a clip, not a still cover picture (an audio file's album art
+    is a one-frame video stream; encoding it would give a one-frame "video" of the cover); None when none is."""
+    clips = (s for s in container.streams.video if not int(getattr(s, "disposition", 0)) & ATTACHED_PIC)
+    return next(clips, None)
+
+
+def _stated_frame_count(av, path) -> tuple[int | None, list[int] | None]:
+    """The frame count the stream states (None when it states none), and the timestamps of all its frames when the
+    container indexes every frame (MP4/MOV's sample table, an AVI index; read without reading the frames)."""
     with _open(av, path) as container:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        stream = video_stream(container)
+        frames = stream.frames
+        entries = getattr(stream, "index_entries", None) or ()  # PyAV >= 15
+        times = [e.timestamp for e in entries] if frames and len(entries) == frames else None
+    return (frames, times) if frames and frames > 0 else (None, None)
+
+
+def _count_frames(av, path) -> tuple[int, list[int] | None]:
+    """The frames found by reading the stream's packets, and their timestamps (None when a packet has none)."""
+    count, times = 0, []
+    with _open(av, path) as container:
+        for packet in container.demux(video_stream(container)):
+            if packet.size:
+                count += 1
+                times.append(packet.pts if packet.pts is not None else packet.dts)
+    return count, None if None in times else times
+
+
+def _steady(times: list[int], ticks_rate) -> bool:
+    """Whether frame ``i`` of ``times`` (every frame's timestamp, in time-base ticks) lies within a third of a frame
+    of ``first + i / rate`` (``ticks_rate``: frames per tick): only then does a timestamp name its frame's index.
+    A variable frame rate (a screen recording, a WebM from a browser) fails: there a frame found by its time
+    can be another frame than the one sampled by index — a seek to frame 300 of 320 landed on frame 215."""
+    ordered = np.sort(np.asarray(times, dtype=np.float64))
+    if not ordered.size:
+        return False
+    return bool((np.abs((ordered - ordered[0]) * float(ticks_rate) - np.arange(ordered.size)) < 1 / 3).all())
 
 
 def decode_stream(container, stream):
@@ -150,12 +253,13 @@ def decode_stream(container, stream):
     return container.decode(stream)
 
 
-def _decode_frames(av, path, wanted: list[int]) -> tuple[list[Image.Image], int]:
+def _decode_frames(av, path, wanted: list[int], times: list[int] | None = None) -> tuple[list[Image.Image], int]:
     """The frames at ``wanted`` (sorted indices), and how many frames were decoded in all. Frames far apart
     (more than ``SEEK_MIN_GAP``) are reached by seeking to the keyframe before each, when the stream's
-    timestamps allow it; otherwise, or when a seek misses a frame, the clip is decoded from the start."""
-    if wanted[-1] > SEEK_MIN_GAP:
-        frames = _seek_frames(av, path, wanted)
+    timestamps ``times`` (of every frame, from the container's index or its packets) show a constant frame rate;
+    otherwise, or when a seek misses a frame, the clip is decoded from the start."""
+    if wanted[-1] > SEEK_MIN_GAP and times is not None:
+        frames = _seek_frames(av, path, wanted, times)
         if frames is not None:
             return frames, wanted[-1] + 1
     keep = set(wanted)
@@ -163,26 +267,28 @@ def _decode_frames(av, path, wanted: list[int]) -> tuple[list[Image.Image], int]
     frames: list[Image.Image] = []
     decoded = 0
     with _open(av, path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         stream.thread_type = "AUTO"
+        aspect = sample_aspect(stream)
         for frame in decode_stream(container, stream):
             if decoded in keep:
-                frames.append(rgb_image(frame))
+                frames.append(upright_image(frame, aspect))
             decoded += 1
             if decoded > last:
                 break
     return frames, decoded
 
 
-def _seek_frames(av, path, wanted: list[int]) -> list[Image.Image] | None:
+def _seek_frames(av, path, wanted: list[int], times: list[int]) -> list[Image.Image] | None:
     """The frames at ``wanted`` found by seeking (frame ``i`` is the one presented at ``start + i / rate``), or
     None when the stream's timestamps do not identify every wanted frame (variable frame rate, no timestamps,
     a frame missing): the caller then decodes from the start, as before."""
     with _open(av, path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         rate, base = stream.average_rate or stream.guessed_rate, stream.time_base
-        if not rate or not base:
+        if not rate or not base or not _steady(times, rate * base):
             return None
+        aspect = sample_aspect(stream)
         start = stream.start_time or 0
         frames: list[Image.Image] = []
         decoding, position = None, -1  # the frame iterator, and the index of the last frame it gave
@@ -200,5 +306,5 @@ def _seek_frames(av, path, wanted: list[int]) -> list[Image.Image] | None:
                 return None  # the stream ended first
             if position != target:
                 return None
-            frames.append(rgb_image(frame))
+            frames.append(upright_image(frame, aspect))
     return frames
