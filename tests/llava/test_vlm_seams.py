@@ -93,6 +93,44 @@ def test_pipeline_batch_of_chats_equals_each_chat_alone(padding_side):
 
 
 @pytest.mark.slow
+def test_pipeline_batches_text_only_chats_with_image_chats():
+    """A chat without images and one with them in one batch: transformers' collator needs the same keys in
+    every sample, so a text-only sample carries ``(0, C·p·p)`` pixels and a ``(0, 3)`` grid, which concatenate."""
+    model, processor = _vlm()
+    chats = [
+        _chat([{"type": "image", "image": _image(1, 56, 70)}]),
+        _chat([], "what is a cat"),
+        _chat([], "one two"),
+        _chat([{"type": "image", "image": _image(2, 100, 40)}, {"type": "image", "image": _image(3, 45, 45)}], "what"),
+    ]
+    pipe = transformers.pipeline("image-text-to-text", model=model, processor=processor)
+    processor.tokenizer.padding_side = "left"
+    settings = dict(generate_kwargs={"max_new_tokens": 3, "do_sample": False, "suppress_tokens": SUPPRESS})
+
+    def reply(out):
+        return (out[0] if isinstance(out, list) else out)["generated_text"][-1]["content"]
+
+    batched = [reply(out) for out in pipe(text=chats, batch_size=2, **settings)]
+    assert batched == [reply(pipe(text=chat, **settings)) for chat in chats]
+
+
+def test_text_only_inputs_with_empty_pixels_equal_text_only_inputs():
+    model, processor = _vlm()
+    out = processor(text=["what is a cat", "one two three"])
+    assert out["pixel_values"].shape == (0, 3 * 14 * 14) and out["image_grid_thw"].shape == (0, 3)
+    bare = {k: v for k, v in out.items() if k not in ("pixel_values", "image_grid_thw")}
+    greedy = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**out).logits, model(**bare).logits, atol=0, rtol=0)
+    assert torch.equal(model.generate(**out, **greedy), model.generate(**bare, **greedy))
+    with pytest.raises(ValueError, match="placeholders but pixel_values"):  # the items are missing, not empty
+        model(
+            **processor(text="<image> a", images=_image(1, 56, 70))
+            | {k: out[k] for k in ("pixel_values", "image_grid_thw")}
+        )
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_processor_batch_gives_each_sample_its_single_logits_and_greedy_tokens(padding_side):
     model, processor = _vlm()

@@ -200,8 +200,9 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         frames or a ``(t, H, W, C)`` / ``(t, C, H, W)`` array) or a list of them. text: one string or a batch;
         the k-th ``<image>`` of the batch (row by row) is ``images[k]``, the j-th ``<video>`` is ``videos[j]``.
         patch_positions: explicit ``(t, h, w)`` positions: ``(T, 3)`` for all items in placeholder order, or one
-        ``(N_i, 3)`` per item. Other keywords go to the tokenizer (``padding`` defaults to True for a batch: one
-        text needs none, and a tokenizer without a pad token could not pad it)."""
+        ``(N_i, 3)`` per item; without any item ``pixel_values`` is ``(0, C·p·p)`` and ``image_grid_thw``
+        ``(0, 3)`` (the model reads them as none). Other keywords go to the tokenizer (``padding`` defaults to
+        True for a batch: one text needs none, and a tokenizer without a pad token could not pad it)."""
         if kwargs.pop("audio", None) is not None:  # transformers 4's apply_chat_template passes audio=None
             raise ValueError("audio was given; this processor takes images, videos and text only")
         if text is None:
@@ -243,6 +244,11 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
                 data["patch_positions"] = self._positions(patch_positions, grid)
         elif patch_positions is not None:
             raise ValueError("patch_positions was given without any image or video")
+        else:  # no item: empty pixels, so that transformers' collator can batch this with a multimodal sample
+            ip = self.image_processor
+            channels = len(ip.image_mean) if isinstance(ip.image_mean, (list, tuple)) else 3
+            data["pixel_values"] = torch.zeros(0, channels * ip.patch_size**2)  # (0, C·p·p)
+            data["image_grid_thw"] = torch.zeros(0, 3, dtype=torch.long)  # (0, 3)
         kwargs.setdefault("padding", len(texts) > 1)
         kwargs.setdefault("return_token_type_ids", False)  # the model takes none
         encoded = self.tokenizer(expanded, return_tensors=return_tensors, **kwargs)
