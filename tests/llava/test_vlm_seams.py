@@ -163,6 +163,9 @@ def test_one_text_needs_no_pad_token():
     model, processor = _vlm()
     image, text = _image(1, 56, 70), "<image> describe the image"
     padded = processor(images=[image], text=text)
+    n = padded["input_ids"].shape[1]
+    widths = [len(processor(images=[image], text=text, pad_to_multiple_of=m)["input_ids"][0]) for m in (8, 16)]
+    assert widths == [m * -(-n // m) for m in (8, 16)] and n % 8  # asked for, one text is still padded
     processor.tokenizer.pad_token = None
     bare = processor(images=[image], text=text)
     for key in padded:

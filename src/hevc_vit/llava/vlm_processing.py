@@ -249,7 +249,7 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
             channels = len(ip.image_mean) if isinstance(ip.image_mean, (list, tuple)) else 3
             data["pixel_values"] = torch.zeros(0, channels * ip.patch_size**2)  # (0, C·p·p)
             data["image_grid_thw"] = torch.zeros(0, 3, dtype=torch.long)  # (0, 3)
-        kwargs.setdefault("padding", len(texts) > 1)
+        kwargs.setdefault("padding", len(texts) > 1 or kwargs.get("pad_to_multiple_of") is not None)
         kwargs.setdefault("return_token_type_ids", False)  # the model takes none
         encoded = self.tokenizer(expanded, return_tensors=return_tensors, **kwargs)
         if grids:
