@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import load_image
@@ -100,8 +101,9 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]  # transformers 4 reads these; 5 reads __init__'s signature
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if int(transformers.__version__.split(".")[0]) < 5:  # 5 warns at every load of a processor naming them
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self,
