@@ -243,12 +243,14 @@ class HEVCViTLlavaModel(HEVCViTLlavaPreTrainedModel):
             raise ValueError("pass exactly one of input_ids (B, S) and inputs_embeds (B, S, L)")
         cache = kwargs.pop("cache", None)
         cache = past_key_values if cache is None else cache
+        if pixel_values is not None and not len(pixel_values) and (image_grid_thw is None or not len(image_grid_thw)):
+            pixel_values = image_grid_thw = patch_positions = None  # the processor's text-only (0, C·p·p): no item
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, L)
         if pixel_values is not None:
             inputs_embeds = self.merge_vision(inputs_embeds, input_ids, pixel_values, image_grid_thw, patch_positions)
         elif input_ids is not None and not _is_decoding(cache) and self._has_placeholders(input_ids):
-            raise ValueError("input_ids holds <image>/<video> placeholders but pixel_values is None")
+            raise ValueError("input_ids holds <image>/<video> placeholders but pixel_values is None (or holds no item)")
         if cache is not None:
             kwargs[self._cache_arg or "past_key_values"] = cache
         return self.language_model(
@@ -352,7 +354,7 @@ class HEVCViTLlavaForConditionalGeneration(HEVCViTLlavaPreTrainedModel, Generati
         """transformers repeats every tensor along dim 0 (beams, ``num_return_sequences``); the packed vision
         inputs have items, not samples, on dim 0: each sample's items are repeated with it here instead."""
         vision = {name: kwargs.pop(name, None) for name in VISION_INPUTS}
-        if expand_size > 1 and vision["pixel_values"] is not None:
+        if expand_size > 1 and vision["pixel_values"] is not None and len(vision["pixel_values"]):  # 0: no item
             vision = self._expand_vision(vision, expand_size, input_ids, kwargs.get("inputs_embeds"))
         input_ids, kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **kwargs

@@ -12,12 +12,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import load_image
 from transformers.processing_utils import ProcessorMixin
 
 from hevc_vit.llava.vlm_config import SPATIAL_MERGE, projected_grid_thw
 from hevc_vit.processing.image_processing import as_pil_image
+
+URL_TIMEOUT = 60.0  # seconds an http(s) image may take to arrive (transformers' load_image waits forever on None)
 
 
 def _is_frame(x: Any) -> bool:
@@ -49,6 +53,9 @@ def _flat_videos(videos: Any) -> list[list[Any]]:
     one flat list of videos, each a list of frames."""
     if videos is None:
         return []
+    if isinstance(videos, str):  # a path (a chat's video entry): iterating it letter by letter never ends
+        raise ValueError(f"a video is the str {videos!r:.80}; expected its frames (a list of images or a "
+                         f"(t, H, W, C) array): decode it first (hevc_vit.media.video.read_video)")  # fmt: skip
     if isinstance(videos, (np.ndarray, torch.Tensor)) and videos.ndim == 4:
         return [list(videos)]
     if isinstance(videos, (list, tuple)) and videos and all(_is_frame(f) for f in videos):
@@ -57,6 +64,19 @@ def _flat_videos(videos: Any) -> list[list[Any]]:
     for item in videos:
         out += _flat_videos(item)
     return out
+
+
+def _load(image: Any, what: str, timeout: float | None) -> Any:
+    """A path or http(s) URL (a chat's ``{"type": "image", "url" | "path": ...}``, as transformers' own processors
+    take them) -> a PIL image by transformers' ``load_image`` (EXIF orientation applied, RGB, as the pipeline
+    loads); anything else is returned as it is."""
+    if not isinstance(image, str):
+        return image
+    try:
+        return load_image(image, timeout=timeout)
+    except Exception as error:  # httpx / requests / PIL / base64 errors: say which item and what it was
+        raise ValueError(f"{what} is a str; expected a PIL image, a numpy array or a torch tensor, or the path or "
+                         f"http(s) URL of an image: {image!r:.120} could not be read ({error})") from error  # fmt: skip
 
 
 def _as_positions(value: Any, what: str) -> torch.Tensor:
@@ -81,8 +101,9 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]  # transformers 4 reads these; 5 reads __init__'s signature
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if int(transformers.__version__.split(".")[0]) < 5:  # 5 warns at every load of a processor naming them
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self,
@@ -150,14 +171,17 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
                                    max_tokens=max(1, ip.max_tokens // m**2),
                                    max_video_tokens=max(1, ip.max_video_tokens // m**2))  # fmt: skip
 
-    def _patches(self, frames: Any, what: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """One image (``frames`` one image) or video (a list of frames) -> ``(t·h·w, C·p·p)``, ``(t, h, w)``."""
+    def _patches(
+        self, frames: Any, what: str, timeout: float | None = URL_TIMEOUT
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One image (``frames`` one image, or its path / URL) or video (a list of frames) ->
+        ``(t·h·w, C·p·p)``, ``(t, h, w)``."""
         if isinstance(frames, list):
             if not frames:
                 raise ValueError(f"{what} has no frames; expected at least one")
             pil: Any = [as_pil_image(frame, f"{what} frame {k}") for k, frame in enumerate(frames)]
         else:
-            pil = as_pil_image(frames, what)
+            pil = as_pil_image(_load(frames, what, timeout), what)
         try:
             return self.native_processor().patchify(pil, self.image_processor.patch_size)
         except ValueError as error:  # say which item (the image processor sees one)
@@ -170,13 +194,19 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         videos: Any = None,
         patch_positions: torch.Tensor | Sequence[torch.Tensor] | None = None,
         return_tensors: str | None = "pt",
+        timeout: float | None = URL_TIMEOUT,
         **kwargs: Any,
     ) -> BatchFeature:
-        """images: one image or a list (or a list per sample; PIL, numpy, torch). videos: one video (a list of
+        """images: one image or a list (or a list per sample; PIL, numpy, torch, or a path or http(s) URL, read
+        with transformers' ``load_image`` waiting at most ``timeout`` seconds). videos: one video (a list of
         frames or a ``(t, H, W, C)`` / ``(t, C, H, W)`` array) or a list of them. text: one string or a batch;
         the k-th ``<image>`` of the batch (row by row) is ``images[k]``, the j-th ``<video>`` is ``videos[j]``.
         patch_positions: explicit ``(t, h, w)`` positions: ``(T, 3)`` for all items in placeholder order, or one
-        ``(N_i, 3)`` per item. Other keywords go to the tokenizer (``padding`` defaults to True)."""
+        ``(N_i, 3)`` per item; without any item ``pixel_values`` is ``(0, C·p·p)`` and ``image_grid_thw``
+        ``(0, 3)`` (the model reads them as none). Other keywords go to the tokenizer (``padding`` defaults to
+        True for a batch: one text needs none, and a tokenizer without a pad token could not pad it)."""
+        if kwargs.pop("audio", None) is not None:  # transformers 4's apply_chat_template passes audio=None
+            raise ValueError("audio was given; this processor takes images, videos and text only")
         if text is None:
             raise ValueError("text is None; expected a string or a list of strings holding the placeholders")
         texts = [text] if isinstance(text, str) else list(text)
@@ -198,7 +228,7 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
         for token in found:
             video = token == self.video_token
             i = next(pending["video" if video else "image"])
-            x, thw = self._patches(videos[i] if video else images[i], f"{'video' if video else 'image'} {i}")
+            x, thw = self._patches(videos[i] if video else images[i], f"{'video' if video else 'image'} {i}", timeout)
             patches.append(x)
             grids.append(torch.tensor(thw))
             is_video.append(video)
@@ -216,7 +246,12 @@ class HEVCViTLlavaProcessor(ProcessorMixin):
                 data["patch_positions"] = self._positions(patch_positions, grid)
         elif patch_positions is not None:
             raise ValueError("patch_positions was given without any image or video")
-        kwargs.setdefault("padding", True)
+        else:  # no item: empty pixels, so that transformers' collator can batch this with a multimodal sample
+            ip = self.image_processor
+            channels = len(ip.image_mean) if isinstance(ip.image_mean, (list, tuple)) else 3
+            data["pixel_values"] = torch.zeros(0, channels * ip.patch_size**2)  # (0, C·p·p)
+            data["image_grid_thw"] = torch.zeros(0, 3, dtype=torch.long)  # (0, 3)
+        kwargs.setdefault("padding", len(texts) > 1 or kwargs.get("pad_to_multiple_of") is not None)
         kwargs.setdefault("return_token_type_ids", False)  # the model takes none
         encoded = self.tokenizer(expanded, return_tensors=return_tensors, **kwargs)
         if grids:
