@@ -201,6 +201,29 @@ def test_codec_sparse_refuses_clips_it_would_encode_sideways_squeezed_or_from_a_
         assert rows[name]["status"] == "failed" and reason in rows[name]["error"], rows[name]
 
 
+def test_the_codec_tools_refuse_the_same_clips_and_take_the_plain_one(tmp_path):
+    """select_patches and codec-assets' compute_assets also work on the stored frames: the same three clips are
+    refused with the reason, the plain clip is taken."""
+    from hevc_vit.codec import CodecSparseConfig, select_patches
+    from hevc_vit.codec.assets import AssetSettings, compute_assets
+
+    frames = [_picture(64, 32)] * 4
+    cases = (
+        (_write(tmp_path / "turned.mp4", frames, rotation=90), "turned by 90 degrees"),
+        (_write(tmp_path / "anamorphic.mp4", frames, aspect=Fraction(2, 1)), "sample aspect ratio 2"),
+        (_song(tmp_path / "song.mp4"), "cover picture"),
+    )
+    settings = AssetSettings(frames=4, num_images=1, square_size=64, patch_size=16)
+    for path, reason in cases:
+        with pytest.raises(ValueError, match=reason):
+            select_patches(path, 16, CodecSparseConfig(frames=4))
+        with pytest.raises(ValueError, match=reason):
+            compute_assets(path, settings)
+    plain = _write(tmp_path / "plain.mp4", frames)
+    assert select_patches(plain, 16, CodecSparseConfig(frames=4)).num_tokens > 0
+    assert len(compute_assets(plain, settings).positions) > 0
+
+
 @pytest.mark.parametrize("suffix", [".gif", ".webp", ".png", ".tif"])
 def test_an_animated_image_or_a_multi_page_tiff_is_encoded_as_its_first_frame(model, tmp_path, suffix):
     pages = [Image.fromarray(np.roll(_picture(70, 40), 9 * i, axis=1)) for i in range(3)]  # each page differs

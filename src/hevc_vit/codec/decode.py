@@ -9,7 +9,7 @@ import numpy as np
 
 from hevc_vit.codec.config import CodecSparseConfig
 from hevc_vit.media.kinds import special_file
-from hevc_vit.media.video import INSTALL_HINT
+from hevc_vit.media.video import INSTALL_HINT, frame_rotation, sample_aspect, video_stream
 from hevc_vit.packing import check_sides
 from hevc_vit.processing.pixels import native_grid_size
 
@@ -48,9 +48,42 @@ def open_video(path: str):
     return container
 
 
+REENCODE_HINT = "re-encode it as shown, e.g. ffmpeg -i IN -vf scale=iw*sar:ih,setsar=1 OUT (ffmpeg applies the turn)"
+
+
+def check_shown_as_stored(path: str, hint: str = REENCODE_HINT) -> None:
+    """Refuse a clip that is not shown as its frames are stored: codec selection scores the stored frames (motion
+    vectors, residuals) and places patches on their grid, so a phone's portrait clip (a display matrix) would come
+    out sideways and an anamorphic one squeezed; an audio file's cover picture is no clip. ``hint`` says what to
+    do instead. (Without the codec path such clips are turned and stretched: ``media.video.upright_image``.) Opens
+    the file on its own: the first frame is decoded, which would move a caller's container."""
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        cover = video_stream(container) is not stream
+        aspect = sample_aspect(stream)
+        first = None if cover or aspect != 1 else next(iter(container.decode(stream)), None)
+    if cover:
+        raise ValueError(
+            f"video {path}: its first video stream is an attached cover picture (album art), not a clip; "
+            f"expected a video whose first video stream is the clip"
+        )
+    if aspect != 1:
+        raise ValueError(
+            f"video {path}: its pixels are not square (sample aspect ratio {aspect}); codec selection works on the "
+            f"stored frames and would give them squeezed; expected square pixels: {hint}"
+        )
+    turn = frame_rotation(first) if first is not None else 0
+    if turn:
+        raise ValueError(
+            f"video {path}: it is shown turned by {turn} degrees (a display matrix, as phones write); codec "
+            f"selection works on the stored frames and would give them sideways; expected an upright clip: {hint}"
+        )
+
+
 def probe(video: str | os.PathLike, patch_size: int, config: CodecSparseConfig) -> tuple[str, int, tuple[int, int]]:
     """The path, the frame count (stated, else packets counted) and the model frame size ``(H, W)``."""
     path = check_path(video)
+    check_shown_as_stored(path)
     with open_video(path) as container:
         stream = container.streams.video[0]
         total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)

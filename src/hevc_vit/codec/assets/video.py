@@ -12,7 +12,14 @@ from hevc_vit.codec.assets.frames import SquareGeometry, prepare_square, sample_
 from hevc_vit.codec.assets.mosaics import build_mosaics
 from hevc_vit.codec.assets.selection import luma, motion_map, score_squares, select_asset_positions, visible_indices
 from hevc_vit.codec.assets.settings import AssetSettings
-from hevc_vit.codec.decode import StreamEnded, check_path, motion_vectors_of, open_video, sampled_frames
+from hevc_vit.codec.decode import (
+    StreamEnded,
+    check_path,
+    check_shown_as_stored,
+    motion_vectors_of,
+    open_video,
+    sampled_frames,
+)
 from hevc_vit.media.video import reformat_here
 
 MIN_FRAMES = 2  # a single picture has no motion to select by
@@ -40,6 +47,7 @@ class VideoAssets:
 def probe_video(path: str) -> tuple[int, int, int, float]:
     """Frames (stated, else packets counted), height, width and frame rate (0.0 when unknown) of the first
     video stream; ``ValueError`` naming the file when it has no video stream or no frames."""
+    check_shown_as_stored(path)
     with open_video(path) as container:
         stream = container.streams.video[0]
         total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)

@@ -29,11 +29,14 @@ from PIL import Image
 
 from hevc_vit.codec import gather_selected_patches, render_preview, select_patches
 from hevc_vit.codec.assets.read import read_asset_folder
-from hevc_vit.codec.decode import check_path, open_video
+from hevc_vit.codec.decode import check_path, check_shown_as_stored, open_video
 from hevc_vit.encode.decode.item import LoadedItem, LoadOptions
 from hevc_vit.encode.readers.spec import item_key
-from hevc_vit.media.video import frame_rotation, sample_aspect, temporal_positions, video_stream
+from hevc_vit.media.video import temporal_positions
 from hevc_vit.processing.pixels import normalizer_for
+
+# what to do with a clip codec-sparse refuses (turned, anamorphic): encode shows it properly without the selection
+ENCODE_HINT = "encode it without codec_sparse (which shows it upright, at its aspect ratio), or re-encode it upright"
 
 
 def load_codec_video(item: LoadedItem, options: LoadOptions, source=None) -> None:
@@ -53,8 +56,8 @@ def load_codec_video(item: LoadedItem, options: LoadOptions, source=None) -> Non
 
 def _load_codec_file(item: LoadedItem, options: LoadOptions, path: str) -> None:
     config, processor, p = options.codec, options.processor, options.patch_size
-    with open_video(check_path(path)) as container:
-        _check_shown_as_stored(container)
+    check_shown_as_stored(check_path(path), ENCODE_HINT)
+    with open_video(path) as container:
         stream = container.streams.video[0].codec_context
         width, height = stream.width, stream.height
     equivalent = max(1, round(config.budget * config.frames)) if isinstance(config.budget, float) else config.frames
@@ -82,33 +85,6 @@ def _load_codec_file(item: LoadedItem, options: LoadOptions, path: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         key = options.keys[item.index] if options.keys else item_key(item.index)
         render_preview(path, selection, folder / f"{key}.png")
-
-
-def _check_shown_as_stored(container) -> None:
-    """Refuse a clip that is not shown as its frames are stored: the selection scores the stored frames (motion
-    vectors, residuals) and places patches on their grid, so a phone's portrait clip (a display matrix) would be
-    encoded sideways and an anamorphic one squeezed, with status ok; an audio file's cover picture is no clip.
-    Without codec-sparse such clips are turned and stretched (:func:`hevc_vit.media.video.upright_image`)."""
-    stream = container.streams.video[0]
-    if video_stream(container) is not stream:
-        raise ValueError(
-            "the file's first video stream is an attached cover picture (album art), not a clip; "
-            "expected a video whose first video stream is the clip"
-        )
-    fix = "encode it without codec_sparse (which shows it upright, at its aspect ratio), or re-encode it with ffmpeg"
-    aspect = sample_aspect(stream)
-    if aspect != 1:
-        raise ValueError(
-            f"the clip's pixels are not square (sample aspect ratio {aspect}): codec-sparse selection works on the "
-            f"stored frames and would encode it squeezed; expected square pixels: {fix}"
-        )
-    first = next(iter(container.decode(stream)), None)
-    turn = frame_rotation(first) if first is not None else 0
-    if turn:
-        raise ValueError(
-            f"the clip is shown turned by {turn} degrees (a display matrix, as phones write): codec-sparse selection "
-            f"works on the stored frames and would encode it sideways; expected an upright clip: {fix}"
-        )
 
 
 def load_asset_folder(item: LoadedItem, options: LoadOptions) -> None:
