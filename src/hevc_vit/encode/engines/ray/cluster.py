@@ -22,6 +22,9 @@ from hevc_vit.encode.options import RAY_TIMEOUT
 from hevc_vit.runtime.ray_connect import init_checked, start_loopback_instance
 
 INSTALL_HINT = "pip install 'hevc-vit[ray]'"
+# seconds the model actors have to start (Ray Data waits for them without end by default): an autoscaler's new GPU
+# node and the model loading on it fit in 15 minutes
+ACTORS_START_S = 900
 _WATCHDOG: Any = None  # the watchdog of the local instance this process started (a subprocess.Popen)
 
 
@@ -143,6 +146,23 @@ def quiet_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def bound_actor_start() -> None:
+    """Ray Data waits at most :data:`ACTORS_START_S` for the model actors to start (then ``GetTimeoutError``, see
+    :func:`actors_not_started`), not without end for actors the cluster has no room for."""
+    import ray.data  # optional: the 'ray' extra
+
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTORS_START_S
+
+
+def actors_not_started(e: BaseException) -> TimeoutError:
+    """The error of a run whose model actors did not start within :data:`ACTORS_START_S`."""
+    return TimeoutError(
+        f"--engine ray: the model actors (--model-actors, default one per GPU; a GPU each with a GPU device, else a "
+        f"CPU) did not all start within {ACTORS_START_S:g} s: the cluster has no room for them (see `ray status`); "
+        f"lower --model-actors, free or add resources (or pick --device), then rerun with --resume ({e})"
+    )
 
 
 def cluster_has_gpus() -> bool:
