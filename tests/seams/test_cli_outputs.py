@@ -50,6 +50,7 @@ ENCODE_NUMERIC = {
     "--shard-size-mb": ["-1", "nan", "inf", "1e12", "x"],
     "--retries": ["-1", HUGE, "2.5"],
     "--timeout": ["-1", "0", "nan", "inf", "x"],
+    "--decode-timeout": ["-1", "0", "nan", "inf", "x"],
     "--ray-timeout": ["-1", "0", "nan", "inf", "x"],
 }
 CODEC_NUMERIC = {
