@@ -536,6 +536,53 @@ def test_a_journal_held_by_a_live_commit_is_waited_for_and_an_empty_one_removed(
     assert not journal.exists() and folder_is(dst, STANDARD)
 
 
+def test_a_journal_locked_by_another_process_as_it_is_created_is_refused_in_bounded_time(tmp_path, monkeypatch):
+    """Another conversion to DST finds this run's fresh (empty) journal and takes its lock, then stops (Ctrl-Z, a
+    hung NFS write): the commit waits for it at most ``COMMIT_WAIT_S``, then refuses with nothing moved. The old
+    code waited on that lock without end; the commit runs in a thread the test waits on for a bounded time."""
+    import fcntl
+    import threading
+
+    held: list[int] = []
+
+    class OsTakingTheJournal:  # os, whose open lets "another process" lock the journal the moment it is created
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def open(self, path, flags, *mode):
+            fd = os.open(path, flags, *mode)
+            if flags & os.O_EXCL and str(path).endswith(".commit") and not held:
+                held.append(os.open(path, os.O_RDWR))  # another open file: its flock conflicts, as another process's
+                fcntl.flock(held[0], fcntl.LOCK_EX)
+            return fd
+
+    new, dst = tmp_path / ".out.partial", tmp_path / "out"
+    shutil.copytree(STANDARD, new)
+    monkeypatch.setattr(commit_mod, "os", OsTakingTheJournal())
+    monkeypatch.setattr(commit_mod, "COMMIT_WAIT_S", 0.5)
+    outcome: list[BaseException | None] = []
+
+    def commit() -> None:
+        try:
+            commit_folder(new, dst, force=False)
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=commit, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    hung = thread.is_alive()
+    for fd in held:
+        os.close(fd)  # lets a hung commit go on, so the test leaves nothing waiting
+    thread.join(timeout=20)
+    assert not hung, "the commit was still waiting for the journal's lock after 20 s"
+    error = outcome[0]
+    assert isinstance(error, FileExistsError), error
+    assert ".out.commit" in str(error) and "0.5 s" in str(error) and "convert again" in str(error), error
+    assert folder_is(new, STANDARD) and not dst.exists()  # nothing moved
+
+
 # -- real processes, killed -----------------------------------------------------------------------------
 
 # a conversion (the CLI) in a child process that pauses at a stage, or dies there with os._exit — no

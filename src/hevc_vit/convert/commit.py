@@ -37,7 +37,8 @@ except ImportError:  # not POSIX: no advisory locks, the journal alone keeps a c
 # not yet in place (only where the two cannot be swapped atomically); new_in_place: DST is the new folder,
 # the old one still kept; old_removed: the old one deleted, the journal not yet; committed: done.
 COMMIT_STAGES = ("journal", "old_aside", "new_in_place", "old_removed", "committed")
-# how long a conversion waits for another one's commit to the same DST to finish
+# how long a conversion waits for another one's commit to the same DST to finish (or for the lock of its own new
+# journal, which another conversion that found it empty holds for a moment while it removes it)
 COMMIT_WAIT_S = 30.0
 _JOURNAL_KEYS = ("new", "new_id", "old_id", "aside", "host", "pid")
 
@@ -112,6 +113,21 @@ def _lock(fd: int, wait: bool) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _lock_new_journal(fd: int, journal: Path, wait_s: float) -> None:
+    """Take the lock of the journal this run just created. Another conversion to DST that found it (empty) may
+    hold it for a moment while it removes it; one holding it for over ``wait_s`` is stopped or stuck: a
+    ``FileExistsError`` (nothing has moved)."""
+    deadline = time.monotonic() + wait_s
+    while not _lock(fd, wait=False):
+        if time.monotonic() > deadline:
+            raise FileExistsError(
+                f"{journal}, just created by this conversion, has been locked by another process for over {wait_s:g} s "
+                f"(a conversion to the same DST, stopped or stuck?); nothing was moved: end that process (`fuser "
+                f"{journal}` names it), then convert again"
+            )
+        time.sleep(0.05)
 
 
 def _is_open_as(fd: int, path: Path) -> bool:
@@ -279,7 +295,7 @@ def commit_folder(folder: Path, dst: Path, force: bool, on_stage: Callable[[str]
         except FileExistsError:
             continue
         try:
-            _lock(fd, wait=True)
+            _lock_new_journal(fd, journal, COMMIT_WAIT_S)
             if not _is_open_as(fd, journal):
                 continue  # found empty and unlocked by a run looking for stale journals, and removed: again
             _commit_under_lock(fd, folder, dst, force, on_stage)

@@ -33,16 +33,17 @@ from hevc_vit.codec.assets.settings import FORMAT, AssetSettings
 from hevc_vit.codec.assets.video import VideoAssets, compute_assets
 from hevc_vit.codec.assets.writer import asset_dir, check_key, is_done, mosaic_name, write_asset_folder
 from hevc_vit.files import write_atomic, write_json_atomic
+from hevc_vit.runtime.ray_connect import init_checked, start_loopback_instance
 
 INDEX = "index.jsonl"
 MANIFEST = "manifest.jsonl"
 PREVIEWS = "previews"
 ENGINES = ("local", "ray")
-LOOPBACK = "127.0.0.1"  # a local Ray instance listens here only
 # how long the main process waits on its worker processes: each video's timeout (this when none is given) plus a
 # worker's start and its row's way back, times the videos each worker has in turn
 UNTIMED_VIDEO_S = 1800.0
 WORKER_MARGIN_S = 60.0
+RAY_CONNECT_S = 30.0  # seconds a Ray cluster at ray_address has to answer as one (encode's --ray-timeout default)
 
 
 @dataclass
@@ -208,21 +209,37 @@ def _failed(job: Job, error: str) -> dict:
 def _run_on_ray(
     jobs: list[Job], todo: list[int], out: Path, settings: AssetSettings, timeout, preview: bool, address
 ) -> dict[int, dict]:
-    """The rows of ``todo``, one Ray task each (1 CPU, no retry: a failure is the row's reason)."""
+    """The rows of ``todo``, one Ray task each (1 CPU, no retry: a failure is the row's reason). The cluster at
+    ``address`` must answer within ``RAY_CONNECT_S``; a local instance listens on the loopback only. The driver
+    waits on the tasks as on worker processes (see ``UNTIMED_VIDEO_S``), the cluster's CPUs a video each, then
+    cancels the rest and fails their rows."""
     import ray  # optional: only engine="ray" needs it
 
     started = not ray.is_initialized()
     if started and address:
-        ray.init(address=address, configure_logging=False)
+        init_checked(ray, address, RAY_CONNECT_S)
     elif started:
-        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False)
+        start_loopback_instance(ray)
     try:
         task = ray.remote(num_cpus=1, max_retries=0)(process_job)
         refs = {n: task.remote(jobs[n], str(out.resolve()), settings, timeout, preview) for n in todo}
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 0)))
+        bound = ((timeout or UNTIMED_VIDEO_S) + WORKER_MARGIN_S) * math.ceil(len(todo) / cpus)
+        deadline = time.monotonic() + bound
         rows = {}
         for n, ref in refs.items():
+            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:  # never scheduled (no free CPU on the cluster) or its worker is stuck: end it
+                ray.cancel(ref, force=True)
+                error = (
+                    f"no answer from the Ray task of this video within {bound:g} s (timeout={timeout} per video, "
+                    f"{len(todo)} videos on {cpus} CPUs); the cluster did not run it or its worker is stuck: see "
+                    f"`ray status` for free CPUs, then run again with resume"
+                )
+                rows[n] = _failed(jobs[n], f"TimeoutError: {error}")
+                continue
             try:
-                rows[n] = ray.get(ref)
+                rows[n] = ray.get(ref)  # ready: returns at once
             except ray.exceptions.RayError as e:  # the worker died or the task could not run
                 rows[n] = _failed(jobs[n], f"{type(e).__name__}: {e}")
         return rows

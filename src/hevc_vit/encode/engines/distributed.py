@@ -12,7 +12,9 @@ the rendezvous for hours, or finish the run unseen while holding the output fold
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +53,12 @@ class Ranks:
             die_with_parent(os.getppid())
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
+            store = _loopback_store()
+            if store is None:
+                dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
+            else:
+                rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=BARRIER_TIMEOUT)
             owns = True
         group = None
         if dist.get_backend() != "gloo":  # object broadcasts and barriers stay on the CPU
@@ -96,6 +103,39 @@ class Ranks:
     def close(self) -> None:
         if self.owns_group:
             dist.destroy_process_group()
+
+
+def _loopback_store() -> Any:
+    """For ranks started without torchrun's agent store whose ``MASTER_ADDR`` is a loopback address: the
+    rendezvous store, which rank 0 hosts on that address alone (torch's own, ``env://``, listens on every
+    interface); every rank takes this path alike (the same ``MASTER_ADDR``), so their store keys agree. None
+    otherwise: ``env://``, on the interfaces the user's ``MASTER_ADDR`` asks for (other machines' ranks)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return None
+    host, port = os.environ["MASTER_ADDR"].strip("[]"), int(os.environ["MASTER_PORT"])
+    host = "127.0.0.1" if host == "localhost" else host
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: other machines' ranks may need to reach it
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    if os.environ["RANK"] != "0":
+        return dist.TCPStore(host, port, world, False, timeout=BARRIER_TIMEOUT)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            e.errno,
+            f"MASTER_ADDR={host} MASTER_PORT={port}: rank 0 cannot listen there ({e.strerror}); choose a free "
+            f"MASTER_PORT",
+        ) from None
+    # the store owns the listening socket from here (detach: Python must not close it)
+    return dist.TCPStore(host, port, world, True, timeout=BARRIER_TIMEOUT, master_listen_fd=sock.detach())
 
 
 @contextmanager

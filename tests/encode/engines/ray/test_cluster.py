@@ -8,7 +8,9 @@ import threading
 
 import pytest
 
-from hevc_vit.encode.engines.ray.cluster import _H2_SETTINGS, RayInterrupted, _resolve, check_answers
+from hevc_vit.encode.engines.ray.cluster import RayInterrupted
+from hevc_vit.runtime.ray_connect import _H2_SETTINGS, check_answers
+from hevc_vit.runtime.ray_connect import resolve_address as _resolve
 
 
 def _server(answer: bytes | None):

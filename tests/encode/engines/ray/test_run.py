@@ -233,3 +233,52 @@ def test_actors_use_the_dtype_the_driver_resolved(ckpt, monkeypatch):
     actor = ModelStage(stages.actor_options, "cpu")
     assert actor.dtype == torch.bfloat16
     assert next(actor.encoder.model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_model_actors_the_cluster_cannot_place_fail_the_run_after_the_bound(
+    local_ray, mixed, ckpt, tmp_path, monkeypatch
+):
+    """Actors asking for a GPU on a cluster without one (here: --device cuda on the CPU-only test instance) never
+    start: the run fails with a TimeoutError naming the wait and its length, and ``encode_dataset``'s execution with
+    Ray's GetTimeoutError, where Ray Data waited for them without end. Each is a thread the test waits on for a
+    bounded time."""
+    import threading
+
+    from hevc_vit.encode.engines.ray import cluster
+
+    monkeypatch.setattr(cluster, "ACTORS_START_S", 3, raising=False)  # absent before the bound
+    context = local_ray.data.DataContext.get_current()  # the runs set the bound there: restored after the test
+    monkeypatch.setattr(context, "wait_for_min_actors_s", -1)  # Ray Data's default (an earlier run set the bound)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            encode(
+                [mixed], tmp_path / "out", model=ckpt, engine="ray", device="cuda", dtype="float32", **TOKENS, **QUIET
+            )
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    def run_dataset() -> None:
+        from hevc_vit.encode.engines.ray import encode_dataset
+
+        rows = local_ray.data.from_items([{"path": str(p), "image": p.read_bytes()} for p in sorted(mixed.iterdir())])
+        try:
+            encode_dataset(rows, model=ckpt, device="cuda", dtype="float32", **TOKENS).take_all()
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    for target in (run_dataset, run):  # the dataset first: the run sets the bound in this process's DataContext too
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(timeout=240)
+        assert not thread.is_alive(), f"{target.__name__} was still waiting for its model actors after 240 s"
+    dataset_error, error = outcome
+    assert isinstance(error, TimeoutError), repr(error)
+    assert "model actors" in str(error) and "3 s" in str(error) and "ray status" in str(error), error
+    assert isinstance(dataset_error, local_ray.exceptions.GetTimeoutError), repr(dataset_error)
+    assert "Timed out while starting actors" in str(dataset_error), dataset_error

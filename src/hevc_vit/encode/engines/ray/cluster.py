@@ -12,25 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from hevc_vit.encode.engines.ray import watchdog
 from hevc_vit.encode.options import RAY_TIMEOUT
+from hevc_vit.runtime.ray_connect import init_checked, start_loopback_instance
 
 INSTALL_HINT = "pip install 'hevc-vit[ray]'"
-LOOPBACK = "127.0.0.1"
-# Ray maps 127.0.0.1 to the machine's network address (so other nodes can reach it) unless this is "0": with it
-# the node's address, which every Ray process binds, stays the loopback one
-_LOCAL_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# the HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, a Ray Client server) answers
-# with a SETTINGS frame (type 4) of its own
-_H2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
-_H2_SETTINGS = 4
+# seconds the model actors have to start (Ray Data waits for them without end by default): an autoscaler's new GPU
+# node and the model loading on it fit in 15 minutes
+ACTORS_START_S = 900
 _WATCHDOG: Any = None  # the watchdog of the local instance this process started (a subprocess.Popen)
 
 
@@ -85,40 +79,20 @@ def connect(address: str | None, timeout: float | None = None) -> bool:
     if address is None:
         _start_local(ray)
         return True
-    target = _resolve(address)
-    check_answers(address, target, RAY_TIMEOUT if timeout is None else timeout)
-    ray.init(address=address if "://" in address else target, configure_logging=False)
+    init_checked(ray, address, RAY_TIMEOUT if timeout is None else timeout)
     return True
 
 
 def _start_local(ray: Any) -> None:
-    """A local instance (no dashboard) whose processes all listen on the loopback address; never the cluster a
-    ``ray_current_cluster`` file names (``address="local"``: a file left by a crashed ``ray start`` is ignored).
+    """A local instance on the loopback address alone (:func:`~hevc_vit.runtime.ray_connect.start_loopback_instance`).
     A :mod:`.watchdog` stops its processes if this one dies without shutting Ray down."""
     import psutil  # optional: a Ray dependency (the 'ray' extra)
-    from ray._private import ray_constants  # optional ('ray' extra); read by Ray when it chooses the node's address
 
     global _WATCHDOG
     before = {p.pid for p in psutil.Process().children()}
-
-    saved_env, saved_flag = os.environ.get(_LOCAL_NODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_LOCAL_NODE_ENV] = "0"  # for the processes Ray starts (raylet, workers, agents)
-    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which imported Ray before
-    try:
-        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(_LOCAL_NODE_ENV, None)
-        else:
-            os.environ[_LOCAL_NODE_ENV] = saved_env
+    start_loopback_instance(ray)
     _stop_watchdog()
     _WATCHDOG = watchdog.start([p.pid for p in psutil.Process().children() if p.pid not in before])
-    node = ray.util.get_node_ip_address()
-    if node != LOOPBACK:  # Ray changed how it chooses: never leave servers open to the network
-        ray.shutdown()
-        _stop_watchdog()
-        raise RuntimeError(f"the local Ray instance took the address {node}, expected {LOOPBACK}; it was stopped")
 
 
 def _stop_watchdog() -> None:
@@ -126,66 +100,6 @@ def _stop_watchdog() -> None:
     if _WATCHDOG is not None:
         watchdog.stop(_WATCHDOG)
         _WATCHDOG = None
-
-
-def _resolve(address: str) -> str:
-    """``host:port`` that Ray will connect to for ``address`` (``auto``: from ``RAY_ADDRESS`` or the
-    ``ray_current_cluster`` file ``ray start`` writes in Ray's temporary folder)."""
-    if "://" in address:  # ray://host:port, a Ray Client server
-        return address.split("://", 1)[1].rstrip("/")
-    from ray._private.services import canonicalize_bootstrap_address  # optional: the 'ray' extra
-
-    try:
-        target = canonicalize_bootstrap_address(address)
-    except (ConnectionError, ValueError) as e:
-        raise ValueError(f"--ray-address {address}: {e}") from None
-    if target is None:
-        raise ValueError(f"--ray-address {address}: no Ray cluster was found; start one with `ray start --head`")
-    return target
-
-
-def check_answers(address: str, target: str, timeout: float) -> None:
-    """Something at ``target`` (``host:port``) accepts a connection and answers as a gRPC server (Ray's GCS)
-    within ``timeout`` seconds; else a ``ValueError`` naming ``address``. With ``RAY_USE_TLS`` only the connection
-    is checked."""
-    host, _, port = target.rpartition(":")
-    where = address if address == target else f"{address} ({target})"
-    if not port.isdigit():
-        raise ValueError(f"--ray-address {where}: expected HOST:PORT, auto, or ray://HOST:PORT")
-    deadline = time.monotonic() + timeout
-    try:
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-    except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise ValueError(f"--ray-address {where}: no Ray cluster answers there ({reason})") from None
-    with sock:
-        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-            return
-        header = _first_frame_header(sock, deadline)
-    if header is None or header[3] != _H2_SETTINGS:
-        what = "did not answer" if header is None else "answered, but not"
-        raise ValueError(
-            f"--ray-address {where}: accepted a connection but {what} as a Ray cluster (gRPC) within {timeout:g} s; "
-            f"expected the address of a Ray head node (GCS, default port 6379)"
-        )
-
-
-def _first_frame_header(sock: socket.socket, deadline: float) -> bytes | None:
-    """The 9-byte header of the first HTTP/2 frame the server sends after our preface; None when it sends fewer
-    bytes before the deadline or closes."""
-    data = b""
-    try:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        sock.sendall(_H2_HELLO)
-        while len(data) < 9:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = sock.recv(9 - len(data))
-            if not chunk:
-                return None
-            data += chunk
-    except OSError:  # a timeout, a reset
-        return None
-    return data
 
 
 @contextmanager
@@ -232,6 +146,23 @@ def quiet_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def bound_actor_start() -> None:
+    """Ray Data waits at most :data:`ACTORS_START_S` for the model actors to start (then ``GetTimeoutError``, see
+    :func:`actors_not_started`), not without end for actors the cluster has no room for."""
+    import ray.data  # optional: the 'ray' extra
+
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTORS_START_S
+
+
+def actors_not_started(e: BaseException) -> TimeoutError:
+    """The error of a run whose model actors did not start within :data:`ACTORS_START_S`."""
+    return TimeoutError(
+        f"--engine ray: the model actors (--model-actors, default one per GPU; a GPU each with a GPU device, else a "
+        f"CPU) did not all start within {ACTORS_START_S:g} s: the cluster has no room for them (see `ray status`); "
+        f"lower --model-actors, free or add resources (or pick --device), then rerun with --resume ({e})"
+    )
 
 
 def cluster_has_gpus() -> bool:

@@ -15,6 +15,7 @@ import torch
 
 from hevc_vit.encode.decode.item import LoadOptions
 from hevc_vit.encode.engines.pipeline import load_options
+from hevc_vit.encode.engines.ray import cluster
 from hevc_vit.encode.engines.ray.cluster import cluster_has_gpus, connect, import_ray
 from hevc_vit.encode.engines.ray.stages import (
     FAULT_ENV,
@@ -48,7 +49,9 @@ def encode_dataset(ds: Any, options: EncodeOptions | None = None, *, batch_size:
 
     options/overrides: as for ``encode`` (``model``, ``processor``, ``max_tokens``, ``decode_cpus``,
     ``model_actors``, ``ray_address``, ...); the model is loaded here once and sent to the actors. batch_size:
-    items per model call (see :func:`.folder.encode_folder`).
+    items per model call (see :func:`.folder.encode_folder`). Model actors that do not all start within
+    :data:`.cluster.ACTORS_START_S` (the dataset's ``context.wait_for_min_actors_s``, unless set before) fail the
+    execution with Ray's ``GetTimeoutError``.
     """
     options = (options or EncodeOptions()).replace(engine="ray", **overrides)
     import_ray()
@@ -56,7 +59,10 @@ def encode_dataset(ds: Any, options: EncodeOptions | None = None, *, batch_size:
     encoder, device, dtype = prepare(options, lambda message: None)
     stages = Stages(options, encoder, device, dtype, [], batch_size)
     decoded = stages.decode(ds, load_rows, {"load": stages.load, "options": options})
-    return stages.model(decoded, columns=True)
+    out = stages.model(decoded, columns=True)
+    if out.context.wait_for_min_actors_s <= 0:  # Ray Data's default: no bound (a user's own bound stands)
+        out.context.wait_for_min_actors_s = cluster.ACTORS_START_S  # then Ray's GetTimeoutError
+    return out
 
 
 def prepare(options: EncodeOptions, say: Callable[[str], None]) -> tuple[Encoder, torch.device, torch.dtype]:

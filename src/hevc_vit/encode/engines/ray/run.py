@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from hevc_vit.encode.engines.pipeline import Tally, list_run_share, memory_sources, prepare_folder, shows_progress
-from hevc_vit.encode.engines.ray.cluster import import_ray, quiet_data, ray_session
+from hevc_vit.encode.engines.ray.cluster import (
+    actors_not_started,
+    bound_actor_start,
+    import_ray,
+    quiet_data,
+    ray_session,
+)
 from hevc_vit.encode.engines.ray.dataset import DECODE_ROWS, Stages, prepare
 from hevc_vit.encode.engines.ray.stages import FAULT_ENV, ORDINAL, DoneKeys, load_specs, write_block
 from hevc_vit.encode.model.loader import run_settings
@@ -97,9 +103,14 @@ def _encode_claimed(folder: Path, inputs, memory: list, options: EncodeOptions, 
                 stages = Stages(options, encoder, device, dtype, memory, batch_size)
                 storage = storage_dtype(options.output_format, options.storage_dtype, dtype)
                 quiet_data()
+                bound_actor_start()
+                ray = import_ray()
                 with _progress(tally, show) as done_keys:
-                    for counts in _pipeline(todo, folder, stages, storage, done_keys).iter_rows():
-                        tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
+                    try:
+                        for counts in _pipeline(todo, folder, stages, storage, done_keys).iter_rows():
+                            tally.add(int(counts["encoded"]), int(counts["failed"]), int(counts["tokens"]))
+                    except ray.exceptions.GetTimeoutError as e:  # the model actors did not start in time
+                        raise actors_not_started(e) from e
             paths = ordered_paths(plan.units, share.listed)
             result.count(merge_index(folder, paths), paths, plan.done)  # the counts the index holds
             _remove_unnamed_parts(folder, before, result.rows)
