@@ -56,6 +56,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """An RGB copy of ``image``; transparent pixels are laid over white (not left as arbitrary colours)."""
     if image.mode == "RGB":
         return image
+    if image.mode in ("RGBa", "La"):  # premultiplied alpha (a TIFF's associated alpha): PIL's RGB drops the alpha
+        image = image.convert(image.mode.upper())  # RGBA / LA: unpremultiplied, then laid over white below
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -22,6 +22,7 @@ numpy and Arrow have no bfloat16: those formats take float16 (npy-parquet's defa
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -131,7 +132,7 @@ def write_part(output_format: str, out_dir: Path, name: str, tensors: dict[str, 
     index rows of its items, in order. Written whole or not at all: on an error no file of the part is left."""
     pa, pq = _import_arrow()
     paths = part_files(out_dir, name)
-    table = pa.Table.from_pylist([_metadata(row, output_format) for row in rows])
+    table = _metadata_table(pa, [_metadata(row, output_format) for row in rows])
     if output_format in POOLED_FORMATS:
         vectors = np.stack([_numpy(tensors[f"{row['key']}.pooled"]) for row in rows])  # (n, D)
         npy = io.BytesIO()  # numpy writes a real file with fwrite, whose errors lose their errno (a full disk)
@@ -185,6 +186,32 @@ def _metadata(row: dict[str, Any], output_format: str) -> dict[str, Any]:
         out["image_path"] = row["path"]
     out.update({k: v for k, v in row.items() if k not in out and k not in ("shard", "status", "error")})
     return out
+
+
+def _metadata_table(pa, records: list[dict[str, Any]]):
+    """The metadata rows as an Arrow table, column by column as ``Table.from_pylist`` types them; a kept column
+    Arrow cannot type (an integer past 64 bits, values of different types in one part) or Parquet cannot store
+    (an empty mapping: a struct without fields) holds each value's JSON text instead of failing the whole run."""
+    columns = {}
+    for name in dict.fromkeys(key for record in records for key in record):
+        values = [record.get(name) for record in records]
+        try:
+            column = pa.array(values)
+            if not _parquet_storable(pa, column.type):
+                raise TypeError(f"column {name!r} of type {column.type}")
+        except (pa.ArrowException, OverflowError, TypeError):
+            column = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+        columns[name] = column
+    return pa.table(columns)
+
+
+def _parquet_storable(pa, kind) -> bool:
+    """False for a type that holds a struct without fields, which Parquet refuses to write."""
+    if pa.types.is_struct(kind):
+        return kind.num_fields > 0 and all(_parquet_storable(pa, kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _parquet_storable(pa, kind.value_type)
+    return True
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

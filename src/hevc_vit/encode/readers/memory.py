@@ -9,7 +9,7 @@ among the inputs — or ``LABEL[ROW]`` for a dataset) and an entry of the run's 
 takes the row (:func:`fetch_memory_row`). Worker processes are forked, so the memory is shared, not copied.
 
 Arrays: numpy ``(H, W)`` or ``(H, W, C)``; tensors ``(C, H, W)`` (torchvision's layout) or ``(H, W)``; ``C``
-is 1, 3 or 4; ``uint8`` as is, floats taken in ``[0, 1]``, ``uint16`` scaled to 8 bits.
+is 1, 3 or 4; ``uint8`` as is, floats in ``[0, 1]`` (others refused, not clipped), ``uint16`` scaled to 8 bits.
 """
 
 from __future__ import annotations
@@ -237,7 +237,13 @@ def to_pil(value: Any) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ValueError("the array holds NaN or inf; expected pixel values in [0, 1]")
-        array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+        low, high = float(array.min()), float(array.max())
+        if low < 0 or high > 1:  # clipping would give a white (0..255 values) or black (normalised) image: refused
+            raise ValueError(
+                f"a float array holds values in [{low:.6g}, {high:.6g}]; expected [0, 1] (0 = black, 1 = white; "
+                f"divide 0..255 values by 255, undo a normalisation)"
+            )
+        array = np.round(array * 255).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise ValueError(f"an array of dtype {array.dtype}; expected uint8, uint16 (H, W), bool or floats in [0, 1]")
     return Image.fromarray(np.ascontiguousarray(array))
