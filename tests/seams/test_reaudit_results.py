@@ -105,3 +105,26 @@ def test_kept_columns_parquet_cannot_store_keep_the_run(model, tmp_path, output_
     if output_format == "npy-parquet":
         vectors, meta_rows = read_npy_parquet(out)
         assert vectors.shape[0] == len(meta_rows) == 4
+
+
+@pytest.mark.parametrize("output_format", ["npy-parquet", "clip-retrieval"])
+def test_a_kept_column_empty_in_one_part_still_reads_as_one_folder(model, tmp_path, output_format):
+    """Captions missing from the first table's rows made that part's column Arrow's null type; a folder of parts
+    (``pd.read_parquet(folder)``, pyarrow's dataset: the first part's schema) then failed to read the later part's
+    strings ("Unsupported cast from string to null")."""
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (42, 56, 3), dtype=np.uint8)).save(paths[-1])
+    no_captions = pa.array([None, None], pa.string())
+    pq.write_table(pa.table({"path": paths[:2], "caption": no_captions}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"path": paths[2:], "caption": ["x", "y"]}), tmp_path / "b.parquet")
+    out = tmp_path / "out"
+    opts = dict(OPTIONS, model=model, output_format=output_format, keep_columns=["caption"])
+    encode([str(tmp_path / "a.parquet")], out, **opts)
+    encode([str(tmp_path / "b.parquet")], out, resume=True, **opts)
+    rows = _strict_rows(out)
+    folder = pd.read_parquet(out / "metadata")
+    assert sorted(folder["key"]) == sorted(row["key"] for row in rows)
+    want = {row["key"]: row.get("caption") for row in rows}
+    assert {key: caption for key, caption in zip(folder["key"], folder["caption"])} == want

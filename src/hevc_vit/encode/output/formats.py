@@ -191,12 +191,16 @@ def _metadata(row: dict[str, Any], output_format: str) -> dict[str, Any]:
 def _metadata_table(pa, records: list[dict[str, Any]]):
     """The metadata rows as an Arrow table, column by column as ``Table.from_pylist`` types them; a kept column
     Arrow cannot type (an integer past 64 bits, values of different types in one part) or Parquet cannot store
-    (an empty mapping: a struct without fields) holds each value's JSON text instead of failing the whole run."""
+    (an empty mapping: a struct without fields) holds each value's JSON text instead of failing the whole run; a
+    column with no value in this part is typed string, not null (pyarrow reads a folder of parts as one dataset
+    with the first part's schema, and casts no type to null)."""
     columns = {}
     for name in dict.fromkeys(key for record in records for key in record):
         values = [record.get(name) for record in records]
         try:
             column = pa.array(values)
+            if pa.types.is_null(column.type):  # Arrow casts no other type to null: the folder would not read
+                column = pa.array(values, pa.string())  # as one dataset when a later part holds values
             if not _parquet_storable(pa, column.type):
                 raise TypeError(f"column {name!r} of type {column.type}")
         except (pa.ArrowException, OverflowError, TypeError):
