@@ -40,6 +40,18 @@ def slow_run(self, items):
     time.sleep(0.2)
     return run(self, items)
 forward.GroupEncoder.run = slow_run
+if os.environ.get("HEVC_VIT_TEST_HANG"):  # a decoder stuck on that file, deaf to SIGTERM and SIGINT (C code)
+    import signal
+    from hevc_vit.encode.decode import load
+    real_open = load.open_image
+    def hang(path):
+        if Path(path).name == os.environ["HEVC_VIT_TEST_HANG"]:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            while True:
+                time.sleep(3600)
+        return real_open(path)
+    load.open_image = hang
 from hevc_vit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -269,3 +281,57 @@ def test_a_disk_too_full_for_the_lock_file_is_reported_and_lets_the_folder_go(mo
     assert not (out / ".encode.lock").exists()
     assert encode([inputs], out, resume=True, **options).encoded == 1
     assert encode([inputs], tmp_path / "fresh", **options).encoded == 1
+
+
+def _gone(pgid: int) -> list[int]:
+    """Poll until no process of group ``pgid`` is alive, at most ``GONE_WITHIN`` s; the survivors (then killed)."""
+    deadline = time.monotonic() + GONE_WITHIN
+    while (alive := _group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "status", "target"), [(*stop, "main") for stop in STOPS] + [(signal.SIGTERM, 143, "group")]
+)
+def test_a_stop_signal_while_a_worker_is_stuck_deaf_to_signals_takes_every_process(
+    many, ckpt, wholes, tmp_path, signum, status, target
+):
+    """A decoding worker stuck on one input (in C code: it ignores SIGTERM and SIGINT) while the run is stopped:
+    every process of the run is gone within a bound, and --resume (the input readable again) completes the run."""
+    out, pid_file = tmp_path / "out", tmp_path / "pid"
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    args = _cli(many, out, ckpt, "safetensors", "--workers", "2", "--decode-timeout", "600")
+    env = {**subprocess_env(), "HEVC_VIT_TEST_HANG": "039.png"}
+    proc = subprocess.Popen(
+        launch_command(1, [str(tmp_path / "wrapper.py"), str(pid_file), *args]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(f.stat().st_size for f in rank_index_files(out))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no row was written in 120 s"
+        time.sleep(0.05)
+    time.sleep(2.0)  # the run is waiting on the stuck input by now
+    if target == "group" or signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(int(pid_file.read_text()), signum)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        stderr = "(still running 60 s after the signal)"
+    finally:
+        alive = _gone(proc.pid)
+    assert alive == [], f"processes of the run alive {GONE_WITHIN} s after {signum!r}: {stderr[-2000:]}"
+    assert proc.returncode == status, stderr[-3000:]
+    done = _run(_cli(many, out, ckpt, "safetensors", "--workers", "2", "--resume"))
+    assert done.returncode == 0, done.stderr
+    _assert_same(out, _whole(wholes, many, ckpt, "safetensors"))
