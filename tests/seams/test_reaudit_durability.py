@@ -335,3 +335,50 @@ def test_a_stop_signal_while_a_worker_is_stuck_deaf_to_signals_takes_every_proce
     done = _run(_cli(many, out, ckpt, "safetensors", "--workers", "2", "--resume"))
     assert done.returncode == 0, done.stderr
     _assert_same(out, _whole(wholes, many, ckpt, "safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------
+# bounded memory
+# --------------------------------------------------------------------------------------------------
+
+HUGE = 4 << 30  # bytes of each stray file: a run that read one whole would peak far above PEAK_RSS
+PEAK_RSS = 2 << 30  # bytes: the CLI with the tiny model peaks well under this (a bound, not a measured figure)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: the workers, reaped by the run, count in its peak (wait4)
+def test_huge_stray_files_in_an_input_folder_are_not_read_whole(ckpt, tmp_path, workers):
+    """A 4 GiB non-media file, with and without an image suffix, beside an image: each gets a failed row, the image
+    is encoded, and the run's peak memory stays far below the size of either file (sparse files: no disk used)."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_image(inputs / "a.png", 28, 28, 0)
+    for name in ("huge.bin", "huge.png"):
+        with open(inputs / name, "wb") as f:
+            f.truncate(HUGE)
+    out = tmp_path / "out"
+    args = [
+        "-m",
+        "hevc_vit",
+        "encode",
+        str(inputs),
+        "--out",
+        str(out),
+        "--model",
+        str(ckpt),
+        "--workers",
+        workers,
+        "-q",
+    ]
+    proc = subprocess.Popen(
+        launch_command(1, args), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)  # the resources of this child alone
+    finally:
+        proc.kill()
+    peak = usage.ru_maxrss * 1024  # kilobytes on Linux
+    rows = {Path(r["path"]).name: r["status"] for r in read_index(out)}
+    assert os.waitstatus_to_exitcode(status) in (0, 1), status  # 1: the run had failures
+    assert rows == {"a.png": "ok", "huge.bin": "failed", "huge.png": "failed"}, rows
+    assert peak < PEAK_RSS, f"peak RSS {peak / 2**30:.2f} GiB"
