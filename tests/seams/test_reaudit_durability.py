@@ -382,3 +382,36 @@ def test_huge_stray_files_in_an_input_folder_are_not_read_whole(ckpt, tmp_path, 
     assert os.waitstatus_to_exitcode(status) in (0, 1), status  # 1: the run had failures
     assert rows == {"a.png": "ok", "huge.bin": "failed", "huge.png": "failed"}, rows
     assert peak < PEAK_RSS, f"peak RSS {peak / 2**30:.2f} GiB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n", [1, 2])  # the run settings, then the merged index
+def test_a_full_disk_at_a_whole_file_write_ends_with_one_line_and_resumes(
+    many, ckpt, wholes, tmp_path, capsys, monkeypatch, fmt, n
+):
+    """The files written whole (the run's settings, the merged index) from the ``n``-th on meet a full disk."""
+    from hevc_vit import files
+    from hevc_vit.cli import main as cli_main
+
+    whole = _whole(wholes, many, ckpt, fmt)
+    real, calls = files._write_synced, []
+
+    def full(path, data):
+        calls.append(path)
+        if len(calls) >= n:
+            raise OSError(28, os.strerror(28), str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(files, "_write_synced", full)
+    out = tmp_path / "out"
+    status = cli_main(_cli_args(many, out, ckpt, fmt))
+    monkeypatch.undo()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hevc-vit encode")]
+    if len(calls) < n:
+        pytest.skip(f"a run writes {len(calls)} whole files")
+    assert status == 1 and len(lines) == 1, lines
+    assert "no space left" in lines[0] and str(out) in lines[0] and "--resume" in lines[0], lines
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert cli_main(_cli_args(many, out, ckpt, fmt, "--resume")) == 0, capsys.readouterr().err
+    _assert_same(out, whole)
