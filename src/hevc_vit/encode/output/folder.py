@@ -81,7 +81,8 @@ def claim_out_dir(
     while True:
         path = choose_out_dir(out_dir, resume, overwrite, log, frozenset(busy))
         try:
-            lock = FolderLock.acquire(path)
+            with reporting_full_disk(path):  # no room even for the lock file's one line
+                lock = FolderLock.acquire(path)
         except FileExistsError:
             if out_dir is not None or resume or overwrite:
                 raise

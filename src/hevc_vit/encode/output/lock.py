@@ -59,10 +59,15 @@ class FolderLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
+        lock = cls(folder, fd, created)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
-        return cls(folder, fd, created)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
+        except BaseException:  # a full disk: let go, or this process would refuse its own later runs on the folder
+            lock.release()
+            raise
+        return lock
 
     def release(self) -> None:
         """Remove the lock file and drop the lock; folders ``acquire`` created that nothing else filled are
