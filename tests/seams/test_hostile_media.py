@@ -79,7 +79,7 @@ def test_a_phone_clip_with_a_rotation_matrix_is_encoded_upright(model, tmp_path,
     if rotation == 270:  # the matrix a phone writes for a portrait clip (ffprobe: "rotation of -90"), whose
         # stored top edge is shown on the right: (p, q) -> (H - q, p); ffmpeg turns such a clip clockwise
         with av.open(str(turned)) as container:
-            side = next(iter(next(container.decode(video=0)).side_data))
+            side = next(container.decode(video=0)).side_data.get("DISPLAYMATRIX")
         assert (np.frombuffer(bytes(side), "<i4")[[0, 1, 3, 4]] / 2**16).tolist() == [0, 1, -1, 0]
     rows = _rows(tmp_path, plain, turned, model=model)
     assert rows["turned.mp4"]["status"] == "ok", rows["turned.mp4"]["error"]

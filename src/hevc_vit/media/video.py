@@ -103,14 +103,26 @@ def matrix_rotation(frame) -> float:
     """The counterclockwise degrees of the frame's ``DISPLAYMATRIX`` side data, as FFmpeg's ``av_display_rotation_get``
     computes them (what PyAV 14+ gives as ``frame.rotation``); 0 without one. The matrix is 9 int32 in 16.16 fixed
     point, row-major ``[a b u; c d v; x y w]``: a stored point ``(p, q)`` goes to ``(a·p + c·q + x, b·p + d·q + y)``."""
-    for side in getattr(frame, "side_data", None) or ():
-        if str(getattr(side, "type", "")).upper().endswith("DISPLAYMATRIX"):
-            a, b, _, c, d = np.frombuffer(bytes(side), dtype="<i4")[:5].astype(np.float64)
-            scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
-            if not scale_x or not scale_y:
-                return math.nan
-            return -math.degrees(math.atan2(b / scale_y, a / scale_x))
-    return 0.0
+    side = _display_matrix(frame)
+    if side is None:
+        return 0.0
+    a, b, _, c, d = np.frombuffer(bytes(side), dtype="<i4")[:5].astype(np.float64)
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if not scale_x or not scale_y:
+        return math.nan
+    return -math.degrees(math.atan2(b / scale_y, a / scale_x))
+
+
+def _display_matrix(frame):
+    """The frame's ``DISPLAYMATRIX`` side data, or None. Looked up by name: iterating ``frame.side_data`` gives the
+    entries in PyAV up to 18.1.0 but their types from 18.1.1 on."""
+    sides = getattr(frame, "side_data", None)
+    if sides is None:
+        return None
+    try:
+        return sides.get("DISPLAYMATRIX")
+    except (AttributeError, KeyError, TypeError, ValueError):  # a PyAV without lookup by name: look at each entry
+        return next((s for s in sides if str(getattr(s, "type", "")).upper().endswith("DISPLAYMATRIX")), None)
 
 
 def sample_aspect(stream) -> Fraction:
