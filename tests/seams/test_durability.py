@@ -32,7 +32,7 @@ from hevc_vit.encode.output.index import rank_index_files
 from hevc_vit.processing.processors import NativeResolutionProcessor
 from tests.helpers import (
     FIXTURES,
-    assert_close_rel,
+    assert_same_output,
     cli_args,
     disk_full_error,
     fill_the_disk_at_the_second_shard,
@@ -124,15 +124,7 @@ def _check_folder(out: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _assert_same(got: Path, want: Path) -> None:
-    """Two folders hold the same rows (but the part names) and the same features; pooled vectors of the head
-    may differ by float32 rounding (how many items share a forward), as the README says."""
-    assert without_shard(read_index(got)) == without_shard(read_index(want))
-    a, b = _check_folder(got), _check_folder(want)
-    assert a.keys() == b.keys()
-    for path in b:
-        assert a[path].keys() == b[path].keys()
-        for name in b[path]:
-            assert_close_rel(a[path][name].float(), b[path][name].float(), what=f"{path} {name}")
+    assert_same_output(got, want, _check_folder)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 from hevc_vit.encode import encode, read_index
 from hevc_vit.encode.output.index import INDEX_NAME, rank_index_files, read_jsonl
-from tests.helpers import assert_same_output, launch_command, subprocess_env, write_image
+from tests.helpers import assert_same_output, group_members, launch_command, subprocess_env, write_image
 
 # `python WRAPPER PIDS encode ...`: the CLI with every forward slowed down, writing its pid to PIDS/RANK so that the
 # test can signal one process of the run; `HEVC_VIT_TEST_SLOW` is the pause per forward in seconds
@@ -77,22 +77,6 @@ def whole(many, model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("whole") / "out"
     encode([many], out, model=model, workers=0, **OPTIONS)
     return out
-
-
-def group_members(pgid: int) -> list[int]:
-    """The pids of the live processes (zombies aside) in process group ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
 
 
 def wait_until_gone(pgid: int, within: float = GONE_WITHIN) -> list[int]:

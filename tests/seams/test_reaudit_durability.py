@@ -19,7 +19,7 @@ import torch
 from hevc_vit.encode import read_index
 from hevc_vit.encode.output.formats import owned_files, part_files
 from hevc_vit.encode.output.index import rank_index_files, read_jsonl
-from tests.helpers import assert_close_rel, launch_command, subprocess_env, without_shard, write_image
+from tests.helpers import assert_same_output, group_members, launch_command, subprocess_env, write_image
 
 np = pytest.importorskip("numpy")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow (the 'data' extra) is not installed")
@@ -67,21 +67,6 @@ def many(tmp_path_factory) -> Path:
 
 def _cli(many: Path, out: Path, ckpt: Path, fmt: str, *extra: str) -> list[str]:
     return ["encode", str(many), "--out", str(out), "--model", str(ckpt), *ARGS, "--output-format", fmt, *extra]
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
 
 
 def _stored(out: Path) -> dict[str, list[tuple[str, dict[str, torch.Tensor]]]]:
@@ -134,13 +119,7 @@ def _features(out: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _assert_same(got: Path, want: Path) -> None:
-    assert without_shard(read_index(got)) == without_shard(read_index(want))
-    a, b = _features(got), _features(want)
-    assert a.keys() == b.keys()
-    for path in b:
-        assert a[path].keys() == b[path].keys()
-        for name in b[path]:
-            assert_close_rel(a[path][name].float(), b[path][name].float(), what=f"{path} {name}")
+    assert_same_output(got, want, _features)
 
 
 def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -200,7 +179,7 @@ def test_a_stop_signal_at_a_random_moment_in_any_format_resumes_to_the_uninterru
         _, stderr = proc.communicate(timeout=60)
     finally:
         deadline = time.monotonic() + GONE_WITHIN
-        while (alive := _group_members(proc.pid)) and time.monotonic() < deadline:
+        while (alive := group_members(proc.pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
@@ -292,7 +271,7 @@ def test_a_disk_too_full_for_the_lock_file_is_reported_and_lets_the_folder_go(mo
 def _gone(pgid: int) -> list[int]:
     """Poll until no process of group ``pgid`` is alive, at most ``GONE_WITHIN`` s; the survivors (then killed)."""
     deadline = time.monotonic() + GONE_WITHIN
-    while (alive := _group_members(pgid)) and time.monotonic() < deadline:
+    while (alive := group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
